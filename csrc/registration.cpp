@@ -1,0 +1,50 @@
+// The one place the relaxeq schemas are defined. Backends add kernels with
+// TORCH_LIBRARY_IMPL(relaxeq, <Backend>, m) in their own files; autograd and
+// fake (meta) implementations are registered from Python (relaxeq_fast/_ops.py).
+#include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+
+#ifndef RELAXEQ_CUDA_ARCHS
+#define RELAXEQ_CUDA_ARCHS ""
+#endif
+
+namespace relaxeq {
+
+// key=value lines, parsed by relaxeq_fast.build_info().
+std::string build_info() {
+  std::string info;
+#ifdef RELAXEQ_WITH_CUDA
+  info += "cuda=1\n";
+  info += std::string("cuda_archs=") + RELAXEQ_CUDA_ARCHS + "\n";
+#else
+  info += "cuda=0\n";
+#endif
+  info += "cpu=1\n";
+#ifdef _OPENMP
+  info += "openmp=1\n";
+#else
+  info += "openmp=0\n";
+#endif
+  info += std::string("compiler=") + __VERSION__ + "\n";
+  return info;
+}
+
+}  // namespace relaxeq
+
+TORCH_LIBRARY(relaxeq, m) {
+  m.def(
+      "relaxed_linear(Tensor x, Tensor M, Tensor? c, bool stats) -> (Tensor y, Tensor G, Tensor s)");
+  m.def(
+      "relaxed_linear_backward(Tensor dy, Tensor x, Tensor M, bool[3] output_mask)"
+      " -> (Tensor dx, Tensor dM, Tensor dc)");
+  m.def("build_info() -> str", &relaxeq::build_info);
+}
+
+// Importing relaxeq_fast._C loads this library and runs the registrars above;
+// the module itself exposes nothing (all entry points are torch.ops.relaxeq.*).
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

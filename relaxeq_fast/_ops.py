@@ -1,0 +1,121 @@
+"""torch.library glue: load the compiled kernels, register fake and autograd formulas.
+
+The schemas live in csrc/registration.cpp (native ops, ``torch.ops.relaxeq.*``). The Triton
+implementation is its own op, ``relaxeq::relaxed_linear_triton``, registered from
+``relaxeq_fast.triton_kernels.relaxed_linear`` on first use. Both share the fake and autograd
+formulas defined here.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .reference import stats_dtype
+
+REINSTALL_HINT = "pip install --no-build-isolation -e ."
+
+try:
+    from . import _C  # noqa: F401  (loads the library; its registrars define torch.ops.relaxeq.*)
+    EXTENSION_LOADED = True
+    EXTENSION_ERROR = None
+except ImportError as e:  # pragma: no cover - exercised by the fallback test in a subprocess
+    EXTENSION_LOADED = False
+    EXTENSION_ERROR = e
+
+_warned = False
+
+
+def warn_missing_extension_once():
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(
+            f"relaxeq_fast: the compiled extension relaxeq_fast._C is not available ({EXTENSION_ERROR}); "
+            f"falling back to the pure-PyTorch reference. Reinstall with: {REINSTALL_HINT}",
+            RuntimeWarning, stacklevel=3)
+
+
+def check_relaxed_linear_args(x, M, c, op="relaxed_linear"):
+    """Argument checks shared by the functional layer and the fake kernels (mirrors csrc/relaxed_linear.h)."""
+    for name, t in (("x", x), ("M", M)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{op}: x must be 2-D [N, D_in], got {x.dim()}-D with shape {list(x.shape)}")
+    if M.dim() != 2:
+        raise ValueError(f"{op}: M must be 2-D [D_out, D_in], got {M.dim()}-D with shape {list(M.shape)}")
+    if x.shape[1] != M.shape[1]:
+        raise ValueError(f"{op}: x must have shape [N, D_in] with D_in = M.shape[1] = {M.shape[1]}, "
+                         f"got {list(x.shape)}")
+    if x.dtype != M.dtype:
+        raise TypeError(f"{op}: M must have the dtype of x ({x.dtype}), got {M.dtype}")
+    if x.device != M.device:
+        raise ValueError(f"{op}: M must be on the device of x ({x.device}), got {M.device}")
+    if c is not None:
+        if c.dim() != 1 or c.shape[0] != M.shape[0]:
+            raise ValueError(f"{op}: c must have shape [D_out] with D_out = M.shape[0] = {M.shape[0]}, "
+                             f"got {list(c.shape)}")
+        if c.dtype != x.dtype:
+            raise TypeError(f"{op}: c must have the dtype of x ({x.dtype}), got {c.dtype}")
+        if c.device != x.device:
+            raise ValueError(f"{op}: c must be on the device of x ({x.device}), got {c.device}")
+
+
+def _relaxed_linear_fake(x, M, c, stats):
+    check_relaxed_linear_args(x, M, c)
+    n, d_in, d_out = x.shape[0], x.shape[1], M.shape[0]
+    sdt = stats_dtype(x.dtype)
+    y = x.new_empty((n, d_out))
+    G = x.new_empty((d_in, d_in) if stats else (0, 0), dtype=sdt)
+    s = x.new_empty((d_in,) if stats else (0,), dtype=sdt)
+    return y, G, s
+
+
+def _relaxed_linear_backward_fake(dy, x, M, output_mask):
+    n, d_in, d_out = x.shape[0], x.shape[1], M.shape[0]
+    dx = x.new_empty((n, d_in) if output_mask[0] else (0,))
+    dM = x.new_empty((d_out, d_in) if output_mask[1] else (0,))
+    dc = x.new_empty((d_out,) if output_mask[2] else (0,))
+    return dx, dM, dc
+
+
+def _setup_context(ctx, inputs, output):
+    x, M, c, _stats = inputs
+    ctx.save_for_backward(x, M)
+    ctx.has_c = c is not None
+
+
+def make_backward(backward_op):
+    """Autograd formula of y = x Mᵀ + c in terms of a fused backward op; G and s carry no gradient."""
+    def backward(ctx, dy, _dG, _ds):
+        x, M = ctx.saved_tensors
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_c and ctx.needs_input_grad[2]]
+        if not any(mask):
+            return None, None, None, None
+        dx, dM, dc = backward_op(dy.contiguous(), x, M, mask)
+        return (dx if mask[0] else None, dM if mask[1] else None, dc if mask[2] else None, None)
+    return backward
+
+
+def register_relaxed_linear_op(qualname: str, backward_qualname: str, backward_op):
+    torch.library.register_fake(qualname)(_relaxed_linear_fake)
+    torch.library.register_fake(backward_qualname)(_relaxed_linear_backward_fake)
+    torch.library.register_autograd(qualname, make_backward(backward_op), setup_context=_setup_context)
+
+
+if EXTENSION_LOADED:
+    register_relaxed_linear_op("relaxeq::relaxed_linear", "relaxeq::relaxed_linear_backward",
+                               lambda *a: torch.ops.relaxeq.relaxed_linear_backward(*a))
+
+
+def native_build_info() -> dict:
+    if not EXTENSION_LOADED:
+        return {"cpu": False, "cuda": False, "error": str(EXTENSION_ERROR)}
+    info = {}
+    for line in torch.ops.relaxeq.build_info().splitlines():
+        key, _, value = line.partition("=")
+        info[key] = value
+    return {"cpu": info.get("cpu") == "1", "cuda": info.get("cuda") == "1",
+            "cuda_archs": [a for a in info.get("cuda_archs", "").split(";") if a],
+            "openmp": info.get("openmp") == "1", "compiler": info.get("compiler", "")}

@@ -1,0 +1,88 @@
+"""Which implementation runs an op: explicit, inspectable, never silent.
+
+Backends:
+  "native"    the compiled C++ kernels (CPU always; CUDA when built with CUDA), torch.ops.relaxeq.*
+  "triton"    the Triton kernels (CUDA tensors; CPU tensors only under TRITON_INTERPRET=1)
+  "reference" pure PyTorch (relaxeq_fast.reference)
+  "auto"      native where it can run the tensor's device, else triton on CUDA, else reference
+              (the fallback to reference warns once)
+
+Precedence: the ``backend=`` argument, then the innermost ``use_backend(...)`` context, then the
+RELAXEQ_BACKEND environment variable, then "auto".
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import threading
+
+import torch
+
+from . import _ops
+
+BACKENDS = ("auto", "native", "triton", "reference")
+_local = threading.local()
+
+
+def _validate(name, source):
+    if name not in BACKENDS:
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def get_backend() -> str:
+    """The backend requested by context or environment (before resolution against a device)."""
+    stack = getattr(_local, "stack", None)
+    if stack:
+        return stack[-1]
+    return _validate(os.environ.get("RELAXEQ_BACKEND", "auto"), "RELAXEQ_BACKEND")
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """``with use_backend("reference"): ...`` runs every relaxeq op inside on that backend."""
+    _validate(name, "backend")
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    stack.append(name)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreter() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(device: torch.device, backend: str | None = None) -> str:
+    """The concrete backend ("native" | "triton" | "reference") that will run on ``device``."""
+    name = _validate(backend, "backend") if backend is not None else get_backend()
+    device = torch.device(device)
+    native_ok = _ops.EXTENSION_LOADED and (
+        device.type in ("cpu", "meta") or (device.type == "cuda" and _ops.native_build_info()["cuda"]))
+    triton_ok = triton_available() and (device.type == "cuda" or (device.type == "cpu" and triton_interpreter()))
+    if name == "native" and not native_ok:
+        why = ("the extension is not loaded: " + str(_ops.EXTENSION_ERROR)) if not _ops.EXTENSION_LOADED \
+            else f"it was built without kernels for {device.type}"
+        raise RuntimeError(f"backend='native' cannot run on {device}: {why}. "
+                           f"Reinstall with: {_ops.REINSTALL_HINT}, or choose another backend.")
+    if name == "triton" and not triton_ok:
+        raise RuntimeError(f"backend='triton' cannot run on {device}: Triton needs a CUDA tensor, or a CPU "
+                           "tensor with TRITON_INTERPRET=1 set before triton is imported"
+                           + ("" if triton_available() else " (and triton is not installed)"))
+    if name != "auto":
+        return name
+    if native_ok:
+        return "native"
+    if device.type == "cuda" and triton_ok:
+        return "triton"
+    if not _ops.EXTENSION_LOADED:
+        _ops.warn_missing_extension_once()
+    return "reference"

@@ -1,0 +1,204 @@
+"""nn.Modules: the plain equivariant linear layer and its relaxed twin."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import functional as F
+from .regularizer import RegularizerTerms, relaxation_regularizers
+from .reps import VN, Irreps
+
+__all__ = ["EquivariantLinear", "RelaxedLinear"]
+
+
+def _as_irreps(rep, name) -> Irreps:
+    if isinstance(rep, Irreps):
+        return rep
+    if isinstance(rep, str):
+        return Irreps(rep)
+    raise TypeError(f"{name} must be an Irreps/VN or an irreps string like '4x0+2x1', got {type(rep).__name__}")
+
+
+class EquivariantLinear(nn.Module):
+    """Equivariant linear map between representations: ``W_eq = ⊕_l (W_l ⊗ I_{2l+1})`` placed by block.
+
+    For VN features (``VN(C_in) -> VN(C_out)``) this is ``W ⊗ I_3``: channel mixing of 3-vectors.
+    A bias is allowed on scalar (l = 0) outputs only.
+
+    Shapes: x [..., *irreps_in.feature_shape] → y [..., *irreps_out.feature_shape]
+    (e.g. [B, N, C_in, 3] → [B, N, C_out, 3] for VN, [..., D_in] → [..., D_out] for irreps).
+    """
+
+    def __init__(self, irreps_in, irreps_out, bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        self.irreps_in = _as_irreps(irreps_in, "irreps_in")
+        self.irreps_out = _as_irreps(irreps_out, "irreps_out")
+        self.layout = self.irreps_in.equivariant_layout(self.irreps_out)
+        if not self.layout:
+            raise ValueError(f"no equivariant linear map {self.irreps_in} -> {self.irreps_out}: they share no degree l")
+        factory = {"device": device, "dtype": dtype}
+        self.weights = nn.ParameterList(
+            [nn.Parameter(torch.empty(om, im, **factory)) for (_l, _os, om, _is, im, _oi, _ii) in self.layout])
+        self.n_scalar_out = sum(m for m, l in self.irreps_out.blocks if l == 0)
+        self.bias = nn.Parameter(torch.empty(self.n_scalar_out, **factory)) if bias and self.n_scalar_out else None
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        # nn.Linear's default, with fan-in counted in multiplicities feeding each output block.
+        fan_in = {}
+        for (_l, _os, _om, _is, im, oi, _ii) in self.layout:
+            fan_in[oi] = fan_in.get(oi, 0) + im
+        for w, (_l, _os, _om, _is, _im, oi, _ii) in zip(self.weights, self.layout):
+            bound = 1 / math.sqrt(fan_in[oi])
+            nn.init.uniform_(w, -bound, bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -1 / math.sqrt(self.irreps_in.dim), 1 / math.sqrt(self.irreps_in.dim))
+
+    def equivariant_matrix(self) -> torch.Tensor:
+        """W_eq: [D_out, D_in]."""
+        w0 = self.weights[0]
+        if len(self.layout) == 1 and self.layout[0][1] == 0 and self.layout[0][3] == 0 \
+                and self.irreps_in.dim == w0.shape[1] * (2 * self.layout[0][0] + 1) \
+                and self.irreps_out.dim == w0.shape[0] * (2 * self.layout[0][0] + 1):
+            l = self.layout[0][0]
+            return torch.kron(w0, torch.eye(2 * l + 1, dtype=w0.dtype, device=w0.device))
+        W = w0.new_zeros(self.irreps_out.dim, self.irreps_in.dim)
+        for w, (l, os_, om, is_, im, _oi, _ii) in zip(self.weights, self.layout):
+            d = 2 * l + 1
+            W[os_:os_ + om * d, is_:is_ + im * d] = torch.kron(w, torch.eye(d, dtype=w.dtype, device=w.device))
+        return W
+
+    def equivariant_bias(self) -> Optional[torch.Tensor]:
+        """b_eq: [D_out] (nonzero on scalar outputs only) or None."""
+        if self.bias is None:
+            return None
+        parts, k = [], 0
+        for start, stop, m, l in self.irreps_out.slices():
+            if l == 0:
+                parts.append(self.bias[k:k + m])
+                k += m
+            else:
+                parts.append(self.bias.new_zeros(stop - start))
+        return torch.cat(parts)
+
+    def _flatten(self, x: torch.Tensor) -> torch.Tensor:
+        fs = self.irreps_in.feature_shape
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() < len(fs) or tuple(x.shape[x.dim() - len(fs):]) != fs:
+            raise ValueError(f"x must have shape [..., {', '.join(map(str, fs))}] for {self.irreps_in}, "
+                             f"got {list(x.shape)}")
+        return x.reshape(*x.shape[:x.dim() - len(fs)], self.irreps_in.dim)
+
+    def _unflatten(self, y: torch.Tensor) -> torch.Tensor:
+        return y.reshape(*y.shape[:-1], *self.irreps_out.feature_shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._flatten(x) @ self.equivariant_matrix().T
+        b = self.equivariant_bias()
+        return self._unflatten(y if b is None else y + b)
+
+    def extra_repr(self):
+        return f"{self.irreps_in} -> {self.irreps_out}, bias={self.bias is not None}"
+
+
+class RelaxedLinear(EquivariantLinear):
+    """Equivariant linear layer plus a relaxation branch: ``f(x) = W_eq x + b_eq + θ (W_r x + b_r)``.
+
+    The forward is one fused op on ``M = W_eq + θ W_r`` which, in training mode, also returns the
+    input statistics (G, s, N) of this batch; :meth:`regularizers` turns them into R_LD and R_N in
+    closed form. θ is a buffer set from outside (:meth:`set_theta`); at θ = 0 the layer computes
+    exactly the equivariant map, and :meth:`project` returns the plain :class:`EquivariantLinear`.
+
+    Args:
+        irreps_in, irreps_out: :class:`~relaxeq_fast.reps.Irreps` / :class:`~relaxeq_fast.reps.VN`, or strings.
+        bias: equivariant bias on scalar outputs.
+        relax_bias: include the free relaxation bias b_r.
+        relax_init: "zeros" (W_r = 0, b_r = 0: the relaxed model starts equivariant) or "default"
+            (nn.Linear's init for W_r).
+        theta: initial θ.
+        track_stats: collect (G, s, N) in training mode (needed by the data regularisers).
+        backend: kernel backend for the fused op (see :mod:`relaxeq_fast.backend`); None = context/env/auto.
+
+    Shapes: x [..., *irreps_in.feature_shape] → y [..., *irreps_out.feature_shape].
+    """
+
+    def __init__(self, irreps_in, irreps_out, bias: bool = True, relax_bias: bool = True,
+                 relax_init: str = "zeros", theta: float = 1.0, track_stats: bool = True,
+                 backend: Optional[str] = None, device=None, dtype=None):
+        if relax_init not in ("zeros", "default"):
+            raise ValueError(f"relax_init must be 'zeros' or 'default', got {relax_init!r}")
+        self.relax_init = relax_init
+        super().__init__(irreps_in, irreps_out, bias=bias, device=device, dtype=dtype)
+        factory = {"device": device, "dtype": dtype}
+        self.weight_relax = nn.Parameter(torch.empty(self.irreps_out.dim, self.irreps_in.dim, **factory))
+        self.bias_relax = nn.Parameter(torch.empty(self.irreps_out.dim, **factory)) if relax_bias else None
+        self.register_buffer("theta", torch.tensor(float(theta), **factory))
+        self.track_stats = track_stats
+        self.backend = backend
+        self.last_stats: Optional[F.InputStats] = None
+        self.reset_relaxation()
+
+    def reset_relaxation(self):
+        if self.relax_init == "zeros":
+            nn.init.zeros_(self.weight_relax)
+        else:
+            bound = 1 / math.sqrt(self.irreps_in.dim)
+            nn.init.uniform_(self.weight_relax, -bound, bound)
+        if self.bias_relax is not None:
+            nn.init.zeros_(self.bias_relax)
+
+    @torch.no_grad()
+    def set_theta(self, value: float):
+        self.theta.fill_(float(value))
+
+    def effective_params(self):
+        """(M, c) = (W_eq + θ W_r, b_eq + θ b_r): [D_out, D_in], [D_out] or None."""
+        M = self.equivariant_matrix() + self.theta * self.weight_relax
+        c = self.equivariant_bias()
+        if self.bias_relax is not None:
+            c = self.theta * self.bias_relax if c is None else c + self.theta * self.bias_relax
+        return M, c
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = self._flatten(x)
+        M, c = self.effective_params()
+        if self.training and self.track_stats:
+            y, self.last_stats = F.relaxed_linear(xf, M, c, stats=True, backend=self.backend)
+        else:
+            y = F.relaxed_linear(xf, M, c, backend=self.backend)
+        return self._unflatten(y)
+
+    def regularizers(self, data_free: bool = False) -> RegularizerTerms:
+        """(R_LD, R_N, N) from the statistics of the last training forward (or data-free: G = I, s = 0)."""
+        if not data_free and self.last_stats is None:
+            raise RuntimeError("no input statistics: run a forward pass in training mode with track_stats=True "
+                               "first, or pass data_free=True")
+        return relaxation_regularizers(self.weight_relax, self.bias_relax, self.irreps_in, self.irreps_out,
+                                       None if data_free else self.last_stats)
+
+    @classmethod
+    def from_plain(cls, layer: EquivariantLinear, **kwargs) -> "RelaxedLinear":
+        """A relaxed twin of ``layer`` with its weights (outputs unchanged at θ = 0 or W_r = b_r = 0)."""
+        ref = layer.weights[0]
+        out = cls(layer.irreps_in, layer.irreps_out, bias=layer.bias is not None, device=ref.device,
+                  dtype=ref.dtype, **kwargs)
+        out.load_state_dict(layer.state_dict(), strict=False)
+        return out
+
+    def project(self) -> EquivariantLinear:
+        """θ := 0 and the relaxation removed: the plain equivariant layer with the same weights."""
+        ref = self.weights[0]
+        plain = EquivariantLinear(self.irreps_in, self.irreps_out, bias=self.bias is not None,
+                                  device=ref.device, dtype=ref.dtype)
+        state = {k: v for k, v in self.state_dict().items()
+                 if not k.startswith(("weight_relax", "bias_relax", "theta"))}
+        plain.load_state_dict(state)
+        return plain.train(self.training)
+
+    def extra_repr(self):
+        return (super().extra_repr() + f", relax_bias={self.bias_relax is not None}, "
+                f"theta={float(self.theta):g}, backend={self.backend or 'auto'}")

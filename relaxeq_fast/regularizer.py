@@ -1,0 +1,114 @@
+"""Closed-form relaxation regularisers from input statistics (DESIGN §1).
+
+For a relaxed affine layer f(x) = W_eq x + θ (W_r x + b_r) with generators A_k on input and output,
+
+    C_k  = W_r A_k,in − A_k,out W_r
+    R_LD = Σ_k ⟨C_kᵀ C_k, G⟩ − 2 (A_k,out b_r)ᵀ C_k s + N ‖A_k,out b_r‖²   = Σ_k Σ_n ‖C_k x̂_n − A_k,out b_r‖²
+    R_N  = ⟨W_rᵀ W_r, G⟩ + 2 b_rᵀ W_r s + N ‖b_r‖²                         = Σ_n ‖W_r x̂_n + b_r‖²
+
+with G = Σ x̂ x̂ᵀ, s = Σ x̂ over the batch rows. These are exact; gradients w.r.t. W_r, b_r flow through
+these O(D³) expressions. The data-free variant takes G = I, s = 0 and weight 1 on the bias terms.
+This module is the one place this algebra lives: every backend feeds it the same (G, s, N).
+"""
+from __future__ import annotations
+
+from typing import Iterable, NamedTuple, Optional
+
+import torch
+
+from .functional import InputStats
+from .reps import Irreps
+
+__all__ = ["RegularizerTerms", "lie_derivative_matrices", "relaxation_regularizers", "combine_regularizers",
+           "REDUCTIONS"]
+
+REDUCTIONS = ("paper", "sum", "mean")
+
+
+class RegularizerTerms(NamedTuple):
+    """R_LD and R_N of one layer (0-d tensors) and the number of rows they sum over."""
+    lie_derivative: torch.Tensor
+    projection: torch.Tensor
+    n: int
+
+
+def lie_derivative_matrices(W_r: torch.Tensor, irreps_in: Irreps, irreps_out: Irreps) -> torch.Tensor:
+    """C_k = W_r A_k,in − A_k,out W_r for k = 1..3: [3, D_out, D_in], without dense generators.
+
+    A_k is skew, so W_r A_k,in = −(A_k,in applied to the rows of W_r), and A_k,out W_r is A_k,out
+    applied to the columns of W_r.
+    """
+    return torch.stack([
+        -irreps_in.apply_generator(k, W_r) - irreps_out.apply_generator(k, W_r.T).T
+        for k in range(3)])
+
+
+def relaxation_regularizers(W_r: torch.Tensor, b_r: Optional[torch.Tensor], irreps_in: Irreps,
+                            irreps_out: Irreps, stats: Optional[InputStats]) -> RegularizerTerms:
+    """(R_LD, R_N) of one relaxed layer from its input statistics, or data-free when ``stats`` is None.
+
+    W_r: [D_out, D_in]; b_r: [D_out] or None; stats.G: [D_in, D_in], stats.s: [D_in].
+    Computed in the statistics' dtype (float32 or wider).
+    """
+    if W_r.shape != (irreps_out.dim, irreps_in.dim):
+        raise ValueError(f"W_r must have shape [D_out, D_in] = [{irreps_out.dim}, {irreps_in.dim}], "
+                         f"got {list(W_r.shape)}")
+    if stats is None:
+        dtype = torch.promote_types(W_r.dtype, torch.float32)
+        W = W_r.to(dtype)
+        C = lie_derivative_matrices(W, irreps_in, irreps_out)
+        r_ld, r_n = (C * C).sum(), (W * W).sum()
+        if b_r is not None:
+            b = b_r.to(dtype)
+            Ab = torch.stack([irreps_out.apply_generator(k, b) for k in range(3)])
+            r_ld, r_n = r_ld + (Ab * Ab).sum(), r_n + (b * b).sum()
+        return RegularizerTerms(r_ld, r_n, 1)
+    G, s, n = stats
+    if G.shape != (irreps_in.dim, irreps_in.dim) or s.shape != (irreps_in.dim,):
+        raise ValueError(f"stats must hold G: [{irreps_in.dim}, {irreps_in.dim}] and s: [{irreps_in.dim}], "
+                         f"got G: {list(G.shape)}, s: {list(s.shape)} (were stats collected for this layer?)")
+    W = W_r.to(G.dtype)
+    C = lie_derivative_matrices(W, irreps_in, irreps_out)
+    r_ld = (torch.matmul(C, G) * C).sum()
+    r_n = ((W @ G) * W).sum()
+    if b_r is not None:
+        b = b_r.to(G.dtype)
+        Ab = torch.stack([irreps_out.apply_generator(k, b) for k in range(3)])  # [3, D_out]
+        r_ld = r_ld - 2 * (Ab * torch.matmul(C, s)).sum() + n * (Ab * Ab).sum()
+        r_n = r_n + 2 * (b * (W @ s)).sum() + n * (b * b).sum()
+    return RegularizerTerms(r_ld, r_n, n)
+
+
+def _safe_sqrt(t: torch.Tensor) -> torch.Tensor:
+    # sqrt has an infinite slope at 0, where relaxation weights start; clamp keeps the gradient finite.
+    return torch.sqrt(torch.clamp(t, min=torch.finfo(t.dtype).tiny))
+
+
+def combine_regularizers(terms: Iterable[RegularizerTerms], lambda_ld: float = 1.0, lambda_n: float = 0.0,
+                         reduction: str = "paper", theta: Optional[torch.Tensor | float] = None) -> torch.Tensor:
+    """The regularisation loss over layers ℓ.
+
+    reduction:
+      "paper": λ_LD √(Σ_ℓ R_LD,ℓ) + λ_N √(Σ_ℓ R_N,ℓ)   (the paper's form)
+      "sum":   λ_LD Σ_ℓ R_LD,ℓ + λ_N Σ_ℓ R_N,ℓ
+      "mean":  λ_LD Σ_ℓ R_LD,ℓ / N_ℓ + λ_N Σ_ℓ R_N,ℓ / N_ℓ   (per-row mean)
+    theta: when given, the terms are those of the layer f_θ itself (R scaled by θ², i.e. λ scaled by θ
+      in the paper form): the regulariser fades with the relaxation.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    terms = list(terms)
+    if not terms:
+        raise ValueError("terms is empty: no relaxed layer produced regulariser terms")
+    if reduction == "mean":
+        ld = sum(t.lie_derivative / max(t.n, 1) for t in terms)
+        nn_ = sum(t.projection / max(t.n, 1) for t in terms)
+    else:
+        ld = sum(t.lie_derivative for t in terms)
+        nn_ = sum(t.projection for t in terms)
+    if theta is not None:
+        theta_sq = torch.as_tensor(theta, dtype=ld.dtype, device=ld.device) ** 2
+        ld, nn_ = ld * theta_sq, nn_ * theta_sq
+    if reduction == "paper":
+        ld, nn_ = _safe_sqrt(ld), _safe_sqrt(nn_)
+    return lambda_ld * ld + lambda_n * nn_

@@ -1,0 +1,235 @@
+"""Representations of SO(3) on flattened feature vectors, and their generators.
+
+A representation here is a direct sum of real irreps ``⊕_i (mul_i × D^{l_i})``, flattened per
+block in e3nn order: block i occupies ``mul_i * (2 l_i + 1)`` consecutive entries, multiplicity
+major (index ``u * (2l+1) + m``). The basis of ``D^l`` is the real spherical harmonics with the
+y axis as polar axis (e3nn's convention), so the ``l = 1`` block is (x, y, z) and ``D^1(R) = R``.
+
+Vector-Neuron features ``[..., C, 3]`` flatten channel-major (index ``3c + d``) — exactly the
+irreps ``C x 1`` — so :class:`VN` is an :class:`Irreps` with a 2-D feature shape.
+
+Generators are never materialised densely for the whole feature space: :meth:`Irreps.apply_generator`
+maps rows ``x ↦ A_k x`` block by block in O(D·(2l+1)).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Iterable, Sequence
+
+import torch
+
+__all__ = ["Irreps", "VN", "so3_generators", "irrep_generators", "rotation_to_axis_angle",
+           "random_rotation"]
+
+MAX_L = 3
+
+
+def so3_generators(dtype=torch.float64, device=None) -> torch.Tensor:
+    """so(3) basis ``G_k`` with ``[G_i]_{jk} = -ε_ijk`` (so ``G_k v = e_k × v``). Shape [3, 3, 3]."""
+    eps = torch.zeros(3, 3, 3, dtype=torch.float64)
+    for i, j, k in ((0, 1, 2), (1, 2, 0), (2, 0, 1)):
+        eps[i, j, k], eps[i, k, j] = 1.0, -1.0
+    return (-eps).to(dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=None)
+def _irrep_generators_f64(l: int) -> torch.Tensor:
+    # Angular-momentum matrices in the complex |l, m> basis (Condon–Shortley), moved to the
+    # real spherical-harmonic basis ordered m = -l..l with z as polar axis. Then the axes are
+    # relabelled (x, y, z) -> (z', x', y') so y becomes the polar axis and l = 1 reads (x, y, z).
+    d = 2 * l + 1
+    m = torch.arange(-l, l + 1, dtype=torch.float64)
+    j_plus = torch.zeros(d, d, dtype=torch.complex128)
+    for i in range(d - 1):
+        j_plus[i + 1, i] = math.sqrt(l * (l + 1) - m[i].item() * (m[i].item() + 1))
+    j_minus = j_plus.conj().T
+    j_x, j_y, j_z = (j_plus + j_minus) / 2, (j_plus - j_minus) / 2j, torch.diag(m).to(torch.complex128)
+    to_real = torch.zeros(d, d, dtype=torch.complex128)
+    r = math.sqrt(0.5)
+    for i in range(d):
+        mi = int(m[i].item())
+        sign = (-1.0) ** abs(mi)
+        if mi < 0:
+            to_real[i, l + mi], to_real[i, l - mi] = -1j * r, 1j * r * sign
+        elif mi == 0:
+            to_real[i, l] = 1.0
+        else:
+            to_real[i, l - mi], to_real[i, l + mi] = r, r * sign
+    inv = torch.linalg.inv(to_real)
+    z_polar = [to_real @ (-1j * j) @ inv for j in (j_x, j_y, j_z)]
+    gens = torch.stack([z_polar[1], z_polar[2], z_polar[0]])
+    assert gens.imag.abs().max() < 1e-12, "real irrep generators came out complex"
+    return gens.real.contiguous()
+
+
+def irrep_generators(l: int, dtype=torch.float64, device=None) -> torch.Tensor:
+    """Generators ``dD^l(G_k)`` of the real irrep of degree ``l``: shape [3, 2l+1, 2l+1], skew."""
+    if not (isinstance(l, int) and 0 <= l <= MAX_L):
+        raise ValueError(f"l must be an int in [0, {MAX_L}], got {l!r}")
+    return _irrep_generators_f64(l).to(dtype=dtype, device=device)
+
+
+def rotation_to_axis_angle(R: torch.Tensor) -> torch.Tensor:
+    """ω with ``R = exp(Σ_k ω_k G_k)``. R: [..., 3, 3] → ω: [..., 3]."""
+    cos = ((R.diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2).clamp(-1, 1)
+    angle = torch.acos(cos)
+    skew = torch.stack([R[..., 2, 1] - R[..., 1, 2], R[..., 0, 2] - R[..., 2, 0],
+                        R[..., 1, 0] - R[..., 0, 1]], -1) / 2
+    sin = angle.sin()
+    small = sin.abs() < 1e-6
+    axis_scaled = torch.where(small[..., None], skew, skew * (angle / sin.where(~small, torch.ones_like(sin)))[..., None])
+    # Near π the skew part vanishes: read the axis off the symmetric part instead.
+    near_pi = (cos < -0.99)
+    if near_pi.any():
+        B = (R + R.transpose(-1, -2)) / 2 - torch.eye(3, dtype=R.dtype, device=R.device) * cos[..., None, None]
+        B = B / (1 - cos)[..., None, None]
+        idx = B.diagonal(dim1=-2, dim2=-1).argmax(-1)
+        col = torch.gather(B, -1, idx[..., None, None].expand(*B.shape[:-1], 1)).squeeze(-1)
+        axis = col / col.norm(dim=-1, keepdim=True)
+        axis = torch.where((axis * skew).sum(-1, keepdim=True) < 0, -axis, axis)
+        axis_scaled = torch.where(near_pi[..., None], axis * angle[..., None], axis_scaled)
+    return axis_scaled
+
+
+def random_rotation(n: int | None = None, dtype=torch.float64, generator: torch.Generator | None = None,
+                    device=None) -> torch.Tensor:
+    """Haar-random rotations: [3, 3], or [n, 3, 3] when n is given (QR of a Gaussian, det fixed)."""
+    shape = (1 if n is None else n, 3, 3)
+    A = torch.randn(shape, dtype=torch.float64, generator=generator)
+    Q, Rq = torch.linalg.qr(A)
+    Q = Q * torch.sign(torch.diagonal(Rq, dim1=-2, dim2=-1))[..., None, :]
+    Q = torch.where(torch.linalg.det(Q)[..., None, None] < 0, -Q, Q)
+    Q = Q.to(dtype=dtype, device=device)
+    return Q[0] if n is None else Q
+
+
+class Irreps:
+    """A direct sum of real SO(3) irreps, e.g. ``Irreps("4x0 + 2x1 + 1x2")`` or ``Irreps([(4, 0), (2, 1)])``.
+
+    Attributes:
+        blocks: tuple of (mul, l)
+        dim: flattened dimension D = Σ mul (2l+1)
+        feature_shape: shape of one feature as the layers take it ((D,) here; (C, 3) for VN)
+    """
+
+    def __init__(self, spec: str | Iterable[tuple[int, int]]):
+        blocks = self._parse(spec) if isinstance(spec, str) else [tuple(b) for b in spec]
+        for b in blocks:
+            if len(b) != 2 or not all(isinstance(v, int) for v in b) or b[0] < 0 or not 0 <= b[1] <= MAX_L:
+                raise ValueError(f"irreps blocks must be (mul >= 0, l in [0, {MAX_L}]), got {b!r}")
+        self.blocks: tuple[tuple[int, int], ...] = tuple((m, l) for m, l in blocks if m > 0)
+        self.dim = sum(m * (2 * l + 1) for m, l in self.blocks)
+        if self.dim == 0:
+            raise ValueError(f"irreps must have a positive dimension, got {spec!r}")
+
+    @staticmethod
+    def _parse(spec: str) -> list[tuple[int, int]]:
+        out = []
+        for term in spec.replace(" ", "").split("+"):
+            mul, _, l = term.rpartition("x")
+            try:
+                out.append((int(mul) if mul else 1, int(l.rstrip("eo"))))
+            except ValueError:
+                raise ValueError(f"cannot parse irreps term {term!r} in {spec!r} (expected e.g. '4x0+2x1')")
+        return out
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        return (self.dim,)
+
+    def __eq__(self, other):
+        return isinstance(other, Irreps) and self.blocks == other.blocks and type(self) is type(other)
+
+    def __hash__(self):
+        return hash((type(self).__name__, self.blocks))
+
+    def __repr__(self):
+        return "Irreps(\"" + " + ".join(f"{m}x{l}" for m, l in self.blocks) + "\")"
+
+    def slices(self) -> list[tuple[int, int, int, int]]:
+        """(start, stop, mul, l) of each block in the flattened vector."""
+        out, start = [], 0
+        for m, l in self.blocks:
+            stop = start + m * (2 * l + 1)
+            out.append((start, stop, m, l))
+            start = stop
+        return out
+
+    def apply_generator(self, k: int, x: torch.Tensor) -> torch.Tensor:
+        """Rows ``x_n ↦ A_k x_n`` with ``A_k = dρ(G_k)``. x: [..., D] → [..., D]. O(D·(2l+1))."""
+        parts = []
+        for start, stop, m, l in self.slices():
+            xb = x[..., start:stop].reshape(*x.shape[:-1], m, 2 * l + 1)
+            if l == 0:
+                parts.append(torch.zeros_like(x[..., start:stop]))
+                continue
+            A = irrep_generators(l, dtype=x.dtype, device=x.device)[k]
+            parts.append((xb @ A.T).reshape(*x.shape[:-1], stop - start))
+        return torch.cat(parts, -1) if len(parts) > 1 else parts[0]
+
+    def generator_matrices(self, dtype=torch.float64, device=None) -> torch.Tensor:
+        """Dense ``A_k`` [3, D, D]. For tests and small D only; the layers never build these."""
+        out = torch.zeros(3, self.dim, self.dim, dtype=dtype, device=device)
+        for start, stop, m, l in self.slices():
+            eye = torch.eye(m, dtype=dtype, device=device)
+            for k in range(3):
+                out[k, start:stop, start:stop] = torch.kron(eye, irrep_generators(l, dtype, device)[k])
+        return out
+
+    def rotation_matrix(self, R: torch.Tensor) -> torch.Tensor:
+        """ρ(R) as a dense [D, D] matrix (R: [3, 3]); built as exp(Σ ω_k A_k) per irrep."""
+        omega = rotation_to_axis_angle(R.to(torch.float64))
+        out = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=R.device)
+        for start, stop, m, l in self.slices():
+            A = irrep_generators(l, device=R.device)
+            D_l = torch.linalg.matrix_exp(torch.einsum("k,kij->ij", omega, A))
+            out[start:stop, start:stop] = torch.kron(torch.eye(m, dtype=torch.float64, device=R.device), D_l)
+        return out.to(R.dtype)
+
+    def rotate(self, R: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """ρ(R) applied to features x: [..., *feature_shape]."""
+        flat = x.reshape(*x.shape[: x.dim() - len(self.feature_shape)], self.dim)
+        return (flat @ self.rotation_matrix(R).to(x.dtype).T).reshape(x.shape)
+
+    def equivariant_layout(self, other: "Irreps") -> list[tuple[int, int, int, int, int, int, int]]:
+        """Blocks that an equivariant linear map ``self -> other`` can connect (Schur: same l).
+
+        Returns (l, out_start, out_mul, in_start, in_mul, out_block_index, in_block_index) for every
+        pair of an output block and an input block of equal degree.
+        """
+        pairs = []
+        for oi, (os_, _, om, ol) in enumerate(other.slices()):
+            for ii, (is_, _, im, il) in enumerate(self.slices()):
+                if ol == il:
+                    pairs.append((ol, os_, om, is_, im, oi, ii))
+        return pairs
+
+
+class VN(Irreps):
+    """Vector-Neuron features: C channels of 3-vectors, feature shape (C, 3), flattened 3c + d."""
+
+    def __init__(self, channels: int):
+        if not isinstance(channels, int) or channels <= 0:
+            raise ValueError(f"VN channels must be a positive int, got {channels!r}")
+        super().__init__([(channels, 1)])
+        self.channels = channels
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        return (self.channels, 3)
+
+    def __repr__(self):
+        return f"VN({self.channels})"
+
+    def apply_generator(self, k: int, x: torch.Tensor) -> torch.Tensor:
+        # A_k = I_C ⊗ G_k: a cross product e_k × v per 3-vector.
+        v = x.reshape(*x.shape[:-1], self.channels, 3)
+        a, b = (k + 1) % 3, (k + 2) % 3
+        out = torch.zeros_like(v)
+        out[..., a] = -v[..., b]
+        out[..., b] = v[..., a]
+        return out.reshape(x.shape)
+
+    def rotate(self, R: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return x @ R.to(x.dtype).T

@@ -1,0 +1,151 @@
+"""Build relaxeq_fast and its extension relaxeq_fast._C.
+
+C++ CPU kernels are always built. CUDA kernels are built when torch has CUDA and
+nvcc works. Environment switches:
+
+  RELAXEQ_FORCE_CUDA=1   build CUDA or fail loudly (no toolkit / failing nvcc is an error)
+  RELAXEQ_SKIP_CUDA=1    CPU-only build
+  CUDA_HOME              the toolkit root (found from nvcc on PATH otherwise, wrappers resolved)
+  TORCH_CUDA_ARCH_LIST   target archs (default "8.0;9.0" when no GPU is visible at build time)
+  MAX_JOBS               parallel compile jobs (honoured by torch's ninja build)
+
+Sources are every file under csrc/ (CMakeLists.txt globs the same folders).
+Install with `pip install --no-build-isolation -e .` so the build uses your torch.
+"""
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _say(msg):
+    print(f"[relaxeq_fast setup] {msg}", file=sys.stderr, flush=True)
+
+
+def _env_flag(name):
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _resolve_nvcc(path):
+    """Follow symlinks and one-line exec wrapper scripts to the real nvcc."""
+    real = os.path.realpath(path)
+    try:
+        with open(real, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return real
+    if head.startswith(b"#!"):
+        m = re.search(rb"(/\S+/bin/nvcc)\b", head)
+        if m and os.path.isfile(m.group(1).decode()):
+            return os.path.realpath(m.group(1).decode())
+    return real
+
+
+def _find_cuda_home():
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return os.environ[var]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        return os.path.dirname(os.path.dirname(_resolve_nvcc(nvcc)))
+    if os.path.isfile("/usr/local/cuda/bin/nvcc"):
+        return "/usr/local/cuda"
+    return None
+
+
+# torch.utils.cpp_extension reads CUDA_HOME when it is imported: set it first.
+_cuda_home = _find_cuda_home()
+if _cuda_home:
+    os.environ["CUDA_HOME"] = _cuda_home
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+
+def _nvcc_smoke_test(cuda_home):
+    """Compile a trivial kernel; returns None on success or the reason it failed."""
+    nvcc = os.path.join(cuda_home, "bin", "nvcc")
+    if not os.path.isfile(nvcc):
+        return f"no nvcc at {nvcc}"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "probe.cu")
+        with open(src, "w") as f:
+            f.write("__global__ void probe(float* x) { x[threadIdx.x] += 1.f; }\n")
+        try:
+            out = subprocess.run([nvcc, "-c", src, "-o", os.path.join(tmp, "probe.o")],
+                                 capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return f"nvcc could not run: {e}"
+        if out.returncode != 0:
+            return f"nvcc failed on a trivial kernel:\n{out.stderr.strip()}"
+    return None
+
+
+def _decide_cuda():
+    """Return (build_cuda, reason)."""
+    forced, skipped = _env_flag("RELAXEQ_FORCE_CUDA"), _env_flag("RELAXEQ_SKIP_CUDA")
+    if forced and skipped:
+        raise SystemExit("RELAXEQ_FORCE_CUDA and RELAXEQ_SKIP_CUDA are both set; choose one.")
+    if skipped:
+        return False, "RELAXEQ_SKIP_CUDA=1"
+    problem = None
+    if torch.version.cuda is None:
+        problem = f"torch {torch.__version__} was built without CUDA"
+    elif _cuda_home is None:
+        problem = "no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)"
+    else:
+        problem = _nvcc_smoke_test(_cuda_home)
+    if problem is None:
+        return True, f"torch CUDA {torch.version.cuda}, toolkit at {_cuda_home}"
+    if forced:
+        raise SystemExit(f"RELAXEQ_FORCE_CUDA=1 but the CUDA build is impossible: {problem}")
+    return False, problem
+
+
+def _arch_list():
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if not archs:
+        # Without a visible GPU torch would target every arch it knows (slow builds).
+        archs = "8.0;9.0"
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+    return archs
+
+
+def _extensions():
+    cpu_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
+    cxx = ["-O3", "-std=c++20", "-fopenmp"]
+    build_cuda, reason = _decide_cuda()
+    if build_cuda:
+        archs = _arch_list()
+        _say(f"building CPU + CUDA kernels ({reason}); TORCH_CUDA_ARCH_LIST={archs}")
+        macros = [("RELAXEQ_WITH_CUDA", None), ("RELAXEQ_CUDA_ARCHS", f'"{archs}"')]
+        return [CUDAExtension(
+            "relaxeq_fast._C", cpu_sources + cuda_sources, define_macros=macros,
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]},
+            extra_link_args=["-fopenmp"])]
+    _say(f"building CPU kernels only: {reason}")
+    return [CppExtension("relaxeq_fast._C", cpu_sources, extra_compile_args={"cxx": cxx},
+                         extra_link_args=["-fopenmp"])]
+
+
+setup(
+    name="relaxeq_fast",
+    version="0.1.0",
+    description="Fused kernels for training equivariant networks by constraint relaxation",
+    packages=["relaxeq_fast", "relaxeq_fast.triton_kernels"],
+    package_dir={"relaxeq_fast": "relaxeq_fast", "relaxeq_fast.triton_kernels": "triton_kernels"},
+    ext_modules=_extensions(),
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    python_requires=">=3.9",
+    install_requires=["torch>=2.4", "numpy"],
+    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis", "triton"],
+                    "plots": ["matplotlib", "tqdm"]},
+)
