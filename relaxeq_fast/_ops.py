@@ -82,6 +82,8 @@ def _relaxed_linear_backward_fake(dy, x, M, output_mask):
 
 def _setup_context(ctx, inputs, output):
     x, M, c, _stats = inputs
+    _y, G, s = output
+    ctx.mark_non_differentiable(G, s)  # statistics of the detached input x̂
     ctx.save_for_backward(x, M)
     ctx.has_c = c is not None
 

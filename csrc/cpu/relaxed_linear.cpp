@@ -41,10 +41,9 @@ void accumulate_gram(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b, 
   }
 }
 
-at::Tensor mirror_upper(const at::Tensor& g) {
-  if (g.size(0) < 2 * kGramBlock) return g;
-  return at::triu(g) + at::triu(g, 1).t();
-}
+// Always mirrored, also after a full product: GEMM blocking can leave G off
+// symmetric in the last bit, and the regulariser algebra assumes G = G^T.
+at::Tensor mirror_upper(const at::Tensor& g) { return at::triu(g) + at::triu(g, 1).t(); }
 
 void check_cpu(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.device().is_cpu(), "relaxed_linear (CPU): ", name, " must be a CPU tensor, got ", x.device());

@@ -1,0 +1,169 @@
+"""Closed-form R_LD and R_N against independent evaluations: jvp of the layer, dense generators, outputs."""
+import pytest
+import torch
+
+from relaxeq_fast import InputStats, VN, Irreps, combine_regularizers, use_backend
+from relaxeq_fast.nn import EquivariantLinear, RelaxedLinear
+from relaxeq_fast.regularizer import RegularizerTerms, lie_derivative_matrices, relaxation_regularizers
+
+from testing import assert_close_scaled
+
+REP_PAIRS = [
+    (VN(4), VN(6)),
+    (Irreps("2x0+1x1+1x2+1x3"), Irreps("1x0+2x1+1x2+2x3")),
+    (Irreps("3x2"), Irreps("1x0+1x2")),
+]
+IDS = ["vn", "irreps_l0-3", "irreps_l2"]
+
+
+def relaxed_layer(rin, rout, theta=0.7, seed=0):
+    torch.manual_seed(seed)
+    layer = RelaxedLinear(rin, rout, relax_init="default", theta=theta, dtype=torch.float64)
+    with torch.no_grad():
+        layer.bias_relax.normal_()
+    return layer
+
+
+def features(rep, n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *rep.feature_shape, dtype=torch.float64, generator=g) + 0.3
+
+
+@pytest.mark.parametrize("rin,rout", REP_PAIRS, ids=IDS)
+def test_closed_form_lie_derivative_equals_jvp(rin, rout):
+    layer = relaxed_layer(rin, rout)
+    x = features(rin, 50)
+    layer.train()
+    with use_backend("reference"):  # jvp needs forward-mode AD, which the pure-PyTorch path has
+        layer(x)
+        terms = layer.regularizers()
+
+        def f(x_flat):
+            return layer(x_flat.reshape(x.shape)).reshape(len(x), rout.dim)
+
+        x_flat = x.reshape(len(x), rin.dim)
+        total = 0.0
+        for k in range(3):
+            # (L_k f)(x) = d/dt ρ_out(e^{-tA}) f(ρ_in(e^{tA}) x) |_{t=0} = J_f(x) A_in x − A_out f(x)
+            fx, jv = torch.func.jvp(f, (x_flat,), (rin.apply_generator(k, x_flat),))
+            lie = jv - rout.apply_generator(k, fx)
+            total = total + (lie ** 2).sum()
+    theta = float(layer.theta)
+    assert terms.lie_derivative.item() > 1e-3, "test must exercise a non-equivariant branch"
+    assert_close_scaled(theta ** 2 * terms.lie_derivative, total, 1e-10, "θ² R_LD vs jvp")
+
+
+@pytest.mark.parametrize("rin,rout", REP_PAIRS, ids=IDS)
+def test_lie_derivative_matrices_match_dense_generators(rin, rout):
+    W = torch.randn(rout.dim, rin.dim, dtype=torch.float64)
+    A_in, A_out = rin.generator_matrices(), rout.generator_matrices()
+    dense = torch.stack([W @ A_in[k] - A_out[k] @ W for k in range(3)])
+    assert_close_scaled(lie_derivative_matrices(W, rin, rout), dense, 1e-13, "C_k")
+
+
+@pytest.mark.parametrize("rin,rout", REP_PAIRS, ids=IDS)
+def test_lie_derivative_vanishes_for_equivariant_relaxation(rin, rout):
+    layer = relaxed_layer(rin, rout)
+    other = EquivariantLinear(rin, rout, bias=False, dtype=torch.float64)
+    with torch.no_grad():
+        layer.weight_relax.copy_(other.equivariant_matrix())
+        layer.bias_relax.zero_()
+    layer(features(rin, 30))
+    terms = layer.regularizers()
+    scale = terms.projection.item()
+    assert scale > 1.0
+    print("R_LD", terms.lie_derivative.item(), "R_N", scale)
+    assert abs(terms.lie_derivative.item()) <= 1e-12 * scale
+    assert abs(layer.regularizers(data_free=True).lie_derivative.item()) <= 1e-12 * scale
+
+
+def test_scalar_bias_is_equivariant_vector_bias_is_not():
+    rin, rout = Irreps("2x0+1x1"), Irreps("1x0+1x1")
+    layer = relaxed_layer(rin, rout)
+    with torch.no_grad():
+        layer.weight_relax.zero_()
+        layer.bias_relax.zero_()
+        layer.bias_relax[0] = 2.0  # scalar output: invariant, so no Lie derivative
+    layer(features(rin, 10))
+    assert abs(layer.regularizers().lie_derivative.item()) < 1e-12
+    with torch.no_grad():
+        layer.bias_relax[2] = 1.0  # a vector component: A_k b ≠ 0
+    layer(features(rin, 10))
+    # Σ_k ‖A_k b‖² for b = e_y in a vector block is 2 (two generators move it), times N = 10 rows
+    assert_close_scaled(layer.regularizers().lie_derivative, torch.tensor(20.0, dtype=torch.float64), 1e-12)
+
+
+@pytest.mark.parametrize("rin,rout", REP_PAIRS, ids=IDS)
+def test_projection_term_equals_output_difference(rin, rout):
+    layer = relaxed_layer(rin, rout, theta=0.35)
+    x = features(rin, 40)
+    y_theta = layer(x)
+    terms = layer.regularizers()
+    y_zero = layer.project()(x)
+    direct = ((y_theta - y_zero) ** 2).sum() / 0.35 ** 2
+    assert_close_scaled(terms.projection, direct, 1e-10, "R_N")
+
+
+@pytest.mark.parametrize("rin,rout", REP_PAIRS, ids=IDS)
+def test_data_free_equals_identity_statistics(rin, rout):
+    layer = relaxed_layer(rin, rout)
+    free = layer.regularizers(data_free=True)
+    A_out = rout.generator_matrices()
+    W, b = layer.weight_relax.detach(), layer.bias_relax.detach()
+    C = torch.stack([W @ rin.generator_matrices()[k] - A_out[k] @ W for k in range(3)])
+    want_ld = (C ** 2).sum() + sum(((A_out[k] @ b) ** 2).sum() for k in range(3))
+    want_n = (W ** 2).sum() + (b ** 2).sum()
+    assert_close_scaled(free.lie_derivative, want_ld, 1e-12, "R_LD data-free")
+    assert_close_scaled(free.projection, want_n, 1e-12, "R_N data-free")
+
+
+@pytest.mark.parametrize("rin,rout", REP_PAIRS[:2], ids=IDS[:2])
+def test_native_and_reference_statistics_agree(rin, rout):
+    layer = relaxed_layer(rin, rout)
+    x = features(rin, 200)
+    with use_backend("native"):
+        layer(x)
+        native = layer.regularizers()
+    with use_backend("reference"):
+        layer(x)
+        ref = layer.regularizers()
+    for a, b, name in zip(native[:2], ref[:2], ("R_LD", "R_N")):
+        assert_close_scaled(a, b, 1e-11, name)
+
+
+def test_gradcheck_regularizers():
+    rin, rout = Irreps("1x0+1x1+1x2"), Irreps("2x1+1x0")
+    x = torch.randn(9, rin.dim, dtype=torch.float64)
+    stats = InputStats(x.T @ x, x.sum(0), 9)
+    W = torch.randn(rout.dim, rin.dim, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(rout.dim, dtype=torch.float64, requires_grad=True)
+    for st in (stats, None):
+        assert torch.autograd.gradcheck(
+            lambda W, b: torch.stack(relaxation_regularizers(W, b, rin, rout, st)[:2]), (W, b))
+
+
+def test_combine_forms():
+    t1 = RegularizerTerms(torch.tensor(4.0), torch.tensor(9.0), 2)
+    t2 = RegularizerTerms(torch.tensor(5.0), torch.tensor(16.0), 4)
+    assert combine_regularizers([t1, t2], 2.0, 1.0, "paper").item() == pytest.approx(2 * 3.0 + 5.0)
+    assert combine_regularizers([t1, t2], 2.0, 1.0, "sum").item() == pytest.approx(2 * 9 + 25)
+    assert combine_regularizers([t1, t2], 1.0, 1.0, "mean").item() == pytest.approx(4 / 2 + 5 / 4 + 9 / 2 + 16 / 4)
+    assert combine_regularizers([t1, t2], 1.0, 0.0, "paper", theta=0.5).item() == pytest.approx(0.5 * 3.0)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        combine_regularizers([t1], reduction="max")
+    with pytest.raises(ValueError, match="terms is empty"):
+        combine_regularizers([])
+
+
+def test_paper_form_has_finite_gradient_at_zero():
+    layer = RelaxedLinear(VN(3), VN(3), dtype=torch.float64)  # W_r = b_r = 0: R = 0 exactly
+    layer(torch.randn(5, 3, 3, dtype=torch.float64))
+    loss = combine_regularizers([layer.regularizers()], 1.0, 1.0, "paper")
+    loss.backward()
+    assert torch.isfinite(layer.weight_relax.grad).all()
+
+
+def test_regularizers_without_stats_is_an_error():
+    layer = RelaxedLinear(VN(2), VN(2))
+    with pytest.raises(RuntimeError, match="no input statistics"):
+        layer.regularizers()

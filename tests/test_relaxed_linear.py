@@ -1,0 +1,199 @@
+"""relaxed_linear op (native CPU/CUDA kernels) against the float64 pure-PyTorch reference."""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import relaxeq_fast
+from relaxeq_fast import relaxed_linear, relaxed_linear_ref, use_backend
+from relaxeq_fast.reference import relaxed_linear_backward_ref
+
+from testing import DEVICES, assert_close_scaled
+
+pytestmark = pytest.mark.skipif(not relaxeq_fast.build_info()["extension_loaded"],
+                                reason="relaxeq_fast._C is not built")
+
+# rtol relative to the largest reference entry (see assert_close_scaled).
+# float32: y sums D_in products, G/dM sum N products: accumulated rounding ~ sqrt(K) * 6e-8 per entry,
+# plus GEMM blocking order; 1e-5 for y/dx, 5e-5 for sums over rows (up to ~1000).
+# float64: round-off only.
+TOLS = {
+    torch.float32: {"y": 1e-5, "stats": 5e-5, "grad": 5e-5},
+    torch.float64: {"y": 1e-12, "stats": 1e-11, "grad": 1e-11},
+}
+SHAPES = [(0, 5, 3), (1, 3, 6), (7, 63, 63), (1031, 65, 17), (513, 300, 257)]
+
+
+def make_inputs(n, d_in, d_out, dtype, device, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d_in, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    M = torch.randn(d_out, d_in, generator=g, dtype=torch.float64).to(device=device, dtype=dtype) / d_in ** 0.5
+    c = torch.randn(d_out, generator=g, dtype=torch.float64).to(device=device, dtype=dtype) if bias else None
+    return x, M, c
+
+
+def ref64(x, M, c, stats=True):
+    return relaxed_linear_ref(x.double(), M.double(), None if c is None else c.double(), stats)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n,d_in,d_out", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_matches_reference(device, dtype, n, d_in, d_out, bias):
+    x, M, c = make_inputs(n, d_in, d_out, dtype, device, bias)
+    y, G, s = torch.ops.relaxeq.relaxed_linear(x, M, c, True)
+    y_ref, G_ref, s_ref = ref64(x, M, c)
+    assert y.dtype == dtype and G.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_close_scaled(y, y_ref, TOLS[dtype]["y"], "y")
+    assert_close_scaled(G, G_ref, TOLS[dtype]["stats"], "G")
+    assert_close_scaled(s, s_ref, TOLS[dtype]["stats"], "s")
+    assert torch.equal(G, G.T), "G must be exactly symmetric"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_stats_returns_empty(device):
+    x, M, c = make_inputs(9, 4, 2, torch.float32, device)
+    y, G, s = torch.ops.relaxeq.relaxed_linear(x, M, c, False)
+    assert G.shape == (0, 0) and s.shape == (0,) and y.shape == (9, 2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n,d_in,d_out", SHAPES)
+def test_backward_matches_reference(device, dtype, n, d_in, d_out):
+    x, M, c = make_inputs(n, d_in, d_out, dtype, device)
+    x.requires_grad_(); M.requires_grad_(); c.requires_grad_()
+    y, _, _ = torch.ops.relaxeq.relaxed_linear(x, M, c, True)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, M, c), dy)
+    x64, M64, c64 = (t.detach().double().requires_grad_() for t in (x, M, c))
+    y64, _, _ = relaxed_linear_ref(x64, M64, c64, True)
+    grads64 = torch.autograd.grad(y64, (x64, M64, c64), dy.double())
+    for name, g, g64 in zip(("dx", "dM", "dc"), grads, grads64):
+        assert_close_scaled(g, g64, TOLS[dtype]["grad"], name)
+
+
+@pytest.mark.parametrize("mask", [(True, False, False), (False, True, False), (False, False, True),
+                                  (True, True, True), (False, False, False)])
+def test_backward_op_output_mask(mask):
+    x, M, _ = make_inputs(37, 11, 5, torch.float64, "cpu")
+    dy = torch.randn(37, 5, dtype=torch.float64)
+    got = torch.ops.relaxeq.relaxed_linear_backward(dy, x, M, list(mask))
+    want = relaxed_linear_backward_ref(dy, x, M, mask)
+    for g, w, m in zip(got, want, mask):
+        assert g.shape == w.shape
+        if m:
+            assert_close_scaled(g, w, 1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_and_batch_dims(device):
+    base = torch.randn(4, 6, 2 * 13, dtype=torch.float64, device=device)
+    x = base[..., ::2]  # [4, 6, 13], stride 2 in the last dim
+    xt = torch.randn(13, 24, dtype=torch.float64, device=device).T  # transposed view [24, 13]
+    M = torch.randn(5, 13, dtype=torch.float64, device=device)
+    with use_backend("native"):
+        y, st = relaxed_linear(x, M, stats=True)
+        yt, stt = relaxed_linear(xt, M, stats=True)
+    y_ref, G_ref, _ = relaxed_linear_ref(x.reshape(-1, 13).contiguous(), M, None, True)
+    assert y.shape == (4, 6, 5) and st.n == 24
+    assert_close_scaled(y.reshape(-1, 5), y_ref, 1e-12, "y")
+    assert_close_scaled(st.G, G_ref, 1e-12, "G")
+    assert_close_scaled(yt, xt.contiguous() @ M.T, 1e-12, "y (transposed x)")
+    assert_close_scaled(stt.G, xt.T @ xt, 1e-12, "G (transposed x)")
+
+
+def test_threads_do_not_change_results():
+    x, M, c = make_inputs(5000, 40, 30, torch.float64, "cpu")
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.relaxeq.relaxed_linear(x, M, c, True)
+        torch.set_num_threads(2)
+        two = torch.ops.relaxeq.relaxed_linear(x, M, c, True)
+    finally:
+        torch.set_num_threads(prev)
+    for a, b, name in zip(one, two, "yGs"):
+        assert_close_scaled(a, b, 1e-12, name)
+
+
+def test_gradcheck_float64():
+    x, M, c = make_inputs(6, 5, 4, torch.float64, "cpu")
+    inputs = tuple(t.requires_grad_() for t in (x, M, c))
+    assert torch.autograd.gradcheck(lambda x, M, c: torch.ops.relaxeq.relaxed_linear(x, M, c, True)[0], inputs)
+
+
+@pytest.mark.parametrize("stats", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_opcheck(stats, bias):
+    x, M, c = make_inputs(7, 5, 3, torch.float64, "cpu", bias)
+    args = (x.requires_grad_(), M.requires_grad_(), None if c is None else c.requires_grad_(), stats)
+    torch.library.opcheck(torch.ops.relaxeq.relaxed_linear.default, args)
+    dy = torch.randn(7, 3, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.relaxeq.relaxed_linear_backward.default,
+                          (dy, x.detach(), M.detach(), [True, True, bias]))
+
+
+def test_stats_are_not_differentiable():
+    x, M, c = make_inputs(5, 4, 3, torch.float64, "cpu")
+    y, G, s = torch.ops.relaxeq.relaxed_linear(x.requires_grad_(), M, c, True)
+    assert y.requires_grad and not G.requires_grad and not s.requires_grad
+
+
+# Bad input: every error names the argument at fault.
+BAD_CALLS = [
+    ("x must be 2-D", lambda: torch.ops.relaxeq.relaxed_linear(torch.randn(2, 3, 4), torch.randn(5, 4), None, True)),
+    ("M must be 2-D", lambda: torch.ops.relaxeq.relaxed_linear(torch.randn(2, 4), torch.randn(4), None, True)),
+    ("D_in = M.shape[1] = 4", lambda: torch.ops.relaxeq.relaxed_linear(torch.randn(2, 5), torch.randn(3, 4), None, True)),
+    ("M must have the dtype of x", lambda: torch.ops.relaxeq.relaxed_linear(
+        torch.randn(2, 4), torch.randn(3, 4, dtype=torch.float64), None, True)),
+    ("c must have shape [D_out]", lambda: torch.ops.relaxeq.relaxed_linear(
+        torch.randn(2, 4), torch.randn(3, 4), torch.randn(4), True)),
+    ("c must have the dtype of x", lambda: torch.ops.relaxeq.relaxed_linear(
+        torch.randn(2, 4), torch.randn(3, 4), torch.randn(3, dtype=torch.float64), True)),
+    ("x must be float32 or float64 on CPU", lambda: torch.ops.relaxeq.relaxed_linear(
+        torch.randn(2, 4, dtype=torch.float16), torch.randn(3, 4, dtype=torch.float16), None, True)),
+    ("dy must have shape [N, D_out]", lambda: torch.ops.relaxeq.relaxed_linear_backward(
+        torch.randn(2, 2), torch.randn(2, 4), torch.randn(3, 4), [True, True, True])),
+    # through the functional layer (checks before dispatch, so device mismatches name the argument too)
+    ("M must be on the device of x", lambda: relaxed_linear(torch.randn(2, 4), torch.randn(3, 4, device="meta"))),
+    ("M must be 2-D", lambda: relaxed_linear(torch.randn(2, 4), torch.randn(3, 4, 1))),
+    ("x must have shape [..., D_in]", lambda: relaxed_linear(torch.tensor(1.0), torch.randn(3, 4))),
+    ("backend must be one of", lambda: relaxed_linear(torch.randn(2, 4), torch.randn(3, 4), backend="fast")),
+]
+
+
+@pytest.mark.parametrize("message,call", BAD_CALLS, ids=[m for m, _ in BAD_CALLS])
+def test_bad_input_names_the_argument(message, call):
+    with pytest.raises((RuntimeError, ValueError, TypeError)) as info:
+        call()
+    assert message in str(info.value), str(info.value)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(0, 300), d_in=st.integers(1, 80), d_out=st.integers(1, 80), bias=st.booleans(),
+       stats=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_fuzz_shapes_cpu(n, d_in, d_out, bias, stats, seed):
+    x, M, c = make_inputs(n, d_in, d_out, torch.float64, "cpu", bias, seed)
+    got = torch.ops.relaxeq.relaxed_linear(x, M, c, stats)
+    want = relaxed_linear_ref(x, M, c, stats)
+    for g, w, name in zip(got, want, "yGs"):
+        assert_close_scaled(g, w, 1e-12, name)
+
+
+def test_torch_compile_fullgraph_op():
+    x, M, c = make_inputs(33, 12, 7, torch.float32, "cpu")
+
+    def step(x, M, c):
+        y, G, s = torch.ops.relaxeq.relaxed_linear(x, M, c, True)
+        return (y.square().sum() + G.trace() + s.sum())
+
+    compiled = torch.compile(step, fullgraph=True)
+    M.requires_grad_()
+    out_c = compiled(x, M, c)
+    (gc,) = torch.autograd.grad(out_c, M)
+    out_e = step(x, M, c)
+    (ge,) = torch.autograd.grad(out_e, M)
+    assert_close_scaled(out_c, out_e, 1e-6, "loss")
+    assert_close_scaled(gc, ge, 1e-6, "dM")
