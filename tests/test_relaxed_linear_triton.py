@@ -1,0 +1,238 @@
+"""relaxeq::relaxed_linear_triton (and its backward) against the float64 reference.
+
+On a machine without a GPU the kernels run in the Triton interpreter, which has to be switched
+on (TRITON_INTERPRET=1) before the kernel module is imported; shapes are kept tiny because
+the interpreter executes every program in numpy.
+"""
+import os
+
+import pytest
+import torch
+
+if os.environ.get("TRITON_INTERPRET", "0") != "1" and not torch.cuda.is_available():
+    pytest.skip("Triton needs a CUDA device, or TRITON_INTERPRET=1 set before triton is imported "
+                "(the interpreter runs the kernels on CPU tensors)", allow_module_level=True)
+pytest.importorskip("triton", reason="triton is not installed")
+
+from relaxeq_fast import functional  # noqa: E402
+from relaxeq_fast.reference import relaxed_linear_backward_ref, relaxed_linear_ref  # noqa: E402
+from relaxeq_fast.triton_kernels import relaxed_linear as triton_rl  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+_needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                 reason="half precision needs a GPU: the interpreter has no bfloat16 arithmetic")
+
+# (dtype, tol): an error passes when max|got - ref| <= tol * max(1, max|ref|), the reference
+# being float64 on the same (upcast) inputs.
+DTYPES = [
+    # Summation order of the fp32 accumulators (blocked dot, atomics across row blocks) differs
+    # from the float64 reference: ~1e-6 relative at these sizes; TF32 is switched off below.
+    pytest.param(torch.float32, 1e-4, id="float32"),
+    # Same algorithm in float64: only rounding of a few dozen terms.
+    pytest.param(torch.float64, 1e-10, id="float64"),
+    # Outputs are rounded to the input dtype once (fp32 accumulate): 2^-11 and 2^-8 relative.
+    pytest.param(torch.float16, 5e-3, id="float16", marks=_needs_cuda),
+    pytest.param(torch.bfloat16, 2e-2, id="bfloat16", marks=_needs_cuda),
+]
+# D not a multiple of the 16/32/64-wide blocks; (40, 40) gives several Gram column blocks.
+DIMS = [(5, 3), (17, 33), (40, 40)]
+NS = [0, 1, 7, 37, 70]
+
+
+@pytest.fixture(scope="module")
+def op():
+    return triton_rl.op()
+
+
+@pytest.fixture(autouse=True)
+def _ieee_fp32():
+    # The kernel follows torch's TF32 switch; pin it so fp32 tolerances mean the same everywhere.
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _inputs(n, d_in, d_out, dtype, with_c, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d_in, generator=g, dtype=torch.float64).to(dtype).to(DEVICE)
+    M = torch.randn(d_out, d_in, generator=g, dtype=torch.float64).to(dtype).to(DEVICE)
+    c = torch.randn(d_out, generator=g, dtype=torch.float64).to(dtype).to(DEVICE) if with_c else None
+    return x, M, c
+
+
+def _check(name, got, ref, tol):
+    assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    if ref.numel() == 0:
+        return
+    err = (got.double() - ref.double()).abs().max().item()
+    scale = max(1.0, ref.double().abs().max().item())
+    print(f"{name}: max abs error {err:.3e} (scale {scale:.3e}, tol {tol:.1e})")
+    assert err <= tol * scale, f"{name}: max abs error {err:.3e} > {tol:.1e} * {scale:.3e}"
+
+
+def _ref64(*ts):
+    return [t.double() if t is not None else None for t in ts]
+
+
+@pytest.mark.parametrize("dtype, tol", DTYPES)
+@pytest.mark.parametrize("d_in, d_out", DIMS)
+@pytest.mark.parametrize("n", NS)
+@pytest.mark.parametrize("with_c", [False, True], ids=["no_c", "c"])
+@pytest.mark.parametrize("stats", [False, True], ids=["no_stats", "stats"])
+def test_forward(op, n, d_in, d_out, dtype, tol, with_c, stats):
+    x, M, c = _inputs(n, d_in, d_out, dtype, with_c)
+    y, G, s = op(x, M, c, stats)
+    yr, Gr, sr = relaxed_linear_ref(*_ref64(x, M, c), stats)
+    sdt = torch.float64 if dtype == torch.float64 else torch.float32
+    assert y.dtype == dtype and G.dtype == sdt and s.dtype == sdt
+    _check("y", y, yr, tol)
+    if stats:
+        # Statistics are accumulated in fp32 even for half inputs: products of halves are exact.
+        stol = min(tol, 1e-4)
+        _check("G", G, Gr, stol)
+        _check("s", s, sr, stol)
+        assert torch.equal(G, G.T), "G must be exactly symmetric (mirrored upper triangle)"
+    else:
+        assert G.shape == (0, 0) and s.shape == (0,)
+
+
+@pytest.mark.parametrize("dtype, tol", DTYPES[:2])
+@pytest.mark.parametrize("layout", ["transposed", "strided"])
+@pytest.mark.parametrize("sub_blocks", [None, 2], ids=["auto_rows", "2_row_blocks_per_program"])
+def test_forward_noncontiguous(op, monkeypatch, dtype, tol, layout, sub_blocks):
+    # sub_blocks=2 makes each program loop over two 32-row blocks (N=70: one full and one
+    # partial program), the path large inputs take on a GPU.
+    monkeypatch.setattr(triton_rl, "_SUB_BLOCKS_PER_PROGRAM", sub_blocks)
+    n, d_in, d_out = 70, 40, 33
+    g = torch.Generator().manual_seed(1)
+    if layout == "transposed":
+        x = torch.randn(d_in, n, generator=g, dtype=torch.float64).to(dtype).to(DEVICE).T
+    else:
+        x = torch.randn(n, 2 * d_in + 1, generator=g, dtype=torch.float64).to(dtype).to(DEVICE)[:, 1::2]
+    assert not x.is_contiguous()
+    _, M, c = _inputs(n, d_in, d_out, dtype, True)
+    M = M.T.contiguous().T  # column-major M as well
+    c = torch.stack([c, -c], 1)[:, 0]  # strided c
+    assert not c.is_contiguous()
+    y, G, s = op(x, M, c, True)
+    yr, Gr, sr = relaxed_linear_ref(*_ref64(x, M, c), True)
+    _check("y", y, yr, tol)
+    _check("G", G, Gr, tol)
+    _check("s", s, sr, tol)
+
+
+@pytest.mark.parametrize("dtype, tol", DTYPES)
+@pytest.mark.parametrize("d_in, d_out", DIMS)
+@pytest.mark.parametrize("n", NS)
+@pytest.mark.parametrize("with_c", [False, True], ids=["no_c", "c"])
+def test_backward_autograd(op, n, d_in, d_out, dtype, tol, with_c):
+    x, M, c = _inputs(n, d_in, d_out, dtype, with_c, seed=2)
+    dy = torch.randn(n, d_out, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    inputs = [t.requires_grad_() for t in (x, M, c) if t is not None]
+    y, G, s = op(x, M, c, True)
+    grads = torch.autograd.grad(y, inputs, grad_outputs=dy.to(dtype).to(DEVICE))
+
+    ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
+    xr, Mr = ref_inputs[:2]
+    cr = ref_inputs[2] if with_c else None
+    yr, _, _ = relaxed_linear_ref(xr, Mr, cr, True)
+    ref_grads = torch.autograd.grad(yr, ref_inputs, grad_outputs=dy.to(dtype).double().to(DEVICE))
+    for name, got, ref in zip(("dx", "dM", "dc"), grads, ref_grads):
+        assert got.dtype == dtype
+        _check(name, got, ref, tol)
+
+
+@pytest.mark.parametrize("dtype, tol", DTYPES[:2])
+@pytest.mark.parametrize("mask", [[True, True, True], [True, False, False], [False, True, False],
+                                  [False, False, True], [False, True, True], [True, False, True],
+                                  [False, False, False]], ids=lambda m: "".join("1" if b else "0" for b in m))
+@pytest.mark.parametrize("n", [0, 37])
+def test_backward_output_mask(n, dtype, tol, mask):
+    bop = triton_rl.backward_op()
+    x, M, _ = _inputs(n, 17, 33, dtype, False, seed=4)
+    dy = torch.randn(n, 33, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(dtype).to(DEVICE)
+    got = bop(dy, x, M, mask)
+    ref = relaxed_linear_backward_ref(*_ref64(dy, x, M), mask)
+    for name, want, g, r in zip(("dx", "dM", "dc"), mask, got, ref):
+        assert g.dtype == dtype
+        if not want:
+            assert g.shape == (0,), f"{name} not requested: expected an empty [0] tensor, got {tuple(g.shape)}"
+        _check(name, g, r, tol)
+
+
+def test_functional_backend_triton():
+    x, M, c = _inputs(14, 6, 3, torch.float64, True, seed=6)
+    x = x.reshape(2, 7, 6)
+    y, st = functional.relaxed_linear(x, M, c, stats=True, backend="triton")
+    yr, Gr, sr = relaxed_linear_ref(x.reshape(14, 6), M, c, True)
+    _check("y", y.reshape(14, 3), yr, 1e-10)
+    _check("G", st.G, Gr, 1e-10)
+    _check("s", st.s, sr, 1e-10)
+    assert st.n == 14
+
+
+def test_opcheck(op):
+    # Full default test_utils (schema, autograd registration, fake tensor, aot_dispatch_dynamic):
+    # the op is opaque to tracing, so the interpreter only ever sees real tensors.
+    x, M, c = _inputs(7, 5, 3, torch.float64, True, seed=7)
+    x.requires_grad_()
+    M.requires_grad_()
+    c.requires_grad_()
+    torch.library.opcheck(op, (x, M, c, True))
+    torch.library.opcheck(op, (x, M, None, False))
+    dy = torch.randn(7, 3, dtype=torch.float64, device=DEVICE)
+    torch.library.opcheck(triton_rl.backward_op(), (dy, x.detach(), M.detach(), [True, True, True]))
+    torch.library.opcheck(triton_rl.backward_op(), (dy, x.detach(), M.detach(), [False, True, False]))
+
+
+def test_compile_smoke(op):
+    # aot_eager: exercises the fake kernels and the autograd formula under tracing without an
+    # inductor C++/Triton compile, which would dominate this file's runtime.
+    x, M, c = _inputs(9, 5, 3, torch.float64, True, seed=8)
+    M.requires_grad_()
+
+    def loss(y, G, s):
+        return (y ** 2).sum() + G.trace() + s.sum()
+
+    def f(x, M, c):
+        return loss(*op(x, M, c, True))
+
+    out = torch.compile(f, backend="aot_eager", fullgraph=True)(x, M, c)
+    (gM,) = torch.autograd.grad(out, M)
+    Mr = M.detach().clone().requires_grad_()
+    (gMr,) = torch.autograd.grad(loss(*relaxed_linear_ref(x, Mr, c, True)), Mr)
+    _check("compiled dM", gM, gMr, 1e-10)
+
+
+@pytest.mark.parametrize("case, match", [
+    ("x_1d", "x must be 2-D"),
+    ("M_1d", "M must be 2-D"),
+    ("shape_mismatch", r"x must have shape \[N, D_in\] with D_in = M.shape\[1\]"),
+    ("dtype_mismatch", "M must have the dtype of x"),
+    ("c_shape", r"c must have shape \[D_out\]"),
+    ("c_dtype", "c must have the dtype of x"),
+    ("int_dtype", "x must be float16, bfloat16, float32 or float64"),
+])
+def test_bad_input(op, case, match):
+    x, M, c = _inputs(4, 5, 3, torch.float32, True)
+    args = {
+        "x_1d": (x[0], M, c),
+        "M_1d": (x, M[0], c),
+        "shape_mismatch": (x[:, :4], M, c),
+        "dtype_mismatch": (x, M.double(), c),
+        "c_shape": (x, M, c[:2]),
+        "c_dtype": (x, M, c.double()),
+        "int_dtype": (x.int(), M.int(), c.int()),
+    }[case]
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
+        op(*args, True)
+
+
+def test_bad_input_backward():
+    x, M, _ = _inputs(4, 5, 3, torch.float32, False)
+    bop = triton_rl.backward_op()
+    with pytest.raises((ValueError, RuntimeError), match=r"dy must have shape \[N, D_out\]"):
+        bop(torch.zeros(4, 2, device=DEVICE), x, M, [True, True, True])
+    with pytest.raises((TypeError, RuntimeError), match="dy must have the dtype of x"):
+        bop(torch.zeros(4, 3, dtype=torch.float64, device=DEVICE), x, M, [True, True, True])
