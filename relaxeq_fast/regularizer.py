@@ -38,9 +38,7 @@ def lie_derivative_matrices(W_r: torch.Tensor, irreps_in: Irreps, irreps_out: Ir
     A_k is skew, so W_r A_k,in = −(A_k,in applied to the rows of W_r), and A_k,out W_r is A_k,out
     applied to the columns of W_r.
     """
-    return torch.stack([
-        -irreps_in.apply_generator(k, W_r) - irreps_out.apply_generator(k, W_r.T).T
-        for k in range(3)])
+    return -irreps_in.apply_generators(W_r) - irreps_out.apply_generators(W_r.T).transpose(1, 2)
 
 
 def relaxation_regularizers(W_r: torch.Tensor, b_r: Optional[torch.Tensor], irreps_in: Irreps,
@@ -60,7 +58,7 @@ def relaxation_regularizers(W_r: torch.Tensor, b_r: Optional[torch.Tensor], irre
         r_ld, r_n = (C * C).sum(), (W * W).sum()
         if b_r is not None:
             b = b_r.to(dtype)
-            Ab = torch.stack([irreps_out.apply_generator(k, b) for k in range(3)])
+            Ab = irreps_out.apply_generators(b)
             r_ld, r_n = r_ld + (Ab * Ab).sum(), r_n + (b * b).sum()
         return RegularizerTerms(r_ld, r_n, 1)
     G, s, n = stats
@@ -69,11 +67,13 @@ def relaxation_regularizers(W_r: torch.Tensor, b_r: Optional[torch.Tensor], irre
                          f"got G: {list(G.shape)}, s: {list(s.shape)} (were stats collected for this layer?)")
     W = W_r.to(G.dtype)
     C = lie_derivative_matrices(W, irreps_in, irreps_out)
-    r_ld = (torch.matmul(C, G) * C).sum()
-    r_n = ((W @ G) * W).sum()
+    # ⟨XᵀX, G⟩ = Σ (X G) ∘ X for X = C_1..C_3 and W_r: one batched product with G.
+    CW = torch.cat([C, W[None]])
+    quad = ((CW @ G) * CW).sum((1, 2))
+    r_ld, r_n = quad[:3].sum(), quad[3]
     if b_r is not None:
         b = b_r.to(G.dtype)
-        Ab = torch.stack([irreps_out.apply_generator(k, b) for k in range(3)])  # [3, D_out]
+        Ab = irreps_out.apply_generators(b)  # [3, D_out]
         r_ld = r_ld - 2 * (Ab * torch.matmul(C, s)).sum() + n * (Ab * Ab).sum()
         r_n = r_n + 2 * (b * (W @ s)).sum() + n * (b * b).sum()
     return RegularizerTerms(r_ld, r_n, n)

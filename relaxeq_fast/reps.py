@@ -8,7 +8,7 @@ y axis as polar axis (e3nn's convention), so the ``l = 1`` block is (x, y, z) an
 Vector-Neuron features ``[..., C, 3]`` flatten channel-major (index ``3c + d``) — exactly the
 irreps ``C x 1`` — so :class:`VN` is an :class:`Irreps` with a 2-D feature shape.
 
-Generators are never materialised densely for the whole feature space: :meth:`Irreps.apply_generator`
+Generators are never materialised densely for the whole feature space: :meth:`Irreps.apply_generators`
 maps rows ``x ↦ A_k x`` block by block in O(D·(2l+1)).
 """
 from __future__ import annotations
@@ -64,9 +64,17 @@ def _irrep_generators_f64(l: int) -> torch.Tensor:
 
 
 def irrep_generators(l: int, dtype=torch.float64, device=None) -> torch.Tensor:
-    """Generators ``dD^l(G_k)`` of the real irrep of degree ``l``: shape [3, 2l+1, 2l+1], skew."""
+    """Generators ``dD^l(G_k)`` of the real irrep of degree ``l``: shape [3, 2l+1, 2l+1], skew.
+
+    Cached per (l, dtype, device): treat the result as read-only.
+    """
     if not (isinstance(l, int) and 0 <= l <= MAX_L):
         raise ValueError(f"l must be an int in [0, {MAX_L}], got {l!r}")
+    return _irrep_generators_cast(l, dtype, torch.device(device) if device is not None else torch.device("cpu"))
+
+
+@functools.lru_cache(maxsize=None)
+def _irrep_generators_cast(l: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return _irrep_generators_f64(l).to(dtype=dtype, device=device)
 
 
@@ -158,14 +166,22 @@ class Irreps:
 
     def apply_generator(self, k: int, x: torch.Tensor) -> torch.Tensor:
         """Rows ``x_n ↦ A_k x_n`` with ``A_k = dρ(G_k)``. x: [..., D] → [..., D]. O(D·(2l+1))."""
+        return self.apply_generators(x)[k]
+
+    def apply_generators(self, x: torch.Tensor) -> torch.Tensor:
+        """All three at once: x [..., D] → [3, ..., D] with entry k = rows ``A_k x_n``.
+
+        One small batched matmul per irrep block: the regulariser calls this on [D_out, D_in]
+        weights every step, where the number of ops, not their size, sets the cost.
+        """
         parts = []
         for start, stop, m, l in self.slices():
-            xb = x[..., start:stop].reshape(*x.shape[:-1], m, 2 * l + 1)
             if l == 0:
-                parts.append(torch.zeros_like(x[..., start:stop]))
+                parts.append(x.new_zeros(3, *x.shape[:-1], stop - start))
                 continue
-            A = irrep_generators(l, dtype=x.dtype, device=x.device)[k]
-            parts.append((xb @ A.T).reshape(*x.shape[:-1], stop - start))
+            xb = x[..., start:stop].reshape(*x.shape[:-1], m, 2 * l + 1)
+            A = irrep_generators(l, dtype=x.dtype, device=x.device)  # [3, 2l+1, 2l+1]
+            parts.append(torch.einsum("...j,kij->k...i", xb, A).reshape(3, *x.shape[:-1], stop - start))
         return torch.cat(parts, -1) if len(parts) > 1 else parts[0]
 
     def generator_matrices(self, dtype=torch.float64, device=None) -> torch.Tensor:
@@ -221,15 +237,6 @@ class VN(Irreps):
 
     def __repr__(self):
         return f"VN({self.channels})"
-
-    def apply_generator(self, k: int, x: torch.Tensor) -> torch.Tensor:
-        # A_k = I_C ⊗ G_k: a cross product e_k × v per 3-vector.
-        v = x.reshape(*x.shape[:-1], self.channels, 3)
-        a, b = (k + 1) % 3, (k + 2) % 3
-        out = torch.zeros_like(v)
-        out[..., a] = -v[..., b]
-        out[..., b] = v[..., a]
-        return out.reshape(x.shape)
 
     def rotate(self, R: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return x @ R.to(x.dtype).T

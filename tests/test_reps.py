@@ -51,8 +51,12 @@ def test_rotation_matrix_is_a_homomorphism(spec):
 def test_apply_generator_matches_dense(rep):
     x = torch.randn(7, rep.dim, dtype=torch.float64)
     dense = rep.generator_matrices()
+    together = rep.apply_generators(x)
     for k in range(3):
         assert torch.allclose(rep.apply_generator(k, x), x @ dense[k].T, atol=1e-13)
+        assert torch.allclose(together[k], x @ dense[k].T, atol=1e-13)
+    one_row = rep.apply_generators(x[0])
+    assert one_row.shape == (3, rep.dim) and torch.allclose(one_row, together[:, 0], atol=0)
 
 
 def test_vn_is_irreps_of_vectors():
