@@ -118,6 +118,44 @@ def test_threads_do_not_change_results():
         assert_close_scaled(a, b, 1e-12, name)
 
 
+def test_cuda_kernels_registered_when_built():
+    info = relaxeq_fast.build_info()
+    if not info["cuda"]:
+        pytest.skip("extension built without CUDA kernels")
+    table = torch._C._dispatch_dump("relaxeq::relaxed_linear")
+    assert "CUDA" in table and "CPU" in table, table
+    assert "CUDA" in torch._C._dispatch_dump("relaxeq::relaxed_linear_backward")
+    assert info["cuda_archs"], "build_info must list the CUDA archs compiled"
+
+
+def test_meta_tensors_use_the_fake_kernel():
+    x, M = torch.empty(11, 6, device="meta"), torch.empty(4, 6, device="meta")
+    y, G, s = torch.ops.relaxeq.relaxed_linear(x, M, None, True)
+    assert y.shape == (11, 4) and G.shape == (6, 6) and s.shape == (6,) and y.device.type == "meta"
+
+
+# fp16/bf16: inputs rounded to 8/11-bit mantissas, fp32 accumulation; bf16 has the coarser rounding.
+HALF_TOLS = {torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="float16/bfloat16 kernels are GPU-only; no CUDA GPU here")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,d_in,d_out", SHAPES[1:])
+def test_half_precision_cuda(dtype, n, d_in, d_out):
+    x, M, c = make_inputs(n, d_in, d_out, dtype, "cuda")
+    x.requires_grad_(); M.requires_grad_()
+    y, G, s = torch.ops.relaxeq.relaxed_linear(x, M, c, True)
+    assert G.dtype == torch.float32 and s.dtype == torch.float32
+    y_ref, G_ref, s_ref = ref64(x.detach(), M.detach(), c)  # reference on the rounded inputs
+    assert_close_scaled(y, y_ref, HALF_TOLS[dtype], "y")
+    assert_close_scaled(G, G_ref, 1e-5, "G (fp32 accumulation of exactly representable products)")
+    assert_close_scaled(s, s_ref, 1e-5, "s")
+    dy = torch.randn_like(y)
+    dx, dM = torch.autograd.grad(y, (x, M), dy)
+    assert_close_scaled(dx, dy.double() @ M.detach().double(), HALF_TOLS[dtype], "dx")
+    assert_close_scaled(dM, dy.double().T @ x.detach().double(), HALF_TOLS[dtype], "dM")
+
+
 def test_gradcheck_float64():
     x, M, c = make_inputs(6, 5, 4, torch.float64, "cpu")
     inputs = tuple(t.requires_grad_() for t in (x, M, c))

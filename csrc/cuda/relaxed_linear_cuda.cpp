@@ -1,0 +1,165 @@
+// CUDA relaxed_linear: ATen glue around the kernel in relaxed_linear.cu. Here the
+// arguments are checked, outputs and accumulators allocated, the device guard and
+// stream set and the dtype dispatched; the kernel sees raw pointers and strides.
+// Compiled by the host compiler: only c10/cuda headers, no ATen/cuda.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "../relaxed_linear.h"
+#include "relaxed_linear_params.h"
+
+namespace relaxeq {
+namespace {
+
+void check_cuda(const at::Tensor& t, const char* op, const char* name, const at::Tensor& x) {
+  TORCH_CHECK(t.is_cuda(), op, " (CUDA): ", name, " must be a CUDA tensor, got ", t.device());
+  TORCH_CHECK(t.device() == x.device(), op, " (CUDA): ", name, " must be on the device of x (", x.device(),
+              "), got ", t.device());
+}
+
+void check_dtype(const at::Tensor& x, const char* op) {
+  const auto t = x.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16, op,
+              " (CUDA): x must be float32, float64, float16 or bfloat16, got ", t);
+}
+
+void launch(at::ScalarType dtype, const cuda::RelaxedLinearParams& p) {
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  switch (dtype) {
+    case at::kFloat:
+      cuda::relaxed_linear_launch_f32(p, stream);
+      break;
+    case at::kDouble:
+      cuda::relaxed_linear_launch_f64(p, stream);
+      break;
+    case at::kHalf:
+      cuda::relaxed_linear_launch_f16(p, stream);
+      break;
+    case at::kBFloat16:
+      cuda::relaxed_linear_launch_bf16(p, stream);
+      break;
+    default:
+      TORCH_CHECK(false, "relaxed_linear (CUDA): unsupported dtype ", dtype);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The kernel accumulates only the square blocks on and above the diagonal of a Gram
+// matrix (diagonal blocks in full); make it the symmetric matrix it stands for.
+void mirror_upper_(at::Tensor& g) {
+  if (g.size(0) <= cuda::kRelaxedLinearTile) return;  // one diagonal block, computed in full
+  g.triu_();
+  g.add_(g.triu(1).t());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> relaxed_linear_cuda(const at::Tensor& x_in, const at::Tensor& M_in,
+                                                                   const std::optional<at::Tensor>& c_in,
+                                                                   bool stats) {
+  check_relaxed_linear_args(x_in, M_in, c_in);
+  // Autograd is registered above this kernel (relaxeq_fast/_ops.py).
+  const auto x = x_in.detach(), M = M_in.detach();
+  const std::optional<at::Tensor> c = c_in.has_value() ? std::optional<at::Tensor>(c_in->detach()) : std::nullopt;
+  check_cuda(x, "relaxed_linear", "x", x);
+  check_cuda(M, "relaxed_linear", "M", x);
+  if (c.has_value()) check_cuda(*c, "relaxed_linear", "c", x);
+  check_dtype(x, "relaxed_linear");
+  const c10::cuda::CUDAGuard guard(x.device());
+
+  const int64_t n = x.size(0), d_in = x.size(1), d_out = M.size(0);
+  const auto sdt = stats_dtype(x.scalar_type());
+  auto y = at::empty({n, d_out}, x.options());
+  auto G = stats ? at::zeros({d_in, d_in}, x.options().dtype(sdt)) : at::empty({0, 0}, x.options().dtype(sdt));
+  auto s = stats ? at::zeros({d_in}, x.options().dtype(sdt)) : at::empty({0}, x.options().dtype(sdt));
+  if (n == 0) return {y, G, s};
+
+  cuda::RelaxedLinearParams p;
+  p.n = n;
+  p.ka = d_in;
+  p.o = d_out;
+  p.kb = d_in;
+  p.a = x.const_data_ptr();
+  p.a_row_stride = x.stride(0);
+  p.a_col_stride = x.stride(1);
+  p.w = M.const_data_ptr();
+  p.w_row_stride = M.stride(0);
+  p.w_col_stride = M.stride(1);
+  if (c.has_value()) {
+    p.bias = c->const_data_ptr();
+    p.bias_stride = c->stride(0);
+  }
+  p.b = p.a;
+  p.b_row_stride = p.a_row_stride;
+  p.b_col_stride = p.a_col_stride;
+  p.out1 = y.data_ptr();
+  p.out1_row_stride = y.stride(0);
+  p.out1_col_stride = y.stride(1);
+  if (stats) {
+    p.out2 = G.data_ptr();  // fresh zeros: contiguous [d_in, d_in]
+    p.out3 = s.data_ptr();
+  }
+  p.symmetric = true;
+  launch(x.scalar_type(), p);
+  if (stats) mirror_upper_(G);
+  return {y, G, s};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> relaxed_linear_backward_cuda(const at::Tensor& dy_in,
+                                                                            const at::Tensor& x_in,
+                                                                            const at::Tensor& M_in,
+                                                                            std::array<bool, 3> output_mask) {
+  check_relaxed_linear_backward_args(dy_in, x_in, M_in);
+  const auto dy = dy_in.detach(), x = x_in.detach(), M = M_in.detach();
+  check_cuda(x, "relaxed_linear_backward", "x", x);
+  check_cuda(dy, "relaxed_linear_backward", "dy", x);
+  check_cuda(M, "relaxed_linear_backward", "M", x);
+  check_dtype(x, "relaxed_linear_backward");
+  const c10::cuda::CUDAGuard guard(x.device());
+
+  const bool need_dx = output_mask[0], need_dM = output_mask[1], need_dc = output_mask[2];
+  const int64_t n = x.size(0), d_in = x.size(1), d_out = M.size(0);
+  // dM and dc are sums over rows: accumulated in float (double for double), cast at the end.
+  const auto acc_options = x.options().dtype(stats_dtype(x.scalar_type()));
+  auto dx = need_dx ? at::empty({n, d_in}, x.options()) : at::empty({0}, x.options());
+  auto dM_acc = need_dM ? at::zeros({d_out, d_in}, acc_options) : at::empty({0}, acc_options);
+  auto dc_acc = need_dc ? at::zeros({d_out}, acc_options) : at::empty({0}, acc_options);
+
+  if (n > 0 && (need_dx || need_dM || need_dc)) {
+    cuda::RelaxedLinearParams p;
+    p.n = n;
+    p.ka = d_out;
+    p.o = d_in;
+    p.kb = d_in;
+    p.a = dy.const_data_ptr();
+    p.a_row_stride = dy.stride(0);
+    p.a_col_stride = dy.stride(1);
+    // W = M^T [d_in, d_out]: M read through swapped strides, no copy.
+    p.w = M.const_data_ptr();
+    p.w_row_stride = M.stride(1);
+    p.w_col_stride = M.stride(0);
+    p.b = x.const_data_ptr();
+    p.b_row_stride = x.stride(0);
+    p.b_col_stride = x.stride(1);
+    if (need_dx) {
+      p.out1 = dx.data_ptr();
+      p.out1_row_stride = dx.stride(0);
+      p.out1_col_stride = dx.stride(1);
+    }
+    if (need_dM) p.out2 = dM_acc.data_ptr();  // fresh zeros: contiguous [d_out, d_in]
+    if (need_dc) p.out3 = dc_acc.data_ptr();
+    p.symmetric = false;
+    launch(x.scalar_type(), p);
+  }
+  return {dx, dM_acc.to(x.scalar_type()), dc_acc.to(x.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(relaxeq, CUDA, m) {
+  m.impl("relaxed_linear", &relaxed_linear_cuda);
+  m.impl("relaxed_linear_backward", &relaxed_linear_backward_cuda);
+}
+
+}  // namespace relaxeq
