@@ -68,8 +68,7 @@ def relaxation_regularizers(W_r: torch.Tensor, b_r: Optional[torch.Tensor], irre
     W = W_r.to(G.dtype)
     C = lie_derivative_matrices(W, irreps_in, irreps_out)
     # ⟨XᵀX, G⟩ = Σ (X G) ∘ X for X = C_1..C_3 and W_r: one batched product with G.
-    CW = torch.cat([C, W[None]])
-    quad = ((CW @ G) * CW).sum((1, 2))
+    quad, _ = _QuadraticForms.apply(torch.cat([C, W[None]]), G.detach())
     r_ld, r_n = quad[:3].sum(), quad[3]
     if b_r is not None:
         b = b_r.to(G.dtype)
@@ -77,6 +76,30 @@ def relaxation_regularizers(W_r: torch.Tensor, b_r: Optional[torch.Tensor], irre
         r_ld = r_ld - 2 * (Ab * torch.matmul(C, s)).sum() + n * (Ab * Ab).sum()
         r_n = r_n + 2 * (b * (W @ s)).sum() + n * (b * b).sum()
     return RegularizerTerms(r_ld, r_n, n)
+
+
+class _QuadraticForms(torch.autograd.Function):
+    """q_b = ⟨X_b G, X_b⟩ for a stack X [B, m, D] and a constant symmetric G [D, D].
+
+    dq_b/dX_b = 2 X_b G: the backward reuses the forward's X G instead of autograd's second
+    GEMM through G, which halves the D³ work of the regulariser on wide layers.
+    """
+
+    @staticmethod
+    def forward(X, G):
+        XG = X @ G
+        return (XG * X).sum((1, 2)), XG
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _q, XG = output
+        ctx.mark_non_differentiable(XG)
+        ctx.save_for_backward(XG)
+
+    @staticmethod
+    def backward(ctx, grad_q, _grad_XG):
+        (XG,) = ctx.saved_tensors
+        return 2 * grad_q[:, None, None] * XG, None
 
 
 def _safe_sqrt(t: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,6 @@ maps rows ``x ↦ A_k x`` block by block in O(D·(2l+1)).
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Iterable, Sequence
 
@@ -33,7 +32,6 @@ def so3_generators(dtype=torch.float64, device=None) -> torch.Tensor:
     return (-eps).to(dtype=dtype, device=device)
 
 
-@functools.lru_cache(maxsize=None)
 def _irrep_generators_f64(l: int) -> torch.Tensor:
     # Angular-momentum matrices in the complex |l, m> basis (Condon–Shortley), moved to the
     # real spherical-harmonic basis ordered m = -l..l with z as polar axis. Then the axes are
@@ -70,12 +68,17 @@ def irrep_generators(l: int, dtype=torch.float64, device=None) -> torch.Tensor:
     """
     if not (isinstance(l, int) and 0 <= l <= MAX_L):
         raise ValueError(f"l must be an int in [0, {MAX_L}], got {l!r}")
-    return _irrep_generators_cast(l, dtype, torch.device(device) if device is not None else torch.device("cpu"))
+    if torch.compiler.is_compiling():
+        return _GENERATORS_F64[l].to(dtype=dtype, device=device)  # a graph constant
+    key = (l, dtype, torch.device(device) if device is not None else torch.device("cpu"))
+    if key not in _GENERATORS_CAST:
+        _GENERATORS_CAST[key] = _GENERATORS_F64[l].to(dtype=key[1], device=key[2])
+    return _GENERATORS_CAST[key]
 
 
-@functools.lru_cache(maxsize=None)
-def _irrep_generators_cast(l: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return _irrep_generators_f64(l).to(dtype=dtype, device=device)
+# Built once at import (CPU, tiny): compiled code then sees constants, not the complex algebra.
+_GENERATORS_F64 = [_irrep_generators_f64(l) for l in range(MAX_L + 1)]
+_GENERATORS_CAST: dict = {}
 
 
 def rotation_to_axis_angle(R: torch.Tensor) -> torch.Tensor:
