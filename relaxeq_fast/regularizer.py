@@ -67,9 +67,10 @@ def relaxation_regularizers(W_r: torch.Tensor, b_r: Optional[torch.Tensor], irre
                          f"got G: {list(G.shape)}, s: {list(s.shape)} (were stats collected for this layer?)")
     W = W_r.to(G.dtype)
     C = lie_derivative_matrices(W, irreps_in, irreps_out)
-    # ⟨XᵀX, G⟩ = Σ (X G) ∘ X for X = C_1..C_3 and W_r: one batched product with G.
-    quad, _ = _QuadraticForms.apply(torch.cat([C, W[None]]), G.detach())
-    r_ld, r_n = quad[:3].sum(), quad[3]
+    # ⟨XᵀX, G⟩ = Σ (X G) ∘ X for X = C_1..C_3 and for W_r.
+    G = G.detach()
+    r_ld = _QuadraticForms.apply(C, G)[0].sum()
+    r_n = _QuadraticForms.apply(W[None], G)[0][0]
     if b_r is not None:
         b = b_r.to(G.dtype)
         Ab = irreps_out.apply_generators(b)  # [3, D_out]

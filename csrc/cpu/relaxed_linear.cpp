@@ -1,8 +1,11 @@
-// CPU relaxed_linear: y = x M^T + c and the input statistics G = x^T x, s = sum_n x_n,
-// in one sweep over row chunks small enough to stay in cache, so x is read from
-// memory once. Each thread accumulates its own G/s (dM/dc in backward); the
-// partial sums are added at the end. GEMMs are ATen's (MKL/OpenBLAS); inside the
-// parallel region they run single-threaded, which is what we want here.
+// CPU relaxed_linear: y = x M^T + c and the input statistics G = x^T x, s = sum_n x_n.
+//
+// Narrow layers are memory bound: one sweep over row chunks small enough to stay in
+// cache reads x from memory once for y, G and s. Each thread accumulates its own G/s
+// (dM/dc in backward) and the partial sums are added at the end; the GEMMs inside the
+// parallel region run single-threaded. Wide layers are compute bound: there whole-matrix
+// (multi-threaded) GEMMs beat many small chunk updates of a large G, so they take that
+// path, as do inputs small enough to stay in cache. Both compute only the upper block triangle of G when it is wide enough to pay.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -19,6 +22,15 @@ namespace {
 int64_t rows_per_chunk(int64_t n_cols, int64_t elem_size) {
   const int64_t target_bytes = 256 * 1024;
   return std::max<int64_t>(64, target_bytes / std::max<int64_t>(1, n_cols * elem_size));
+}
+
+// The whole-matrix path (see the top of the file) from this width on, or when x is
+// small enough to stay in the last-level cache anyway: chunking then only adds calls.
+constexpr int64_t kWideColumns = 256;
+constexpr int64_t kCacheResidentBytes = 8 << 20;
+
+bool use_whole_matrix_path(const at::Tensor& x, int64_t d_out) {
+  return std::max(x.size(1), d_out) >= kWideColumns || x.numel() * x.element_size() <= kCacheResidentBytes;
 }
 
 // Width of the column blocks of the upper-triangular Gram update; below two
@@ -71,6 +83,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> relaxed_linear_cpu(const at::Tens
     return {y, G, s};
   }
   const auto Mt = M.t();
+  const bool cast_stats = stats && sdt != x.scalar_type();
+  if (use_whole_matrix_path(x, d_out)) {
+    if (c.has_value()) {
+      at::addmm_out(y, *c, x, Mt);
+    } else {
+      at::mm_out(y, x, Mt);
+    }
+    if (stats) {
+      const auto xs = cast_stats ? x.to(sdt) : x;
+      accumulate_gram(G, xs, xs, /*symmetric=*/true);
+      at::sum_out(s, xs, {0});
+      G = mirror_upper(G);
+    }
+    return {y, G, s};
+  }
   const int64_t chunk = rows_per_chunk(d_in, x.element_size());
   const int64_t n_chunks = (n + chunk - 1) / chunk;
   const int nthreads = std::max(1, std::min<int>(at::get_num_threads(), static_cast<int>(n_chunks)));
@@ -81,7 +108,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> relaxed_linear_cpu(const at::Tens
       s_part.push_back(t == 0 ? s : at::zeros_like(s));
     }
   }
-  const bool cast_stats = stats && sdt != x.scalar_type();
   at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
     const int tid = std::min(at::get_thread_num(), nthreads - 1);
     for (int64_t k = begin; k < end; ++k) {
@@ -125,6 +151,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> relaxed_linear_backward_cpu(const
   auto dM = need_dM ? at::zeros({d_out, d_in}, x.options()) : at::empty({0}, x.options());
   auto dc = need_dc ? at::zeros({d_out}, x.options()) : at::empty({0}, x.options());
   if (n == 0 || !(need_dx || need_dM || need_dc)) return {dx, dM, dc};
+  if (use_whole_matrix_path(x, d_out)) {
+    if (need_dx) at::mm_out(dx, dy, M);
+    if (need_dM) at::mm_out(dM, dy.t(), x);
+    if (need_dc) at::sum_out(dc, dy, {0});
+    return {dx, dM, dc};
+  }
   const int64_t chunk = rows_per_chunk(std::max(d_in, d_out), x.element_size());
   const int64_t n_chunks = (n + chunk - 1) / chunk;
   const int nthreads = std::max(1, std::min<int>(at::get_num_threads(), static_cast<int>(n_chunks)));

@@ -1,0 +1,780 @@
+"""One training step of a relaxed Vector-Neuron linear layer VN(C) -> VN(C): providers side by side.
+
+Workload (DESIGN §1, §4): x [N, C, 3] float32 (D = 3C), f(x) = W_eq x + θ (W_r x + b_r) with θ = 0.5,
+loss = (y · g).sum() + λ_LD √R_LD + λ_N √R_N (the paper's form, relaxeq_fast.combine_regularizers)
+with a fixed random g. Modes:
+  forward  loss value as in training (autograd recording on, no backward): forward + regulariser
+  full     forward + regulariser + backward (grads of x, W_eq, W_r, b_r)
+
+Providers (one definition each, shared by the pytest-benchmark tests and the standalone runner):
+  fused      RelaxedLinear(backend="native"): one C++ pass gives y and (G, s); closed-form regulariser
+  reference  the same layer with backend="reference" (pure PyTorch closed form)
+  compiled   torch.compile of the reference step (forward + regulariser; backward through AOTAutograd)
+  paper      the paper code's approach: separate equivariant / relaxation maps, dense generators
+             A_k = I_C ⊗ G_k [D, D], Lie derivative by re-running the relaxation map per generator
+  plain      the unrelaxed EquivariantLinear (no regulariser): reported, not targeted
+  floor      the four matmuls any exact implementation needs: y = x Mᵀ, G = xᵀx, dx = dy M, dM = dyᵀx
+             (forward mode: the first two)
+
+Run:
+  python benchmarks/bench_relaxed_linear.py [--quick]         # runner: JSON + markdown + PNG in benchmarks/results/
+  python benchmarks/bench_relaxed_linear.py --profile         # where the fused step's time goes
+  pytest benchmarks/ --benchmark-only                         # pytest-benchmark, one group per size and mode
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as TF
+
+import relaxeq_fast
+from relaxeq_fast import VN, combine_regularizers
+from relaxeq_fast.nn import EquivariantLinear, RelaxedLinear
+from relaxeq_fast.regularizer import RegularizerTerms
+
+try:  # the runner works without pytest; the benchmark tests need it
+    import pytest
+except ImportError:  # pragma: no cover
+    pytest = None
+
+THREADS = 2
+torch.set_num_threads(THREADS)
+
+DTYPE = torch.float32
+SIZES: Tuple[Tuple[int, int], ...] = ((7200, 21), (144000, 21), (7200, 64), (7200, 341))  # (rows N, VN channels C)
+MODES = ("full", "forward")
+THETA = 0.5
+LAMBDA_LD = 1.0
+LAMBDA_N = 0.1  # nonzero so both regulariser terms (and their gradients) are exercised
+SEED = 0
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+# Agreement with the float64 truth, checked once per size before timing. Relative errors:
+# |a - b| / |b| for the scalars (loss, R_LD, R_N), ‖a - b‖ / ‖b‖ for the gradients. float32 GEMMs and
+# reductions over up to 144000 rows land around 1e-6..1e-5; the closed form accumulates G in float32.
+TOLS = {"loss": 1e-4, "r_ld": 1e-4, "r_n": 1e-4, "grad": 1e-4}
+# The closed form (our R_LD, R_N from G, s, N) against the direct per-row sums, both in float64.
+TOL_CLOSED_FORM_F64 = 1e-9
+
+# Targets the project sets for the full step (DESIGN/plan): name, numerator, denominator, kind, bound.
+TARGETS = (
+    ("paper-style / fused", "paper", "fused", ">=", 5.0),
+    ("fused / floor", "fused", "floor", "<=", 1.5),
+    ("compiled / fused", "compiled", "fused", ">=", 1.2),
+    ("fused / plain", "fused", "plain", None, None),
+)
+FLOOR_MIN_MS = 20.0  # the fused/floor target applies only where the floor takes longer than this
+
+
+def size_label(size: Tuple[int, int]) -> str:
+    n, c = size
+    return f"{n}x{c}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# The problem: one set of inputs and parameters per size, copied into every provider.
+# ----------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Problem:
+    n: int
+    c: int
+    x: torch.Tensor             # [N, C, 3]
+    g: torch.Tensor             # [N, C, 3] fixed cotangent: task loss (y · g).sum()
+    weight: torch.Tensor        # [C, C] equivariant VN weight (W_eq = W ⊗ I_3)
+    weight_relax: torch.Tensor  # [D, D] W_r
+    bias_relax: torch.Tensor    # [D] b_r
+
+    @property
+    def d(self) -> int:
+        return 3 * self.c
+
+    @property
+    def label(self) -> str:
+        return size_label((self.n, self.c))
+
+
+def make_problem(n: int, c: int, seed: int = SEED) -> Problem:
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    # The library's own initialisation: W as nn.Linear, W_r nonzero (relax_init="default").
+    init = RelaxedLinear(VN(c), VN(c), relax_init="default", theta=THETA, dtype=DTYPE)
+    x = torch.randn(n, c, 3, generator=gen, dtype=DTYPE)
+    g = torch.randn(n, c, 3, generator=gen, dtype=DTYPE)
+    # The library starts b_r at 0; a small nonzero b_r exercises the bias terms of R_LD and R_N.
+    b_r = 0.1 * torch.randn(3 * c, generator=gen, dtype=DTYPE)
+    return Problem(n, c, x, g, init.weights[0].detach().clone(), init.weight_relax.detach().clone(), b_r)
+
+
+def task_plus_regularizer(y: torch.Tensor, g: torch.Tensor, terms: Optional[RegularizerTerms]) -> torch.Tensor:
+    """The benchmark's loss: (y · g).sum() + λ_LD √R_LD + λ_N √R_N (no regulariser for the plain layer)."""
+    task = (y * g).sum()
+    if terms is None:
+        return task
+    return task + combine_regularizers([terms], lambda_ld=LAMBDA_LD, lambda_n=LAMBDA_N, reduction="paper")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Providers
+# ----------------------------------------------------------------------------------------------------
+
+class ProviderUnavailable(Exception):
+    """A provider that cannot run here (e.g. torch.compile failed); reported in the table, not raised."""
+
+
+class Impl:
+    """One provider on one problem. ``loss()`` -> (loss, R_LD, R_N); ``step(mode)`` is what is timed."""
+
+    name = "?"
+    verifiable = True  # computes the same loss and gradients as the others
+
+    def __init__(self):
+        self.x: Optional[torch.Tensor] = None
+
+    def leaves(self) -> Dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def loss(self):
+        raise NotImplementedError
+
+    def step(self, mode: str) -> None:
+        if mode == "full":
+            for t in self.leaves().values():
+                t.grad = None  # optimizer.zero_grad(set_to_none=True)
+            self.loss()[0].backward()
+        elif mode == "forward":
+            self.loss()
+        else:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+    def grads(self) -> Dict[str, Optional[torch.Tensor]]:
+        return {k: v.grad for k, v in self.leaves().items()}
+
+
+def _leaf(t: torch.Tensor, dtype) -> torch.Tensor:
+    return t.detach().to(dtype).clone().requires_grad_(True)
+
+
+def relaxed_step_loss(layer: RelaxedLinear, x: torch.Tensor, g: torch.Tensor):
+    """Forward + closed-form regulariser through a RelaxedLinear (the fused, reference, compiled step)."""
+    y = layer(x)
+    terms = layer.regularizers()
+    return task_plus_regularizer(y, g, terms), terms.lie_derivative, terms.projection
+
+
+class RelaxedLayerImpl(Impl):
+    """RelaxedLinear on a given backend: "native" = fused, "reference" = pure PyTorch closed form."""
+
+    def __init__(self, p: Problem, backend: str, dtype=DTYPE):
+        super().__init__()
+        self.name = {"native": "fused", "reference": "reference"}[backend]
+        self.layer = RelaxedLinear(VN(p.c), VN(p.c), relax_init="default", theta=THETA, backend=backend, dtype=dtype)
+        with torch.no_grad():
+            self.layer.weights[0].copy_(p.weight)
+            self.layer.weight_relax.copy_(p.weight_relax)
+            self.layer.bias_relax.copy_(p.bias_relax)
+        self.x = _leaf(p.x, dtype)
+        self.g = p.g.to(dtype)
+
+    def leaves(self):
+        return {"x": self.x, "weight": self.layer.weights[0], "weight_relax": self.layer.weight_relax,
+                "bias_relax": self.layer.bias_relax}
+
+    def loss(self):
+        return relaxed_step_loss(self.layer, self.x, self.g)
+
+
+class CompiledReferenceImpl(RelaxedLayerImpl):
+    """torch.compile(relaxed_step_loss) on the reference backend; compiled and warmed up at build."""
+
+    def __init__(self, p: Problem):
+        super().__init__(p, "reference")
+        self.name = "compiled"
+        self._fn = torch.compile(relaxed_step_loss, dynamic=False)
+        t0 = time.perf_counter()
+        try:
+            self.step("full")  # compiles forward and (lazily) backward
+            self.step("forward")
+        except Exception as e:  # report, don't crash the whole run
+            raise ProviderUnavailable(f"torch.compile failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        self.compile_s = time.perf_counter() - t0
+
+    def loss(self):
+        return self._fn(self.layer, self.x, self.g)
+
+
+class PaperStyleImpl(Impl):
+    """The approach of the paper's public code, re-implemented (with its bias defect fixed).
+
+    * equivariant layer and relaxation layer are separate maps: a VN channel mixing (vnn's VNLinear, an
+      nn.Linear over channels) and a dense nn.Linear W_r, b_r on the flattened features;
+    * generators are dense [D, D] matrices A_k = I_C ⊗ G_k, built once;
+    * the Lie derivative re-runs the relaxation map on transformed inputs, per generator:
+      L_k = W_r (A_k x̂) − A_k (W_r x̂ + b_r), i.e. relax(x̂ A_kᵀ) − relax(x̂) A_kᵀ with the bias entering
+      as −A_k b_r (the paper code adds b_r to the first term too, although d/dt of a constant is 0);
+      R_LD = Σ_k ‖L_k‖², R_N = ‖relax(x̂)‖², x̂ the detached input.
+    Dense passes over the batch: 2 in the forward, 1 + 3·3 for the regulariser, and their backwards.
+    """
+
+    name = "paper"
+
+    def __init__(self, p: Problem, dtype=DTYPE):
+        super().__init__()
+        self.weight = _leaf(p.weight, dtype)
+        self.weight_relax = _leaf(p.weight_relax, dtype)
+        self.bias_relax = _leaf(p.bias_relax, dtype)
+        self.x = _leaf(p.x, dtype)
+        self.g = p.g.to(dtype)
+        self.A = VN(p.c).generator_matrices(dtype=dtype)  # [3, D, D]
+
+    def leaves(self):
+        return {"x": self.x, "weight": self.weight, "weight_relax": self.weight_relax, "bias_relax": self.bias_relax}
+
+    def relax(self, xf: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        return TF.linear(xf, self.weight_relax, self.bias_relax if bias else None)
+
+    def loss(self):
+        x = self.x
+        n = x.shape[0]
+        y_eq = TF.linear(x.transpose(1, -1), self.weight).transpose(1, -1)  # [N, C, 3]: channel mixing
+        xf = x.reshape(n, -1)
+        y = y_eq.reshape(n, -1) + THETA * self.relax(xf)
+        xh = xf.detach()
+        r0 = self.relax(xh)
+        r_n = r0.square().sum()
+        r_ld = 0
+        for k in range(3):
+            A = self.A[k]
+            lie = self.relax(xh @ A.T, bias=False) - r0 @ A.T
+            r_ld = r_ld + lie.square().sum()
+        terms = RegularizerTerms(r_ld, r_n, n)
+        return task_plus_regularizer(y.reshape_as(self.g), self.g, terms), r_ld, r_n
+
+
+class PlainImpl(Impl):
+    """The unrelaxed equivariant layer, forward + backward of the task loss only."""
+
+    name = "plain"
+    verifiable = False  # a different loss (no relaxation, no regulariser)
+
+    def __init__(self, p: Problem, dtype=DTYPE):
+        super().__init__()
+        self.layer = EquivariantLinear(VN(p.c), VN(p.c), dtype=dtype)
+        with torch.no_grad():
+            self.layer.weights[0].copy_(p.weight)
+        self.x = _leaf(p.x, dtype)
+        self.g = p.g.to(dtype)
+
+    def leaves(self):
+        return {"x": self.x, "weight": self.layer.weights[0]}
+
+    def loss(self):
+        return task_plus_regularizer(self.layer(self.x), self.g, None), None, None
+
+
+class MatmulFloorImpl(Impl):
+    """torch.mm into preallocated float32 tensors: the GEMMs every exact implementation must do."""
+
+    name = "floor"
+    verifiable = False
+
+    def __init__(self, p: Problem):
+        super().__init__()
+        n, d = p.n, p.d
+        self.xf = p.x.reshape(n, d).contiguous()
+        self.M = (torch.kron(p.weight, torch.eye(3, dtype=DTYPE)) + THETA * p.weight_relax).contiguous()
+        self.dy = p.g.reshape(n, d).contiguous()
+        self.y = torch.empty(n, d, dtype=DTYPE)
+        self.G = torch.empty(d, d, dtype=DTYPE)
+        self.dx = torch.empty(n, d, dtype=DTYPE)
+        self.dM = torch.empty(d, d, dtype=DTYPE)
+
+    def step(self, mode: str) -> None:
+        torch.mm(self.xf, self.M.t(), out=self.y)
+        torch.mm(self.xf.t(), self.xf, out=self.G)
+        if mode == "full":
+            torch.mm(self.dy, self.M, out=self.dx)
+            torch.mm(self.dy.t(), self.xf, out=self.dM)
+
+
+PROVIDERS: Dict[str, Tuple[str, Callable[[Problem], Impl]]] = {
+    "fused": ("fused (native C++)", lambda p: RelaxedLayerImpl(p, "native")),
+    "reference": ("reference (PyTorch)", lambda p: RelaxedLayerImpl(p, "reference")),
+    "compiled": ("torch.compile(reference)", CompiledReferenceImpl),
+    "paper": ("paper-style", PaperStyleImpl),
+    "plain": ("plain equivariant", PlainImpl),
+    "floor": ("matmul floor", MatmulFloorImpl),
+}
+
+
+def build_providers(p: Problem, names: Sequence[str] = tuple(PROVIDERS)):
+    """{name: Impl} for those that build, {name: reason} for those that cannot run here."""
+    impls, unavailable = {}, {}
+    for name in names:
+        try:
+            impls[name] = PROVIDERS[name][1](p)
+        except ProviderUnavailable as e:
+            unavailable[name] = str(e)
+    return impls, unavailable
+
+
+# ----------------------------------------------------------------------------------------------------
+# Agreement check (once per size, before timing)
+# ----------------------------------------------------------------------------------------------------
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def _outputs(impl: Impl):
+    impl.step("full")  # gradients from a full step...
+    loss, r_ld, r_n = impl.loss()  # ...and the values (same inputs, same parameters)
+    grads = {k: v.detach().clone() for k, v in impl.grads().items()}
+    return {"loss": loss.detach(), "r_ld": r_ld.detach(), "r_n": r_n.detach()}, grads
+
+
+def verify(p: Problem, impls: Dict[str, Impl]) -> Dict[str, dict]:
+    """Relative errors of every verifiable provider against the float64 truth; ``ok`` per provider.
+
+    Truth: the reference layer in float64 (closed form), whose R_LD, R_N must also match the direct
+    per-row sums of the paper-style provider in float64 (independent of the closed form).
+    """
+    truth_vals, truth_grads = _outputs(RelaxedLayerImpl(p, "reference", dtype=torch.float64))
+    with torch.no_grad():
+        _, d_ld, d_n = PaperStyleImpl(p, dtype=torch.float64).loss()
+    report = {"closed_form_vs_direct_f64": {"r_ld": _rel(truth_vals["r_ld"], d_ld), "r_n": _rel(truth_vals["r_n"], d_n)}}
+    report["closed_form_vs_direct_f64"]["ok"] = all(
+        v <= TOL_CLOSED_FORM_F64 for v in report["closed_form_vs_direct_f64"].values())
+    for name, impl in impls.items():
+        if not impl.verifiable:
+            continue
+        vals, grads = _outputs(impl)
+        errs = {k: _rel(vals[k], truth_vals[k]) for k in truth_vals}
+        errs.update({f"grad_{k}": _rel(grads[k], truth_grads[k]) for k in truth_grads})
+        ok = all(v <= TOLS["grad" if k.startswith("grad_") else k] for k, v in errs.items())
+        report[name] = {"errors": errs, "ok": ok, "values": {k: v.item() for k, v in vals.items()}}
+    report["truth"] = {k: v.item() for k, v in truth_vals.items()}
+    return report
+
+
+def format_verification(label: str, report: Dict[str, dict]) -> str:
+    lines = [f"agreement with float64 truth at {label} (relative errors; tol {TOLS}):"]
+    cf = report["closed_form_vs_direct_f64"]
+    lines.append(f"  closed form vs direct sums (float64): R_LD {cf['r_ld']:.2e}, R_N {cf['r_n']:.2e}  "
+                 f"{'ok' if cf['ok'] else 'MISMATCH'}")
+    t = report["truth"]
+    lines.append(f"  truth: loss {t['loss']:.6g}, R_LD {t['r_ld']:.6g}, R_N {t['r_n']:.6g}")
+    for name, r in report.items():
+        if name in ("closed_form_vs_direct_f64", "truth"):
+            continue
+        errs = ", ".join(f"{k} {v:.1e}" for k, v in r["errors"].items())
+        lines.append(f"  {name:9s} {'ok      ' if r['ok'] else 'MISMATCH'} {errs}")
+    return "\n".join(lines)
+
+
+def assert_agreement(label: str, report: Dict[str, dict], name: Optional[str] = None) -> None:
+    """Raise with the numbers if the closed form or a provider (``name``, or all) disagrees."""
+    bad = [] if report["closed_form_vs_direct_f64"]["ok"] else ["closed_form_vs_direct_f64"]
+    bad += [k for k, r in report.items() if k not in ("closed_form_vs_direct_f64", "truth")
+            and (name is None or k == name) and not r["ok"]]
+    assert not bad, f"providers disagree ({', '.join(bad)}):\n" + format_verification(label, report)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Machine description
+# ----------------------------------------------------------------------------------------------------
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> dict:
+    return {
+        "machine": f"{platform.node()} ({platform.machine()}, {platform.system()} {platform.release()})",
+        "cpu_model": cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "dtype": str(DTYPE).replace("torch.", ""),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "relaxeq_fast": relaxeq_fast.__version__,
+        "native_build": {k: v for k, v in relaxeq_fast.build_info().items() if k in ("cpu", "openmp", "compiler")},
+        "theta": THETA, "lambda_ld": LAMBDA_LD, "lambda_n": LAMBDA_N,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# pytest-benchmark:  pytest benchmarks/ --benchmark-only   (benchmarks/conftest.py collects bench_*.py)
+# ----------------------------------------------------------------------------------------------------
+
+# Seconds of timed rounds per (provider, size, mode); rounds in [MIN_ROUNDS, MAX_ROUNDS]. With 2 threads
+# the whole file (48 cells, 4 compiles, 4 float64 checks) stays within about 8 minutes.
+BENCH_BUDGET_S = float(os.environ.get("RELAXEQ_BENCH_BUDGET", "2.0"))
+MIN_ROUNDS, MAX_ROUNDS = 3, 200
+
+_setup_cache: Dict[Tuple[int, int], tuple] = {}
+
+
+def _setup(size):
+    """Problem, providers and verification for one size, built once and kept while that size runs."""
+    if size not in _setup_cache:
+        _setup_cache.clear()  # one size in memory at a time
+        gc.collect()
+        p = make_problem(*size)
+        impls, unavailable = build_providers(p)
+        report = verify(p, impls)
+        print("\n" + format_verification(p.label, report))
+        _setup_cache[size] = (p, impls, unavailable, report)
+    return _setup_cache[size]
+
+
+_BENCH_PARAMS = [(size, mode, name) for size in SIZES for mode in MODES for name in PROVIDERS]
+
+if pytest is not None:
+    @pytest.mark.parametrize("size,mode,provider", _BENCH_PARAMS,
+                             ids=[f"{size_label(s)}-{m}-{n}" for s, m, n in _BENCH_PARAMS])
+    def test_relaxed_linear_step(benchmark, size, mode, provider):
+        p, impls, unavailable, report = _setup(size)
+        if provider in unavailable:
+            pytest.skip(unavailable[provider])
+        impl = impls[provider]
+        if impl.verifiable:
+            assert_agreement(p.label, report, provider)
+        t0 = time.perf_counter()
+        impl.step(mode)  # warm this mode and size the rounds
+        t_one = time.perf_counter() - t0
+        rounds = max(MIN_ROUNDS, min(MAX_ROUNDS, math.ceil(BENCH_BUDGET_S / max(t_one, 1e-6))))
+        benchmark.group = f"{p.label} {mode}"
+        benchmark.extra_info.update(machine_info())
+        benchmark.extra_info.update(provider=provider, mode=mode, n=p.n, channels=p.c, d=p.d)
+        if impl.verifiable:
+            benchmark.extra_info["max_rel_err_vs_f64"] = max(report[provider]["errors"].values())
+        benchmark.pedantic(impl.step, args=(mode,), rounds=rounds, iterations=1, warmup_rounds=1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Standalone runner: round-robin timing, JSON + markdown + PNG
+# ----------------------------------------------------------------------------------------------------
+
+def time_round_robin(impls: Dict[str, Impl], mode: str, budget_s: float, min_repeats: int, max_repeats: int,
+                     warmup: int) -> Dict[str, List[float]]:
+    """Seconds per step of every provider, measured interleaved: each repeat runs every provider once,
+    in an order rotated by one per repeat, so all see the same machine load."""
+    names = list(impls)
+    t_round = 0.0
+    for _ in range(max(1, warmup)):
+        for name in names:
+            t0 = time.perf_counter()
+            impls[name].step(mode)
+            t_round += time.perf_counter() - t0
+        t_round_last, t_round = t_round, 0.0
+    t_round = t_round_last
+    repeats = max(min_repeats, min(max_repeats, math.ceil(budget_s / max(t_round, 1e-6))))
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    gc.collect()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for r in range(repeats):
+            for i in range(len(names)):
+                name = names[(i + r) % len(names)]
+                t0 = time.perf_counter()
+                impls[name].step(mode)
+                times[name].append(time.perf_counter() - t0)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return times
+
+
+def ratio_cells(medians_ms: Dict[str, Optional[float]], mode: str, unavailable: Dict[str, str]) -> List[str]:
+    cells = []
+    for _label, num, den, kind, bound in TARGETS:
+        a, b = medians_ms.get(num), medians_ms.get(den)
+        if a is None or b is None:
+            missing = [k for k in (num, den) if k in unavailable]
+            cells.append(f"n/a ({missing[0]} unavailable)" if missing else "n/a")
+            continue
+        r = a / b
+        if kind is None or mode != "full":
+            cells.append(f"{r:.2f}")
+        elif den == "floor" and b <= FLOOR_MIN_MS:
+            cells.append(f"{r:.2f} (n/a: floor {b:.1f} ms ≤ {FLOOR_MIN_MS:g})")
+        else:
+            ok = r >= bound if kind == ">=" else r <= bound
+            cells.append(f"{r:.2f} {'PASS' if ok else 'MISS'}")
+    return cells
+
+
+def markdown_report(results: dict) -> str:
+    meta = results["meta"]
+    out = [f"## relaxed VN linear layer, one training step ({meta['dtype']}, {meta['threads']} threads)", "",
+           f"- machine: {meta['machine']}; CPU: {meta['cpu_model']} ({meta['logical_cpus']} logical CPUs)",
+           f"- torch {meta['torch']}, relaxeq_fast {meta['relaxeq_fast']}, python {meta['python']}; "
+           f"θ = {meta['theta']}, λ_LD = {meta['lambda_ld']}, λ_N = {meta['lambda_n']}",
+           f"- {meta['date']}; command: `{meta['command']}`; load average at start "
+           f"{meta['loadavg_start']}, at end {meta['loadavg_end']}",
+           "- median ms per step over interleaved repeats (providers round-robin); ratios of medians"]
+    compile_s = {f"{r['n']}x{r['c']}": r["compile_s"] for r in results["rows"] if r.get("compile_s") is not None}
+    if compile_s:
+        out.append("- torch.compile + first steps (untimed warm-up), s: "
+                   + ", ".join(f"{k} {v:.1f}" for k, v in compile_s.items()))
+    out.append("")
+    labels = {name: PROVIDERS[name][0] for name in PROVIDERS}
+    for mode in results["modes"]:
+        rows = [r for r in results["rows"] if r["mode"] == mode]
+        if not rows:
+            continue
+        names = [n for n in PROVIDERS if any(n in r["median_ms"] or n in r["unavailable"] for r in rows)]
+        what = ("forward + regulariser + backward" if mode == "full"
+                else "forward + regulariser value, no backward (targets apply to the full step)")
+        out += [f"### mode `{mode}`: {what}", "",
+                "| N × C (D) | repeats | " + " | ".join(labels[n] for n in names) + " |",
+                "|---|---:|" + "---:|" * len(names)]
+        for r in rows:
+            cells = []
+            for n in names:
+                if n in r["unavailable"]:
+                    cells.append(f"— ({r['unavailable'][n]})")
+                elif r["median_ms"].get(n) is None:
+                    cells.append("—")
+                else:
+                    flag = "" if r["verified"].get(n, True) else " MISMATCH"
+                    cells.append(f"{r['median_ms'][n]:.2f}{flag}")
+            out.append(f"| {r['n']} × {r['c']} ({3 * r['c']}) | {r['repeats']} | " + " | ".join(cells) + " |")
+        out += ["", "| N × C (D) | " + " | ".join(
+            f"{t[0]}" + (f" (target {t[3]} {t[4]:g})" if t[3] and mode == "full" else "") for t in TARGETS) + " |",
+            "|---|" + "---|" * len(TARGETS)]
+        for r in rows:
+            out.append(f"| {r['n']} × {r['c']} | " + " | ".join(ratio_cells(r["median_ms"], mode, r["unavailable"])) + " |")
+        out.append("")
+    if results.get("mismatches"):
+        out += ["**Provider mismatches (see JSON for all errors):** " + "; ".join(results["mismatches"]), ""]
+    return "\n".join(out)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = [m for m in results["modes"] if any(r["mode"] == m for r in results["rows"])]
+    fig, axes = plt.subplots(1, len(modes), figsize=(7 * len(modes), 4.8), squeeze=False)
+    names = list(PROVIDERS)
+    width = 0.8 / len(names)
+    for ax, mode in zip(axes[0], modes):
+        rows = [r for r in results["rows"] if r["mode"] == mode]
+        for j, name in enumerate(names):
+            xs, hs = [], []
+            for i, r in enumerate(rows):
+                v = r["median_ms"].get(name)
+                if v is not None:
+                    xs.append(i + (j - (len(names) - 1) / 2) * width)
+                    hs.append(v)
+            bars = ax.bar(xs, hs, width, label=PROVIDERS[name][0])
+            for b, (i, r) in zip(bars, [(i, r) for i, r in enumerate(rows) if r["median_ms"].get(name) is not None]):
+                fused = r["median_ms"].get("fused")
+                if fused and name != "fused":
+                    ax.annotate(f"{b.get_height() / fused:.1f}×", (b.get_x() + b.get_width() / 2, b.get_height()),
+                                ha="center", va="bottom", fontsize=6, rotation=90)
+        ax.set_xticks(range(len(rows)), [f"{r['n']}×{r['c']}\n(D={3 * r['c']})" for r in rows])
+        ax.set_yscale("log")
+        top = max((v for r in rows for v in r["median_ms"].values() if v is not None), default=1.0)
+        ax.set_ylim(top=top * 4)  # headroom for the labels
+        ax.set_ylabel("median ms per step (log)")
+        ax.set_title(f"mode: {mode} (labels: time / fused)")
+        ax.grid(axis="y", which="both", alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(names), fontsize=8)
+    meta = results["meta"]
+    fig.suptitle(f"relaxed VN linear step, {meta['dtype']}, {meta['threads']} threads, {meta['cpu_model']}, "
+                 f"torch {meta['torch']}" + (" [quick]" if meta.get("quick") else ""), fontsize=9)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def run(args) -> int:
+    sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")] if args.sizes else list(SIZES)
+    modes = args.modes.split(",") if args.modes else list(MODES)
+    names = args.providers.split(",") if args.providers else list(PROVIDERS)
+    for m in modes:
+        if m not in MODES:
+            raise SystemExit(f"--modes: expected a subset of {MODES}, got {m!r}")
+    for n in names:
+        if n not in PROVIDERS:
+            raise SystemExit(f"--providers: expected a subset of {tuple(PROVIDERS)}, got {n!r}")
+    meta = machine_info()
+    meta.update(date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), quick=args.quick,
+                command="python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+                loadavg_start=[round(v, 2) for v in os.getloadavg()], budget_s=args.budget,
+                min_repeats=args.min_repeats, warmup=args.warmup)
+    results = {"meta": meta, "modes": modes, "rows": [], "verification": {}, "mismatches": []}
+    for size in sizes:
+        t0 = time.perf_counter()
+        p = make_problem(*size)
+        impls, unavailable = build_providers(p, names)
+        compile_s = getattr(impls.get("compiled"), "compile_s", None)
+        report = verify(p, impls)
+        print(format_verification(p.label, report), flush=True)
+        results["verification"][p.label] = report
+        verified = {k: r["ok"] for k, r in report.items() if k not in ("closed_form_vs_direct_f64", "truth")}
+        if not report["closed_form_vs_direct_f64"]["ok"]:
+            results["mismatches"].append(f"{p.label}: closed form vs direct float64 sums")
+        results["mismatches"] += [f"{p.label}: {k}" for k, ok in verified.items() if not ok]
+        for mode in modes:
+            times = time_round_robin(impls, mode, args.budget, args.min_repeats, args.max_repeats, args.warmup)
+            med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+            row = {"n": p.n, "c": p.c, "mode": mode, "repeats": len(next(iter(times.values()))),
+                   "median_ms": med, "times_ms": {k: [1e3 * t for t in v] for k, v in times.items()},
+                   "unavailable": unavailable, "verified": verified, "compile_s": compile_s}
+            results["rows"].append(row)
+            print(f"{p.label} {mode}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in med.items())
+                  + "".join(f", {k}: {v}" for k, v in unavailable.items()), flush=True)
+        print(f"{p.label}: {time.perf_counter() - t0:.1f} s (compile {compile_s and round(compile_s, 1)} s)",
+              flush=True)
+        del impls
+        gc.collect()
+    meta["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "relaxed_linear.json").write_text(json.dumps(results, indent=1))
+    md = markdown_report(results)
+    (out_dir / "relaxed_linear.md").write_text(md + "\n")
+    plot(results, out_dir / "relaxed_linear.png")
+    print("\n" + md)
+    print(f"wrote {out_dir / 'relaxed_linear.json'}, {out_dir / 'relaxed_linear.md'}, {out_dir / 'relaxed_linear.png'}")
+    return 1 if results["mismatches"] else 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Profile of the fused step
+# ----------------------------------------------------------------------------------------------------
+
+def _median_time(fn: Callable[[], object], repeats: int) -> float:
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def profile_fused(size: Tuple[int, int], steps: int) -> None:
+    """Where the fused full step's time goes: a phase breakdown timed piece by piece, then torch.profiler."""
+    from relaxeq_fast.functional import InputStats
+    from relaxeq_fast.regularizer import relaxation_regularizers
+
+    p = make_problem(*size)
+    impl = RelaxedLayerImpl(p, "native")
+    floor = MatmulFloorImpl(p)
+    layer = impl.layer
+    xf = p.x.reshape(p.n, p.d)
+    with torch.no_grad():
+        M, c = layer.effective_params()
+    dy = p.g.reshape(p.n, p.d).contiguous()
+    _, G, s = torch.ops.relaxeq.relaxed_linear(xf, M, c, True)
+    stats = InputStats(G, s, p.n)
+    W_r = layer.weight_relax.detach().clone().requires_grad_(True)
+    b_r = layer.bias_relax.detach().clone().requires_grad_(True)
+
+    def regularizer_algebra():
+        terms = relaxation_regularizers(W_r, b_r, layer.irreps_in, layer.irreps_out, stats)
+        combine_regularizers([terms], LAMBDA_LD, LAMBDA_N, "paper").backward()
+
+    def gemm(a, b):
+        return lambda: torch.mm(a, b)
+
+    phases = {
+        "full step (fused provider)": lambda: impl.step("full"),
+        "  relaxeq::relaxed_linear (y, G, s)": lambda: torch.ops.relaxeq.relaxed_linear(xf, M, c, True),
+        "  relaxeq::relaxed_linear_backward (dx, dM, dc)":
+            lambda: torch.ops.relaxeq.relaxed_linear_backward(dy, xf, M, [True, True, True]),
+        "  regulariser algebra on (G, s, N), fwd + bwd": regularizer_algebra,
+        "floor: 4 GEMMs": lambda: floor.step("full"),
+        "  floor y = x Mᵀ": gemm(xf, M.t()),
+        "  floor G = xᵀx": gemm(xf.t(), xf),
+        "  floor dx = dy M": gemm(dy, M),
+        "  floor dM = dyᵀx": gemm(dy.t(), xf),
+    }
+    print(f"fused step at {p.label} (D = {p.d}), {torch.get_num_threads()} threads, median of {steps} runs each:")
+    t = {k: 1e3 * _median_time(fn, steps) for k, fn in phases.items()}
+    for k, v in t.items():
+        print(f"  {k:52s} {v:9.2f} ms")
+    parts = sum(t[k] for k in list(phases)[1:4])
+    print(f"  {'  rest (params, kron, task loss, autograd)':52s} {t['full step (fused provider)'] - parts:9.2f} ms")
+    print(f"  fused / floor = {t['full step (fused provider)'] / t['floor: 4 GEMMs']:.2f}")
+
+    from torch.profiler import ProfilerActivity, profile
+    for what, fn in (("fused full step", lambda: impl.step("full")), ("regulariser algebra", regularizer_algebra)):
+        fn()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                fn()
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events)
+        gemm = sum(e.self_cpu_time_total for e in events if e.key in GEMM_OPS)
+        # The profiler records the calling thread's ops only: the chunks the native kernel runs on the other
+        # OpenMP threads are missing (with 2 threads, half of its addmm_ calls), so these shares under-count
+        # the kernel's GEMMs. The timed phase breakdown above is the reliable split.
+        print(f"\ntorch.profiler, {steps} x {what} at {p.label}: recorded self CPU time per call "
+              f"{total / steps / 1e3:.1f} ms, GEMMs ({', '.join(sorted(GEMM_OPS))}) {100 * gemm / total:.0f}%, "
+              f"other ops {100 * (total - gemm) / total:.0f}% (calling thread only)")
+        print(events.table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+GEMM_OPS = frozenset({"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::addmv_",
+                      "aten::mv", "aten::dot"})
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="few repeats: checks the pipeline end to end, not for numbers")
+    ap.add_argument("--sizes", help="comma-separated NxC, e.g. 7200x21,7200x341 (default: all)")
+    ap.add_argument("--modes", help=f"comma-separated subset of {MODES}")
+    ap.add_argument("--providers", help=f"comma-separated subset of {tuple(PROVIDERS)}")
+    ap.add_argument("--budget", type=float, help="seconds of timed repeats per size and mode (default 30, quick 2)")
+    ap.add_argument("--min-repeats", type=int, help="default 5, quick 3")
+    ap.add_argument("--max-repeats", type=int, default=200)
+    ap.add_argument("--warmup", type=int, help="untimed rounds before timing (default 2, quick 1)")
+    ap.add_argument("--out-dir", default=str(RESULTS_DIR))
+    ap.add_argument("--profile", action="store_true", help="profile the fused step (at the largest size) and exit")
+    ap.add_argument("--profile-steps", type=int, default=5)
+    args = ap.parse_args(argv)
+    if args.budget is None:
+        args.budget = 2.0 if args.quick else 30.0
+    if args.min_repeats is None:
+        args.min_repeats = 3 if args.quick else 5
+    if args.warmup is None:
+        args.warmup = 1 if args.quick else 2
+    if args.profile:
+        size = tuple(int(v) for v in args.sizes.split(",")[0].split("x")) if args.sizes else SIZES[-1]
+        profile_fused(size, args.profile_steps)
+        return 0
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
