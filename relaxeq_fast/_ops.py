@@ -36,8 +36,16 @@ def warn_missing_extension_once():
             RuntimeWarning, stacklevel=3)
 
 
+def _check_matches_x(t, name, x, op):
+    if t.dtype != x.dtype:
+        raise TypeError(f"{op}: {name} must have the dtype of x ({x.dtype}), got {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"{op}: {name} must be on the device of x ({x.device}), got {t.device}")
+
+
 def check_relaxed_linear_args(x, M, c, op="relaxed_linear"):
-    """Argument checks shared by the functional layer and the fake kernels (mirrors csrc/relaxed_linear.h)."""
+    """Argument checks shared by the functional layer, the Triton op and the fake kernels
+    (mirrors csrc/relaxed_linear.h, which guards direct calls of the native ops)."""
     for name, t in (("x", x), ("M", M)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -48,18 +56,22 @@ def check_relaxed_linear_args(x, M, c, op="relaxed_linear"):
     if x.shape[1] != M.shape[1]:
         raise ValueError(f"{op}: x must have shape [N, D_in] with D_in = M.shape[1] = {M.shape[1]}, "
                          f"got {list(x.shape)}")
-    if x.dtype != M.dtype:
-        raise TypeError(f"{op}: M must have the dtype of x ({x.dtype}), got {M.dtype}")
-    if x.device != M.device:
-        raise ValueError(f"{op}: M must be on the device of x ({x.device}), got {M.device}")
+    _check_matches_x(M, "M", x, op)
     if c is not None:
         if c.dim() != 1 or c.shape[0] != M.shape[0]:
             raise ValueError(f"{op}: c must have shape [D_out] with D_out = M.shape[0] = {M.shape[0]}, "
                              f"got {list(c.shape)}")
-        if c.dtype != x.dtype:
-            raise TypeError(f"{op}: c must have the dtype of x ({x.dtype}), got {c.dtype}")
-        if c.device != x.device:
-            raise ValueError(f"{op}: c must be on the device of x ({x.device}), got {c.device}")
+        _check_matches_x(c, "c", x, op)
+
+
+def check_relaxed_linear_backward_args(dy, x, M, op="relaxed_linear_backward"):
+    check_relaxed_linear_args(x, M, None, op=op)
+    if not isinstance(dy, torch.Tensor):
+        raise TypeError(f"{op}: dy must be a torch.Tensor, got {type(dy).__name__}")
+    if dy.dim() != 2 or dy.shape[0] != x.shape[0] or dy.shape[1] != M.shape[0]:
+        raise ValueError(f"{op}: dy must have shape [N, D_out] = [{x.shape[0]}, {M.shape[0]}], "
+                         f"got {list(dy.shape)}")
+    _check_matches_x(dy, "dy", x, op)
 
 
 def _relaxed_linear_fake(x, M, c, stats):
@@ -73,6 +85,7 @@ def _relaxed_linear_fake(x, M, c, stats):
 
 
 def _relaxed_linear_backward_fake(dy, x, M, output_mask):
+    check_relaxed_linear_backward_args(dy, x, M)
     n, d_in, d_out = x.shape[0], x.shape[1], M.shape[0]
     dx = x.new_empty((n, d_in) if output_mask[0] else (0,))
     dM = x.new_empty((d_out, d_in) if output_mask[1] else (0,))

@@ -269,25 +269,12 @@ def relaxed_linear_triton(x: torch.Tensor, M: torch.Tensor, c: Optional[torch.Te
     return y, G, s
 
 
-def _check_backward_args(dy, x, M, opname):
-    _ops.check_relaxed_linear_args(x, M, None, op=opname)
-    if not isinstance(dy, torch.Tensor):
-        raise TypeError(f"{opname}: dy must be a torch.Tensor, got {type(dy).__name__}")
-    if dy.dim() != 2 or dy.shape[0] != x.shape[0] or dy.shape[1] != M.shape[0]:
-        raise ValueError(f"{opname}: dy must have shape [N, D_out] = [{x.shape[0]}, {M.shape[0]}], "
-                         f"got {list(dy.shape)}")
-    if dy.dtype != x.dtype:
-        raise TypeError(f"{opname}: dy must have the dtype of x ({x.dtype}), got {dy.dtype}")
-    if dy.device != x.device:
-        raise ValueError(f"{opname}: dy must be on the device of x ({x.device}), got {dy.device}")
-
-
 def relaxed_linear_backward_triton(dy: torch.Tensor, x: torch.Tensor, M: torch.Tensor,
                                    output_mask: List[bool]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Kernel body of ``relaxeq::relaxed_linear_backward_triton``: dx = dy M, dM = dyᵀ x,
     dc = Σ_n dy_n, each an empty [0] tensor where ``output_mask`` is False; all in x's dtype."""
     opname = "relaxed_linear_backward (triton)"
-    _check_backward_args(dy, x, M, opname)
+    _ops.check_relaxed_linear_backward_args(dy, x, M, op=opname)
     if len(output_mask) != 3:
         raise ValueError(f"{opname}: output_mask must have 3 entries, got {len(output_mask)}")
     _check_device(x, opname)
