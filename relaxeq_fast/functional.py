@@ -10,7 +10,7 @@ from . import _ops
 from .backend import resolve_backend
 from .reference import relaxed_linear_ref
 
-__all__ = ["InputStats", "relaxed_linear"]
+__all__ = ["InputStats", "relaxed_linear", "vn_batch_norm", "vn_leaky_relu"]
 
 
 class InputStats(NamedTuple):
@@ -58,3 +58,70 @@ def relaxed_linear(x: torch.Tensor, M: torch.Tensor, c: Optional[torch.Tensor] =
     if not stats:
         return y
     return y, InputStats(G, s, math.prod(lead))
+
+
+def _check_vn_features(t, name, op):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() < 2 or t.shape[-1] != 3:
+        raise ValueError(f"{op}: {name} must have shape [..., C, 3] (VN features), got {list(t.shape)}")
+
+
+def vn_leaky_relu(x: torch.Tensor, d: torch.Tensor, negative_slope: float = 0.2, eps: float = 1e-6, *,
+                  backend: Optional[str] = None) -> torch.Tensor:
+    """Vector-Neuron leaky ReLU with direction ``d`` (see :func:`relaxeq_fast.reference.vn_leaky_relu_ref`).
+
+    Args:
+        x: [..., C, 3] features.
+        d: [..., C, 3] per-channel directions, or [..., 1, 3] one shared direction (same leading dims as x).
+        negative_slope: α in [0, 1): the share of x kept unchanged.
+        eps: added to ‖d‖² so zero directions give finite outputs.
+    Returns:
+        [..., C, 3]
+    """
+    op = "vn_leaky_relu"
+    _check_vn_features(x, "x", op)
+    _check_vn_features(d, "d", op)
+    if d.shape[:-2] != x.shape[:-2] or d.shape[-2] not in (1, x.shape[-2]):
+        raise ValueError(f"{op}: d must have shape [..., C, 3] or [..., 1, 3] matching x {list(x.shape)}, "
+                         f"got {list(d.shape)}")
+    if d.dtype != x.dtype or d.device != x.device:
+        raise ValueError(f"{op}: d must have the dtype and device of x ({x.dtype}, {x.device}), "
+                         f"got {d.dtype}, {d.device}")
+    if not 0.0 <= negative_slope < 1.0:
+        raise ValueError(f"{op}: negative_slope must be in [0, 1), got {negative_slope}")
+    resolve_backend(x.device, backend)  # validates the name; the fused kernels are issue #3's next step
+    from .reference import vn_leaky_relu_ref
+    c = x.shape[-2]
+    out = vn_leaky_relu_ref(x.reshape(-1, c, 3), d.reshape(-1, d.shape[-2], 3), negative_slope, eps)
+    return out.reshape(x.shape)
+
+
+def vn_batch_norm(x: torch.Tensor, running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+                  weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+                  training: bool = False, momentum: float = 0.1, eps: float = 1e-5, norm_eps: float = 1e-6, *,
+                  backend: Optional[str] = None) -> torch.Tensor:
+    """Vector-Neuron batch norm over all leading dims (see :func:`relaxeq_fast.reference.vn_batch_norm_ref`).
+
+    Args:
+        x: [..., C, 3] features; statistics are taken over every leading position (batch and points).
+        running_mean, running_var: [C] or None (then batch statistics are always used).
+        weight, bias: [C] affine parameters of the norm's batch norm, or None.
+    Returns:
+        [..., C, 3]
+    """
+    op = "vn_batch_norm"
+    _check_vn_features(x, "x", op)
+    c = x.shape[-2]
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
+        if t is not None and tuple(t.shape) != (c,):
+            raise ValueError(f"{op}: {name} must have shape [C] = [{c}], got {list(t.shape)}")
+    rows = math.prod(x.shape[:-2])
+    if training and rows < 2:
+        raise ValueError(f"{op}: training mode needs more than one value per channel to take batch statistics, "
+                         f"got {rows} row(s) of x {list(x.shape)} (use eval mode or a larger batch)")
+    resolve_backend(x.device, backend)
+    from .reference import vn_batch_norm_ref
+    out = vn_batch_norm_ref(x.reshape(-1, c, 3), running_mean, running_var, weight, bias, training, momentum,
+                            eps, norm_eps)
+    return out.reshape(x.shape)

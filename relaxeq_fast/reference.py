@@ -9,7 +9,8 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["relaxed_linear_ref", "relaxed_linear_backward_ref", "stats_dtype"]
+__all__ = ["relaxed_linear_ref", "relaxed_linear_backward_ref", "stats_dtype", "vn_batch_norm_ref",
+           "vn_leaky_relu_ref"]
 
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -43,3 +44,29 @@ def relaxed_linear_backward_ref(dy: torch.Tensor, x: torch.Tensor, M: torch.Tens
     dM = dy.T @ x if output_mask[1] else empty
     dc = dy.sum(0) if output_mask[2] else empty
     return dx, dM, dc
+
+
+def vn_leaky_relu_ref(x: torch.Tensor, d: torch.Tensor, negative_slope: float, eps: float) -> torch.Tensor:
+    """Vector-Neuron leaky ReLU (Deng et al. 2021) with a given direction d.
+
+    out = α x + (1 − α) [x if ⟨x, d⟩ ≥ 0 else x − ⟨x, d⟩ / (‖d‖² + ε) d], per channel 3-vector.
+    x: [N, C, 3]; d: [N, C, 3] (per-channel directions) or [N, 1, 3] (one shared direction) → [N, C, 3].
+    """
+    dot = (x * d).sum(-1, keepdim=True)
+    d_sq = (d * d).sum(-1, keepdim=True)
+    projected = x - (dot / (d_sq + eps)) * d
+    return negative_slope * x + (1 - negative_slope) * torch.where(dot >= 0, x, projected)
+
+
+def vn_batch_norm_ref(x: torch.Tensor, running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+                      weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], training: bool,
+                      momentum: float, eps: float, norm_eps: float) -> torch.Tensor:
+    """Vector-Neuron batch norm: BatchNorm1d on the vector norms, vectors rescaled to the new norms.
+
+    norm = ‖x_nc‖ + norm_eps; y_nc = x_nc · BN(norm)_nc / norm_nc, with BN exactly
+    ``torch.nn.functional.batch_norm`` over the N rows per channel (running stats updated in place
+    in training mode when given). x: [N, C, 3] → [N, C, 3]; the other tensors [C].
+    """
+    norm = torch.linalg.vector_norm(x, dim=-1) + norm_eps
+    norm_bn = torch.nn.functional.batch_norm(norm, running_mean, running_var, weight, bias, training, momentum, eps)
+    return x * (norm_bn / norm).unsqueeze(-1)
