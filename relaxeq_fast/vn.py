@@ -1,0 +1,282 @@
+"""Vector-Neuron layers (Deng et al. 2021), relaxable, in our layout: features [..., C, 3].
+
+Leading dims are free (batch, points, neighbours...): channel mixing acts on the C dim, batch norm
+takes statistics over every leading position, pooling reduces the dim just before C. The public VN
+code's layout [B, C, 3, N, ...] maps to ours by moving C and the xyz dim to the end.
+
+Every channel-mixing map is an :class:`~relaxeq_fast.nn.EquivariantLinear` (``VN(C_in) -> VN(C_out)``,
+``W ⊗ I_3``), so :func:`relax` can swap it for a :class:`~relaxeq_fast.nn.RelaxedLinear` and
+:func:`project` back, without the layers knowing. Where two relaxed maps read the same input
+(:class:`VNLinearLeakyReLU`), they run as ONE fused call on the stacked matrices, and the one set of
+input statistics serves both regularisers.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+from . import functional as F
+from .nn import EquivariantLinear, RelaxedLinear
+from .regularizer import RegularizerTerms
+from .reps import VN
+
+__all__ = ["VNLinear", "VNBatchNorm", "VNLeakyReLU", "VNLinearLeakyReLU", "VNMaxPool", "vn_mean_pool",
+           "VNStdFeature", "knn_indices", "graph_feature_cross", "relax", "project", "relaxed_layers",
+           "model_regularizers", "set_theta"]
+
+
+def VNLinear(in_channels: int, out_channels: int, **kwargs) -> EquivariantLinear:
+    """Channel mixing of 3-vectors, ``[..., C_in, 3] -> [..., C_out, 3]`` (no bias: it would break equivariance)."""
+    return EquivariantLinear(VN(in_channels), VN(out_channels), bias=False, **kwargs)
+
+
+def _check_features(x: torch.Tensor, channels: int, who: str):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{who}: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 2 or x.shape[-2:] != (channels, 3):
+        raise ValueError(f"{who}: x must have shape [..., {channels}, 3], got {list(x.shape)}")
+
+
+class VNBatchNorm(nn.Module):
+    """BatchNorm on the vector norms, vectors rescaled: ``[..., C, 3] -> [..., C, 3]``.
+
+    Statistics over every leading position (batch and points); eval mode uses the running stats.
+    A batch of one vector per channel in training mode is an error (as for nn.BatchNorm1d).
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-5, momentum: float = 0.1, norm_eps: float = 1e-6,
+                 affine: bool = True, track_running_stats: bool = True, device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.channels, self.eps, self.momentum, self.norm_eps = channels, eps, momentum, norm_eps
+        self.weight = nn.Parameter(torch.ones(channels, **factory)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(channels, **factory)) if affine else None
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(channels, **factory))
+            self.register_buffer("running_var", torch.ones(channels, **factory))
+        else:
+            self.running_mean = self.running_var = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_features(x, self.channels, type(self).__name__)
+        use_batch = self.training or self.running_mean is None
+        return F.vn_batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, use_batch,
+                               self.momentum, self.eps, self.norm_eps)
+
+    def extra_repr(self):
+        return f"{self.channels}, eps={self.eps}, momentum={self.momentum}, affine={self.weight is not None}"
+
+
+class VNLeakyReLU(nn.Module):
+    """VN leaky ReLU with a learned direction ``d = U x`` (one per channel, or shared): ``[..., C, 3]``."""
+
+    def __init__(self, channels: int, share_nonlinearity: bool = False, negative_slope: float = 0.2,
+                 eps: float = 1e-6, device=None, dtype=None):
+        super().__init__()
+        self.channels, self.negative_slope, self.eps = channels, negative_slope, eps
+        self.map_to_dir = VNLinear(channels, 1 if share_nonlinearity else channels, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_features(x, self.channels, type(self).__name__)
+        return F.vn_leaky_relu(x, self.map_to_dir(x), self.negative_slope, self.eps)
+
+    def extra_repr(self):
+        return f"{self.channels}, negative_slope={self.negative_slope}"
+
+
+def _joint_relaxed_forward(maps: list, x: torch.Tensor) -> list:
+    """Relaxed maps reading the same input, as one fused call on their stacked effective matrices.
+
+    The input statistics (G, s, N) of that one pass are handed to every map (one object, shared),
+    so each map's regulariser is available without a second pass.
+    """
+    first = maps[0]
+    xf = first._flatten(x)
+    Ms, cs = zip(*(m.effective_params() for m in maps))
+    M = torch.cat(Ms)
+    c = None if all(ci is None for ci in cs) else torch.cat(
+        [ci if ci is not None else M.new_zeros(Mi.shape[0]) for ci, Mi in zip(cs, Ms)])
+    if first.training and all(m.track_stats for m in maps):
+        y, stats = F.relaxed_linear(xf, M, c, stats=True, backend=first.backend)
+        for m in maps:
+            m.last_stats = stats
+    else:
+        y = F.relaxed_linear(xf, M, c, backend=first.backend)
+    outs = y.split([Mi.shape[0] for Mi in Ms], dim=-1)
+    return [m._unflatten(o) for m, o in zip(maps, outs)]
+
+
+class VNLinearLeakyReLU(nn.Module):
+    """VN linear → (VN batch norm) → VN leaky ReLU whose direction is a second map of the same input.
+
+    ``p = BN(W_feat x)``, ``d = W_dir x``, ``out = vn_leaky_relu(p, d)``: ``[..., C_in, 3] -> [..., C_out, 3]``.
+    When both maps are relaxed they run as one fused call sharing the input statistics.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, share_nonlinearity: bool = False,
+                 use_batchnorm: bool = True, negative_slope: float = 0.2, eps: float = 1e-6, device=None,
+                 dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.negative_slope, self.eps = negative_slope, eps
+        self.map_to_feat = VNLinear(in_channels, out_channels, **factory)
+        self.batchnorm = VNBatchNorm(out_channels, **factory) if use_batchnorm else None
+        self.map_to_dir = VNLinear(in_channels, 1 if share_nonlinearity else out_channels, **factory)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_features(x, self.in_channels, type(self).__name__)
+        if isinstance(self.map_to_feat, RelaxedLinear) and isinstance(self.map_to_dir, RelaxedLinear):
+            p, d = _joint_relaxed_forward([self.map_to_feat, self.map_to_dir], x)
+        else:
+            p, d = self.map_to_feat(x), self.map_to_dir(x)
+        if self.batchnorm is not None:
+            p = self.batchnorm(p)
+        return F.vn_leaky_relu(p, d, self.negative_slope, self.eps)
+
+    def extra_repr(self):
+        return f"{self.in_channels} -> {self.out_channels}, negative_slope={self.negative_slope}"
+
+
+class VNMaxPool(nn.Module):
+    """Max pooling over the dim before C, per channel, by the learned-direction dot product ⟨x, U x⟩.
+
+    ``[..., P, C, 3] -> [..., C, 3]``. The direction map is not relaxed (:func:`relax` skips it).
+    """
+
+    relaxable = False
+
+    def __init__(self, channels: int, device=None, dtype=None):
+        super().__init__()
+        self.channels = channels
+        self.map_to_dir = VNLinear(channels, channels, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_features(x, self.channels, type(self).__name__)
+        if x.dim() < 3:
+            raise ValueError(f"VNMaxPool: x must have shape [..., P, C, 3] with a dim to pool, got {list(x.shape)}")
+        dot = (x * self.map_to_dir(x)).sum(-1)  # [..., P, C]
+        idx = dot.argmax(dim=-2, keepdim=True)  # [..., 1, C]
+        return x.gather(-3, idx.unsqueeze(-1).expand(*idx.shape, 3)).squeeze(-3)
+
+
+def vn_mean_pool(x: torch.Tensor) -> torch.Tensor:
+    """Mean over the dim before C: ``[..., P, C, 3] -> [..., C, 3]``."""
+    return x.mean(dim=-3)
+
+
+class VNStdFeature(nn.Module):
+    """Rotation-invariant features: project x on a learned equivariant frame z (3 vectors).
+
+    ``x [..., C, 3] -> (x_std [..., C, 3] invariant, z [..., 3, 3] the frame, rows = frame vectors)``,
+    ``x_std[c, k] = ⟨x_c, z_k⟩``. Layers as the public VN code (C → C/2 → C/4 → 3).
+    """
+
+    def __init__(self, in_channels: int, share_nonlinearity: bool = False, negative_slope: float = 0.2,
+                 use_batchnorm: bool = True, device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.in_channels = in_channels
+        self.vn1 = VNLinearLeakyReLU(in_channels, in_channels // 2, share_nonlinearity, use_batchnorm,
+                                     negative_slope, **factory)
+        self.vn2 = VNLinearLeakyReLU(in_channels // 2, in_channels // 4, share_nonlinearity, use_batchnorm,
+                                     negative_slope, **factory)
+        self.vn_lin = VNLinear(in_channels // 4, 3, **factory)
+
+    def forward(self, x: torch.Tensor):
+        _check_features(x, self.in_channels, type(self).__name__)
+        z = self.vn_lin(self.vn2(self.vn1(x)))  # [..., 3, 3]
+        return x @ z.transpose(-1, -2), z
+
+
+def knn_indices(points: torch.Tensor, k: int, chunk: int = 256) -> torch.Tensor:
+    """Indices of the k nearest rows (the row itself included, as in the public code).
+
+    points: [B, P, F] → [B, P, k] (long). Distances are computed for ``chunk`` query rows at a time
+    ([B, chunk, P]), never as a [B, P, P, F] difference tensor.
+    """
+    if points.dim() != 3:
+        raise ValueError(f"knn_indices: points must have shape [B, P, F], got {list(points.shape)}")
+    P = points.shape[1]
+    if not isinstance(k, int) or k < 1 or k > P:
+        raise ValueError(f"knn_indices: k must be an int in [1, P] = [1, {P}] (points per cloud), got {k!r}")
+    sq = (points * points).sum(-1)  # [B, P]
+    out = []
+    for start in range(0, P, chunk):
+        q = points[:, start:start + chunk]
+        dist = sq[:, start:start + chunk, None] - 2 * q @ points.transpose(1, 2) + sq[:, None, :]
+        out.append(dist.topk(k, dim=-1, largest=False).indices)
+    return torch.cat(out, 1)
+
+
+def graph_feature_cross(x: torch.Tensor, k: int, idx: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Edge features over k nearest neighbours: ``(x_j − x_i, x_i, x_j × x_i)`` as 3C channels.
+
+    x: [B, P, C, 3] → [B, P, k, 3C, 3]. Neighbours by distance of the flattened features (C·3), as the
+    public code does (for the first layer, C = 1: the coordinates). The cross product order x_j × x_i
+    follows the public code, so swapped models give identical outputs.
+    """
+    if x.dim() != 4 or x.shape[-1] != 3:
+        raise ValueError(f"graph_feature_cross: x must have shape [B, P, C, 3], got {list(x.shape)}")
+    B, P, C, _ = x.shape
+    if idx is None:
+        idx = knn_indices(x.reshape(B, P, C * 3), k)
+    neighbours = x[torch.arange(B, device=x.device)[:, None, None], idx]  # [B, P, k, C, 3]
+    centre = x.unsqueeze(2).expand_as(neighbours)
+    cross = torch.linalg.cross(neighbours, centre, dim=-1)
+    return torch.cat((neighbours - centre, centre, cross), dim=-2)
+
+
+# ---- whole-model relaxation ---------------------------------------------------------------------
+
+
+def _replace(model: nn.Module, convert) -> nn.Module:
+    for name, child in list(model.named_children()):
+        if getattr(child, "relaxable", True) is False:
+            continue
+        new = convert(child)
+        if new is not None:
+            setattr(model, name, new)
+        else:
+            _replace(child, convert)
+    return model
+
+
+def relax(model: nn.Module, **relaxed_kwargs) -> nn.Module:
+    """Every EquivariantLinear in ``model`` (not under a module with ``relaxable = False``, such as
+    VNMaxPool) becomes a RelaxedLinear with the same weights; outputs unchanged at θ = 0 and at the
+    default zero relaxation init. Modifies and returns ``model``."""
+    if getattr(model, "relaxable", True) is False:
+        return model
+    if isinstance(model, EquivariantLinear) and not isinstance(model, RelaxedLinear):
+        return RelaxedLinear.from_plain(model, **relaxed_kwargs)
+
+    def convert(m):
+        if isinstance(m, EquivariantLinear) and not isinstance(m, RelaxedLinear):
+            return RelaxedLinear.from_plain(m, **relaxed_kwargs)
+        return None
+    return _replace(model, convert)
+
+
+def project(model: nn.Module) -> nn.Module:
+    """θ = 0 and the relaxation removed everywhere: RelaxedLinear → EquivariantLinear. Modifies and
+    returns ``model``; its state_dict then loads into the plain model class."""
+    if isinstance(model, RelaxedLinear):
+        return model.project()
+    return _replace(model, lambda m: m.project() if isinstance(m, RelaxedLinear) else None)
+
+
+def relaxed_layers(model: nn.Module) -> Iterator[RelaxedLinear]:
+    return (m for m in model.modules() if isinstance(m, RelaxedLinear))
+
+
+def set_theta(model: nn.Module, value: float) -> None:
+    for m in relaxed_layers(model):
+        m.set_theta(value)
+
+
+def model_regularizers(model: nn.Module, data_free: bool = False) -> list[RegularizerTerms]:
+    """The regulariser terms of every relaxed layer, from the statistics of the last training forward."""
+    return [m.regularizers(data_free=data_free) for m in relaxed_layers(model)]
