@@ -1,8 +1,9 @@
-"""VN-PointNet classifier (Deng et al. 2021, vnn's pointnet_cls) in our layout, plain or relaxed.
+"""VN-PointNet and VN-DGCNN classifiers (Deng et al. 2021, vnn's pointnet_cls and dgcnn_cls) in our
+layout, plain or relaxed.
 
-Published architecture with channel widths divided by 3, k = 20 nearest neighbours for the first
-edge features, mean pooling, the VN STN on the 64/3-channel features, and a rotation-invariant head
-(VNStdFeature, max over points, MLP). ``relaxed=True`` relaxes exactly what the paper relaxes: every
+Published architectures with channel widths divided by 3, k = 20 nearest neighbours, mean pooling,
+(VN-PointNet) the VN STN on the 64/3-channel features, and rotation-invariant heads (VNStdFeature,
+pooling over points, MLP). ``relaxed=True`` relaxes exactly what the paper relaxes: every
 VNLinearLeakyReLU's maps, every VNLinear, the maps inside VNStdFeature and the STN — not pooling, not
 the invariant MLP head.
 """
@@ -11,10 +12,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .vn import (VNBatchNorm, VNLinear, VNLinearLeakyReLU, VNStdFeature, graph_feature_cross, relax,
-                 vn_mean_pool)
+from .vn import (VNBatchNorm, VNLinear, VNLinearLeakyReLU, VNStdFeature, graph_feature, graph_feature_cross,
+                 relax, vn_mean_pool)
 
-__all__ = ["VNPointNet", "VNSTNkd"]
+__all__ = ["VNPointNet", "VNSTNkd", "VNDGCNN"]
+
+
+def _check_points(points: torch.Tensor, k: int, who: str):
+    if points.dim() != 3 or points.shape[-1] != 3:
+        raise ValueError(f"{who}: points must have shape [B, P, 3], got {list(points.shape)}")
+    if points.shape[1] < k:
+        raise ValueError(f"{who}: k = {k} neighbours needs at least {k} points per cloud, got P = {points.shape[1]}")
 
 
 class VNSTNkd(nn.Module):
@@ -68,11 +76,7 @@ class VNPointNet(nn.Module):
 
     def features(self, points: torch.Tensor) -> torch.Tensor:
         """Invariant global features [B, 2046] of points [B, P, 3]."""
-        if points.dim() != 3 or points.shape[-1] != 3:
-            raise ValueError(f"VNPointNet: points must have shape [B, P, 3], got {list(points.shape)}")
-        if points.shape[1] < self.k:
-            raise ValueError(f"VNPointNet: k = {self.k} neighbours needs at least {self.k} points per cloud, "
-                             f"got P = {points.shape[1]}")
+        _check_points(points, self.k, "VNPointNet")
         x = points.unsqueeze(2)  # [B, P, 1, 3]
         x = vn_mean_pool(self.conv_pos(graph_feature_cross(x, self.k)))  # mean over neighbours
         x = self.conv1(x)
@@ -86,3 +90,47 @@ class VNPointNet(nn.Module):
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
         return torch.log_softmax(self.head(self.features(points)), dim=-1)
+
+
+class VNDGCNN(nn.Module):
+    """VN-DGCNN classifier: points [B, P, 3] → logits [B, num_classes] (rotation invariant).
+
+    Four EdgeConv stages on k-nearest-neighbour graphs recomputed from the features, mean pooling over
+    neighbours, a shared-nonlinearity VNLinearLeakyReLU over the concatenated stages, VNStdFeature, then
+    max and mean over points and the MLP head (as vnn's dgcnn_cls). ``relaxed`` as in :class:`VNPointNet`.
+    """
+
+    def __init__(self, num_classes: int = 40, k: int = 20, relaxed: bool = False, dropout: float = 0.5,
+                 relax_kwargs: dict | None = None):
+        super().__init__()
+        self.k, self.num_classes = k, num_classes
+        c1, c2, c3, c4, c5 = 64 // 3, 64 // 3, 128 // 3, 256 // 3, 1024 // 3
+        self.conv1 = VNLinearLeakyReLU(2, c1)
+        self.conv2 = VNLinearLeakyReLU(c1 * 2, c2)
+        self.conv3 = VNLinearLeakyReLU(c2 * 2, c3)
+        self.conv4 = VNLinearLeakyReLU(c3 * 2, c4)
+        self.conv5 = VNLinearLeakyReLU(c1 + c2 + c3 + c4, c5, share_nonlinearity=True)
+        self.std_feature = VNStdFeature(c5 * 2)
+        self.head = nn.Sequential(
+            nn.Linear(c5 * 12, 512, bias=False), nn.BatchNorm1d(512), nn.LeakyReLU(0.2), nn.Dropout(dropout),
+            nn.Linear(512, 256), nn.BatchNorm1d(256), nn.LeakyReLU(0.2), nn.Dropout(dropout),
+            nn.Linear(256, num_classes))
+        if relaxed:
+            relax(self, **(relax_kwargs or {}))
+
+    def features(self, points: torch.Tensor) -> torch.Tensor:
+        """Invariant global features [B, 4092] of points [B, P, 3]."""
+        _check_points(points, self.k, "VNDGCNN")
+        x = points.unsqueeze(2)  # [B, P, 1, 3]
+        stages = []
+        for conv in (self.conv1, self.conv2, self.conv3, self.conv4):
+            x = vn_mean_pool(conv(graph_feature(x, self.k)))  # mean over neighbours
+            stages.append(x)
+        x = self.conv5(torch.cat(stages, dim=-2))
+        x = torch.cat((x, x.mean(dim=1, keepdim=True).expand_as(x)), dim=-2)
+        x, _frame = self.std_feature(x)
+        x = x.reshape(x.shape[0], x.shape[1], -1)
+        return torch.cat((x.amax(dim=1), x.mean(dim=1)), dim=-1)
+
+    def forward(self, points: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(points))

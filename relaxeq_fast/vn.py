@@ -23,7 +23,7 @@ from .regularizer import RegularizerTerms
 from .reps import VN
 
 __all__ = ["VNLinear", "VNBatchNorm", "VNLeakyReLU", "VNLinearLeakyReLU", "VNMaxPool", "vn_mean_pool",
-           "VNStdFeature", "knn_indices", "graph_feature_cross", "relax", "project", "relaxed_layers",
+           "VNStdFeature", "knn_indices", "graph_feature", "graph_feature_cross", "relax", "project", "relaxed_layers",
            "model_regularizers", "set_theta"]
 
 
@@ -211,22 +211,29 @@ def knn_indices(points: torch.Tensor, k: int, chunk: int = 256) -> torch.Tensor:
     return torch.cat(out, 1)
 
 
-def graph_feature_cross(x: torch.Tensor, k: int, idx: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Edge features over k nearest neighbours: ``(x_j − x_i, x_i, x_j × x_i)`` as 3C channels.
+def graph_feature(x: torch.Tensor, k: int, cross: bool = False, idx: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Edge features over k nearest neighbours: ``(x_j − x_i, x_i)``, plus ``x_j × x_i`` when ``cross``.
 
-    x: [B, P, C, 3] → [B, P, k, 3C, 3]. Neighbours by distance of the flattened features (C·3), as the
-    public code does (for the first layer, C = 1: the coordinates). The cross product order x_j × x_i
-    follows the public code, so swapped models give identical outputs.
+    x: [B, P, C, 3] → [B, P, k, 2C (or 3C), 3]. Neighbours by distance of the flattened features (C·3),
+    as the public code does (for the first layer, C = 1: the coordinates). The cross product order
+    x_j × x_i follows the public code, so swapped models give identical outputs.
     """
     if x.dim() != 4 or x.shape[-1] != 3:
-        raise ValueError(f"graph_feature_cross: x must have shape [B, P, C, 3], got {list(x.shape)}")
+        raise ValueError(f"graph_feature: x must have shape [B, P, C, 3], got {list(x.shape)}")
     B, P, C, _ = x.shape
     if idx is None:
         idx = knn_indices(x.reshape(B, P, C * 3), k)
     neighbours = x[torch.arange(B, device=x.device)[:, None, None], idx]  # [B, P, k, C, 3]
     centre = x.unsqueeze(2).expand_as(neighbours)
-    cross = torch.linalg.cross(neighbours, centre, dim=-1)
-    return torch.cat((neighbours - centre, centre, cross), dim=-2)
+    parts = [neighbours - centre, centre]
+    if cross:
+        parts.append(torch.linalg.cross(neighbours, centre, dim=-1))
+    return torch.cat(parts, dim=-2)
+
+
+def graph_feature_cross(x: torch.Tensor, k: int, idx: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`graph_feature` with the cross product: [B, P, C, 3] → [B, P, k, 3C, 3] (VN-PointNet's input)."""
+    return graph_feature(x, k, cross=True, idx=idx)
 
 
 # ---- whole-model relaxation ---------------------------------------------------------------------

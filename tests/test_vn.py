@@ -256,3 +256,31 @@ def test_pointnet_bad_inputs():
         model(torch.randn(2, 3, 16))
     with pytest.raises(ValueError, match="k = 8 neighbours needs at least 8 points"):
         model(torch.randn(2, 5, 3))
+
+
+def test_dgcnn_invariance_relaxation_and_projection():
+    from relaxeq_fast.models import VNDGCNN
+    torch.manual_seed(0)
+    plain = VNDGCNN(num_classes=4, k=5).double().eval()
+    relaxed = relax(VNDGCNN(num_classes=4, k=5).double()).eval()
+    relaxed.load_state_dict(plain.state_dict(), strict=False)
+    # 5 VNLinearLeakyReLU x 2 maps + VNStdFeature (2 x 2 + 1)
+    assert len(list(relaxed_layers(relaxed))) == 10 + 5
+    x = torch.randn(2, 20, 3, dtype=F64)
+    assert equivariance_error(plain, x, out_rotates=False) < 1e-10
+    assert_close_scaled(relaxed(x), plain(x), 1e-12, "relaxed at init vs plain")
+    randomize_relaxation(relaxed, 0.5)
+    assert equivariance_error(relaxed, x, out_rotates=False) > 1e-6
+    projected = project(relaxed)
+    again = VNDGCNN(num_classes=4, k=5).double().eval()
+    again.load_state_dict(projected.state_dict(), strict=True)
+    assert equivariance_error(again, x, out_rotates=False) < 1e-10
+
+
+def test_torch_compile_fullgraph_vn_pointnet():
+    torch.manual_seed(0)
+    model = VNPointNet(num_classes=4, k=5, relaxed=True,
+                       relax_kwargs={"theta": 0.5, "relax_init": "default"}).eval()
+    x = torch.randn(2, 16, 3)
+    compiled = torch.compile(model, fullgraph=True)
+    assert_close_scaled(compiled(x), model(x), 1e-5, "compiled VN-PointNet")
