@@ -42,13 +42,17 @@ def _triton_module():
 
 
 # (backend, device) pairs; the op under test is looked up lazily so collection never imports triton.
-BACKENDS = [
-    pytest.param("native", "cpu", marks=needs_native, id="native-cpu"),
-    pytest.param("native", "cuda", marks=[needs_native, pytest.mark.skipif(not has_cuda(), reason=CUDA_SKIP_REASON)],
-                 id="native-cuda"),
+def _native_param(device):
+    # tests/testing.DEVICES: "cpu", and a "cuda" param that skips itself with a reason where no GPU is visible.
+    if isinstance(device, str):
+        return pytest.param("native", device, marks=needs_native, id=f"native-{device}")
+    (name,) = device.values
+    return pytest.param("native", name, marks=[needs_native, *device.marks], id=f"native-{name}")
+
+
+BACKENDS = [_native_param(dev) for dev in DEVICES] + [
     pytest.param("triton", TRITON_DEVICE, marks=needs_triton, id=f"triton-{TRITON_DEVICE}"),
 ]
-assert DEVICES  # the native device list of tests/testing.py: cpu, + cuda (skipped with a reason elsewhere)
 
 
 def get_op(backend):
@@ -271,12 +275,16 @@ def _well_separated(n, c, shared, seed):
 @pytest.mark.parametrize("backend, device", BACKEND_ONLY)
 @pytest.mark.parametrize("shared", [False, True])
 def test_gradcheck_float64(backend, device, shared):
-    x, d = _well_separated(4, 5, shared, seed=8)
+    # The interpreter pays per launch, and gradcheck launches once per perturbed input entry:
+    # a smaller case there (still with several channels to sum over for a shared d).
+    n, c = (2, 3) if backend == "triton" else (4, 5)
+    x, d = _well_separated(n, c, shared, seed=8)
     inputs = (x.to(device).requires_grad_(), d.to(device).requires_grad_())
     op = get_op(backend)
     assert torch.autograd.gradcheck(lambda x, d: op(x, d, SLOPE, EPS), inputs)
-    # and the reference's own gradient agrees with finite differences on the same inputs
-    assert torch.autograd.gradcheck(lambda x, d: vn_leaky_relu_ref(x, d, SLOPE, EPS), inputs)
+    if backend == "native":
+        # and the reference's own gradient agrees with finite differences on the same inputs
+        assert torch.autograd.gradcheck(lambda x, d: vn_leaky_relu_ref(x, d, SLOPE, EPS), inputs)
 
 
 @pytest.mark.parametrize("backend, device", BACKEND_ONLY)
