@@ -11,8 +11,9 @@ a block of BLOCK_N rows and loops over the channels BLOCK_C at a time, so a shar
 once per row and its grad_d is reduced inside the program (no atomics, deterministic). Inputs
 are made contiguous [N, C, 3]; the three components are loaded with stride 3.
 
-The scalars (1 − α, ε) reach the kernel through a tiny tensor in the compute dtype: Triton
-passes Python floats as float32, which would cost float64 inputs ~1e-8 relative accuracy.
+The scalars (1 − α, ε) are kernel arguments, except for float64 inputs: Triton passes Python
+floats as float32, which would cost ~1e-8 relative accuracy, so there they come in a tiny float64
+tensor (one small host-to-device copy per call, only on that path).
 
 CPU tensors run only under the Triton interpreter, and triton.jit decides that when the
 kernel is decorated: TRITON_INTERPRET=1 must be set before this module is imported.
@@ -57,12 +58,23 @@ def _store3(ptr, offs, v0, v1, v2, mask):
 
 
 @triton.jit
+def _scalars_of(scal_ptr, b_arg, eps_arg, SCALARS_IN_PTR: tl.constexpr):
+    if SCALARS_IN_PTR:
+        b = tl.load(scal_ptr)
+        eps = tl.load(scal_ptr + 1)
+    else:
+        b = b_arg
+        eps = eps_arg
+    return b, eps
+
+
+@triton.jit
 def _vn_leaky_relu_fwd_kernel(
-    x_ptr, d_ptr, out_ptr, scal_ptr, N, C,
-    D_SHARED: tl.constexpr, DT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr, d_ptr, out_ptr, scal_ptr, b_arg, eps_arg, N, C,
+    D_SHARED: tl.constexpr, SCALARS_IN_PTR: tl.constexpr, DT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    b = tl.load(scal_ptr)        # 1 − α
-    eps = tl.load(scal_ptr + 1)
+    b, eps = _scalars_of(scal_ptr, b_arg, eps_arg, SCALARS_IN_PTR)  # b = 1 − α
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     r_mask = rows < N
     if D_SHARED:
@@ -87,12 +99,11 @@ def _vn_leaky_relu_fwd_kernel(
 
 @triton.jit
 def _vn_leaky_relu_bwd_kernel(
-    g_ptr, x_ptr, d_ptr, gx_ptr, gd_ptr, scal_ptr, N, C,
-    D_SHARED: tl.constexpr, NEED_GX: tl.constexpr, NEED_GD: tl.constexpr, DT: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    g_ptr, x_ptr, d_ptr, gx_ptr, gd_ptr, scal_ptr, b_arg, eps_arg, N, C,
+    D_SHARED: tl.constexpr, SCALARS_IN_PTR: tl.constexpr, NEED_GX: tl.constexpr, NEED_GD: tl.constexpr,
+    DT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    b = tl.load(scal_ptr)
-    eps = tl.load(scal_ptr + 1)
+    b, eps = _scalars_of(scal_ptr, b_arg, eps_arg, SCALARS_IN_PTR)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     r_mask = rows < N
     if D_SHARED:
@@ -160,13 +171,17 @@ def _blocks(c: int, device: torch.device):
     return max(1, 1024 // block_c), block_c, 4
 
 
-def _compute(x: torch.Tensor):
-    """(triton compute dtype, torch dtype of the scalar tensor): float32, float64 for float64."""
-    return (tl.float64, torch.float64) if x.dtype == torch.float64 else (tl.float32, torch.float32)
+def _compute_dtype(x: torch.Tensor):
+    """Arithmetic in float32 (half types included), float64 for float64."""
+    return tl.float64 if x.dtype == torch.float64 else tl.float32
 
 
-def _scalars(negative_slope: float, eps: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.tensor([1.0 - negative_slope, eps], dtype=dtype, device=device)
+def _scalar_args(x: torch.Tensor, negative_slope: float, eps: float):
+    """(scal_ptr, b_arg, eps_arg, SCALARS_IN_PTR): float64 scalars through a tensor, else plain floats."""
+    b = 1.0 - negative_slope
+    if x.dtype == torch.float64:
+        return torch.tensor([b, eps], dtype=torch.float64, device=x.device), b, eps, True
+    return x, b, eps, False  # x only fills the pointer slot; it is not read
 
 
 def vn_leaky_relu_triton(x: torch.Tensor, d: torch.Tensor, negative_slope: float, eps: float) -> torch.Tensor:
@@ -179,11 +194,12 @@ def vn_leaky_relu_triton(x: torch.Tensor, d: torch.Tensor, negative_slope: float
     out = torch.empty_like(x)
     if out.numel() == 0:
         return out
-    dt, sdt = _compute(x)
+    scal, b, e, in_ptr = _scalar_args(x, negative_slope, eps)
     block_n, block_c, num_warps = _blocks(c, x.device)
     _vn_leaky_relu_fwd_kernel[(triton.cdiv(n, block_n),)](
-        x, d, out, _scalars(negative_slope, eps, sdt, x.device), n, c,
-        D_SHARED=d.shape[1] == 1 and c != 1, DT=dt, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=num_warps)
+        x, d, out, scal, b, e, n, c,
+        D_SHARED=d.shape[1] == 1 and c != 1, SCALARS_IN_PTR=in_ptr, DT=_compute_dtype(x),
+        BLOCK_N=block_n, BLOCK_C=block_c, num_warps=num_warps)
     return out
 
 
@@ -207,13 +223,13 @@ def vn_leaky_relu_backward_triton(grad_out: torch.Tensor, x: torch.Tensor, d: to
         if need_gd:
             gd.zero_()
         return gx, gd
-    dt, sdt = _compute(x)
+    scal, b, e, in_ptr = _scalar_args(x, negative_slope, eps)
     block_n, block_c, num_warps = _blocks(c, x.device)
     # Unused pointer slots get a live tensor; they are never dereferenced.
     _vn_leaky_relu_bwd_kernel[(triton.cdiv(n, block_n),)](
-        g, x, d, gx if need_gx else x, gd if need_gd else d, _scalars(negative_slope, eps, sdt, x.device), n, c,
-        D_SHARED=d.shape[1] == 1 and c != 1, NEED_GX=need_gx, NEED_GD=need_gd, DT=dt,
-        BLOCK_N=block_n, BLOCK_C=block_c, num_warps=num_warps)
+        g, x, d, gx if need_gx else x, gd if need_gd else d, scal, b, e, n, c,
+        D_SHARED=d.shape[1] == 1 and c != 1, SCALARS_IN_PTR=in_ptr, NEED_GX=need_gx, NEED_GD=need_gd,
+        DT=_compute_dtype(x), BLOCK_N=block_n, BLOCK_C=block_c, num_warps=num_warps)
     return gx, gd
 
 
