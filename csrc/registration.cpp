@@ -39,6 +39,12 @@ TORCH_LIBRARY(relaxeq, m) {
   m.def(
       "relaxed_linear_backward(Tensor dy, Tensor x, Tensor M, bool[3] output_mask)"
       " -> (Tensor dx, Tensor dM, Tensor dc)");
+  // VN leaky ReLU with a given direction d ([N, C, 3] per channel or [N, 1, 3] shared); the
+  // backward recomputes <x, d> and |d|^2 from x and d, so nothing but x and d is saved.
+  m.def("vn_leaky_relu(Tensor x, Tensor d, float negative_slope, float eps) -> Tensor");
+  m.def(
+      "vn_leaky_relu_backward(Tensor grad_out, Tensor x, Tensor d, float negative_slope, float eps,"
+      " bool[2] output_mask) -> (Tensor grad_x, Tensor grad_d)");
   m.def("build_info() -> str", &relaxeq::build_info);
 }
 

@@ -67,15 +67,30 @@ def _check_vn_features(t, name, op):
         raise ValueError(f"{op}: {name} must have shape [..., C, 3] (VN features), got {list(t.shape)}")
 
 
+def _raw_vn_leaky_relu(backend: str):
+    if backend == "native":
+        return torch.ops.relaxeq.vn_leaky_relu
+    if backend == "triton":
+        from .triton_kernels import vn_leaky_relu as triton_vn_leaky_relu
+        return triton_vn_leaky_relu.op()
+    from .reference import vn_leaky_relu_ref
+    return vn_leaky_relu_ref
+
+
 def vn_leaky_relu(x: torch.Tensor, d: torch.Tensor, negative_slope: float = 0.2, eps: float = 1e-6, *,
                   backend: Optional[str] = None) -> torch.Tensor:
     """Vector-Neuron leaky ReLU with direction ``d`` (see :func:`relaxeq_fast.reference.vn_leaky_relu_ref`).
+
+    One fused pass on the native and Triton backends; their backward saves only x and d and
+    recomputes ⟨x, d⟩ and ‖d‖² (the eager formula keeps about ten [N, C, 3] temporaries).
 
     Args:
         x: [..., C, 3] features.
         d: [..., C, 3] per-channel directions, or [..., 1, 3] one shared direction (same leading dims as x).
         negative_slope: α in [0, 1): the share of x kept unchanged.
-        eps: added to ‖d‖² so zero directions give finite outputs.
+        eps: > 0, added to ‖d‖² so zero directions give finite outputs.
+        backend: "auto" | "native" | "triton" | "reference"; None defers to
+            :func:`relaxeq_fast.use_backend` / RELAXEQ_BACKEND.
     Returns:
         [..., C, 3]
     """
@@ -90,10 +105,11 @@ def vn_leaky_relu(x: torch.Tensor, d: torch.Tensor, negative_slope: float = 0.2,
                          f"got {d.dtype}, {d.device}")
     if not 0.0 <= negative_slope < 1.0:
         raise ValueError(f"{op}: negative_slope must be in [0, 1), got {negative_slope}")
-    resolve_backend(x.device, backend)  # validates the name; the fused kernels are issue #3's next step
-    from .reference import vn_leaky_relu_ref
-    c = x.shape[-2]
-    out = vn_leaky_relu_ref(x.reshape(-1, c, 3), d.reshape(-1, d.shape[-2], 3), negative_slope, eps)
+    if not eps > 0.0:
+        raise ValueError(f"{op}: eps must be positive (it keeps d = 0 finite), got {eps}")
+    raw = _raw_vn_leaky_relu(resolve_backend(x.device, backend))
+    n = math.prod(x.shape[:-2])  # leading dims flattened to N rows (reshape copies only when it must)
+    out = raw(x.reshape(n, x.shape[-2], 3), d.reshape(n, d.shape[-2], 3), float(negative_slope), float(eps))
     return out.reshape(x.shape)
 
 
