@@ -122,6 +122,18 @@ def test_native_matches_reference(device, dtype, tols, n, c, mode, affine):
 
 
 @needs_native
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="half precision kernels are CUDA-only (needs a GPU)")
+@pytest.mark.parametrize("dtype, tols", [
+    # Inputs/outputs rounded once to 2^-11 (float16) / 2^-8 (bfloat16); fp32 math and fp32 stats.
+    pytest.param(torch.float16, {"y": 5e-3, "grad": 2e-2, "stats": 1e-3}, id="float16"),
+    pytest.param(torch.bfloat16, {"y": 3e-2, "grad": 1e-1, "stats": 1e-2}, id="bfloat16"),
+])
+@pytest.mark.parametrize("mode", MODES)
+def test_native_half_precision_cuda(dtype, tols, mode):
+    run_and_compare("native", "cuda", dtype, tols, 300, 33, mode, True)
+
+
+@needs_native
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", ["train_running", "eval"])
 def test_native_zero_vectors(device, mode):
@@ -170,6 +182,13 @@ def test_native_batch_dims_and_noncontiguous(device):
     norms = torch.linalg.vector_norm(xs, dim=-1) + 1e-6
     assert_close_scaled(mean, norms.mean(0), 1e-12, "mean")
     assert_close_scaled(var, norms.var(0, unbiased=False), 1e-12, "var")
+
+
+@needs_native
+@pytest.mark.parametrize("device", DEVICES)
+def test_native_single_row_eval(device):
+    # One row is fine in eval mode (running statistics); training mode refuses it (BAD_CALLS).
+    run_and_compare("native", device, torch.float64, {"y": 1e-12, "grad": 1e-10, "stats": 1e-12}, 1, 5, "eval", True)
 
 
 @needs_native
