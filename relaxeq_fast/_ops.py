@@ -198,13 +198,17 @@ def vn_norm_stats_backward_formula(x, mean, norm_eps, grad_mean, grad_var):
     n = x.shape[0]
     sdt = mean.dtype
     xs = x.to(sdt)
-    r = torch.linalg.vector_norm(xs, dim=-1)
-    g_norm = torch.zeros_like(r)
+    # g_norm = a + b·r per channel (r = ‖x‖; norm = r + norm_eps), folded into per-channel a, b so
+    # the [N, C] work is one addcmul, one division and one mask.
+    a = torch.zeros_like(mean)
+    bcoef = torch.zeros_like(mean)
     if grad_mean is not None:
-        g_norm = g_norm + grad_mean / n
+        a = a + grad_mean / n
     if grad_var is not None:
-        g_norm = g_norm + grad_var * (2.0 / n) * (r + norm_eps - mean)
-    coef = torch.where(r > 0, g_norm / torch.where(r > 0, r, torch.ones_like(r)), torch.zeros_like(r))
+        bcoef = grad_var * (2.0 / n)
+        a = a + bcoef * (norm_eps - mean)
+    r = torch.linalg.vector_norm(xs, dim=-1)
+    coef = torch.addcmul(a, bcoef, r).div_(r).masked_fill_(r == 0, 0)
     return (xs * coef.unsqueeze(-1)).to(x.dtype)
 
 
