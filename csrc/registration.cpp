@@ -45,6 +45,16 @@ TORCH_LIBRARY(relaxeq, m) {
   m.def(
       "vn_leaky_relu_backward(Tensor grad_out, Tensor x, Tensor d, float negative_slope, float eps,"
       " bool[2] output_mask) -> (Tensor grad_x, Tensor grad_d)");
+  // Vector-Neuron batch norm: the norm statistics over N per channel, then one fused pass that
+  // normalises the norms and rescales the vectors (and its backward with the per-channel sums).
+  m.def("vn_norm_stats(Tensor x, float norm_eps) -> (Tensor mean, Tensor var)");
+  m.def(
+      "vn_batch_norm_apply(Tensor x, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias, float norm_eps)"
+      " -> Tensor y");
+  m.def(
+      "vn_batch_norm_apply_backward(Tensor grad_y, Tensor x, Tensor mean, Tensor invstd, Tensor? weight,"
+      " Tensor? bias, float norm_eps, bool[5] output_mask)"
+      " -> (Tensor grad_x, Tensor grad_mean, Tensor grad_invstd, Tensor grad_weight, Tensor grad_bias)");
   m.def("build_info() -> str", &relaxeq::build_info);
 }
 

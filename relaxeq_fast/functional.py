@@ -8,7 +8,7 @@ import torch
 
 from . import _ops
 from .backend import resolve_backend
-from .reference import relaxed_linear_ref
+from .reference import relaxed_linear_ref, stats_dtype
 
 __all__ = ["InputStats", "relaxed_linear", "vn_batch_norm", "vn_leaky_relu"]
 
@@ -113,15 +113,34 @@ def vn_leaky_relu(x: torch.Tensor, d: torch.Tensor, negative_slope: float = 0.2,
     return out.reshape(x.shape)
 
 
+def _raw_vn_batch_norm(backend: str):
+    """(vn_norm_stats, vn_batch_norm_apply) ops of a compiled backend."""
+    if backend == "native":
+        return torch.ops.relaxeq.vn_norm_stats, torch.ops.relaxeq.vn_batch_norm_apply
+    from .triton_kernels import vn_batch_norm as triton_vn_batch_norm
+    return triton_vn_batch_norm.stats_op(), triton_vn_batch_norm.apply_op()
+
+
 def vn_batch_norm(x: torch.Tensor, running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
                   weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
                   training: bool = False, momentum: float = 0.1, eps: float = 1e-5, norm_eps: float = 1e-6, *,
                   backend: Optional[str] = None) -> torch.Tensor:
     """Vector-Neuron batch norm over all leading dims (see :func:`relaxeq_fast.reference.vn_batch_norm_ref`).
 
+    norm = ‖x_c‖ + norm_eps per vector; BatchNorm1d of the norms over every leading position,
+    exactly as ``torch.nn.functional.batch_norm`` (training: batch mean and biased variance, and
+    running stats updated in place with the unbiased variance; eval: running stats); each vector
+    is rescaled to its new norm.
+
+    Compiled backends run two ops: ``vn_norm_stats`` (per-channel mean/var of the norms, one pass;
+    training only) and ``vn_batch_norm_apply`` (norms, normalisation and rescaling in one pass,
+    with a fused backward). The gradient through the batch statistics is the autograd formula
+    registered on ``vn_norm_stats``, so training mode is differentiable end to end.
+
     Args:
         x: [..., C, 3] features; statistics are taken over every leading position (batch and points).
-        running_mean, running_var: [C] or None (then batch statistics are always used).
+        running_mean, running_var: [C] or None (then batch statistics are always used; eval mode
+            needs them, as in torch).
         weight, bias: [C] affine parameters of the norm's batch norm, or None.
     Returns:
         [..., C, 3]
@@ -132,12 +151,37 @@ def vn_batch_norm(x: torch.Tensor, running_mean: Optional[torch.Tensor], running
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
         if t is not None and tuple(t.shape) != (c,):
             raise ValueError(f"{op}: {name} must have shape [C] = [{c}], got {list(t.shape)}")
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{op}: {name} must be on the device of x ({x.device}), got {t.device}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{op}: running_mean and running_var must both be given or both be None")
     rows = math.prod(x.shape[:-2])
     if training and rows < 2:
         raise ValueError(f"{op}: training mode needs more than one value per channel to take batch statistics, "
                          f"got {rows} row(s) of x {list(x.shape)} (use eval mode or a larger batch)")
-    resolve_backend(x.device, backend)
-    from .reference import vn_batch_norm_ref
-    out = vn_batch_norm_ref(x.reshape(-1, c, 3), running_mean, running_var, weight, bias, training, momentum,
-                            eps, norm_eps)
-    return out.reshape(x.shape)
+    if not training and running_mean is None:
+        raise ValueError(f"{op}: eval mode needs running_mean and running_var (as torch's batch_norm), got None")
+    backend_name = resolve_backend(x.device, backend)
+    x3 = x.reshape(-1, c, 3)
+    if backend_name == "reference":
+        from .reference import vn_batch_norm_ref
+        out = vn_batch_norm_ref(x3, running_mean, running_var, weight, bias, training, momentum, eps, norm_eps)
+        return out.reshape(x.shape)
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{op}: {name} must have the dtype of x ({x.dtype}), got {t.dtype}")
+    stats_op, apply_op = _raw_vn_batch_norm(backend_name)
+    sdt = stats_dtype(x.dtype)
+    if training:
+        mean, var = stats_op(x3, norm_eps)
+        if running_mean is not None:
+            with torch.no_grad():
+                unbiased = var * (rows / (rows - 1))
+                running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+                running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+        invstd = torch.rsqrt(var + eps)
+    else:
+        mean = running_mean.to(sdt)
+        invstd = torch.rsqrt(running_var.to(sdt) + eps)
+    y = apply_op(x3, mean, invstd, weight, bias, norm_eps)
+    return y.reshape(x.shape)
