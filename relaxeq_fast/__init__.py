@@ -13,6 +13,7 @@ from .regularizer import combine_regularizers, lie_derivative_matrices, relaxati
 from .reps import VN, Irreps, random_rotation
 from . import nn  # noqa: E402  (after functional: nn builds on it)
 from . import vn, models  # noqa: E402
+from .vn import equivariance_error, project, relax, swap  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -26,6 +27,6 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["BACKENDS", "InputStats", "Irreps", "VN", "build_info", "combine_regularizers", "get_backend",
+__all__ = ["BACKENDS", "InputStats", "equivariance_error", "project", "relax", "swap", "Irreps", "VN", "build_info", "combine_regularizers", "get_backend",
            "lie_derivative_matrices", "models", "nn", "vn", "random_rotation", "relaxation_regularizers", "relaxed_linear",
            "relaxed_linear_backward_ref", "relaxed_linear_ref", "resolve_backend", "use_backend"]

@@ -24,7 +24,7 @@ from .reps import VN
 
 __all__ = ["VNLinear", "VNBatchNorm", "VNLeakyReLU", "VNLinearLeakyReLU", "VNMaxPool", "vn_mean_pool",
            "VNStdFeature", "knn_indices", "graph_feature", "graph_feature_cross", "relax", "project", "relaxed_layers",
-           "model_regularizers", "set_theta", "swap", "VNLayoutAdapter"]
+           "model_regularizers", "set_theta", "swap", "VNLayoutAdapter", "equivariance_error"]
 
 
 def VNLinear(in_channels: int, out_channels: int, **kwargs) -> EquivariantLinear:
@@ -406,3 +406,36 @@ def swap(model: nn.Module) -> nn.Module:
     if top is not None:
         return top
     return _replace(model, _convert_public)
+
+
+@torch.no_grad()
+def equivariance_error(model: nn.Module, inputs: torch.Tensor, n_rotations: int = 4, output: str = "auto",
+                       seed: int = 0) -> float:
+    """Worst relative error ‖f(x Rᵀ) − ρ_out(R) f(x)‖ / ‖ρ_out(R) f(x)‖ over random rotations R.
+
+    inputs: points [B, P, 3] or VN features [..., C, 3] (xyz last; rotated as x Rᵀ).
+    output: "equivariant" (f's output has xyz last and rotates the same way), "invariant" (e.g. a
+    classifier's logits), or "auto" (invariant when the output's last dim is not 3; otherwise it is
+    ambiguous — 3 logits or a vector — and must be named).
+    The model is evaluated as it is (call ``model.eval()`` first for batch-norm running statistics).
+    """
+    if output not in ("auto", "equivariant", "invariant"):
+        raise ValueError(f"output must be 'auto', 'equivariant' or 'invariant', got {output!r}")
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() < 2 or inputs.shape[-1] != 3:
+        raise ValueError(f"inputs must have xyz last ([B, P, 3] or [..., C, 3]), got "
+                         f"{list(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__}")
+    from .reps import random_rotation
+    base = model(inputs)
+    if output == "auto":
+        if base.shape[-1] == 3:
+            raise ValueError("output='auto' cannot tell whether a last dim of 3 is xyz or 3 logits: "
+                             "pass output='equivariant' or output='invariant'")
+        output = "invariant"
+    gen = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    for _ in range(n_rotations):
+        R = random_rotation(generator=gen, dtype=inputs.dtype, device=inputs.device)
+        rotated = model(inputs @ R.T)
+        expected = base @ R.T if output == "equivariant" else base
+        worst = max(worst, ((rotated - expected).norm() / expected.norm().clamp_min(torch.finfo(expected.dtype).tiny)).item())
+    return worst

@@ -26,6 +26,7 @@ def rel_err(a, b):
 def equivariance_error(f, x, out_rotates=True, n=3):
     worst = 0.0
     for R in rotations(n):
+        R = R.to(x.dtype)
         lhs = f(x @ R.T)
         rhs = f(x) @ R.T if out_rotates else f(x)
         worst = max(worst, rel_err(lhs, rhs))
@@ -51,6 +52,17 @@ LAYERS = {
                                                                dtype=F64),
     "VNMaxPool": lambda: VNMaxPool(6, dtype=F64),
 }
+
+
+# float32: one rotation's rounding through a few layers (~1e-7 per op), with margin.
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_layer_equivariance_float32(name, train):
+    torch.manual_seed(0)
+    layer = relax(LAYERS[name]().float().train(train), theta=0.0)
+    x = torch.randn(4, 9, 6, 3)
+    assert equivariance_error(layer, x) < 1e-5
+    assert equivariance_error(project(layer), x) < 1e-5
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
@@ -248,6 +260,24 @@ def test_pointnet_relaxed_flag_and_training_step():
     (loss + reg).backward()
     grads = [m.weight_relax.grad for m in relaxed_layers(model)]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_public_equivariance_error_helper():
+    from relaxeq_fast import equivariance_error as public_error
+    torch.manual_seed(0)
+    model = VNPointNet(num_classes=3, k=4).double().eval()
+    x = torch.randn(2, 12, 3, dtype=F64)
+    with pytest.raises(ValueError, match="cannot tell"):
+        public_error(model, x)  # 3 logits look like xyz
+    assert public_error(model, x, output="invariant") < 1e-10
+    assert public_error(VNPointNet(num_classes=5, k=4).double().eval(), x) < 1e-10  # "auto": invariant
+    block = VNLinearLeakyReLU(3, 4, dtype=F64).eval()
+    feats = torch.randn(5, 3, 3, dtype=F64)
+    assert public_error(block, feats, output="equivariant") < 1e-10
+    broken = relax(VNLinearLeakyReLU(3, 4, dtype=F64), relax_init="default", theta=1.0).eval()
+    assert public_error(broken, feats, output="equivariant") > 1e-3
+    with pytest.raises(ValueError, match="xyz last"):
+        public_error(block, torch.randn(5, 3, 4))
 
 
 def test_pointnet_bad_inputs():
