@@ -14,7 +14,6 @@ kernel is decorated: TRITON_INTERPRET=1 must be set before this module is import
 """
 from __future__ import annotations
 
-import threading
 from typing import List, Optional, Tuple
 
 import torch
@@ -22,6 +21,7 @@ import triton
 import triton.language as tl
 
 from relaxeq_fast import _ops
+from relaxeq_fast.triton_kernels._common import OpsRegistration, check_device, program_slots
 from relaxeq_fast.reference import stats_dtype
 
 __all__ = ["op", "backward_op", "relaxed_linear_triton", "relaxed_linear_backward_triton"]
@@ -33,7 +33,6 @@ BACKWARD_NAME = "relaxeq::relaxed_linear_backward_triton"
 _FORWARD_SCHEMA = "(Tensor x, Tensor M, Tensor? c, bool stats) -> (Tensor y, Tensor G, Tensor s)"
 _BACKWARD_SCHEMA = "(Tensor dy, Tensor x, Tensor M, bool[3] output_mask) -> (Tensor dx, Tensor dM, Tensor dc)"
 
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # Tests set this to force several row blocks per program (the in-kernel row loop) on shapes
 # small enough for the interpreter; None lets the launcher choose.
@@ -129,33 +128,8 @@ def _relaxed_linear_kernel(
                 tl.atomic_add(out3_ptr + offs_i, acc3, mask=i_mask)
 
 
-def _interpreted() -> bool:
-    return type(_relaxed_linear_kernel).__name__ == "InterpretedFunction"
 
 
-def _check_device(t: torch.Tensor, opname: str):
-    if t.device.type == "cpu" and not _interpreted():
-        raise RuntimeError(
-            f"{opname}: x is a CPU tensor, which Triton runs only in its interpreter: set TRITON_INTERPRET=1 "
-            "before importing relaxeq_fast.triton_kernels.relaxed_linear (or use a CUDA tensor)")
-    if t.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"{opname}: x must be float16, bfloat16, float32 or float64, got {t.dtype}")
-    if t.device.type == "cpu" and t.dtype == torch.bfloat16:
-        raise TypeError(f"{opname}: x is bfloat16 on CPU; the Triton interpreter (numpy) has no bfloat16 "
-                        "arithmetic: use float32/float64, or a CUDA tensor")
-
-
-_sm_count_cache: dict = {}
-
-
-def _program_slots(device: torch.device) -> int:
-    """Roughly how many programs keep the device busy (queried at call time, never at import)."""
-    if device.type != "cuda":
-        return 1  # the interpreter runs programs one by one: fewer, fuller programs are faster
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _sm_count_cache:
-        _sm_count_cache[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return 4 * _sm_count_cache[idx]
 
 
 def _block_sizes(dtype: torch.dtype, device: torch.device):
@@ -214,7 +188,7 @@ def _launch(A: torch.Tensor, W: Optional[torch.Tensor], c: Optional[torch.Tensor
         # Longer row ranges per program mean fewer atomic partial sums of out2, but fewer
         # programs for the output tiles; aim for enough programs to fill the device, and cap
         # the range so the output tiles keep their parallelism on very tall inputs.
-        target_row_programs = max(1, triton.cdiv(_program_slots(A.device), n_tiles))
+        target_row_programs = max(1, triton.cdiv(program_slots(A.device), n_tiles))
         per_prog = max(1, min(16, n_sub // target_row_programs))
     rows_per_prog = per_prog * block_n
     grid = (triton.cdiv(n, rows_per_prog), n_tiles)
@@ -248,7 +222,7 @@ def relaxed_linear_triton(x: torch.Tensor, M: torch.Tensor, c: Optional[torch.Te
     G = xᵀx [D_in, D_in], s = Σ_n x_n [D_in] in ``stats_dtype(x.dtype)``."""
     opname = "relaxed_linear (triton)"
     _ops.check_relaxed_linear_args(x, M, c, op=opname)
-    _check_device(x, opname)
+    check_device(x, opname, _relaxed_linear_kernel, "relaxeq_fast.triton_kernels.relaxed_linear")
     x, M = x.detach(), M.detach()
     c = c.detach() if c is not None else None
     n, d_in, d_out = x.shape[0], x.shape[1], M.shape[0]
@@ -277,7 +251,7 @@ def relaxed_linear_backward_triton(dy: torch.Tensor, x: torch.Tensor, M: torch.T
     _ops.check_relaxed_linear_backward_args(dy, x, M, op=opname)
     if len(output_mask) != 3:
         raise ValueError(f"{opname}: output_mask must have 3 entries, got {len(output_mask)}")
-    _check_device(x, opname)
+    check_device(x, opname, _relaxed_linear_kernel, "relaxeq_fast.triton_kernels.relaxed_linear")
     dy, x, M = dy.detach(), x.detach(), M.detach()
     need_dx, need_dM, need_dc = (bool(m) for m in output_mask)
     n, d_in, d_out = x.shape[0], x.shape[1], M.shape[0]
@@ -294,41 +268,27 @@ def relaxed_linear_backward_triton(dy: torch.Tensor, x: torch.Tensor, M: torch.T
     return dx, dM, dc
 
 
-_lock = threading.Lock()
-_registered = False
+def _define_ops():
+    torch.library.custom_op(FORWARD_NAME, relaxed_linear_triton, mutates_args=(), schema=_FORWARD_SCHEMA)
+    torch.library.custom_op(BACKWARD_NAME, relaxed_linear_backward_triton, mutates_args=(),
+                            schema=_BACKWARD_SCHEMA)
+    # For custom_op-defined ops the helper's register_fake/register_autograd calls go to
+    # the CustomOpDef, which had neither yet: nothing is registered twice. The backward
+    # goes through the dispatcher so torch.compile sees the op, not the Python body.
+    _ops.register_relaxed_linear_op(FORWARD_NAME, BACKWARD_NAME,
+                                    lambda *a: torch.ops.relaxeq.relaxed_linear_backward_triton(*a))
 
 
-def _op_defined(qualname: str) -> bool:
-    ns, name = qualname.split("::")
-    return hasattr(getattr(torch.ops, ns), name)
-
-
-def _register():
-    global _registered
-    with _lock:
-        if _registered:
-            return
-        # A reloaded module finds the ops already defined (the dispatcher outlives the module);
-        # defining them again would raise, and the existing registration is equivalent.
-        if not _op_defined(FORWARD_NAME):
-            torch.library.custom_op(FORWARD_NAME, relaxed_linear_triton, mutates_args=(), schema=_FORWARD_SCHEMA)
-            torch.library.custom_op(BACKWARD_NAME, relaxed_linear_backward_triton, mutates_args=(),
-                                    schema=_BACKWARD_SCHEMA)
-            # For custom_op-defined ops the helper's register_fake/register_autograd calls go to
-            # the CustomOpDef, which had neither yet: nothing is registered twice. The backward
-            # goes through the dispatcher so torch.compile sees the op, not the Python body.
-            _ops.register_relaxed_linear_op(FORWARD_NAME, BACKWARD_NAME,
-                                            lambda *a: torch.ops.relaxeq.relaxed_linear_backward_triton(*a))
-        _registered = True
+_registration = OpsRegistration(FORWARD_NAME, _define_ops)
 
 
 def op():
     """``torch.ops.relaxeq.relaxed_linear_triton`` (registered on first call)."""
-    _register()
+    _registration.ensure()
     return torch.ops.relaxeq.relaxed_linear_triton
 
 
 def backward_op():
     """``torch.ops.relaxeq.relaxed_linear_backward_triton`` (registered on first call)."""
-    _register()
+    _registration.ensure()
     return torch.ops.relaxeq.relaxed_linear_backward_triton

@@ -17,7 +17,6 @@ kernel is decorated: TRITON_INTERPRET=1 must be set before this module is import
 """
 from __future__ import annotations
 
-import threading
 from typing import List, Optional, Tuple
 
 import torch
@@ -25,6 +24,7 @@ import triton
 import triton.language as tl
 
 from relaxeq_fast import _ops
+from relaxeq_fast.triton_kernels._common import OpsRegistration, check_device, program_slots
 from relaxeq_fast.reference import stats_dtype
 
 __all__ = ["stats_op", "apply_op", "backward_op", "vn_norm_stats_triton", "vn_batch_norm_apply_triton",
@@ -42,7 +42,6 @@ _BACKWARD_SCHEMA = ("(Tensor grad_y, Tensor x, Tensor mean, Tensor invstd, Tenso
                     " float norm_eps, bool[5] output_mask) -> (Tensor grad_x, Tensor grad_mean,"
                     " Tensor grad_invstd, Tensor grad_weight, Tensor grad_bias)")
 
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # Tests set this to force several row programs (partials / atomics across programs) and several
 # row chunks per program on shapes small enough for the interpreter; None lets the launcher choose.
@@ -173,33 +172,8 @@ def _vn_backward_kernel(
         tl.atomic_add(s1_ptr + cols, acc1, mask=c_mask)
 
 
-def _interpreted() -> bool:
-    return type(_vn_apply_kernel).__name__ == "InterpretedFunction"
 
 
-def _check_device(t: torch.Tensor, opname: str):
-    if t.device.type == "cpu" and not _interpreted():
-        raise RuntimeError(
-            f"{opname}: x is a CPU tensor, which Triton runs only in its interpreter: set TRITON_INTERPRET=1 "
-            "before importing relaxeq_fast.triton_kernels.vn_batch_norm (or use a CUDA tensor)")
-    if t.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"{opname}: x must be float16, bfloat16, float32 or float64, got {t.dtype}")
-    if t.device.type == "cpu" and t.dtype == torch.bfloat16:
-        raise TypeError(f"{opname}: x is bfloat16 on CPU; the Triton interpreter (numpy) has no bfloat16 "
-                        "arithmetic: use float32/float64, or a CUDA tensor")
-
-
-_sm_count_cache: dict = {}
-
-
-def _program_slots(device: torch.device) -> int:
-    """Roughly how many programs keep the device busy (queried at call time, never at import)."""
-    if device.type != "cuda":
-        return 1  # the interpreter runs programs one by one: fewer, fuller programs are faster
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _sm_count_cache:
-        _sm_count_cache[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return 4 * _sm_count_cache[idx]
 
 
 def _block_sizes(device: torch.device):
@@ -214,7 +188,7 @@ def _rows_per_program(n: int, c_blocks: int, block_n: int, device: torch.device)
     if _ROWS_PER_PROGRAM is not None:
         return _ROWS_PER_PROGRAM
     # Enough row programs to fill the device; longer row ranges mean fewer partials / atomics.
-    row_programs = max(1, triton.cdiv(_program_slots(device), c_blocks))
+    row_programs = max(1, triton.cdiv(program_slots(device), c_blocks))
     return max(block_n, triton.cdiv(triton.cdiv(n, row_programs), block_n) * block_n)
 
 
@@ -227,7 +201,7 @@ def vn_norm_stats_triton(x: torch.Tensor, norm_eps: float) -> Tuple[torch.Tensor
     ‖x_nc‖ + norm_eps over n, [C] each in ``stats_dtype(x.dtype)`` (NaN for N = 0)."""
     opname = "vn_norm_stats (triton)"
     _ops.check_vn_features(x, opname)
-    _check_device(x, opname)
+    check_device(x, opname, _vn_apply_kernel, "relaxeq_fast.triton_kernels.vn_batch_norm")
     x = x.detach()
     n, c = x.shape[0], x.shape[1]
     sdt = stats_dtype(x.dtype)
@@ -257,7 +231,7 @@ def vn_batch_norm_apply_triton(x: torch.Tensor, mean: torch.Tensor, invstd: torc
     """Kernel body of ``relaxeq::vn_batch_norm_apply_triton``: y [N, C, 3] (contiguous)."""
     opname = "vn_batch_norm_apply (triton)"
     _ops.check_vn_batch_norm_apply_args(x, mean, invstd, weight, bias, op=opname)
-    _check_device(x, opname)
+    check_device(x, opname, _vn_apply_kernel, "relaxeq_fast.triton_kernels.vn_batch_norm")
     x, mean, invstd = x.detach(), mean.detach().contiguous(), invstd.detach().contiguous()
     weight = weight.detach().contiguous() if weight is not None else None
     bias = bias.detach().contiguous() if bias is not None else None
@@ -285,7 +259,7 @@ def vn_batch_norm_apply_backward_triton(grad_y: torch.Tensor, x: torch.Tensor, m
     _ops.check_vn_batch_norm_apply_backward_args(grad_y, x, mean, invstd, weight, bias, op=opname)
     if len(output_mask) != 5:
         raise ValueError(f"{opname}: output_mask must have 5 entries, got {len(output_mask)}")
-    _check_device(x, opname)
+    check_device(x, opname, _vn_apply_kernel, "relaxeq_fast.triton_kernels.vn_batch_norm")
     grad_y, x, mean, invstd = grad_y.detach(), x.detach(), mean.detach().contiguous(), invstd.detach().contiguous()
     weight = weight.detach().contiguous() if weight is not None else None
     bias = bias.detach().contiguous() if bias is not None else None
@@ -318,46 +292,33 @@ def vn_batch_norm_apply_backward_triton(grad_y: torch.Tensor, x: torch.Tensor, m
     return gx, grad_mean, grad_invstd, grad_weight, grad_bias
 
 
-_lock = threading.Lock()
-_registered = False
+def _define_ops():
+    torch.library.custom_op(STATS_NAME, vn_norm_stats_triton, mutates_args=(), schema=_STATS_SCHEMA)
+    torch.library.custom_op(APPLY_NAME, vn_batch_norm_apply_triton, mutates_args=(), schema=_APPLY_SCHEMA)
+    torch.library.custom_op(BACKWARD_NAME, vn_batch_norm_apply_backward_triton, mutates_args=(),
+                            schema=_BACKWARD_SCHEMA)
+    # The backward goes through the dispatcher so torch.compile sees the op.
+    _ops.register_vn_batch_norm_ops(
+        STATS_NAME, APPLY_NAME, BACKWARD_NAME,
+        lambda *a: torch.ops.relaxeq.vn_batch_norm_apply_backward_triton(*a))
 
 
-def _op_defined(qualname: str) -> bool:
-    ns, name = qualname.split("::")
-    return hasattr(getattr(torch.ops, ns), name)
-
-
-def _register():
-    global _registered
-    with _lock:
-        if _registered:
-            return
-        # A reloaded module finds the ops already defined (the dispatcher outlives the module).
-        if not _op_defined(APPLY_NAME):
-            torch.library.custom_op(STATS_NAME, vn_norm_stats_triton, mutates_args=(), schema=_STATS_SCHEMA)
-            torch.library.custom_op(APPLY_NAME, vn_batch_norm_apply_triton, mutates_args=(), schema=_APPLY_SCHEMA)
-            torch.library.custom_op(BACKWARD_NAME, vn_batch_norm_apply_backward_triton, mutates_args=(),
-                                    schema=_BACKWARD_SCHEMA)
-            # The backward goes through the dispatcher so torch.compile sees the op.
-            _ops.register_vn_batch_norm_ops(
-                STATS_NAME, APPLY_NAME, BACKWARD_NAME,
-                lambda *a: torch.ops.relaxeq.vn_batch_norm_apply_backward_triton(*a))
-        _registered = True
+_registration = OpsRegistration(APPLY_NAME, _define_ops)
 
 
 def stats_op():
     """``torch.ops.relaxeq.vn_norm_stats_triton`` (registered on first call)."""
-    _register()
+    _registration.ensure()
     return torch.ops.relaxeq.vn_norm_stats_triton
 
 
 def apply_op():
     """``torch.ops.relaxeq.vn_batch_norm_apply_triton`` (registered on first call)."""
-    _register()
+    _registration.ensure()
     return torch.ops.relaxeq.vn_batch_norm_apply_triton
 
 
 def backward_op():
     """``torch.ops.relaxeq.vn_batch_norm_apply_backward_triton`` (registered on first call)."""
-    _register()
+    _registration.ensure()
     return torch.ops.relaxeq.vn_batch_norm_apply_backward_triton

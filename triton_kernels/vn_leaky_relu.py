@@ -20,7 +20,6 @@ kernel is decorated: TRITON_INTERPRET=1 must be set before this module is import
 """
 from __future__ import annotations
 
-import threading
 from typing import List, Tuple
 
 import torch
@@ -28,6 +27,7 @@ import triton
 import triton.language as tl
 
 from relaxeq_fast import _ops
+from relaxeq_fast.triton_kernels._common import OpsRegistration, check_device
 
 __all__ = ["op", "backward_op", "vn_leaky_relu_triton", "vn_leaky_relu_backward_triton"]
 
@@ -38,7 +38,6 @@ _FORWARD_SCHEMA = "(Tensor x, Tensor d, float negative_slope, float eps) -> Tens
 _BACKWARD_SCHEMA = ("(Tensor grad_out, Tensor x, Tensor d, float negative_slope, float eps, bool[2] output_mask)"
                     " -> (Tensor grad_x, Tensor grad_d)")
 
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @triton.jit
@@ -147,20 +146,6 @@ def _vn_leaky_relu_bwd_kernel(
             _store3(gd_ptr, rows * 3, acc0, acc1, acc2, r_mask)
 
 
-def _interpreted() -> bool:
-    return type(_vn_leaky_relu_fwd_kernel).__name__ == "InterpretedFunction"
-
-
-def _check_device(t: torch.Tensor, opname: str):
-    if t.device.type == "cpu" and not _interpreted():
-        raise RuntimeError(
-            f"{opname}: x is a CPU tensor, which Triton runs only in its interpreter: set TRITON_INTERPRET=1 "
-            "before importing relaxeq_fast.triton_kernels.vn_leaky_relu (or use a CUDA tensor)")
-    if t.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"{opname}: x must be float16, bfloat16, float32 or float64, got {t.dtype}")
-    if t.device.type == "cpu" and t.dtype == torch.bfloat16:
-        raise TypeError(f"{opname}: x is bfloat16 on CPU; the Triton interpreter (numpy) has no bfloat16 "
-                        "arithmetic: use float32/float64, or a CUDA tensor")
 
 
 def _blocks(c: int, device: torch.device):
@@ -188,7 +173,7 @@ def vn_leaky_relu_triton(x: torch.Tensor, d: torch.Tensor, negative_slope: float
     """Kernel body of ``relaxeq::vn_leaky_relu_triton``: x [N, C, 3], d [N, C, 3] or [N, 1, 3] → [N, C, 3]."""
     opname = "vn_leaky_relu (triton)"
     _ops.check_vn_leaky_relu_args(x, d, negative_slope, eps, op=opname)
-    _check_device(x, opname)
+    check_device(x, opname, _vn_leaky_relu_fwd_kernel, "relaxeq_fast.triton_kernels.vn_leaky_relu")
     x, d = x.detach().contiguous(), d.detach().contiguous()
     n, c = x.shape[0], x.shape[1]
     out = torch.empty_like(x)
@@ -211,7 +196,7 @@ def vn_leaky_relu_backward_triton(grad_out: torch.Tensor, x: torch.Tensor, d: to
     _ops.check_vn_leaky_relu_backward_args(grad_out, x, d, negative_slope, eps, op=opname)
     if len(output_mask) != 2:
         raise ValueError(f"{opname}: output_mask must have 2 entries, got {len(output_mask)}")
-    _check_device(x, opname)
+    check_device(x, opname, _vn_leaky_relu_fwd_kernel, "relaxeq_fast.triton_kernels.vn_leaky_relu")
     g, x, d = grad_out.detach().contiguous(), x.detach().contiguous(), d.detach().contiguous()
     need_gx, need_gd = (bool(m) for m in output_mask)
     n, c = x.shape[0], x.shape[1]
@@ -233,38 +218,25 @@ def vn_leaky_relu_backward_triton(grad_out: torch.Tensor, x: torch.Tensor, d: to
     return gx, gd
 
 
-_lock = threading.Lock()
-_registered = False
+def _define_ops():
+    torch.library.custom_op(FORWARD_NAME, vn_leaky_relu_triton, mutates_args=(), schema=_FORWARD_SCHEMA)
+    torch.library.custom_op(BACKWARD_NAME, vn_leaky_relu_backward_triton, mutates_args=(),
+                            schema=_BACKWARD_SCHEMA)
+    # The backward goes through the dispatcher so torch.compile sees the op, not the Python body.
+    _ops.register_vn_leaky_relu_op(FORWARD_NAME, BACKWARD_NAME,
+                                   lambda *a: torch.ops.relaxeq.vn_leaky_relu_backward_triton(*a))
 
 
-def _op_defined(qualname: str) -> bool:
-    ns, name = qualname.split("::")
-    return hasattr(getattr(torch.ops, ns), name)
-
-
-def _register():
-    global _registered
-    with _lock:
-        if _registered:
-            return
-        # A reloaded module finds the ops already defined (the dispatcher outlives the module).
-        if not _op_defined(FORWARD_NAME):
-            torch.library.custom_op(FORWARD_NAME, vn_leaky_relu_triton, mutates_args=(), schema=_FORWARD_SCHEMA)
-            torch.library.custom_op(BACKWARD_NAME, vn_leaky_relu_backward_triton, mutates_args=(),
-                                    schema=_BACKWARD_SCHEMA)
-            # The backward goes through the dispatcher so torch.compile sees the op, not the Python body.
-            _ops.register_vn_leaky_relu_op(FORWARD_NAME, BACKWARD_NAME,
-                                           lambda *a: torch.ops.relaxeq.vn_leaky_relu_backward_triton(*a))
-        _registered = True
+_registration = OpsRegistration(FORWARD_NAME, _define_ops)
 
 
 def op():
     """``torch.ops.relaxeq.vn_leaky_relu_triton`` (registered on first call)."""
-    _register()
+    _registration.ensure()
     return torch.ops.relaxeq.vn_leaky_relu_triton
 
 
 def backward_op():
     """``torch.ops.relaxeq.vn_leaky_relu_backward_triton`` (registered on first call)."""
-    _register()
+    _registration.ensure()
     return torch.ops.relaxeq.vn_leaky_relu_backward_triton

@@ -1,0 +1,63 @@
+"""What every Triton op file shares: argument checks for the device, device occupancy, and the
+one-time registration of its custom ops."""
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def is_interpreted(kernel) -> bool:
+    """Whether ``kernel`` was decorated under TRITON_INTERPRET=1 (triton.jit decides at decoration)."""
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
+def check_device(t: torch.Tensor, opname: str, kernel, module: str) -> None:
+    """x must be a tensor Triton can run here: CUDA, or CPU under the interpreter; a float dtype."""
+    if t.device.type == "cpu" and not is_interpreted(kernel):
+        raise RuntimeError(
+            f"{opname}: x is a CPU tensor, which Triton runs only in its interpreter: set TRITON_INTERPRET=1 "
+            f"before importing {module} (or use a CUDA tensor)")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{opname}: x must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if t.device.type == "cpu" and t.dtype == torch.bfloat16:
+        raise TypeError(f"{opname}: x is bfloat16 on CPU; the Triton interpreter (numpy) has no bfloat16 "
+                        "arithmetic: use float32/float64, or a CUDA tensor")
+
+
+_sm_count_cache: dict = {}
+
+
+def program_slots(device: torch.device) -> int:
+    """Roughly how many programs keep the device busy (queried at call time, never at import)."""
+    if device.type != "cuda":
+        return 1  # the interpreter runs programs one by one: fewer, fuller programs are faster
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _sm_count_cache:
+        _sm_count_cache[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return 4 * _sm_count_cache[idx]
+
+
+class OpsRegistration:
+    """Defines a file's custom ops on first use, once per process.
+
+    ``define`` creates the ops (torch.library.custom_op ...) and registers their fake and autograd
+    formulas. A reloaded module finds ``probe_qualname`` already defined — the dispatcher outlives the
+    module — and skips it, since defining an op twice raises and the existing definition is equivalent.
+    """
+
+    def __init__(self, probe_qualname: str, define: Callable[[], None]):
+        self._probe, self._define = probe_qualname, define
+        self._lock, self._done = threading.Lock(), False
+
+    def ensure(self) -> None:
+        with self._lock:
+            if self._done:
+                return
+            ns, name = self._probe.split("::")
+            if not hasattr(getattr(torch.ops, ns), name):
+                self._define()
+            self._done = True
