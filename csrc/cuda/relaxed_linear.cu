@@ -20,6 +20,7 @@
 #include <climits>
 #include <cstdint>
 
+#include "acc_types.cuh"
 #include "relaxed_linear_params.h"
 
 namespace relaxeq {
@@ -39,39 +40,6 @@ constexpr int64_t kTargetBlocks = 2048;  // enough blocks to fill an H100 many t
 static_assert(kTile * kDepth == kLoads * kThreads, "staging must cover the slice exactly");
 static_assert(kReg * kSide == kTile, "register blocks must cover the tile exactly");
 
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-__device__ __forceinline__ void store_from_acc(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store_from_acc(double* p, double v) { *p = v; }
-__device__ __forceinline__ void store_from_acc(__half* p, float v) { *p = __float2half_rn(v); }
-__device__ __forceinline__ void store_from_acc(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
-
-__device__ __forceinline__ void atomic_add(float* p, float v) { atomicAdd(p, v); }
-__device__ __forceinline__ void atomic_add(double* p, double v) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 600
-  // No native double atomicAdd before sm_60: compare-and-swap loop.
-  auto* addr = reinterpret_cast<unsigned long long*>(p);
-  unsigned long long old = *addr, assumed;
-  do {
-    assumed = old;
-    old = atomicCAS(addr, assumed, __double_as_longlong(v + __longlong_as_double(assumed)));
-  } while (assumed != old);
-#else
-  atomicAdd(p, v);
-#endif
-}
 
 template <typename Acc>
 using Stage = Acc[kDepth][kTile + kPad];

@@ -18,6 +18,7 @@
 
 #include <cstdint>
 
+#include "acc_types.cuh"
 #include "vn_batch_norm_params.h"
 
 namespace relaxeq {
@@ -33,42 +34,9 @@ constexpr int64_t kMinRowsPerBlock = 4 * kRowLanes;
 constexpr int64_t kMaxGridY = 65535;
 constexpr int64_t kMaxApplyBlocks = 65535 * 8;  // grid-stride beyond this
 
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-__device__ __forceinline__ void store_from_acc(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store_from_acc(double* p, double v) { *p = v; }
-__device__ __forceinline__ void store_from_acc(__half* p, float v) { *p = __float2half_rn(v); }
-__device__ __forceinline__ void store_from_acc(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
 __device__ __forceinline__ float acc_sqrt(float v) { return sqrtf(v); }
 __device__ __forceinline__ double acc_sqrt(double v) { return sqrt(v); }
-
-__device__ __forceinline__ void atomic_add(float* p, float v) { atomicAdd(p, v); }
-__device__ __forceinline__ void atomic_add(double* p, double v) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 600
-  // No native double atomicAdd before sm_60: compare-and-swap loop.
-  auto* addr = reinterpret_cast<unsigned long long*>(p);
-  unsigned long long old = *addr, assumed;
-  do {
-    assumed = old;
-    old = atomicCAS(addr, assumed, __double_as_longlong(v + __longlong_as_double(assumed)));
-  } while (assumed != old);
-#else
-  atomicAdd(p, v);
-#endif
-}
 
 __host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 

@@ -13,6 +13,7 @@
 
 #include <cstdint>
 
+#include "acc_types.cuh"
 #include "vn_leaky_relu_params.h"
 
 namespace relaxeq {
@@ -24,24 +25,6 @@ constexpr int kWarp = 32;
 constexpr int kWarpsPerBlock = kThreads / kWarp;
 constexpr int64_t kMaxBlocks = 65536;  // grid-stride loops cover the rest
 
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-__device__ __forceinline__ void store(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store(double* p, double v) { *p = v; }
-__device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
-__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
 template <typename T, typename Acc>
 __device__ __forceinline__ void load3(const T* __restrict__ p, int64_t i, Acc (&v)[3]) {
@@ -52,9 +35,9 @@ __device__ __forceinline__ void load3(const T* __restrict__ p, int64_t i, Acc (&
 
 template <typename T, typename Acc>
 __device__ __forceinline__ void store3(T* __restrict__ p, int64_t i, const Acc (&v)[3]) {
-  store(p + i, v[0]);
-  store(p + i + 1, v[1]);
-  store(p + i + 2, v[2]);
+  store_from_acc(p + i, v[0]);
+  store_from_acc(p + i + 1, v[1]);
+  store_from_acc(p + i + 2, v[2]);
 }
 
 template <typename Acc>

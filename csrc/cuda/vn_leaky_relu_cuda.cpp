@@ -12,22 +12,11 @@
 #include <tuple>
 
 #include "../vn_leaky_relu.h"
+#include "glue_checks.h"
 #include "vn_leaky_relu_params.h"
 
 namespace relaxeq {
 namespace {
-
-void check_cuda(const at::Tensor& t, const char* op, const char* name, const at::Tensor& x) {
-  TORCH_CHECK(t.is_cuda(), op, " (CUDA): ", name, " must be a CUDA tensor, got ", t.device());
-  TORCH_CHECK(t.device() == x.device(), op, " (CUDA): ", name, " must be on the device of x (", x.device(),
-              "), got ", t.device());
-}
-
-void check_dtype(const at::Tensor& x, const char* op) {
-  const auto t = x.scalar_type();
-  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16, op,
-              " (CUDA): x must be float32, float64, float16 or bfloat16, got ", t);
-}
 
 void launch(at::ScalarType dtype, const cuda::VnLeakyReluParams& p, bool forward) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
