@@ -12,7 +12,7 @@ from .reference import relaxed_linear_backward_ref, relaxed_linear_ref
 from .regularizer import combine_regularizers, lie_derivative_matrices, relaxation_regularizers
 from .reps import VN, Irreps, random_rotation
 from . import nn  # noqa: E402  (after functional: nn builds on it)
-from . import vn, models  # noqa: E402
+from . import vn, models, relaxation  # noqa: E402
 from .vn import equivariance_error, project, relax, swap  # noqa: E402
 
 __version__ = "0.1.0"
@@ -28,5 +28,5 @@ def build_info() -> dict:
 
 
 __all__ = ["BACKENDS", "InputStats", "equivariance_error", "project", "relax", "swap", "Irreps", "VN", "build_info", "combine_regularizers", "get_backend",
-           "lie_derivative_matrices", "models", "nn", "vn", "random_rotation", "relaxation_regularizers", "relaxed_linear",
+           "lie_derivative_matrices", "models", "nn", "relaxation", "vn", "random_rotation", "relaxation_regularizers", "relaxed_linear",
            "relaxed_linear_backward_ref", "relaxed_linear_ref", "resolve_backend", "use_backend"]

@@ -1,0 +1,151 @@
+"""Relaxation control: θ schedules, stepping them on a model, and the projection error.
+
+    schedule = HoldThenLinearDecay(total=epochs * steps_per_epoch)      # the paper's text
+    theta = ThetaScheduler(model, schedule)                             # sets θ on every relaxed layer
+    for batch in data:
+        loss = task(model(x)) + combine_regularizers(model_regularizers(model), λ_LD, λ_N)
+        ...; optimizer.step(); theta.step()
+    # θ is exactly 0 after the last step: project(model) changes no output
+
+Every schedule maps a step t ∈ [0, total − 1] to θ and ends at exactly 0 at t = total − 1 (and after).
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+__all__ = ["ThetaSchedule", "Triangle", "HoldThenLinearDecay", "Constant", "Cosine", "ThetaScheduler",
+           "projection_error", "SCHEDULES", "make_schedule"]
+
+
+class ThetaSchedule:
+    """θ as a function of the step t (optimisation steps or epochs, as the scheduler counts them).
+
+    Args:
+        total: number of steps; θ(total − 1) = 0 exactly, and θ(t) = 0 for every later t.
+        theta_max: the largest θ.
+    """
+
+    def __init__(self, total: int, theta_max: float = 1.0):
+        if not isinstance(total, int) or total < 1:
+            raise ValueError(f"total must be a positive int (steps), got {total!r}")
+        if not (isinstance(theta_max, (int, float)) and math.isfinite(theta_max) and theta_max >= 0):
+            raise ValueError(f"theta_max must be a finite number >= 0, got {theta_max!r}")
+        self.total, self.theta_max = total, float(theta_max)
+
+    def shape(self, u: float) -> float:
+        """θ / θ_max at progress u = t / (total − 1) ∈ [0, 1)."""
+        raise NotImplementedError
+
+    def __call__(self, t: int) -> float:
+        if t < 0:
+            raise ValueError(f"step must be >= 0, got {t}")
+        if t >= self.total - 1:
+            return 0.0
+        return self.theta_max * self.shape(t / (self.total - 1))
+
+    def __repr__(self):
+        return f"{type(self).__name__}(total={self.total}, theta_max={self.theta_max:g})"
+
+
+class Triangle(ThetaSchedule):
+    """0 → θ_max at mid-training → 0 (the paper's public code)."""
+
+    def shape(self, u):
+        return 1.0 - abs(2.0 * u - 1.0)
+
+
+class HoldThenLinearDecay(ThetaSchedule):
+    """θ_max for the first ``hold`` fraction of training, then linear to 0 (the paper's text: half)."""
+
+    def __init__(self, total: int, theta_max: float = 1.0, hold: float = 0.5):
+        super().__init__(total, theta_max)
+        if not 0.0 <= hold < 1.0:
+            raise ValueError(f"hold must be a fraction in [0, 1), got {hold!r}")
+        self.hold = hold
+
+    def shape(self, u):
+        return 1.0 if u <= self.hold else (1.0 - u) / (1.0 - self.hold)
+
+
+class Constant(ThetaSchedule):
+    """θ_max throughout, then 0 at the last step (projection after a constant relaxation)."""
+
+    def shape(self, u):
+        return 1.0
+
+
+class Cosine(ThetaSchedule):
+    """θ_max (1 + cos(π u)) / 2: from θ_max down to 0."""
+
+    def shape(self, u):
+        return 0.5 * (1.0 + math.cos(math.pi * u))
+
+
+SCHEDULES = {"triangle": Triangle, "hold_linear": HoldThenLinearDecay, "constant": Constant, "cosine": Cosine}
+
+
+def make_schedule(name: str, total: int, **kwargs) -> ThetaSchedule:
+    """A schedule by name: one of ``SCHEDULES`` ("triangle", "hold_linear", "constant", "cosine")."""
+    if name not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, got {name!r}")
+    return SCHEDULES[name](total, **kwargs)
+
+
+class ThetaScheduler:
+    """Sets θ on every RelaxedLinear of ``model`` from ``schedule``; call :meth:`step` once per unit.
+
+    The unit is whatever ``schedule.total`` counts (optimisation steps, or epochs if you call step()
+    once per epoch). θ(0) is applied at construction. ``state_dict``/``load_state_dict`` make it
+    resumable with the rest of a checkpoint.
+    """
+
+    def __init__(self, model: nn.Module, schedule: ThetaSchedule):
+        if not isinstance(schedule, ThetaSchedule):
+            raise TypeError(f"schedule must be a ThetaSchedule, got {type(schedule).__name__}")
+        self.model, self.schedule, self.t = model, schedule, 0
+        self._apply()
+
+    @property
+    def theta(self) -> float:
+        return self.schedule(self.t)
+
+    def _apply(self):
+        from .vn import set_theta
+        set_theta(self.model, self.theta)
+
+    def step(self) -> float:
+        """Advance one unit and set the new θ; returns it."""
+        self.t += 1
+        self._apply()
+        return self.theta
+
+    def state_dict(self) -> dict:
+        return {"t": self.t}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.t = int(state["t"])
+        self._apply()
+
+
+@torch.no_grad()
+def projection_error(model: nn.Module, inputs: torch.Tensor) -> float:
+    """‖f_θ(x) − f_projected(x)‖ / ‖f_projected(x)‖ on ``inputs``: how far the relaxed model is from
+    the equivariant model it will be projected to (0 at θ = 0).
+
+    Both are evaluated in eval mode (running batch-norm statistics, no updates); the model is left as it
+    was, training flag included.
+    """
+    from .vn import project
+    was_training = model.training
+    model.eval()
+    try:
+        projected = project(copy.deepcopy(model))
+        ref = projected(inputs)
+        out = model(inputs)
+    finally:
+        model.train(was_training)
+    return ((out - ref).norm() / ref.norm().clamp_min(torch.finfo(ref.dtype).tiny)).item()
