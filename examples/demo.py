@@ -21,32 +21,38 @@ from relaxeq_fast import VN, combine_regularizers, random_rotation, use_backend
 from relaxeq_fast.nn import RelaxedLinear
 
 
-def step_time(layer, x, backend, repeats=5):
-    times = []
-    for _ in range(repeats + 1):
-        layer.zero_grad(set_to_none=True)
-        t0 = time.perf_counter()
-        with use_backend(backend):
-            y = layer(x)
-            loss = y.square().mean() + combine_regularizers([layer.regularizers()], 1e-2, 1e-3)
-        loss.backward()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:]) * 1e3, y.detach(), layer.last_stats
+def one_step(layer, x, backend):
+    layer.zero_grad(set_to_none=True)
+    t0 = time.perf_counter()
+    with use_backend(backend):
+        y = layer(x)
+        loss = y.square().mean() + combine_regularizers([layer.regularizers()], 1e-2, 1e-3)
+    loss.backward()
+    return time.perf_counter() - t0, y.detach(), layer.last_stats
 
 
-def compare_backends(rows, channels):
+def compare_backends(rows, channels, repeats=9):
     torch.manual_seed(0)
     layer = RelaxedLinear(VN(channels), VN(channels), relax_init="default", theta=0.5)
     x = torch.randn(rows, channels, 3)
-    t_fused, y_fused, st_fused = step_time(layer, x, "native")
-    t_ref, y_ref, st_ref = step_time(layer, x, "reference")
+    times = {"native": [], "reference": []}
+    outs = {}
+    for r in range(repeats + 2):  # two untimed warm-up rounds; then the backends alternate
+        for backend in (("native", "reference") if r % 2 else ("reference", "native")):
+            t, y, st = one_step(layer, x, backend)
+            outs[backend] = (y, st)
+            if r >= 2:
+                times[backend].append(t)
+    t_fused, t_ref = (statistics.median(times[b]) * 1e3 for b in ("native", "reference"))
+    (y_fused, st_fused), (y_ref, st_ref) = outs["native"], outs["reference"]
     err_y = ((y_fused - y_ref).abs().max() / y_ref.abs().max()).item()
     err_G = ((st_fused.G - st_ref.G).abs().max() / st_ref.G.abs().max()).item()
     print(f"\n[1] relaxed VN linear, {rows} rows x {channels} channels (D = {3 * channels}), float32, "
           f"{torch.get_num_threads()} threads")
     print(f"    fused vs reference: max rel. error y {err_y:.1e}, G {err_G:.1e}")
     print(f"    forward+regulariser+backward: fused {t_fused:.1f} ms, reference {t_ref:.1f} ms "
-          f"(ratio {t_ref / t_fused:.2f}x, median of 5)")
+          f"(reference / fused {t_ref / t_fused:.2f}, median of {repeats}, interleaved; "
+          f"benchmarks/ has the full comparison)")
 
 
 class TinyVNNet(torch.nn.Module):
