@@ -239,15 +239,19 @@ def graph_feature_cross(x: torch.Tensor, k: int, idx: Optional[torch.Tensor] = N
 # ---- whole-model relaxation ---------------------------------------------------------------------
 
 
-def _replace(model: nn.Module, convert) -> nn.Module:
+def _convert_modules(model: nn.Module, convert) -> nn.Module:
+    """``convert(m)`` applied top-down: a module it returns a replacement for is replaced (and not
+    entered); otherwise its children are visited. Modules with ``relaxable = False`` (VNMaxPool) are
+    left as they are, children included. Returns the (possibly replaced) ``model``."""
+    if getattr(model, "relaxable", True) is False:
+        return model
+    new = convert(model)
+    if new is not None:
+        return new
     for name, child in list(model.named_children()):
-        if getattr(child, "relaxable", True) is False:
-            continue
-        new = convert(child)
-        if new is not None:
-            setattr(model, name, new)
-        else:
-            _replace(child, convert)
+        replaced = _convert_modules(child, convert)
+        if replaced is not child:
+            setattr(model, name, replaced)
     return model
 
 
@@ -255,24 +259,17 @@ def relax(model: nn.Module, **relaxed_kwargs) -> nn.Module:
     """Every EquivariantLinear in ``model`` (not under a module with ``relaxable = False``, such as
     VNMaxPool) becomes a RelaxedLinear with the same weights; outputs unchanged at θ = 0 and at the
     default zero relaxation init. Modifies and returns ``model``."""
-    if getattr(model, "relaxable", True) is False:
-        return model
-    if isinstance(model, EquivariantLinear) and not isinstance(model, RelaxedLinear):
-        return RelaxedLinear.from_plain(model, **relaxed_kwargs)
-
     def convert(m):
         if isinstance(m, EquivariantLinear) and not isinstance(m, RelaxedLinear):
             return RelaxedLinear.from_plain(m, **relaxed_kwargs)
         return None
-    return _replace(model, convert)
+    return _convert_modules(model, convert)
 
 
 def project(model: nn.Module) -> nn.Module:
     """θ = 0 and the relaxation removed everywhere: RelaxedLinear → EquivariantLinear. Modifies and
     returns ``model``; its state_dict then loads into the plain model class."""
-    if isinstance(model, RelaxedLinear):
-        return model.project()
-    return _replace(model, lambda m: m.project() if isinstance(m, RelaxedLinear) else None)
+    return _convert_modules(model, lambda m: m.project() if isinstance(m, RelaxedLinear) else None)
 
 
 def relaxed_layers(model: nn.Module) -> Iterator[RelaxedLinear]:
@@ -402,10 +399,7 @@ def swap(model: nn.Module) -> nn.Module:
     ``vn_lin``, without frame normalisation). Follow with :func:`relax` to train relaxed.
     Modifies and returns ``model`` (or the replacement when ``model`` itself is recognised).
     """
-    top = _convert_public(model)
-    if top is not None:
-        return top
-    return _replace(model, _convert_public)
+    return _convert_modules(model, _convert_public)
 
 
 @torch.no_grad()
