@@ -17,7 +17,9 @@ import torch
 from tqdm import tqdm
 
 import relaxeq_fast
-from relaxeq_fast import VN, combine_regularizers, random_rotation, use_backend
+from relaxeq_fast import VN, combine_regularizers, equivariance_error, project, use_backend
+from relaxeq_fast.relaxation import HoldThenLinearDecay, ThetaScheduler
+from relaxeq_fast.vn import model_regularizers
 from relaxeq_fast.nn import RelaxedLinear
 
 
@@ -68,15 +70,6 @@ class TinyVNNet(torch.nn.Module):
         h = h * torch.sigmoid(h.norm(dim=-1, keepdim=True) - 1.0)
         return self.l2(h)
 
-    def relaxed(self):
-        return [self.l1, self.l2]
-
-
-def theta_schedule(step, total):
-    """Hold θ = 1 for the first half, then decay linearly to exactly 0 at the last step."""
-    half = total // 2
-    return 1.0 if step < half else max(0.0, 1.0 - (step - half) / max(1, total - 1 - half))
-
 
 def relaxed_training(steps):
     g = torch.Generator().manual_seed(1)
@@ -87,33 +80,23 @@ def relaxed_training(steps):
     torch.manual_seed(0)
     net = TinyVNNet()
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    theta = ThetaScheduler(net, HoldThenLinearDecay(steps))  # θ exactly 0 after the last step
     print(f"\n[2] relaxed training: {steps} steps, θ held at 1 then decayed linearly to 0")
     bar = tqdm(range(steps), ncols=100, mininterval=0.5)
     for step in bar:
-        theta = theta_schedule(step, steps)
-        for layer in net.relaxed():
-            layer.set_theta(theta)
-        pred = net(x)
-        task = (pred - y).square().mean()
-        reg = combine_regularizers([l.regularizers() for l in net.relaxed()], lambda_ld=1e-3, lambda_n=1e-4)
+        task = (net(x) - y).square().mean()
+        reg = combine_regularizers(model_regularizers(net), lambda_ld=1e-3, lambda_n=1e-4)
         opt.zero_grad()
         (task + reg).backward()
         opt.step()
         if step % 10 == 0 or step == steps - 1:
-            bar.set_postfix(loss=f"{task.item():.4f}", theta=f"{theta:.2f}", reg=f"{reg.item():.3f}")
-    net.eval()
-    l1, l2 = net.l1.project(), net.l2.project()
-    R = random_rotation(generator=torch.Generator().manual_seed(2)).float()
-
-    def plain(v):
-        h = l1(v)
-        return l2(h * torch.sigmoid(h.norm(dim=-1, keepdim=True) - 1.0))
-
+            bar.set_postfix(loss=f"{task.item():.4f}", theta=f"{theta.theta:.2f}", reg=f"{reg.item():.3f}")
+        theta.step()
+    theta_end = float(net.l1.theta)
+    plain = project(net).eval()
     with torch.no_grad():
-        out, out_rot = plain(x), plain(x @ R.T)
-        eq_err = ((out_rot - out @ R.T).norm() / out.norm()).item()
-        final = (out - y).square().mean().item()
-        theta_end = float(net.l1.theta)
+        final = (plain(x) - y).square().mean().item()
+    eq_err = equivariance_error(plain, x, output="equivariant")
     print(f"    θ at the end: {theta_end}; projected model: train MSE {final:.4f}, "
           f"equivariance error {eq_err:.1e} (relative, float32)")
     return eq_err
