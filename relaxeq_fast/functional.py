@@ -121,10 +121,18 @@ def _raw_vn_batch_norm(backend: str):
     return triton_vn_batch_norm.stats_op(), triton_vn_batch_norm.apply_op()
 
 
+@torch.no_grad()
+def _update_running_stats(running_mean, running_var, mean, var, rows, momentum):
+    # torch's batch_norm convention: running variance from the unbiased batch variance
+    if running_mean is not None:
+        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        running_var.mul_(1 - momentum).add_((var * (rows / (rows - 1))).to(running_var.dtype), alpha=momentum)
+
+
 def vn_batch_norm(x: torch.Tensor, running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
                   weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
                   training: bool = False, momentum: float = 0.1, eps: float = 1e-5, norm_eps: float = 1e-6, *,
-                  backend: Optional[str] = None) -> torch.Tensor:
+                  backend: Optional[str] = None, stats_reducer=None) -> torch.Tensor:
     """Vector-Neuron batch norm over all leading dims (see :func:`relaxeq_fast.reference.vn_batch_norm_ref`).
 
     norm = ‖x_c‖ + norm_eps per vector; BatchNorm1d of the norms over every leading position,
@@ -142,6 +150,9 @@ def vn_batch_norm(x: torch.Tensor, running_mean: Optional[torch.Tensor], running
         running_mean, running_var: [C] or None (then batch statistics are always used; eval mode
             needs them, as in torch).
         weight, bias: [C] affine parameters of the norm's batch norm, or None.
+        stats_reducer: training only: ``(mean, var, rows) -> (mean, var, rows)`` applied to the batch
+            moments before use, e.g. :func:`relaxeq_fast.distributed.all_reduce_moments` for
+            global-batch statistics across ranks.
     Returns:
         [..., C, 3]
     """
@@ -163,6 +174,17 @@ def vn_batch_norm(x: torch.Tensor, running_mean: Optional[torch.Tensor], running
         raise ValueError(f"{op}: eval mode needs running_mean and running_var (as torch's batch_norm), got None")
     backend_name = resolve_backend(x.device, backend)
     x3 = x.reshape(-1, c, 3)
+    if backend_name == "reference" and stats_reducer is not None and training:
+        norm = torch.linalg.vector_norm(x3, dim=-1) + norm_eps
+        var, mean = torch.var_mean(norm, dim=0, correction=0)
+        mean, var, rows = stats_reducer(mean, var, rows)
+        _update_running_stats(running_mean, running_var, mean, var, rows, momentum)
+        norm_bn = (norm - mean) * torch.rsqrt(var + eps)
+        if weight is not None:
+            norm_bn = norm_bn * weight
+        if bias is not None:
+            norm_bn = norm_bn + bias
+        return (x3 * (norm_bn / norm).unsqueeze(-1)).reshape(x.shape)
     if backend_name == "reference":
         from .reference import vn_batch_norm_ref
         out = vn_batch_norm_ref(x3, running_mean, running_var, weight, bias, training, momentum, eps, norm_eps)
@@ -174,11 +196,9 @@ def vn_batch_norm(x: torch.Tensor, running_mean: Optional[torch.Tensor], running
     sdt = stats_dtype(x.dtype)
     if training:
         mean, var = stats_op(x3, norm_eps)
-        if running_mean is not None:
-            with torch.no_grad():
-                unbiased = var * (rows / (rows - 1))
-                running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-                running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+        if stats_reducer is not None:
+            mean, var, rows = stats_reducer(mean, var, rows)
+        _update_running_stats(running_mean, running_var, mean, var, rows, momentum)
         invstd = torch.rsqrt(var + eps)
     else:
         mean = running_mean.to(sdt)

@@ -18,6 +18,17 @@ from .vn import (VNBatchNorm, VNLinear, VNLinearLeakyReLU, VNStdFeature, graph_f
 __all__ = ["VNPointNet", "VNSTNkd", "VNDGCNN"]
 
 
+def _channels(published: int, width: float) -> int:
+    """Published channel count (already divided by 3) scaled by ``width``, at least 4 (the
+    VNStdFeature chain halves twice)."""
+    return max(4, round(published * width))
+
+
+def _check_width(width):
+    if not (isinstance(width, (int, float)) and width > 0):
+        raise ValueError(f"width must be a positive number (1 = published channel counts), got {width!r}")
+
+
 def _check_points(points: torch.Tensor, k: int, who: str):
     if points.dim() != 3 or points.shape[-1] != 3:
         raise ValueError(f"{who}: points must have shape [B, P, 3], got {list(points.shape)}")
@@ -28,15 +39,16 @@ def _check_points(points: torch.Tensor, k: int, who: str):
 class VNSTNkd(nn.Module):
     """The VN spatial transformer of VN-PointNet: features [B, P, d, 3] → a global [B, d, 3]."""
 
-    def __init__(self, d: int = 64 // 3, negative_slope: float = 0.0):
+    def __init__(self, d: int = 64 // 3, negative_slope: float = 0.0, width: float = 1.0):
         super().__init__()
         ns = negative_slope
-        self.conv1 = VNLinearLeakyReLU(d, 64 // 3, negative_slope=ns)
-        self.conv2 = VNLinearLeakyReLU(64 // 3, 128 // 3, negative_slope=ns)
-        self.conv3 = VNLinearLeakyReLU(128 // 3, 1024 // 3, negative_slope=ns)
-        self.fc1 = VNLinearLeakyReLU(1024 // 3, 512 // 3, negative_slope=ns)
-        self.fc2 = VNLinearLeakyReLU(512 // 3, 256 // 3, negative_slope=ns)
-        self.fc3 = VNLinear(256 // 3, d)
+        c64, c128, c1024, c512, c256 = (_channels(c // 3, width) for c in (64, 128, 1024, 512, 256))
+        self.conv1 = VNLinearLeakyReLU(d, c64, negative_slope=ns)
+        self.conv2 = VNLinearLeakyReLU(c64, c128, negative_slope=ns)
+        self.conv3 = VNLinearLeakyReLU(c128, c1024, negative_slope=ns)
+        self.fc1 = VNLinearLeakyReLU(c1024, c512, negative_slope=ns)
+        self.fc2 = VNLinearLeakyReLU(c512, c256, negative_slope=ns)
+        self.fc3 = VNLinear(c256, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = vn_mean_pool(self.conv3(self.conv2(self.conv1(x))))  # pool over points
@@ -52,30 +64,32 @@ class VNPointNet(nn.Module):
         relaxed: build with every relaxable map relaxed (see the module docstring); kwargs for
             RelaxedLinear (theta, relax_init, backend, ...) go in ``relax_kwargs``.
         feature_transform: use the VN STN (the published model does).
+        width: every VN channel count scaled by this (1 = published; smaller for quick CPU runs).
     """
 
     def __init__(self, num_classes: int = 40, k: int = 20, relaxed: bool = False, feature_transform: bool = True,
-                 dropout: float = 0.4, relax_kwargs: dict | None = None):
+                 dropout: float = 0.4, relax_kwargs: dict | None = None, width: float = 1.0):
         super().__init__()
+        _check_width(width)
         self.k, self.num_classes = k, num_classes
         ns = 0.0
-        self.conv_pos = VNLinearLeakyReLU(3, 64 // 3, negative_slope=ns)
-        self.conv1 = VNLinearLeakyReLU(64 // 3, 64 // 3, negative_slope=ns)
-        self.fstn = VNSTNkd(64 // 3) if feature_transform else None
-        self.conv2 = VNLinearLeakyReLU(64 // 3 * (2 if feature_transform else 1), 128 // 3, negative_slope=ns)
-        self.conv3 = VNLinear(128 // 3, 1024 // 3)
-        self.bn3 = VNBatchNorm(1024 // 3)
-        self.std_feature = VNStdFeature(1024 // 3 * 2, negative_slope=ns)
-        width = 1024 // 3 * 6
+        c64, c128, c1024 = (_channels(c // 3, width) for c in (64, 128, 1024))
+        self.conv_pos = VNLinearLeakyReLU(3, c64, negative_slope=ns)
+        self.conv1 = VNLinearLeakyReLU(c64, c64, negative_slope=ns)
+        self.fstn = VNSTNkd(c64, width=width) if feature_transform else None
+        self.conv2 = VNLinearLeakyReLU(c64 * (2 if feature_transform else 1), c128, negative_slope=ns)
+        self.conv3 = VNLinear(c128, c1024)
+        self.bn3 = VNBatchNorm(c1024)
+        self.std_feature = VNStdFeature(c1024 * 2, negative_slope=ns)
         self.head = nn.Sequential(
-            nn.Linear(width, 512), nn.BatchNorm1d(512), nn.ReLU(),
+            nn.Linear(c1024 * 6, 512), nn.BatchNorm1d(512), nn.ReLU(),
             nn.Linear(512, 256), nn.Dropout(p=dropout), nn.BatchNorm1d(256), nn.ReLU(),
             nn.Linear(256, num_classes))
         if relaxed:
             relax(self, **(relax_kwargs or {}))
 
     def features(self, points: torch.Tensor) -> torch.Tensor:
-        """Invariant global features [B, 2046] of points [B, P, 3]."""
+        """Invariant global features [B, 6·C] of points [B, P, 3] (C = 341 at width 1)."""
         _check_points(points, self.k, "VNPointNet")
         x = points.unsqueeze(2)  # [B, P, 1, 3]
         x = vn_mean_pool(self.conv_pos(graph_feature_cross(x, self.k)))  # mean over neighbours
@@ -97,14 +111,16 @@ class VNDGCNN(nn.Module):
 
     Four EdgeConv stages on k-nearest-neighbour graphs recomputed from the features, mean pooling over
     neighbours, a shared-nonlinearity VNLinearLeakyReLU over the concatenated stages, VNStdFeature, then
-    max and mean over points and the MLP head (as vnn's dgcnn_cls). ``relaxed`` as in :class:`VNPointNet`.
+    max and mean over points and the MLP head (as vnn's dgcnn_cls). ``relaxed`` and ``width`` as in
+    :class:`VNPointNet`.
     """
 
     def __init__(self, num_classes: int = 40, k: int = 20, relaxed: bool = False, dropout: float = 0.5,
-                 relax_kwargs: dict | None = None):
+                 relax_kwargs: dict | None = None, width: float = 1.0):
         super().__init__()
+        _check_width(width)
         self.k, self.num_classes = k, num_classes
-        c1, c2, c3, c4, c5 = 64 // 3, 64 // 3, 128 // 3, 256 // 3, 1024 // 3
+        c1, c2, c3, c4, c5 = (_channels(c // 3, width) for c in (64, 64, 128, 256, 1024))
         self.conv1 = VNLinearLeakyReLU(2, c1)
         self.conv2 = VNLinearLeakyReLU(c1 * 2, c2)
         self.conv3 = VNLinearLeakyReLU(c2 * 2, c3)
@@ -119,7 +135,7 @@ class VNDGCNN(nn.Module):
             relax(self, **(relax_kwargs or {}))
 
     def features(self, points: torch.Tensor) -> torch.Tensor:
-        """Invariant global features [B, 4092] of points [B, P, 3]."""
+        """Invariant global features [B, 12·C] of points [B, P, 3] (C = 341 at width 1)."""
         _check_points(points, self.k, "VNDGCNN")
         x = points.unsqueeze(2)  # [B, P, 1, 3]
         stages = []

@@ -58,12 +58,13 @@ class VNBatchNorm(nn.Module):
             self.register_buffer("running_var", torch.ones(channels, **factory))
         else:
             self.running_mean = self.running_var = None
+        self.stats_reducer = None  # see relaxeq_fast.distributed.sync_batch_norms
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_features(x, self.channels, type(self).__name__)
         use_batch = self.training or self.running_mean is None
         return F.vn_batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, use_batch,
-                               self.momentum, self.eps, self.norm_eps)
+                               self.momentum, self.eps, self.norm_eps, stats_reducer=self.stats_reducer)
 
     def extra_repr(self):
         return f"{self.channels}, eps={self.eps}, momentum={self.momentum}, affine={self.weight is not None}"
