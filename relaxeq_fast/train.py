@@ -103,6 +103,7 @@ class TrainConfig:
     reduction: str = "paper"
     theta_scaled_lambda: bool = False
     relax_init: str = "zeros"
+    clip_grad_norm: Optional[float] = None
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"
@@ -186,12 +187,35 @@ def validate(cfg: TrainConfig, world: int = 1) -> None:
         _fail(f"--device {cfg.device}: torch sees no CUDA GPU on this machine")
     if cfg.dtype not in ("float32", "float64"):
         _fail(f"--dtype must be 'float32' or 'float64', got {cfg.dtype!r}")
+    if cfg.clip_grad_norm is not None and not (math.isfinite(cfg.clip_grad_norm) and cfg.clip_grad_norm > 0):
+        _fail(f"--clip-grad-norm must be a finite number > 0, got {cfg.clip_grad_norm!r}")
     if cfg.threads is not None and cfg.threads < 1:
         _fail(f"--threads must be >= 1, got {cfg.threads}")
 
 
 def _augmentations(cfg: TrainConfig) -> list[str]:
     return [] if cfg.augment in ("", "none") else [a.strip() for a in cfg.augment.split(",")]
+
+
+def _augment_batch(x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
+    """The listed augmentations in a fixed order (dropout, scale, shift, jitter), then the rotation.
+
+    Point dropout duplicates points exactly; at a point whose k neighbours are all its copies every
+    VN feature is rank 1, and VN batch norm then multiplies sideways changes — which only the relaxed
+    branch can make — by |BN|/(‖x‖ + ε), up to ~1e6: the relaxed weights' task gradient explodes.
+    Jitter applied after the dropout removes the exact duplicates; --clip-grad-norm bounds the step.
+    """
+    from .data import augment
+    chosen = set(_augmentations(cfg))
+    if "dropout" in chosen:
+        x = augment.point_dropout(x, generator=gen)
+    if "scale" in chosen:
+        x = augment.anisotropic_scale(x, generator=gen)
+    if "shift" in chosen:
+        x = augment.shift(x, generator=gen)
+    if "jitter" in chosen:
+        x = augment.jitter(x, generator=gen)
+    return augment.rotate(x, cfg.train_rotation, generator=gen)
 
 
 def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
@@ -219,20 +243,6 @@ def _load_data(cfg: TrainConfig):
     dtype = getattr(torch, cfg.dtype)
     test_x = augment.rotate(test.x.to(dtype), cfg.test_rotation, generator=gen)
     return train._replace(x=train.x.to(dtype)), test._replace(x=test_x.contiguous())
-
-
-def _augment_batch(x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
-    from .data import augment
-    for a in _augmentations(cfg):
-        if a == "dropout":
-            x = augment.point_dropout(x, generator=gen)
-        elif a == "scale":
-            x = augment.anisotropic_scale(x, generator=gen)
-        elif a == "shift":
-            x = augment.shift(x, generator=gen)
-        elif a == "jitter":
-            x = augment.jitter(x, generator=gen)
-    return augment.rotate(x, cfg.train_rotation, generator=gen)
 
 
 # ---- evaluation --------------------------------------------------------------------------------------
@@ -448,6 +458,8 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
                     f"{reg.item():.4g}); lower --lr or the λs. {ckpt_path} still holds the last finite epoch")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if cfg.clip_grad_norm is not None:
+                nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
             opt.step()
             sums += stats
             global_step += 1
@@ -504,6 +516,39 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
     return summary
 
 
+def compare_runs(run_dirs: list[str], out_png: Optional[str] = None) -> str:
+    """A table of finished runs (projected test accuracy, equivariance error, time) and, when
+    ``out_png`` is given, their test accuracy and θ per epoch on one plot. Returns the table."""
+    rows, histories = [], []
+    for d in run_dirs:
+        with open(os.path.join(d, "summary.json")) as f:
+            s = json.load(f)
+        with open(os.path.join(d, "metrics.csv")) as f:
+            histories.append([{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)])
+        label = "relaxed → projected" if s["relaxed"] else "plain"
+        rows.append(f"| {label} | {s['test_acc_projected']:.3f} | {s['equivariance_error']:.1e} | "
+                    f"{s['seconds']:.0f} s | {d} |")
+    table = "\n".join(["| run | test accuracy (projected) | equivariance error | training time | run dir |",
+                       "|---|---|---|---|---|", *rows])
+    if out_png:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+        for d, hist in zip(run_dirs, histories):
+            ep = [h["epoch"] for h in hist]
+            a1.plot(ep, [h["test_acc"] for h in hist], "o-", label=os.path.basename(os.path.normpath(d)))
+            a2.plot(ep, [h["theta"] for h in hist], "o-", label=os.path.basename(os.path.normpath(d)))
+        a1.set(title="test accuracy per epoch (current θ; last epoch θ = 0)", xlabel="epoch", ylim=(0, 1))
+        a2.set(title="θ at the end of the epoch", xlabel="epoch")
+        for a in (a1, a2):
+            a.grid(alpha=0.3), a.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_png, dpi=90)
+        plt.close(fig)
+    return table
+
+
 # ---- command line -----------------------------------------------------------------------------------
 
 def _parser() -> argparse.ArgumentParser:
@@ -522,7 +567,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--dropout", type=float, default=None, help="head dropout (paper model: 0.4 / 0.5)")
     g.add_argument("--n-train", type=int, default=None, help="training samples (default: the dataset's)")
     g.add_argument("--n-test", type=int, default=None, help="test samples (default: the dataset's)")
-    g.add_argument("--augment", default=d.augment, help=f"comma list of {list(AUGMENTATIONS)} or 'none'")
+    g.add_argument("--augment", default=d.augment,
+                   help=f"comma list of {list(AUGMENTATIONS)} or 'none' (applied in that order, then the rotation)")
     g = p.add_argument_group("optimisation (unset: the paper's setup for --model)")
     g.add_argument("--epochs", type=int, default=d.epochs)
     g.add_argument("--batch-size", type=int, default=None, help="global batch (paper: 24 / 32)")
@@ -543,6 +589,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--reduction", default=d.reduction, help=f"one of {list(REDUCTIONS)}")
     g.add_argument("--theta-scaled-lambda", action="store_true", help="scale the regulariser with θ")
     g.add_argument("--relax-init", default=d.relax_init, help="zeros or default (nn.Linear init of W_r)")
+    g.add_argument("--clip-grad-norm", type=float, default=None,
+                   help="clip the gradient norm (advised with --augment dropout without jitter)")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--device", default=d.device, help="cpu, cuda or cuda:i")

@@ -160,3 +160,25 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     for k in ma:
         if ma[k].is_floating_point():
             torch.testing.assert_close(mb[k], ma[k], rtol=1e-4, atol=1e-4 * ma[k].abs().max().item(), msg=k)
+
+
+def test_compare_runs_tabulates_and_plots(full_run, tmp_path):
+    run_dir, summary = full_run
+    png = str(tmp_path / "cmp.png")
+    table = T.compare_runs([run_dir, run_dir], png)
+    lines = table.splitlines()
+    assert len(lines) == 4 and f"{summary['test_acc_projected']:.3f}" in lines[2]
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_clip_grad_norm_bounds_the_point_dropout_blow_up(tmp_path):
+    """Point dropout's exact duplicates make the relaxed weights' task gradient ~1e6× too large
+    (see train._augment_batch); clipping keeps the relaxation, and so R_LD, small."""
+    args = TINY + ["--n-train", "32", "--epochs", "1", "--dropout", "0", "--augment", "dropout",
+                   "--dtype", "float64", "--optimizer", "sgd", "--lr", "1e-5"]
+    _run(args + ["--run-dir", str(tmp_path / "raw")])
+    _run(args + ["--run-dir", str(tmp_path / "clipped"), "--clip-grad-norm", "10"])
+    raw, clipped = _metrics(str(tmp_path / "raw"))[0], _metrics(str(tmp_path / "clipped"))[0]
+    assert float(raw["r_ld"]) > 1e6
+    assert float(clipped["r_ld"]) < 1.0
