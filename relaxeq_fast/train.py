@@ -185,6 +185,9 @@ def validate(cfg: TrainConfig, world: int = 1) -> None:
         _fail(f"--device must be 'cpu' or 'cuda[:i]', got {cfg.device!r}")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         _fail(f"--device {cfg.device}: torch sees no CUDA GPU on this machine")
+    from .backend import BACKENDS
+    if cfg.backend is not None and cfg.backend not in BACKENDS:
+        _fail(f"--backend must be one of {list(BACKENDS)}, got {cfg.backend!r}")
     if cfg.dtype not in ("float32", "float64"):
         _fail(f"--dtype must be 'float32' or 'float64', got {cfg.dtype!r}")
     if cfg.clip_grad_norm is not None and not (math.isfinite(cfg.clip_grad_norm) and cfg.clip_grad_norm > 0):
@@ -358,6 +361,8 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
     stop_after: stop after this many epochs of this call, as if interrupted (checkpoint kept).
     """
     if resume is not None:
+        if not os.path.isfile(os.path.join(resume, "config.json")):
+            _fail(f"--resume {resume}: no config.json there")
         with open(os.path.join(resume, "config.json")) as f:
             cfg = TrainConfig(**{**json.load(f), "run_dir": resume, "progress": cfg.progress})
     device = _setup_distributed(cfg)

@@ -111,6 +111,9 @@ def test_non_finite_loss_stops_without_touching_the_checkpoint(tmp_path, monkeyp
     (["--lr", "nan"], "--lr must be a finite number"),
     (["--batch-size", "1"], "batch norm needs at least 2"),
     (["--dataset", "rotmnist"], "rotmnist is an image dataset"),
+    (["--backend", "cudnn"], "--backend must be one of"),
+    (["--dtype", "float16"], "--dtype must be"),
+    (["--resume", "/no/such/run"], "--resume /no/such/run: no config.json there"),
 ])
 def test_bad_configuration_is_one_line_naming_the_cause(extra, cause, tmp_path, capsys):
     rc = T.main(TINY + ["--run-dir", str(tmp_path / "bad")] + extra)
