@@ -205,3 +205,52 @@ def vn_batch_norm(x: torch.Tensor, running_mean: Optional[torch.Tensor], running
         invstd = torch.rsqrt(running_var.to(sdt) + eps)
     y = apply_op(x3, mean, invstd, weight, bias, norm_eps)
     return y.reshape(x.shape)
+
+
+def _raw_relaxed_conv2d(backend: str):
+    from .reference import relaxed_conv2d_ref
+    return relaxed_conv2d_ref
+
+
+def relaxed_conv2d(x: torch.Tensor, M: torch.Tensor, c: Optional[torch.Tensor] = None,
+                   D: Optional[torch.Tensor] = None, padding: int = 0, *, backend: Optional[str] = None):
+    """Relaxed 2D convolution and its data-mode equivariance regulariser in one pass.
+
+    ``y = conv2d(x, M, c, padding)`` with the effective kernel ``M = K_eq + θ B``; when the defect
+    kernel ``D = D(B)`` is given, also ``r = Σ conv2d(x̂, D, padding)²`` (x̂ = x detached; gradient
+    to D only) — the defect responses are reduced to r, never returned.
+
+    Args:
+        x: [B, C_in, H, W]; M: [C_out, C_in, k, k]; c: [C_out] or None; D: [C_d, C_in, k, k] or None
+            (same k as M); padding: zero padding on every side (int ≥ 0).
+        backend: "auto" | "native" | "triton" | "reference"; None defers to
+            :func:`relaxeq_fast.use_backend` / RELAXEQ_BACKEND.
+    Returns:
+        y: [B, C_out, H + 2 padding − k + 1, W + 2 padding − k + 1]; and r: [] (float32, float64 for
+        float64 x) when D is given.
+    """
+    op = "relaxed_conv2d"
+    for name, t, rank in (("x", x, 4), ("M", M, 4)):
+        if not isinstance(t, torch.Tensor) or t.dim() != rank:
+            raise ValueError(f"{op}: {name} must be a rank-{rank} tensor, got "
+                             f"{list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if M.shape[1] != x.shape[1]:
+        raise ValueError(f"{op}: M must have shape [C_out, C_in = {x.shape[1]}, k, k], got {list(M.shape)}")
+    if M.shape[2] != M.shape[3]:
+        raise ValueError(f"{op}: M must have a square k×k kernel, got {list(M.shape)}")
+    if c is not None and tuple(c.shape) != (M.shape[0],):
+        raise ValueError(f"{op}: c must have shape [C_out] = [{M.shape[0]}], got {list(c.shape)}")
+    if D is not None and (D.dim() != 4 or D.shape[1:] != M.shape[1:]):
+        raise ValueError(f"{op}: D must have shape [C_d, {M.shape[1]}, {M.shape[2]}, {M.shape[3]}], "
+                         f"got {list(D.shape)}")
+    if not isinstance(padding, int) or padding < 0:
+        raise ValueError(f"{op}: padding must be an int >= 0, got {padding!r}")
+    for name, t in (("M", M), ("c", c), ("D", D)):
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+            raise ValueError(f"{op}: {name} must have the dtype and device of x ({x.dtype}, {x.device}), "
+                             f"got {t.dtype}, {t.device}")
+    if x.shape[2] + 2 * padding < M.shape[2] or x.shape[3] + 2 * padding < M.shape[3]:
+        raise ValueError(f"{op}: the {M.shape[2]}×{M.shape[3]} kernel does not fit x {list(x.shape)} "
+                         f"with padding {padding}")
+    y, r = _raw_relaxed_conv2d(resolve_backend(x.device, backend))(x, M, c, D, padding)
+    return y if D is None else (y, r)

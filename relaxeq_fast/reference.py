@@ -9,8 +9,8 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["relaxed_linear_ref", "relaxed_linear_backward_ref", "stats_dtype", "vn_batch_norm_ref",
-           "vn_leaky_relu_ref"]
+__all__ = ["relaxed_conv2d_ref", "relaxed_linear_ref", "relaxed_linear_backward_ref", "stats_dtype",
+           "vn_batch_norm_ref", "vn_leaky_relu_ref"]
 
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -70,3 +70,22 @@ def vn_batch_norm_ref(x: torch.Tensor, running_mean: Optional[torch.Tensor], run
     norm = torch.linalg.vector_norm(x, dim=-1) + norm_eps
     norm_bn = torch.nn.functional.batch_norm(norm, running_mean, running_var, weight, bias, training, momentum, eps)
     return x * (norm_bn / norm).unsqueeze(-1)
+
+
+def relaxed_conv2d_ref(x: torch.Tensor, M: torch.Tensor, c: Optional[torch.Tensor], D: Optional[torch.Tensor],
+                       padding: int):
+    """y = conv2d(x, M, c, padding) and, when D is given, r = Σ conv2d(x̂, D, padding)² (x̂ = x detached).
+
+    The defect responses conv2d(x̂, D) are what a fused kernel computes as extra output channels and
+    reduces to the scalar r without storing them. r carries gradient to D only: the regulariser
+    pulls the relaxation kernel towards equivariance, it does not move the features.
+
+    x: [B, C_in, H, W], M: [C_out, C_in, k, k], c: [C_out] or None, D: [C_d, C_in, k, k] or None
+    → y: [B, C_out, H', W'], r: [] in ``stats_dtype`` (an empty [0] tensor when D is None).
+    """
+    y = torch.nn.functional.conv2d(x, M, c, padding=padding)
+    sdt = stats_dtype(x.dtype)
+    if D is None:
+        return y, x.new_empty((0,), dtype=sdt)
+    z = torch.nn.functional.conv2d(x.detach().to(sdt), D.to(sdt), padding=padding)
+    return y, z.square().sum()
