@@ -16,6 +16,13 @@ that every rank sees the statistics of the *global* batch:
   (smaller, noisier) loss than the single-process one; we chose the exact one.
 
 G and s carry no gradient (they are statistics of detached inputs), so a plain all-reduce suffices.
+
+Relaxed steerable convolutions have no input statistics: their data-mode regulariser
+r = Σ conv2d(x̂, D(B))² is a sum over this rank's samples that carries gradient to B. It is summed over
+ranks with a *differentiable* all-reduce (:func:`all_reduce_conv_defects`): every rank then holds the
+global r, and the backward of the sum sends each rank the sum over ranks of d loss / d r — world × the
+single-process value — times its local ∂r_k/∂B. DDP averages the B gradients (÷ world), which leaves
+Σ_k ∂r_k/∂B · d loss / d r = the single-process gradient: exact, as for the batch-norm moments.
 """
 from __future__ import annotations
 
@@ -26,7 +33,7 @@ from torch import nn
 from .functional import InputStats
 
 __all__ = ["is_distributed", "rank", "world_size", "all_reduce_moments", "SyncBatchNorm1d",
-           "all_reduce_input_stats", "sync_batch_norms"]
+           "all_reduce_input_stats", "all_reduce_conv_defects", "sync_batch_norms"]
 
 
 def is_distributed() -> bool:
@@ -87,13 +94,14 @@ class SyncBatchNorm1d(nn.BatchNorm1d):
 def sync_batch_norms(model: nn.Module) -> nn.Module:
     """Make every batch norm of ``model`` use global-batch statistics across ranks (in place).
 
-    nn.BatchNorm1d → :class:`SyncBatchNorm1d` (state_dict unchanged); VNBatchNorm gets the moments
-    reducer. Harmless in a single process.
+    nn.BatchNorm1d → :class:`SyncBatchNorm1d` (state_dict unchanged); VNBatchNorm and the steerable
+    FieldBatchNorm get the moments reducer. Harmless in a single process.
     """
+    from .steerable import FieldBatchNorm
     from .vn import VNBatchNorm, _convert_modules
 
     def convert(m):
-        if isinstance(m, VNBatchNorm):
+        if isinstance(m, (VNBatchNorm, FieldBatchNorm)):
             m.stats_reducer = all_reduce_moments
             return None
         if type(m) is nn.BatchNorm1d:
@@ -116,7 +124,7 @@ def all_reduce_input_stats(model: nn.Module) -> None:
     if not is_distributed():
         return
     from .vn import relaxed_layers
-    layers = [m for m in relaxed_layers(model) if m.last_stats is not None]
+    layers = [m for m in relaxed_layers(model) if getattr(m, "last_stats", None) is not None]
     unique: dict[int, InputStats] = {}
     for m in layers:
         unique.setdefault(id(m.last_stats), m.last_stats)
@@ -137,3 +145,20 @@ def all_reduce_input_stats(model: nn.Module) -> None:
         offset += g + d + 1
     for m in layers:
         m.last_stats = reduced[id(m.last_stats)]
+
+
+def all_reduce_conv_defects(model: nn.Module) -> None:
+    """Sum the data-mode defect r (differentiably) and its row count of every relaxed steerable
+    convolution's last forward over ranks, in one all-reduce (see the module docstring)."""
+    if not is_distributed():
+        return
+    from torch.distributed.nn.functional import all_reduce
+    from .vn import relaxed_layers
+    layers = [m for m in relaxed_layers(model) if getattr(m, "last_defect", None) is not None]
+    if not layers:
+        return
+    r = torch.stack([m.last_defect[0].to(torch.float64) for m in layers])
+    rows = torch.tensor([float(m.last_defect[1]) for m in layers], dtype=torch.float64, device=r.device)
+    reduced = all_reduce(torch.cat([r, rows]))
+    for i, m in enumerate(layers):
+        m.last_defect = (reduced[i].to(m.last_defect[0].dtype), int(round(reduced[len(layers) + i].item())))

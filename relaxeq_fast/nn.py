@@ -11,7 +11,7 @@ from . import functional as F
 from .regularizer import RegularizerTerms, relaxation_regularizers
 from .reps import VN, Irreps
 
-__all__ = ["EquivariantLinear", "RelaxedLinear"]
+__all__ = ["EquivariantLinear", "RelaxedLinear", "RelaxedModule"]
 
 
 def _as_irreps(rep, name) -> Irreps:
@@ -20,6 +20,29 @@ def _as_irreps(rep, name) -> Irreps:
     if isinstance(rep, str):
         return Irreps(rep)
     raise TypeError(f"{name} must be an Irreps/VN or an irreps string like '4x0+2x1', got {type(rep).__name__}")
+
+
+class RelaxedModule:
+    """The protocol every relaxed layer follows (mixin; :mod:`relaxeq_fast.vn` drives layers through it).
+
+    A relaxed layer holds a θ buffer ``theta`` and provides ``set_theta(value)``,
+    ``regularizers(data_free=False) -> RegularizerTerms`` (R_LD, R_N, n of its last training forward,
+    or data-free / weight-mode), ``project()`` (the plain equivariant layer with the same weights) and
+    the classmethod ``from_plain(layer, **kwargs)``. Implemented by :class:`RelaxedLinear` and
+    :class:`relaxeq_fast.steerable.RelaxedR2Conv`.
+    """
+
+    theta: torch.Tensor
+
+    @torch.no_grad()
+    def set_theta(self, value: float):
+        self.theta.fill_(float(value))
+
+    def regularizers(self, data_free: bool = False) -> RegularizerTerms:
+        raise NotImplementedError
+
+    def project(self) -> nn.Module:
+        raise NotImplementedError
 
 
 class EquivariantLinear(nn.Module):
@@ -105,7 +128,7 @@ class EquivariantLinear(nn.Module):
         return f"{self.irreps_in} -> {self.irreps_out}, bias={self.bias is not None}"
 
 
-class RelaxedLinear(EquivariantLinear):
+class RelaxedLinear(EquivariantLinear, RelaxedModule):
     """Equivariant linear layer plus a relaxation branch: ``f(x) = W_eq x + b_eq + θ (W_r x + b_r)``.
 
     The forward is one fused op on ``M = W_eq + θ W_r`` which, in training mode, also returns the
@@ -150,10 +173,6 @@ class RelaxedLinear(EquivariantLinear):
             nn.init.uniform_(self.weight_relax, -bound, bound)
         if self.bias_relax is not None:
             nn.init.zeros_(self.bias_relax)
-
-    @torch.no_grad()
-    def set_theta(self, value: float):
-        self.theta.fill_(float(value))
 
     def effective_params(self):
         """(M, c) = (W_eq + θ W_r, b_eq + θ b_r): [D_out, D_in], [D_out] or None."""

@@ -3,6 +3,7 @@
     relaxeq-train --model vn_pointnet --dataset shapes --epochs 8            # relaxed (the default)
     relaxeq-train --model vn_pointnet --dataset shapes --epochs 8 --plain    # the unrelaxed baseline
     relaxeq-train --dataset modelnet40 --data-root ~/data/modelnet40_ply_hdf5_2048 --train-rotation z
+    relaxeq-train --model steerable_cnn --dataset rotmnist --epochs 20        # C_8 steerable CNN on RotMNIST-5k
     relaxeq-train --resume runs/<run>                                         # continue an interrupted run
     torchrun --nproc-per-node 2 -m relaxeq_fast.train ...                    # data parallel (gloo / nccl)
 
@@ -18,6 +19,14 @@ augmentation, dropout) are restored. Under torchrun every rank takes its slice o
 batch; batch-norm and regulariser statistics are those of the global batch (see
 :mod:`relaxeq_fast.distributed`), so the result matches one process up to floating-point reduction
 order (use --dtype float64 to compare), except for dropout masks (set --dropout 0 to compare).
+
+Images (--model steerable_cnn, --dataset rotmnist): the rotation protocol maps aligned / z / so3 to
+none / a random rotation / a random rotation of each image (the plane has one rotation axis, so z and
+so3 coincide), by bilinear interpolation about the image centre (data.augment.rotate_images). The
+RotMNIST digits are already rotated; a test rotation re-rotates the fixed test set once, by seeded
+angles. The point augmentations (--augment) do not apply to images. The final equivariance error of
+an image model is its invariance to exact quarter turns (torch.rot90: pixel permutations, to which a
+C_N model with 4 | N is exactly invariant), not to interpolated rotations.
 """
 from __future__ import annotations
 
@@ -46,7 +55,9 @@ __all__ = ["TrainConfig", "ConfigError", "NonFiniteLossError", "MODELS", "PAPER_
            "build_model", "parse_args"]
 
 POINT_MODELS = ("vn_pointnet", "vn_dgcnn")
-MODELS = POINT_MODELS
+IMAGE_MODELS = ("steerable_cnn",)
+MODELS = POINT_MODELS + IMAGE_MODELS
+IMAGE_DATASETS = ("rotmnist",)
 ROTATIONS = ("aligned", "z", "so3")
 AUGMENTATIONS = ("dropout", "scale", "shift", "jitter")
 METRIC_FIELDS = ("epoch", "step", "lr", "theta", "train_loss", "train_acc", "reg_loss", "r_ld", "r_n",
@@ -59,6 +70,9 @@ PAPER_SETUPS = {
                         lr_gamma=0.7, batch_size=24, num_points=300),
     "vn_dgcnn": dict(optimizer="sgd", lr=0.1, weight_decay=1e-4, lr_schedule="cosine", momentum=0.9,
                      batch_size=32, num_points=300),
+    # Steerable CNN on RotMNIST (Weiler & Cesa 2019 style): Adam 1e-3, batch 64, small weight decay.
+    "steerable_cnn": dict(optimizer="adam", lr=1e-3, weight_decay=1e-5, lr_schedule="cosine", batch_size=64,
+                          dropout=0.3),
 }
 
 
@@ -83,6 +97,7 @@ class TrainConfig:
     num_points: Optional[int] = None
     k: int = 20
     width: float = 1.0
+    group: int = 8
     dropout: Optional[float] = None
     n_train: Optional[int] = None
     n_test: Optional[int] = None
@@ -136,8 +151,15 @@ def validate(cfg: TrainConfig, world: int = 1) -> None:
         _fail(f"--model must be one of {list(MODELS)}, got {cfg.model!r}")
     if cfg.dataset not in DATASETS:
         _fail(f"--dataset must be one of {list(DATASETS)}, got {cfg.dataset!r}")
-    if cfg.dataset == "rotmnist" and cfg.model in POINT_MODELS:
-        _fail(f"--model {cfg.model} takes point clouds; rotmnist is an image dataset")
+    if cfg.dataset in IMAGE_DATASETS and cfg.model in POINT_MODELS:
+        _fail(f"--model {cfg.model} takes point clouds; {cfg.dataset} is an image dataset")
+    images = cfg.model in IMAGE_MODELS
+    if images and cfg.dataset not in IMAGE_DATASETS:
+        _fail(f"--model {cfg.model} takes images; {cfg.dataset} is a point-cloud dataset (use --dataset rotmnist)")
+    if images and _augmentations(cfg):
+        _fail(f"--augment {cfg.augment} applies to point clouds; --model {cfg.model} takes images (use 'none')")
+    if images and (isinstance(cfg.group, bool) or not isinstance(cfg.group, int) or cfg.group < 1):
+        _fail(f"--group must be an int N >= 1 (C_N), got {cfg.group!r}")
     if cfg.dataset == "modelnet40":
         if not cfg.data_root:
             _fail("--dataset modelnet40 needs --data-root (a modelnet40_ply_hdf5_2048 or "
@@ -147,11 +169,11 @@ def validate(cfg: TrainConfig, world: int = 1) -> None:
     for name in ("train_rotation", "test_rotation"):
         if getattr(cfg, name) not in ROTATIONS:
             _fail(f"--{name.replace('_', '-')} must be one of {list(ROTATIONS)}, got {getattr(cfg, name)!r}")
-    for name in ("epochs", "batch_size", "num_points", "k", "eval_batch_size"):
+    for name in ("epochs", "batch_size", "eval_batch_size") + (() if images else ("num_points", "k")):
         v = getattr(cfg, name)
         if not isinstance(v, int) or v < 1:
             _fail(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
-    if cfg.k > cfg.num_points:
+    if not images and cfg.k > cfg.num_points:
         _fail(f"--k {cfg.k} neighbours needs at least as many points, got --num-points {cfg.num_points}")
     if cfg.batch_size % world:
         _fail(f"--batch-size {cfg.batch_size} (global) must divide evenly over {world} processes")
@@ -209,6 +231,8 @@ def _augment_batch(x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> t
     Jitter applied after the dropout removes the exact duplicates; --clip-grad-norm bounds the step.
     """
     from .data import augment
+    if cfg.model in IMAGE_MODELS:
+        return _rotate_images(x, cfg.train_rotation, gen)
     chosen = set(_augmentations(cfg))
     if "dropout" in chosen:
         x = augment.point_dropout(x, generator=gen)
@@ -221,11 +245,20 @@ def _augment_batch(x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> t
     return augment.rotate(x, cfg.train_rotation, generator=gen)
 
 
+def _rotate_images(x: torch.Tensor, rotation: str, gen: torch.Generator) -> torch.Tensor:
+    """The image rotation protocol: aligned → unchanged; z, so3 → each image by its own angle ~ U[0, 2π)."""
+    from .data import augment
+    return x if rotation == "aligned" else augment.random_rotate_images(x, generator=gen)
+
+
 def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     """The classifier of ``cfg.model``, relaxed unless ``cfg.plain``."""
-    from .models import VNDGCNN, VNPointNet
-    cls = {"vn_pointnet": VNPointNet, "vn_dgcnn": VNDGCNN}[cfg.model]
+    from .models import VNDGCNN, SteerableCNN, VNPointNet
     relax_kwargs = dict(relax_init=cfg.relax_init, theta=cfg.theta_max, backend=cfg.backend)
+    if cfg.model == "steerable_cnn":
+        return SteerableCNN(num_classes=num_classes, group=cfg.group, relaxed=not cfg.plain, width=cfg.width,
+                            dropout=cfg.dropout, relax_kwargs=relax_kwargs)
+    cls = {"vn_pointnet": VNPointNet, "vn_dgcnn": VNDGCNN}[cfg.model]
     return cls(num_classes=num_classes, k=cfg.k, relaxed=not cfg.plain, relax_kwargs=relax_kwargs,
                dropout=cfg.dropout, width=cfg.width)
 
@@ -244,7 +277,10 @@ def _load_data(cfg: TrainConfig):
     # the test set is rotated once, by rotations fixed by the seed: every epoch sees the same test set
     gen = torch.Generator().manual_seed(cfg.seed + 7919)
     dtype = getattr(torch, cfg.dtype)
-    test_x = augment.rotate(test.x.to(dtype), cfg.test_rotation, generator=gen)
+    if cfg.model in IMAGE_MODELS:
+        test_x = _rotate_images(test.x.to(dtype), cfg.test_rotation, gen)
+    else:
+        test_x = augment.rotate(test.x.to(dtype), cfg.test_rotation, generator=gen)
     return train._replace(x=train.x.to(dtype)), test._replace(x=test_x.contiguous())
 
 
@@ -446,6 +482,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
             r_ld = r_n = 0.0
             if relaxed:
                 D.all_reduce_input_stats(model)
+                D.all_reduce_conv_defects(model)
                 terms = model_regularizers(model)
                 th = theta.theta if cfg.theta_scaled_lambda else None
                 reg = combine_regularizers(terms, cfg.lambda_ld, cfg.lambda_n, cfg.reduction, theta=th)
@@ -508,7 +545,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
         n_layers = sum(1 for _ in relaxed_layers(model))
         summary.update(
             test_acc_projected=evaluate(final, test_set.x, test_set.y, cfg.eval_batch_size, device),
-            equivariance_error=equivariance_error(final, val_x, output="invariant", seed=cfg.seed),
+            equivariance_error=_final_equivariance_error(final, val_x, cfg),
             relaxed_layers=n_layers, theta_final=theta.theta if theta else 0.0,
             seconds=sum(h["epoch_seconds"] for h in history))
         if rank == 0:
@@ -519,6 +556,15 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
         with open(os.path.join(run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
     return summary
+
+
+def _final_equivariance_error(model: nn.Module, x: torch.Tensor, cfg: TrainConfig) -> float:
+    """Invariance error of the final classifier: random 3D rotations for point clouds; the exact
+    quarter turns (torch.rot90) for images."""
+    if cfg.model in IMAGE_MODELS:
+        from .steerable import rot90_equivariance_error
+        return rot90_equivariance_error(model, x)
+    return equivariance_error(model, x, output="invariant", seed=cfg.seed)
 
 
 def compare_runs(run_dirs: list[str], out_png: Optional[str] = None) -> str:
@@ -569,6 +615,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--num-points", type=int, default=None, help="points per cloud (paper: 300)")
     g.add_argument("--k", type=int, default=d.k, help="nearest neighbours for edge features")
     g.add_argument("--width", type=float, default=d.width, help="channel multiplier (1 = published model)")
+    g.add_argument("--group", type=int, default=d.group, help="steerable_cnn: the rotation group C_N (N)")
     g.add_argument("--dropout", type=float, default=None, help="head dropout (paper model: 0.4 / 0.5)")
     g.add_argument("--n-train", type=int, default=None, help="training samples (default: the dataset's)")
     g.add_argument("--n-test", type=int, default=None, help="test samples (default: the dataset's)")

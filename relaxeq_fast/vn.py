@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import functional as F
-from .nn import EquivariantLinear, RelaxedLinear
+from .nn import EquivariantLinear, RelaxedLinear, RelaxedModule
 from .regularizer import RegularizerTerms
 from .reps import VN
 
@@ -256,25 +256,39 @@ def _convert_modules(model: nn.Module, convert) -> nn.Module:
     return model
 
 
+def _relaxed_twins():
+    """(plain class, relaxed class) pairs that :func:`relax` converts."""
+    from .steerable import R2Conv, RelaxedR2Conv
+    return ((EquivariantLinear, RelaxedLinear), (R2Conv, RelaxedR2Conv))
+
+
 def relax(model: nn.Module, **relaxed_kwargs) -> nn.Module:
-    """Every EquivariantLinear in ``model`` (not under a module with ``relaxable = False``, such as
-    VNMaxPool) becomes a RelaxedLinear with the same weights; outputs unchanged at θ = 0 and at the
-    default zero relaxation init. Modifies and returns ``model``."""
+    """Every EquivariantLinear (→ RelaxedLinear) and steerable R2Conv (→ RelaxedR2Conv) in ``model``
+    (not under a module with ``relaxable = False``, such as VNMaxPool) is relaxed with the same
+    weights; outputs unchanged at θ = 0 and at the default zero relaxation init. ``relaxed_kwargs``
+    go to every relaxed layer (theta, relax_init and backend are common to both). Modifies and
+    returns ``model``."""
+    twins = _relaxed_twins()
+
     def convert(m):
-        if isinstance(m, EquivariantLinear) and not isinstance(m, RelaxedLinear):
-            return RelaxedLinear.from_plain(m, **relaxed_kwargs)
+        if isinstance(m, RelaxedModule):
+            return None
+        for plain, relaxed in twins:
+            if isinstance(m, plain):
+                return relaxed.from_plain(m, **relaxed_kwargs)
         return None
     return _convert_modules(model, convert)
 
 
 def project(model: nn.Module) -> nn.Module:
-    """θ = 0 and the relaxation removed everywhere: RelaxedLinear → EquivariantLinear. Modifies and
-    returns ``model``; its state_dict then loads into the plain model class."""
-    return _convert_modules(model, lambda m: m.project() if isinstance(m, RelaxedLinear) else None)
+    """θ = 0 and the relaxation removed everywhere (RelaxedLinear → EquivariantLinear, RelaxedR2Conv →
+    R2Conv). Modifies and returns ``model``; its state_dict then loads into the plain model class."""
+    return _convert_modules(model, lambda m: m.project() if isinstance(m, RelaxedModule) else None)
 
 
-def relaxed_layers(model: nn.Module) -> Iterator[RelaxedLinear]:
-    return (m for m in model.modules() if isinstance(m, RelaxedLinear))
+def relaxed_layers(model: nn.Module) -> Iterator[RelaxedModule]:
+    """Every relaxed layer of ``model`` (any :class:`~relaxeq_fast.nn.RelaxedModule`)."""
+    return (m for m in model.modules() if isinstance(m, RelaxedModule))
 
 
 def set_theta(model: nn.Module, value: float) -> None:

@@ -149,8 +149,11 @@ def test_basis_full_rank_and_cached():
     S = torch.linalg.svdvals(M)
     assert S.min().item() > 1e-6, "duplicate / dependent basis elements"
     assert torch.allclose(M @ M.T, torch.eye(B.shape[0], dtype=DT), atol=1e-12)
-    conv = R2Conv(tin, tout, 5)
-    assert conv.basis.shape == B.shape and "basis" not in conv.state_dict()
+    conv = R2Conv(tin, tout, 5).double()
+    assert conv.n_basis == B.shape[0] and not any("basis" in k for k in conv.state_dict())
+    # the per-kind-pair expansion is the dense basis expansion
+    with torch.no_grad():
+        torch.testing.assert_close(conv.expand()[0], torch.einsum("b,boikl->oikl", conv.weight, B), rtol=0, atol=1e-13)
 
 
 def test_eval_cache_invalidation():

@@ -111,6 +111,8 @@ def test_non_finite_loss_stops_without_touching_the_checkpoint(tmp_path, monkeyp
     (["--lr", "nan"], "--lr must be a finite number"),
     (["--batch-size", "1"], "batch norm needs at least 2"),
     (["--dataset", "rotmnist"], "rotmnist is an image dataset"),
+    (["--model", "steerable_cnn"], "takes images; shapes is a point-cloud dataset"),
+    (["--model", "steerable_cnn", "--dataset", "rotmnist", "--augment", "jitter"], "applies to point clouds"),
     (["--backend", "cudnn"], "--backend must be one of"),
     (["--dtype", "float16"], "--dtype must be"),
     (["--resume", "/no/such/run"], "--resume /no/such/run: no config.json there"),
@@ -185,3 +187,25 @@ def test_clip_grad_norm_bounds_the_point_dropout_blow_up(tmp_path):
     raw, clipped = _metrics(str(tmp_path / "raw"))[0], _metrics(str(tmp_path / "clipped"))[0]
     assert float(raw["r_ld"]) > 1e6
     assert float(clipped["r_ld"]) < 1.0
+
+
+def test_steerable_cnn_on_rotmnist_ends_projected_and_quarter_turn_invariant(tmp_path):
+    """A tiny relaxed C_4 steerable CNN on RotMNIST-5k: θ reaches 0, the outputs are written, the
+    projected model is invariant to exact quarter turns (float32) and loads into the plain class."""
+    run_dir = str(tmp_path / "scnn")
+    summary = _run(["--model", "steerable_cnn", "--dataset", "rotmnist", "--group", "4", "--width", "0.25",
+                    "--n-train", "96", "--n-test", "48", "--batch-size", "16", "--epochs", "2", "--no-progress",
+                    "--threads", "1", "--run-dir", run_dir])
+    for name in ("config.json", "metrics.csv", "checkpoint.pt", "model_projected.pt", "training.png", "summary.json"):
+        assert os.path.isfile(os.path.join(run_dir, name)), name
+    rows = _metrics(run_dir)
+    assert float(rows[0]["theta"]) > 0 and float(rows[-1]["theta"]) == 0.0
+    assert float(rows[0]["r_ld"]) > 0 and float(rows[0]["projection_error"]) > 1e-6
+    assert float(rows[-1]["projection_error"]) == 0.0
+    print(f"tiny steerable_cnn: projected test accuracy {summary['test_acc_projected']:.3f}, "
+          f"rot90 invariance error {summary['equivariance_error']:.1e}")
+    assert summary["finished"] and summary["theta_final"] == 0.0 and summary["relaxed_layers"] == 4
+    assert summary["equivariance_error"] < 1e-5
+    saved = torch.load(os.path.join(run_dir, "model_projected.pt"), weights_only=False)
+    plain = T.build_model(T.TrainConfig(**{**saved["config"], "plain": True}).resolved(), num_classes=10)
+    plain.load_state_dict(saved["model"], strict=True)
