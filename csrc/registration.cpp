@@ -55,6 +55,14 @@ TORCH_LIBRARY(relaxeq, m) {
       "vn_batch_norm_apply_backward(Tensor grad_y, Tensor x, Tensor mean, Tensor invstd, Tensor? weight,"
       " Tensor? bias, float norm_eps, bool[5] output_mask)"
       " -> (Tensor grad_x, Tensor grad_mean, Tensor grad_invstd, Tensor grad_weight, Tensor grad_bias)");
+  // Relaxed 2D convolution y = conv2d(x, M) + c and, when the defect kernel D is given, the
+  // data-mode regulariser r = sum conv2d(x^, D)^2 (x^ = x detached; r in float32, float64 for
+  // float64 x, an empty [0] tensor without D). The defect responses are reduced to r, never
+  // returned; the backward recomputes them (dD = 2 dr * weight gradient of z = conv2d(x^, D)).
+  m.def("relaxed_conv2d(Tensor x, Tensor M, Tensor? c, Tensor? D, int padding) -> (Tensor y, Tensor r)");
+  m.def(
+      "relaxed_conv2d_backward(Tensor dy, Tensor dr, Tensor x, Tensor M, Tensor? D, int padding,"
+      " bool[4] output_mask) -> (Tensor dx, Tensor dM, Tensor dc, Tensor dD)");
   m.def("build_info() -> str", &relaxeq::build_info);
 }
 

@@ -120,6 +120,111 @@ def register_relaxed_linear_op(qualname: str, backward_qualname: str, backward_o
 
 
 # ---------------------------------------------------------------------------------------------
+# relaxed_conv2d: x [B, C_in, H, W], M [C_out, C_in, k, k], c [C_out] or None,
+# D [C_d, C_in, k, k] or None (the defect kernel), zero padding on every side
+
+def check_relaxed_conv2d_args(x, M, c, D, padding, op="relaxed_conv2d"):
+    """Argument checks shared by the functional layer, the Triton op and the fake kernels
+    (mirrors csrc/relaxed_conv2d.h, which guards direct calls of the native ops)."""
+    for name, t in (("x", x), ("M", M)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{op}: x must be 4-D [B, C_in, H, W], got {x.dim()}-D with shape {list(x.shape)}")
+    if M.dim() != 4:
+        raise ValueError(f"{op}: M must be 4-D [C_out, C_in, k, k], got {M.dim()}-D with shape {list(M.shape)}")
+    if M.shape[1] != x.shape[1]:
+        raise ValueError(f"{op}: M must have shape [C_out, C_in, k, k] with C_in = x.shape[1] = {x.shape[1]}, "
+                         f"got {list(M.shape)}")
+    if M.shape[2] != M.shape[3]:
+        raise ValueError(f"{op}: M must have a square k x k kernel, got {list(M.shape)}")
+    _check_matches_x(M, "M", x, op)
+    if c is not None:
+        if not isinstance(c, torch.Tensor) or c.dim() != 1 or c.shape[0] != M.shape[0]:
+            raise ValueError(f"{op}: c must have shape [C_out] with C_out = M.shape[0] = {M.shape[0]}, got "
+                             f"{list(c.shape) if isinstance(c, torch.Tensor) else type(c).__name__}")
+        _check_matches_x(c, "c", x, op)
+    if D is not None:
+        if not isinstance(D, torch.Tensor) or D.dim() != 4 or D.shape[1:] != M.shape[1:]:
+            raise ValueError(f"{op}: D must have shape [C_d, C_in, k, k] = [C_d, {M.shape[1]}, {M.shape[2]}, "
+                             f"{M.shape[3]}] (the C_in and k of M), got "
+                             f"{list(D.shape) if isinstance(D, torch.Tensor) else type(D).__name__}")
+        _check_matches_x(D, "D", x, op)
+    if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
+        raise ValueError(f"{op}: padding must be an int >= 0, got {padding!r}")
+    k = M.shape[2]
+    if x.shape[2] + 2 * padding < k or x.shape[3] + 2 * padding < k:
+        raise ValueError(f"{op}: the {k}x{k} kernel does not fit x {list(x.shape)} with padding {padding}")
+
+
+def conv2d_out_shape(x, M, padding):
+    k = M.shape[2]
+    return (x.shape[0], M.shape[0], x.shape[2] + 2 * padding - k + 1, x.shape[3] + 2 * padding - k + 1)
+
+
+def check_relaxed_conv2d_backward_args(dy, dr, x, M, D, padding, op="relaxed_conv2d_backward"):
+    check_relaxed_conv2d_args(x, M, None, D, padding, op=op)
+    if not isinstance(dy, torch.Tensor):
+        raise TypeError(f"{op}: dy must be a torch.Tensor, got {type(dy).__name__}")
+    if tuple(dy.shape) != conv2d_out_shape(x, M, padding):
+        raise ValueError(f"{op}: dy must have shape [B, C_out, H', W'] = {list(conv2d_out_shape(x, M, padding))}, "
+                         f"got {list(dy.shape)}")
+    _check_matches_x(dy, "dy", x, op)
+    if D is not None and dr.numel() != 1:
+        raise ValueError(f"{op}: dr must be a scalar (the gradient of r), got shape {list(dr.shape)}")
+
+
+def _relaxed_conv2d_fake(x, M, c, D, padding):
+    check_relaxed_conv2d_args(x, M, c, D, padding)
+    y = x.new_empty(conv2d_out_shape(x, M, padding))
+    r = x.new_empty(() if D is not None else (0,), dtype=stats_dtype(x.dtype))
+    return y, r
+
+
+def _relaxed_conv2d_backward_fake(dy, dr, x, M, D, padding, output_mask):
+    check_relaxed_conv2d_backward_args(dy, dr, x, M, D, padding)
+    return (x.new_empty(x.shape if output_mask[0] else (0,)),
+            x.new_empty(M.shape if output_mask[1] else (0,)),
+            x.new_empty((M.shape[0],) if output_mask[2] else (0,)),
+            x.new_empty(D.shape if output_mask[3] and D is not None else (0,)))
+
+
+def _relaxed_conv2d_setup_context(ctx, inputs, output):
+    x, M, c, D, padding = inputs
+    _y, r = output
+    if D is None:
+        ctx.mark_non_differentiable(r)  # the empty placeholder
+    # x, M, D only: the backward recomputes the defect responses z = conv2d(x̂, D) (never stored).
+    ctx.save_for_backward(x, M, D)
+    ctx.has_c, ctx.has_D, ctx.padding = c is not None, D is not None, padding
+
+
+def make_relaxed_conv2d_backward(backward_op):
+    """Autograd formula: dy reaches x, M, c; dr reaches D only (r is a function of x̂ and D)."""
+    def backward(ctx, dy, dr):
+        x, M, D = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        mask = [needs[0], needs[1], ctx.has_c and needs[2], ctx.has_D and needs[3]]
+        if not any(mask):
+            return None, None, None, None, None
+        sdt = stats_dtype(x.dtype)
+        if dy is None:
+            dy = x.new_zeros(conv2d_out_shape(x, M, ctx.padding))
+        if dr is None or not ctx.has_D:
+            dr = x.new_zeros((), dtype=sdt)
+        grads = backward_op(dy.contiguous(), dr, x, M, D, ctx.padding, mask)
+        return tuple(g if m else None for g, m in zip(grads, mask)) + (None,)
+    return backward
+
+
+def register_relaxed_conv2d_op(qualname: str, backward_qualname: str, backward_op):
+    torch.library.register_fake(qualname)(_relaxed_conv2d_fake)
+    torch.library.register_fake(backward_qualname)(_relaxed_conv2d_backward_fake)
+    torch.library.register_autograd(qualname, make_relaxed_conv2d_backward(backward_op),
+                                    setup_context=_relaxed_conv2d_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
 # vn_leaky_relu: x [N, C, 3], d [N, C, 3] or [N, 1, 3] (one direction shared by the channels)
 
 def check_vn_leaky_relu_args(x, d, negative_slope, eps, op="vn_leaky_relu"):
@@ -328,6 +433,8 @@ if EXTENSION_LOADED:
                                lambda *a: torch.ops.relaxeq.relaxed_linear_backward(*a))
     register_vn_leaky_relu_op("relaxeq::vn_leaky_relu", "relaxeq::vn_leaky_relu_backward",
                               lambda *a: torch.ops.relaxeq.vn_leaky_relu_backward(*a))
+    register_relaxed_conv2d_op("relaxeq::relaxed_conv2d", "relaxeq::relaxed_conv2d_backward",
+                               lambda *a: torch.ops.relaxeq.relaxed_conv2d_backward(*a))
     register_vn_batch_norm_ops("relaxeq::vn_norm_stats", "relaxeq::vn_batch_norm_apply",
                                "relaxeq::vn_batch_norm_apply_backward",
                                lambda *a: torch.ops.relaxeq.vn_batch_norm_apply_backward(*a))

@@ -10,7 +10,7 @@ from . import _ops
 from .backend import resolve_backend
 from .reference import relaxed_linear_ref, stats_dtype
 
-__all__ = ["InputStats", "relaxed_linear", "vn_batch_norm", "vn_leaky_relu"]
+__all__ = ["InputStats", "relaxed_conv2d", "relaxed_linear", "vn_batch_norm", "vn_leaky_relu"]
 
 
 class InputStats(NamedTuple):
@@ -208,6 +208,11 @@ def vn_batch_norm(x: torch.Tensor, running_mean: Optional[torch.Tensor], running
 
 
 def _raw_relaxed_conv2d(backend: str):
+    if backend == "native":
+        return torch.ops.relaxeq.relaxed_conv2d
+    if backend == "triton":
+        from .triton_kernels import relaxed_conv2d as triton_relaxed_conv2d
+        return triton_relaxed_conv2d.op()
     from .reference import relaxed_conv2d_ref
     return relaxed_conv2d_ref
 
@@ -229,28 +234,6 @@ def relaxed_conv2d(x: torch.Tensor, M: torch.Tensor, c: Optional[torch.Tensor] =
         y: [B, C_out, H + 2 padding − k + 1, W + 2 padding − k + 1]; and r: [] (float32, float64 for
         float64 x) when D is given.
     """
-    op = "relaxed_conv2d"
-    for name, t, rank in (("x", x, 4), ("M", M, 4)):
-        if not isinstance(t, torch.Tensor) or t.dim() != rank:
-            raise ValueError(f"{op}: {name} must be a rank-{rank} tensor, got "
-                             f"{list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-    if M.shape[1] != x.shape[1]:
-        raise ValueError(f"{op}: M must have shape [C_out, C_in = {x.shape[1]}, k, k], got {list(M.shape)}")
-    if M.shape[2] != M.shape[3]:
-        raise ValueError(f"{op}: M must have a square k×k kernel, got {list(M.shape)}")
-    if c is not None and tuple(c.shape) != (M.shape[0],):
-        raise ValueError(f"{op}: c must have shape [C_out] = [{M.shape[0]}], got {list(c.shape)}")
-    if D is not None and (D.dim() != 4 or D.shape[1:] != M.shape[1:]):
-        raise ValueError(f"{op}: D must have shape [C_d, {M.shape[1]}, {M.shape[2]}, {M.shape[3]}], "
-                         f"got {list(D.shape)}")
-    if not isinstance(padding, int) or padding < 0:
-        raise ValueError(f"{op}: padding must be an int >= 0, got {padding!r}")
-    for name, t in (("M", M), ("c", c), ("D", D)):
-        if t is not None and (t.dtype != x.dtype or t.device != x.device):
-            raise ValueError(f"{op}: {name} must have the dtype and device of x ({x.dtype}, {x.device}), "
-                             f"got {t.dtype}, {t.device}")
-    if x.shape[2] + 2 * padding < M.shape[2] or x.shape[3] + 2 * padding < M.shape[3]:
-        raise ValueError(f"{op}: the {M.shape[2]}×{M.shape[3]} kernel does not fit x {list(x.shape)} "
-                         f"with padding {padding}")
+    _ops.check_relaxed_conv2d_args(x, M, c, D, padding)
     y, r = _raw_relaxed_conv2d(resolve_backend(x.device, backend))(x, M, c, D, padding)
     return y if D is None else (y, r)

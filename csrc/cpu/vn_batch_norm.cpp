@@ -15,15 +15,10 @@
 #include <vector>
 
 #include "../vn_batch_norm.h"
+#include "cpu_checks.h"
 
 namespace relaxeq {
 namespace {
-
-void check_cpu(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), op, " (CPU): ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, " (CPU): ", name,
-              " must be float32 or float64 on CPU, got ", t.scalar_type());
-}
 
 // Rows per parallel task: ~4096 vectors, so small C still gives tasks worth a thread.
 int64_t row_grain(int64_t C) { return std::max<int64_t>(1, 4096 / std::max<int64_t>(1, C)); }

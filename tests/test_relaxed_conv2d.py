@@ -1,0 +1,274 @@
+"""relaxed_conv2d op (native CPU/CUDA kernels) against the float64 pure-PyTorch reference."""
+import pytest
+import torch
+
+import relaxeq_fast
+from relaxeq_fast import use_backend
+from relaxeq_fast.functional import relaxed_conv2d
+from relaxeq_fast.reference import relaxed_conv2d_ref
+
+from testing import DEVICES, assert_close_scaled, has_cuda
+
+pytestmark = pytest.mark.skipif(not relaxeq_fast.build_info()["extension_loaded"],
+                                reason="relaxeq_fast._C is not built")
+
+# rtol relative to the largest reference entry (see assert_close_scaled).
+# float32: y sums C_in k^2 products (<= 200 here): ~sqrt(K) * 6e-8 plus the convolution's own blocking
+# order -> 1e-5. r and the weight gradients sum over every output pixel of the batch (up to ~3000 terms
+# of squares, all positive for r) -> 5e-5. float64: round-off only.
+TOLS = {
+    torch.float32: {"y": 1e-5, "r": 5e-5, "grad": 5e-5},
+    torch.float64: {"y": 1e-12, "r": 1e-11, "grad": 1e-11},
+}
+# (B, C_in, C_out, C_d, H, W, k, padding): B = 1, C_in = 1, k = 1/3/5, padding 0 and k // 2, H != W,
+# C_d != C_out, C_d = 0 via D = None in the separate tests.
+SHAPES = [
+    (1, 1, 1, 1, 5, 5, 1, 0),
+    (2, 3, 4, 5, 9, 7, 3, 1),
+    (1, 2, 3, 2, 6, 11, 3, 0),
+    (3, 4, 6, 3, 12, 10, 5, 2),
+    (2, 1, 5, 7, 8, 9, 5, 0),
+    (4, 6, 8, 8, 14, 14, 5, 2),
+]
+
+
+def make_inputs(b, c_in, c_out, c_d, h, w, k, dtype, device, bias=True, defect=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=g, dtype=torch.float64)).to(device=device, dtype=dtype)
+
+    x = rnd(b, c_in, h, w)
+    M = rnd(c_out, c_in, k, k, scale=(c_in * k * k) ** -0.5)
+    c = rnd(c_out) if bias else None
+    D = rnd(c_d, c_in, k, k, scale=(c_in * k * k) ** -0.5) if defect else None
+    return x, M, c, D
+
+
+def ref64(x, M, c, D, padding):
+    f64 = lambda t: None if t is None else t.detach().double()  # noqa: E731
+    return relaxed_conv2d_ref(f64(x), f64(M), f64(c), f64(D), padding)
+
+
+def native(x, M, c, D, padding):
+    return torch.ops.relaxeq.relaxed_conv2d(x, M, c, D, padding)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("bias", [True, False], ids=["c", "no_c"])
+@pytest.mark.parametrize("defect", [True, False], ids=["D", "no_D"])
+def test_forward_matches_reference(device, dtype, shape, bias, defect):
+    *dims, padding = shape
+    x, M, c, D = make_inputs(*dims, dtype, device, bias, defect)
+    y, r = native(x, M, c, D, padding)
+    y_ref, r_ref = ref64(x, M, c, D, padding)
+    sdt = torch.float64 if dtype == torch.float64 else torch.float32
+    assert y.dtype == dtype and r.dtype == sdt
+    assert y.is_contiguous()
+    assert_close_scaled(y, y_ref, TOLS[dtype]["y"], "y")
+    if defect:
+        assert r.shape == ()
+        # r is a sum of squares: compare relative to its own size.
+        assert_close_scaled(r / r_ref.abs().clamp_min(1), r_ref / r_ref.abs().clamp_min(1), TOLS[dtype]["r"], "r")
+    else:
+        assert r.shape == (0,)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_backward_matches_reference(device, dtype, shape):
+    *dims, padding = shape
+    x, M, c, D = make_inputs(*dims, dtype, device)
+    leaves = tuple(t.requires_grad_() for t in (x, M, c, D))
+    y, r = native(*leaves, padding)
+    dy = torch.randn_like(y)
+    w = 0.7  # dr: the regulariser's weight in the loss
+    grads = torch.autograd.grad((y * dy).sum() + w * r, leaves)
+    leaves64 = tuple(t.detach().double().requires_grad_() for t in leaves)
+    y64, r64 = relaxed_conv2d_ref(*leaves64, padding)
+    grads64 = torch.autograd.grad((y64 * dy.double()).sum() + w * r64, leaves64)
+    for name, g, g64 in zip(("dx", "dM", "dc", "dD"), grads, grads64):
+        assert_close_scaled(g, g64, TOLS[dtype]["grad"], name)
+
+
+def test_r_gradient_reaches_D_only():
+    x, M, c, D = make_inputs(2, 3, 4, 5, 7, 6, 3, torch.float64, "cpu")
+    leaves = tuple(t.requires_grad_() for t in (x, M, c, D))
+    _, r = native(*leaves, 1)
+    dx, dM, dc, dD = torch.autograd.grad(r, leaves, allow_unused=True, materialize_grads=True)
+    assert dx.abs().max() == 0 and dM.abs().max() == 0 and dc.abs().max() == 0
+    assert dD.abs().max() > 0
+
+
+@pytest.mark.parametrize("mask", [(True, False, False, False), (False, True, False, False),
+                                  (False, False, True, False), (False, False, False, True),
+                                  (True, True, True, True), (False, False, False, False)])
+def test_backward_op_output_mask(mask):
+    x, M, _, D = make_inputs(2, 3, 4, 5, 8, 7, 3, torch.float64, "cpu")
+    dy = torch.randn(2, 4, 8, 7, dtype=torch.float64)
+    dr = torch.tensor(0.3, dtype=torch.float64)
+    got = torch.ops.relaxeq.relaxed_conv2d_backward(dy, dr, x, M, D, 1, list(mask))
+    leaves = tuple(t.clone().requires_grad_() for t in (x, M, torch.zeros(4, dtype=torch.float64), D))
+    y, r = relaxed_conv2d_ref(*leaves, 1)
+    want = torch.autograd.grad((y * dy).sum() + dr * r, leaves)
+    for g, w, m in zip(got, want, mask):
+        if m:
+            assert_close_scaled(g, w, 1e-12)
+        else:
+            assert g.shape == (0,)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_inputs(device):
+    base = torch.randn(3, 5, 2 * 9, 8, dtype=torch.float64, device=device)
+    x = base[:, :, ::2].transpose(2, 3)  # [3, 5, 8, 9], strided and transposed
+    assert not x.is_contiguous()
+    M = torch.randn(4, 5, 3, 3, dtype=torch.float64, device=device).transpose(2, 3)
+    D = torch.randn(5, 6, 3, 3, dtype=torch.float64, device=device).transpose(0, 1)  # [6, 5, 3, 3] view
+    c = torch.randn(8, dtype=torch.float64, device=device)[::2]
+    with use_backend("native"):
+        y, r = relaxed_conv2d(x, M, c, D, 1)
+    y_ref, r_ref = relaxed_conv2d_ref(x.contiguous(), M.contiguous(), c.contiguous(), D.contiguous(), 1)
+    assert_close_scaled(y, y_ref, 1e-12, "y")
+    assert_close_scaled(r, r_ref, 1e-12 * r_ref.item(), "r")
+
+
+def test_threads_do_not_change_results():
+    x, M, c, D = make_inputs(8, 6, 7, 9, 20, 18, 5, torch.float64, "cpu")
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native(x, M, c, D, 2)
+        torch.set_num_threads(2)
+        two = native(x, M, c, D, 2)
+    finally:
+        torch.set_num_threads(prev)
+    assert_close_scaled(one[0], two[0], 1e-12, "y")
+    assert_close_scaled(one[1], two[1], 1e-12 * one[1].item(), "r")
+
+
+@pytest.mark.parametrize("defect", [True, False])
+def test_gradcheck_float64(defect):
+    x, M, c, D = make_inputs(2, 2, 3, 2, 5, 4, 3, torch.float64, "cpu", defect=defect)
+    inputs = tuple(t.requires_grad_() for t in (x, M, c, D) if t is not None)
+    # y through every input (it does not depend on D: a zero Jacobian, which is checked too).
+    assert torch.autograd.gradcheck(lambda *ts: native(*ts[:3], ts[3] if defect else None, 1)[0], inputs)
+
+
+def test_gradcheck_r_to_D_float64():
+    # r's gradient goes to D only by definition (x̂ is detached), while a finite difference in x would
+    # move r: so r is checked as a function of D with x, M, c held fixed.
+    x, M, c, D = make_inputs(2, 2, 3, 2, 5, 4, 3, torch.float64, "cpu")
+    assert torch.autograd.gradcheck(lambda D: native(x, M, c, D, 1)[1], (D.requires_grad_(),))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("defect", [True, False])
+def test_opcheck(bias, defect):
+    x, M, c, D = make_inputs(2, 3, 4, 2, 6, 5, 3, torch.float64, "cpu", bias, defect)
+    req = lambda t: None if t is None else t.requires_grad_()  # noqa: E731
+    torch.library.opcheck(torch.ops.relaxeq.relaxed_conv2d.default, (req(x), req(M), req(c), req(D), 1))
+    dy = torch.randn(2, 4, 6, 5, dtype=torch.float64)
+    dr = torch.tensor(0.5, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.relaxeq.relaxed_conv2d_backward.default,
+                          (dy, dr, x.detach(), M.detach(), None if D is None else D.detach(), 1,
+                           [True, True, bias, defect]))
+
+
+def test_meta_tensors_use_the_fake_kernel():
+    x, M, D = (torch.empty(*s, device="meta") for s in ((2, 3, 9, 7), (4, 3, 3, 3), (5, 3, 3, 3)))
+    y, r = torch.ops.relaxeq.relaxed_conv2d(x, M, None, D, 0)
+    assert y.shape == (2, 4, 7, 5) and r.shape == () and y.device.type == "meta"
+
+
+def test_torch_compile_fullgraph():
+    x, M, c, D = make_inputs(2, 3, 4, 5, 8, 8, 3, torch.float32, "cpu")
+
+    def step(x, M, c, D):
+        y, r = torch.ops.relaxeq.relaxed_conv2d(x, M, c, D, 1)
+        return y.square().sum() + 0.1 * r
+
+    compiled = torch.compile(step, fullgraph=True)
+    M.requires_grad_(); D.requires_grad_()
+    out_c = compiled(x, M, c, D)
+    gc = torch.autograd.grad(out_c, (M, D))
+    out_e = step(x, M, c, D)
+    ge = torch.autograd.grad(out_e, (M, D))
+    assert_close_scaled(out_c, out_e, 1e-6, "loss")
+    for a, b, name in zip(gc, ge, ("dM", "dD")):
+        assert_close_scaled(a, b, 1e-6, name)
+
+
+def test_functional_dispatch_and_return_form():
+    x, M, c, D = make_inputs(2, 3, 4, 5, 8, 8, 3, torch.float64, "cpu")
+    y_n, r_n = relaxed_conv2d(x, M, c, D, 1, backend="native")
+    y_r, r_r = relaxed_conv2d(x, M, c, D, 1, backend="reference")
+    assert_close_scaled(y_n, y_r, 1e-12, "y")
+    assert_close_scaled(r_n, r_r, 1e-12 * r_r.item(), "r")
+    y_only = relaxed_conv2d(x, M, c, padding=1, backend="native")
+    assert isinstance(y_only, torch.Tensor) and y_only.shape == y_n.shape
+
+
+def test_cuda_kernels_registered_when_built():
+    info = relaxeq_fast.build_info()
+    if not info["cuda"]:
+        pytest.skip("extension built without CUDA kernels")
+    for name in ("relaxeq::relaxed_conv2d", "relaxeq::relaxed_conv2d_backward"):
+        table = torch._C._dispatch_dump(name)
+        assert "CUDA" in table and "CPU" in table, table
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not has_cuda(), reason="float16/bfloat16 kernels are GPU-only; no CUDA GPU here")
+@pytest.mark.parametrize("dtype, tol", [(torch.float16, 5e-3), (torch.bfloat16, 3e-2)])
+def test_half_precision_cuda(dtype, tol):
+    # Inputs rounded to 11/8-bit mantissas, float32 accumulation, one rounding of y on store.
+    x, M, c, D = make_inputs(2, 5, 6, 7, 13, 11, 5, dtype, "cuda")
+    y, r = native(x, M, c, D, 2)
+    y_ref, r_ref = ref64(x, M, c, D, 2)
+    assert r.dtype == torch.float32
+    assert_close_scaled(y, y_ref, tol, "y")
+    assert_close_scaled(r / r_ref, r_ref / r_ref, 1e-4, "r (float32 accumulation)")
+
+
+def _t(*shape, dtype=torch.float32, device="cpu"):
+    return torch.randn(*shape, dtype=dtype, device=device)
+
+
+# Bad input: every error names the argument at fault (the native op directly, then the functional layer).
+BAD_CALLS = [
+    ("x must be 4-D", lambda: native(_t(3, 9, 9), _t(4, 3, 3, 3), None, None, 0)),
+    ("M must be 4-D", lambda: native(_t(2, 3, 9, 9), _t(4, 27), None, None, 0)),
+    ("C_in = x.shape[1] = 3", lambda: native(_t(2, 3, 9, 9), _t(4, 2, 3, 3), None, None, 0)),
+    ("M must have the dtype of x", lambda: native(_t(2, 3, 9, 9), _t(4, 3, 3, 3, dtype=torch.float64), None, None, 0)),
+    ("D must have shape [C_d, C_in, k, k]", lambda: native(_t(2, 3, 9, 9), _t(4, 3, 3, 3), None, _t(5, 3, 5, 5), 0)),
+    ("D must have the dtype of x", lambda: native(_t(2, 3, 9, 9), _t(4, 3, 3, 3), None,
+                                                  _t(5, 3, 3, 3, dtype=torch.float64), 0)),
+    ("c must have shape [C_out]", lambda: native(_t(2, 3, 9, 9), _t(4, 3, 3, 3), _t(5), None, 0)),
+    ("M must have a square k x k kernel", lambda: native(_t(2, 3, 9, 9), _t(4, 3, 3, 5), None, None, 0)),
+    ("padding must be >= 0", lambda: native(_t(2, 3, 9, 9), _t(4, 3, 3, 3), None, None, -1)),
+    ("kernel does not fit x", lambda: native(_t(2, 3, 2, 9), _t(4, 3, 3, 3), None, None, 0)),
+    ("x must be float32 or float64 on CPU", lambda: native(_t(2, 3, 9, 9, dtype=torch.float16),
+                                                           _t(4, 3, 3, 3, dtype=torch.float16), None, None, 0)),
+    ("dy must have shape [B, C_out, H', W']", lambda: torch.ops.relaxeq.relaxed_conv2d_backward(
+        _t(2, 4, 9, 9), torch.tensor(1.0), _t(2, 3, 9, 9), _t(4, 3, 3, 3), None, 0, [True, True, True, False])),
+    # through the functional layer (checked before dispatch, device mismatches included)
+    ("x must be 4-D", lambda: relaxed_conv2d(_t(3, 9, 9), _t(4, 3, 3, 3))),
+    ("C_in = x.shape[1] = 3", lambda: relaxed_conv2d(_t(2, 3, 9, 9), _t(4, 2, 3, 3))),
+    ("D must have the dtype of x", lambda: relaxed_conv2d(_t(2, 3, 9, 9), _t(4, 3, 3, 3),
+                                                          D=_t(5, 3, 3, 3, dtype=torch.float64))),
+    ("D must have shape [C_d, C_in, k, k]", lambda: relaxed_conv2d(_t(2, 3, 9, 9), _t(4, 3, 3, 3), D=_t(5, 3, 5, 5))),
+    ("M must be on the device of x", lambda: relaxed_conv2d(_t(2, 3, 9, 9), torch.empty(4, 3, 3, 3, device="meta"))),
+    ("padding must be an int >= 0", lambda: relaxed_conv2d(_t(2, 3, 9, 9), _t(4, 3, 3, 3), padding=1.5)),
+    ("backend must be one of", lambda: relaxed_conv2d(_t(2, 3, 9, 9), _t(4, 3, 3, 3), backend="fast")),
+]
+
+
+@pytest.mark.parametrize("message,call", BAD_CALLS, ids=[m for m, _ in BAD_CALLS])
+def test_bad_input_names_the_argument(message, call):
+    with pytest.raises((RuntimeError, ValueError, TypeError)) as info:
+        call()
+    assert message in str(info.value), str(info.value)

@@ -1,0 +1,131 @@
+"""relaxeq::relaxed_conv2d_triton (and its backward) against the float64 reference.
+
+Without a GPU the kernel runs in the Triton interpreter (TRITON_INTERPRET=1, set by conftest.py
+before triton is imported): shapes are tiny because the interpreter executes programs in numpy.
+"""
+import os
+
+import pytest
+import torch
+
+if os.environ.get("TRITON_INTERPRET", "0") != "1" and not torch.cuda.is_available():
+    pytest.skip("Triton needs a CUDA device, or TRITON_INTERPRET=1 set before triton is imported "
+                "(the interpreter runs the kernels on CPU tensors)", allow_module_level=True)
+pytest.importorskip("triton", reason="triton is not installed")
+
+from relaxeq_fast.functional import relaxed_conv2d  # noqa: E402
+from relaxeq_fast.reference import relaxed_conv2d_ref  # noqa: E402
+from relaxeq_fast.triton_kernels import relaxed_conv2d as triton_rc  # noqa: E402
+
+from testing import assert_close_scaled  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+_needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                 reason="half precision needs a GPU: the interpreter has no bfloat16 arithmetic")
+
+# (dtype, rtol relative to the largest float64 reference entry).
+DTYPES = [
+    # fp32 accumulators, blocked dot order differs from the reference: ~1e-6 here; TF32 off below.
+    pytest.param(torch.float32, 1e-5, id="float32"),
+    # Same algorithm in float64: rounding of a few hundred terms.
+    pytest.param(torch.float64, 1e-12, id="float64"),
+    # y rounded once to the input dtype (fp32 accumulate): 2^-11 and 2^-8 relative.
+    pytest.param(torch.float16, 5e-3, id="float16", marks=[pytest.mark.cuda, _needs_cuda]),
+    pytest.param(torch.bfloat16, 3e-2, id="bfloat16", marks=[pytest.mark.cuda, _needs_cuda]),
+]
+# (B, C_in, C_out, C_d, H, W, k, padding); (2, 5, 17, 20, ...) gives two channel blocks of 16,
+# with C_d > C_out so one program has z channels but no y channels.
+SHAPES = [(1, 1, 1, 1, 5, 5, 1, 0), (2, 3, 4, 5, 9, 7, 3, 1), (1, 2, 3, 2, 6, 11, 3, 0),
+          (2, 5, 17, 20, 8, 6, 5, 2)]
+
+
+@pytest.fixture(scope="module")
+def op():
+    return triton_rc.op()
+
+
+@pytest.fixture(autouse=True)
+def _ieee_fp32():
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = old
+
+
+def _inputs(b, c_in, c_out, c_d, h, w, k, dtype, with_c=True, with_d=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype).to(DEVICE)  # noqa: E731
+    return (rnd(b, c_in, h, w), rnd(c_out, c_in, k, k), rnd(c_out) if with_c else None,
+            rnd(c_d, c_in, k, k) if with_d else None)
+
+
+def _f64(*ts):
+    return [None if t is None else t.detach().double() for t in ts]
+
+
+@pytest.mark.parametrize("dtype, tol", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("with_c", [True, False], ids=["c", "no_c"])
+@pytest.mark.parametrize("with_d", [True, False], ids=["D", "no_D"])
+def test_forward(op, dtype, tol, shape, with_c, with_d):
+    *dims, padding = shape
+    x, M, c, D = _inputs(*dims, dtype, with_c, with_d)
+    y, r = op(x, M, c, D, padding)
+    y_ref, r_ref = relaxed_conv2d_ref(*_f64(x, M, c, D), padding)
+    assert y.dtype == dtype and r.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_close_scaled(y, y_ref, tol, "y")
+    if with_d:
+        assert r.shape == ()
+        assert_close_scaled(r / r_ref, r_ref / r_ref, min(tol, 1e-5), "r (relative)")
+    else:
+        assert r.shape == (0,)
+
+
+def test_forward_noncontiguous(op):
+    x = torch.randn(2, 3, 14, 9, dtype=torch.float64, device=DEVICE)[:, :, ::2].transpose(2, 3)  # [2, 3, 9, 7]
+    M = torch.randn(4, 3, 3, 3, dtype=torch.float64, device=DEVICE).transpose(2, 3)
+    D = torch.randn(3, 5, 3, 3, dtype=torch.float64, device=DEVICE).transpose(0, 1)
+    c = torch.randn(8, dtype=torch.float64, device=DEVICE)[::2]
+    assert not (x.is_contiguous() or M.is_contiguous() or D.is_contiguous() or c.is_contiguous())
+    y, r = op(x, M, c, D, 1)
+    y_ref, r_ref = relaxed_conv2d_ref(*_f64(x, M, c, D), 1)
+    assert_close_scaled(y, y_ref, 1e-12, "y")
+    assert_close_scaled(r / r_ref, r_ref / r_ref, 1e-12, "r")
+
+
+@pytest.mark.parametrize("dtype, tol", DTYPES[:2])
+def test_backward(op, dtype, tol):
+    x, M, c, D = _inputs(2, 3, 4, 5, 7, 6, 3, dtype)
+    leaves = tuple(t.requires_grad_() for t in (x, M, c, D))
+    y, r = op(*leaves, 1)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad((y * dy).sum() + 0.7 * r, leaves)
+    leaves64 = tuple(t.detach().double().requires_grad_() for t in leaves)
+    y64, r64 = relaxed_conv2d_ref(*leaves64, 1)
+    grads64 = torch.autograd.grad((y64 * dy.double()).sum() + 0.7 * r64, leaves64)
+    for name, g, g64 in zip(("dx", "dM", "dc", "dD"), grads, grads64):
+        assert_close_scaled(g, g64, 5 * tol, name)
+
+
+def test_functional_backend_triton():
+    x, M, c, D = _inputs(1, 2, 3, 2, 6, 6, 3, torch.float64)
+    y, r = relaxed_conv2d(x, M, c, D, 1, backend="triton")
+    y_ref, r_ref = relaxed_conv2d_ref(x, M, c, D, 1)
+    assert_close_scaled(y, y_ref, 1e-12, "y")
+    assert_close_scaled(r / r_ref, r_ref / r_ref, 1e-12, "r")
+
+
+def test_opcheck(op):
+    x, M, c, D = _inputs(1, 2, 3, 2, 5, 5, 3, torch.float64)
+    torch.library.opcheck(op, (x.requires_grad_(), M.requires_grad_(), c, D.requires_grad_(), 1))
+    dy = torch.randn(1, 3, 5, 5, dtype=torch.float64, device=DEVICE)
+    torch.library.opcheck(triton_rc.backward_op(), (dy, torch.tensor(0.5, dtype=torch.float64, device=DEVICE),
+                                                   x.detach(), M.detach(), D.detach(), 1, [True, True, True, True]))
+
+
+def test_bad_input_names_the_argument(op):
+    x, M, c, D = _inputs(1, 2, 3, 2, 5, 5, 3, torch.float32)
+    with pytest.raises(ValueError, match="D must have shape"):
+        op(x, M, c, D[:, :, :1, :1], 1)
+    with pytest.raises(TypeError, match="M must have the dtype of x"):
+        op(x, M.double(), c, D, 1)
