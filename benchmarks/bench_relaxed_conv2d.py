@@ -9,8 +9,9 @@ C_in = C_out = C_d = C. The relaxed kernel is M = K + θ B (θ = 0.5) and the de
 
 Providers (one definition each, shared by the pytest-benchmark tests and the standalone runner):
   fused       relaxed_conv2d(backend="native"): y and r = Σ conv(x̂, D)² from one convolution with the stacked
-              kernel [M; D], z reduced in the epilogue and freed; backward recomputes z for dD
-  reference   relaxed_conv2d_ref (eager): separate convolutions for the output and the defect
+              kernel [M; D], z reduced in the epilogue, S = weight gradient of z taken before z is freed;
+              backward dD = 2 dr S (r = ⟨D, S⟩ is quadratic in D), no recompute of z
+  reference   relaxed_conv2d_ref(need_S=False) (eager): separate convolutions for the output and the defect
   gridsample  the Lie-derivative baseline of the public Lie-derivative / approximately-equivariant code:
               rotate x̂ by ε with F.affine_grid + F.grid_sample, run the relaxation conv on it, rotate
               conv(x̂, B) by the same ε, and take (f(rot x̂) − rot f(x̂)) / ε as the derivative; r = its squared
@@ -97,9 +98,10 @@ class Step:
         if self.name == "gridsample":
             y = TF.conv2d(self.x, M, self.c, padding=PAD)
             return (y * self.g).sum() + LAMBDA * gridsample_lie_regularizer(self.x.detach(), self.B)
-        op = relaxed_conv2d_ref if self.name == "reference" else (
-            lambda *a: relaxed_conv2d(*a, backend="native"))
-        y, r = op(self.x, M, self.c, defect(self.B), PAD)
+        if self.name == "reference":  # eager autograd through r: S is not needed (nor formed)
+            y, r, _ = relaxed_conv2d_ref(self.x, M, self.c, defect(self.B), PAD, need_S=False)
+        else:
+            y, r = relaxed_conv2d(self.x, M, self.c, defect(self.B), PAD, backend="native")
         return (y * self.g).sum() + LAMBDA * r
 
     def step(self, mode: str):

@@ -56,13 +56,16 @@ TORCH_LIBRARY(relaxeq, m) {
       " Tensor? bias, float norm_eps, bool[5] output_mask)"
       " -> (Tensor grad_x, Tensor grad_mean, Tensor grad_invstd, Tensor grad_weight, Tensor grad_bias)");
   // Relaxed 2D convolution y = conv2d(x, M) + c and, when the defect kernel D is given, the
-  // data-mode regulariser r = sum conv2d(x^, D)^2 (x^ = x detached; r in float32, float64 for
-  // float64 x, an empty [0] tensor without D). The defect responses are reduced to r, never
-  // returned; the backward recomputes them (dD = 2 dr * weight gradient of z = conv2d(x^, D)).
-  m.def("relaxed_conv2d(Tensor x, Tensor M, Tensor? c, Tensor? D, int padding) -> (Tensor y, Tensor r)");
+  // data-mode regulariser r = sum z^2 with z = conv2d(x^, D) (x^ = x detached) and S, the weight
+  // gradient of z (sum over output positions of z (x) patch, shape of D). r is quadratic in D, so
+  // r = <D, S> and dr/dD = 2 S exactly: the backward needs neither z nor a recompute. r and S are in
+  // float32 (float64 for float64 x); both are empty [0] tensors without D. z is never returned.
   m.def(
-      "relaxed_conv2d_backward(Tensor dy, Tensor dr, Tensor x, Tensor M, Tensor? D, int padding,"
-      " bool[4] output_mask) -> (Tensor dx, Tensor dM, Tensor dc, Tensor dD)");
+      "relaxed_conv2d(Tensor x, Tensor M, Tensor? c, Tensor? D, int padding) -> (Tensor y, Tensor r, Tensor S)");
+  // The gradients of y only (dD = 2 dr S is formed by the autograd formula from the saved S).
+  m.def(
+      "relaxed_conv2d_backward(Tensor dy, Tensor x, Tensor M, int padding, bool[3] output_mask)"
+      " -> (Tensor dx, Tensor dM, Tensor dc)");
   m.def("build_info() -> str", &relaxeq::build_info);
 }
 

@@ -42,22 +42,16 @@ inline void check_relaxed_conv2d_args(const at::Tensor& x, const at::Tensor& M, 
               "x", M.size(3), " kernel does not fit x ", x.sizes(), " with padding ", padding);
 }
 
-inline void check_relaxed_conv2d_backward_args(const at::Tensor& dy, const at::Tensor& dr, const at::Tensor& x,
-                                               const at::Tensor& M, const std::optional<at::Tensor>& D,
+inline void check_relaxed_conv2d_backward_args(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& M,
                                                int64_t padding) {
   const char* op = "relaxed_conv2d_backward";
-  check_relaxed_conv2d_args(x, M, std::nullopt, D, padding, op);
+  check_relaxed_conv2d_args(x, M, std::nullopt, std::nullopt, padding, op);
   const int64_t ho = x.size(2) + 2 * padding - M.size(2) + 1, wo = x.size(3) + 2 * padding - M.size(3) + 1;
   TORCH_CHECK(dy.dim() == 4 && dy.size(0) == x.size(0) && dy.size(1) == M.size(0) && dy.size(2) == ho &&
                   dy.size(3) == wo,
               op, ": dy must have shape [B, C_out, H', W'] = [", x.size(0), ", ", M.size(0), ", ", ho, ", ", wo,
               "], got ", dy.sizes());
   check_conv2d_matches_x(dy, "dy", x, op);
-  if (D.has_value()) {
-    TORCH_CHECK(dr.numel() == 1, op, ": dr must be a scalar (the gradient of r), got shape ", dr.sizes());
-    TORCH_CHECK(dr.device() == x.device(), op, ": dr must be on the device of x (", x.device(), "), got ",
-                dr.device());
-  }
 }
 
 }  // namespace relaxeq

@@ -162,58 +162,63 @@ def conv2d_out_shape(x, M, padding):
     return (x.shape[0], M.shape[0], x.shape[2] + 2 * padding - k + 1, x.shape[3] + 2 * padding - k + 1)
 
 
-def check_relaxed_conv2d_backward_args(dy, dr, x, M, D, padding, op="relaxed_conv2d_backward"):
-    check_relaxed_conv2d_args(x, M, None, D, padding, op=op)
+def check_relaxed_conv2d_backward_args(dy, x, M, padding, op="relaxed_conv2d_backward"):
+    check_relaxed_conv2d_args(x, M, None, None, padding, op=op)
     if not isinstance(dy, torch.Tensor):
         raise TypeError(f"{op}: dy must be a torch.Tensor, got {type(dy).__name__}")
     if tuple(dy.shape) != conv2d_out_shape(x, M, padding):
         raise ValueError(f"{op}: dy must have shape [B, C_out, H', W'] = {list(conv2d_out_shape(x, M, padding))}, "
                          f"got {list(dy.shape)}")
     _check_matches_x(dy, "dy", x, op)
-    if D is not None and dr.numel() != 1:
-        raise ValueError(f"{op}: dr must be a scalar (the gradient of r), got shape {list(dr.shape)}")
 
 
 def _relaxed_conv2d_fake(x, M, c, D, padding):
     check_relaxed_conv2d_args(x, M, c, D, padding)
+    sdt = stats_dtype(x.dtype)
     y = x.new_empty(conv2d_out_shape(x, M, padding))
-    r = x.new_empty(() if D is not None else (0,), dtype=stats_dtype(x.dtype))
-    return y, r
+    r = x.new_empty(() if D is not None else (0,), dtype=sdt)
+    S = x.new_empty(D.shape if D is not None else (0,), dtype=sdt)
+    return y, r, S
 
 
-def _relaxed_conv2d_backward_fake(dy, dr, x, M, D, padding, output_mask):
-    check_relaxed_conv2d_backward_args(dy, dr, x, M, D, padding)
+def _relaxed_conv2d_backward_fake(dy, x, M, padding, output_mask):
+    check_relaxed_conv2d_backward_args(dy, x, M, padding)
     return (x.new_empty(x.shape if output_mask[0] else (0,)),
             x.new_empty(M.shape if output_mask[1] else (0,)),
-            x.new_empty((M.shape[0],) if output_mask[2] else (0,)),
-            x.new_empty(D.shape if output_mask[3] and D is not None else (0,)))
+            x.new_empty((M.shape[0],) if output_mask[2] else (0,)))
 
 
 def _relaxed_conv2d_setup_context(ctx, inputs, output):
     x, M, c, D, padding = inputs
-    _y, r = output
+    _y, r, S = output
+    # S is internal to autograd (the weight gradient of z): no gradient flows into it.
+    ctx.mark_non_differentiable(S)
     if D is None:
         ctx.mark_non_differentiable(r)  # the empty placeholder
-    # x, M, D only: the backward recomputes the defect responses z = conv2d(x̂, D) (never stored).
-    ctx.save_for_backward(x, M, D)
+    # r = <D, S> is quadratic in D, so dr/dD = 2 S exactly: S is saved instead of recomputing z.
+    ctx.save_for_backward(x, M, S if D is not None else None)
     ctx.has_c, ctx.has_D, ctx.padding = c is not None, D is not None, padding
+    ctx.D_dtype = D.dtype if D is not None else None
 
 
 def make_relaxed_conv2d_backward(backward_op):
-    """Autograd formula: dy reaches x, M, c; dr reaches D only (r is a function of x̂ and D)."""
-    def backward(ctx, dy, dr):
-        x, M, D = ctx.saved_tensors
+    """Autograd formula: dy reaches x, M, c (through ``backward_op``); dr reaches D only, as
+    dD = 2 dr S (r is a function of x̂ and D, quadratic in D)."""
+    def backward(ctx, dy, dr, _dS):
+        x, M, S = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        mask = [needs[0], needs[1], ctx.has_c and needs[2], ctx.has_D and needs[3]]
-        if not any(mask):
-            return None, None, None, None, None
-        sdt = stats_dtype(x.dtype)
-        if dy is None:
-            dy = x.new_zeros(conv2d_out_shape(x, M, ctx.padding))
-        if dr is None or not ctx.has_D:
-            dr = x.new_zeros((), dtype=sdt)
-        grads = backward_op(dy.contiguous(), dr, x, M, D, ctx.padding, mask)
-        return tuple(g if m else None for g, m in zip(grads, mask)) + (None,)
+        mask = [needs[0], needs[1], ctx.has_c and needs[2]]
+        need_dD = ctx.has_D and needs[3]
+        grads = [None, None, None]
+        if any(mask):
+            if dy is None:
+                dy = x.new_zeros(conv2d_out_shape(x, M, ctx.padding))
+            out = backward_op(dy.contiguous(), x, M, ctx.padding, mask)
+            grads = [g if m else None for g, m in zip(out, mask)]
+        dD = None
+        if need_dD:
+            dD = (S * (2 * dr) if dr is not None else torch.zeros_like(S)).to(ctx.D_dtype)
+        return (*grads, dD, None)
     return backward
 
 

@@ -1,6 +1,7 @@
 """Public functions: shapes documented, backend chosen here, autograd through torch.library ops."""
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple, Optional
 
@@ -214,7 +215,8 @@ def _raw_relaxed_conv2d(backend: str):
         from .triton_kernels import relaxed_conv2d as triton_relaxed_conv2d
         return triton_relaxed_conv2d.op()
     from .reference import relaxed_conv2d_ref
-    return relaxed_conv2d_ref
+    # Eager autograd differentiates r itself: the reference need not form S.
+    return functools.partial(relaxed_conv2d_ref, need_S=False)
 
 
 def relaxed_conv2d(x: torch.Tensor, M: torch.Tensor, c: Optional[torch.Tensor] = None,
@@ -235,5 +237,7 @@ def relaxed_conv2d(x: torch.Tensor, M: torch.Tensor, c: Optional[torch.Tensor] =
         float64 x) when D is given.
     """
     _ops.check_relaxed_conv2d_args(x, M, c, D, padding)
-    y, r = _raw_relaxed_conv2d(resolve_backend(x.device, backend))(x, M, c, D, padding)
+    # The ops also return S (the weight gradient of the defect responses, dr/dD = 2 S): internal to
+    # their autograd formula, not part of this API.
+    y, r, _S = _raw_relaxed_conv2d(resolve_backend(x.device, backend))(x, M, c, D, padding)
     return y if D is None else (y, r)

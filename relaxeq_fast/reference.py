@@ -73,19 +73,32 @@ def vn_batch_norm_ref(x: torch.Tensor, running_mean: Optional[torch.Tensor], run
 
 
 def relaxed_conv2d_ref(x: torch.Tensor, M: torch.Tensor, c: Optional[torch.Tensor], D: Optional[torch.Tensor],
-                       padding: int):
-    """y = conv2d(x, M, c, padding) and, when D is given, r = Σ conv2d(x̂, D, padding)² (x̂ = x detached).
+                       padding: int, *, need_S: bool = True):
+    """y = conv2d(x, M, c, padding) and, when D is given, r = Σ z² with z = conv2d(x̂, D, padding)
+    (x̂ = x detached) and S, the weight gradient of z.
 
-    The defect responses conv2d(x̂, D) are what a fused kernel computes as extra output channels and
-    reduces to the scalar r without storing them. r carries gradient to D only: the regulariser
-    pulls the relaxation kernel towards equivariance, it does not move the features.
+    The defect responses z are what a fused kernel computes as extra output channels and reduces to
+    the scalar r without storing them. r carries gradient to D only: the regulariser pulls the
+    relaxation kernel towards equivariance, it does not move the features. S = Σ_positions z ⊗ patch
+    is formed here independently of z, as S = D̃ P with P = Σ patch patchᵀ (the patches of x̂ by
+    ``unfold``) and D̃ = D reshaped to [C_d, C_in k²]; then r = ⟨D, S⟩ and ∂r/∂D = 2 S. S is
+    detached (the fused ops use it only inside their autograd formula); ``need_S=False`` skips it
+    (an empty [0] tensor), for callers that want only y and r.
 
     x: [B, C_in, H, W], M: [C_out, C_in, k, k], c: [C_out] or None, D: [C_d, C_in, k, k] or None
-    → y: [B, C_out, H', W'], r: [] in ``stats_dtype`` (an empty [0] tensor when D is None).
+    → y: [B, C_out, H', W'], r: [] and S: [C_d, C_in, k, k], both in ``stats_dtype`` (empty [0]
+    tensors when D is None).
     """
     y = torch.nn.functional.conv2d(x, M, c, padding=padding)
     sdt = stats_dtype(x.dtype)
     if D is None:
-        return y, x.new_empty((0,), dtype=sdt)
-    z = torch.nn.functional.conv2d(x.detach().to(sdt), D.to(sdt), padding=padding)
-    return y, z.square().sum()
+        return y, x.new_empty((0,), dtype=sdt), x.new_empty((0,), dtype=sdt)
+    xs = x.detach().to(sdt)
+    z = torch.nn.functional.conv2d(xs, D.to(sdt), padding=padding)
+    if not need_S:
+        return y, z.square().sum(), x.new_empty((0,), dtype=sdt)
+    with torch.no_grad():
+        patches = torch.nn.functional.unfold(xs, M.shape[2], padding=padding)  # [B, C_in k², L]
+        P = torch.einsum("bil,bjl->ij", patches, patches)
+        S = (D.detach().to(sdt).reshape(D.shape[0], -1) @ P).reshape(D.shape)
+    return y, z.square().sum(), S

@@ -16,9 +16,10 @@ pytestmark = pytest.mark.skipif(not relaxeq_fast.build_info()["extension_loaded"
 # float32: y sums C_in k^2 products (<= 200 here): ~sqrt(K) * 6e-8 plus the convolution's own blocking
 # order -> 1e-5. r and the weight gradients sum over every output pixel of the batch (up to ~3000 terms
 # of squares, all positive for r) -> 5e-5. float64: round-off only.
+# S (the weight gradient of z) sums over every output pixel of the batch like the weight gradients.
 TOLS = {
-    torch.float32: {"y": 1e-5, "r": 5e-5, "grad": 5e-5},
-    torch.float64: {"y": 1e-12, "r": 1e-11, "grad": 1e-11},
+    torch.float32: {"y": 1e-5, "r": 5e-5, "S": 5e-5, "grad": 5e-5},
+    torch.float64: {"y": 1e-12, "r": 1e-11, "S": 1e-11, "grad": 1e-11},
 }
 # (B, C_in, C_out, C_d, H, W, k, padding): B = 1, C_in = 1, k = 1/3/5, padding 0 and k // 2, H != W,
 # C_d != C_out, C_d = 0 via D = None in the separate tests.
@@ -62,18 +63,20 @@ def native(x, M, c, D, padding):
 def test_forward_matches_reference(device, dtype, shape, bias, defect):
     *dims, padding = shape
     x, M, c, D = make_inputs(*dims, dtype, device, bias, defect)
-    y, r = native(x, M, c, D, padding)
-    y_ref, r_ref = ref64(x, M, c, D, padding)
+    y, r, S = native(x, M, c, D, padding)
+    y_ref, r_ref, S_ref = ref64(x, M, c, D, padding)
     sdt = torch.float64 if dtype == torch.float64 else torch.float32
-    assert y.dtype == dtype and r.dtype == sdt
+    assert y.dtype == dtype and r.dtype == sdt and S.dtype == sdt
     assert y.is_contiguous()
     assert_close_scaled(y, y_ref, TOLS[dtype]["y"], "y")
     if defect:
         assert r.shape == ()
         # r is a sum of squares: compare relative to its own size.
         assert_close_scaled(r / r_ref.abs().clamp_min(1), r_ref / r_ref.abs().clamp_min(1), TOLS[dtype]["r"], "r")
+        assert S.shape == D.shape
+        assert_close_scaled(S, S_ref, TOLS[dtype]["S"], "S")
     else:
-        assert r.shape == (0,)
+        assert r.shape == (0,) and S.shape == (0,)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -83,12 +86,12 @@ def test_backward_matches_reference(device, dtype, shape):
     *dims, padding = shape
     x, M, c, D = make_inputs(*dims, dtype, device)
     leaves = tuple(t.requires_grad_() for t in (x, M, c, D))
-    y, r = native(*leaves, padding)
+    y, r, _ = native(*leaves, padding)
     dy = torch.randn_like(y)
     w = 0.7  # dr: the regulariser's weight in the loss
     grads = torch.autograd.grad((y * dy).sum() + w * r, leaves)
     leaves64 = tuple(t.detach().double().requires_grad_() for t in leaves)
-    y64, r64 = relaxed_conv2d_ref(*leaves64, padding)
+    y64, r64, _ = relaxed_conv2d_ref(*leaves64, padding)
     grads64 = torch.autograd.grad((y64 * dy.double()).sum() + w * r64, leaves64)
     for name, g, g64 in zip(("dx", "dM", "dc", "dD"), grads, grads64):
         assert_close_scaled(g, g64, TOLS[dtype]["grad"], name)
@@ -97,28 +100,58 @@ def test_backward_matches_reference(device, dtype, shape):
 def test_r_gradient_reaches_D_only():
     x, M, c, D = make_inputs(2, 3, 4, 5, 7, 6, 3, torch.float64, "cpu")
     leaves = tuple(t.requires_grad_() for t in (x, M, c, D))
-    _, r = native(*leaves, 1)
+    _, r, _ = native(*leaves, 1)
     dx, dM, dc, dD = torch.autograd.grad(r, leaves, allow_unused=True, materialize_grads=True)
     assert dx.abs().max() == 0 and dM.abs().max() == 0 and dc.abs().max() == 0
     assert dD.abs().max() > 0
 
 
-@pytest.mark.parametrize("mask", [(True, False, False, False), (False, True, False, False),
-                                  (False, False, True, False), (False, False, False, True),
-                                  (True, True, True, True), (False, False, False, False)])
+@pytest.mark.parametrize("mask", [(True, False, False), (False, True, False), (False, False, True),
+                                  (True, True, True), (False, False, False)])
 def test_backward_op_output_mask(mask):
-    x, M, _, D = make_inputs(2, 3, 4, 5, 8, 7, 3, torch.float64, "cpu")
+    x, M, _, _ = make_inputs(2, 3, 4, 5, 8, 7, 3, torch.float64, "cpu")
     dy = torch.randn(2, 4, 8, 7, dtype=torch.float64)
-    dr = torch.tensor(0.3, dtype=torch.float64)
-    got = torch.ops.relaxeq.relaxed_conv2d_backward(dy, dr, x, M, D, 1, list(mask))
-    leaves = tuple(t.clone().requires_grad_() for t in (x, M, torch.zeros(4, dtype=torch.float64), D))
-    y, r = relaxed_conv2d_ref(*leaves, 1)
-    want = torch.autograd.grad((y * dy).sum() + dr * r, leaves)
+    got = torch.ops.relaxeq.relaxed_conv2d_backward(dy, x, M, 1, list(mask))
+    leaves = tuple(t.clone().requires_grad_() for t in (x, M, torch.zeros(4, dtype=torch.float64)))
+    y, _, _ = relaxed_conv2d_ref(*leaves, None, 1)
+    want = torch.autograd.grad((y * dy).sum(), leaves)
     for g, w, m in zip(got, want, mask):
         if m:
             assert_close_scaled(g, w, 1e-12)
         else:
             assert g.shape == (0,)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("padding", [0, 2])
+def test_r_is_quadratic_in_D(device, dtype, padding):
+    # r = <D, S> and the D gradient is 2 dr S, both against autograd of the pure-torch r = sum z^2.
+    x, M, c, D = make_inputs(3, 4, 6, 5, 10, 9, 5, dtype, device)
+    D.requires_grad_()
+    _, r, S = native(x, M, c, D, padding)
+    assert_close_scaled(r, (D.detach().to(S.dtype) * S).sum(), TOLS[dtype]["r"] * r.item(), "r = <D, S>")
+    dr = 0.37
+    (dD,) = torch.autograd.grad(dr * r, (D,))
+    assert_close_scaled(dD, 2 * dr * S, 1e-12 if dtype == torch.float64 else 1e-6, "dD = 2 dr S")
+    D64 = D.detach().double().requires_grad_()
+    r64 = torch.nn.functional.conv2d(x.double(), D64, padding=padding).square().sum()
+    (dD64,) = torch.autograd.grad(dr * r64, (D64,))
+    assert_close_scaled(dD, dD64, TOLS[dtype]["grad"], "dD against autograd of sum z^2")
+    assert_close_scaled(r, r64, TOLS[dtype]["r"] * r64.item(), "r against sum z^2")
+
+
+def test_reference_S_is_the_weight_gradient_of_z():
+    # The reference's S (D P from the unfolded patches) against autograd of <z, z.detach()>.
+    x, M, c, D = make_inputs(2, 3, 4, 5, 9, 7, 3, torch.float64, "cpu")
+    _, r, S = relaxed_conv2d_ref(x, M, c, D, 1)
+    Dg = D.clone().requires_grad_()
+    z = torch.nn.functional.conv2d(x, Dg, padding=1)
+    (S_auto,) = torch.autograd.grad((z * z.detach()).sum(), (Dg,))
+    assert_close_scaled(S, S_auto, 1e-12, "S")
+    assert_close_scaled(r, (D * S).sum(), 1e-12 * r.item(), "r = <D, S>")
+    _, _, S_skip = relaxed_conv2d_ref(x, M, c, D, 1, need_S=False)
+    assert S_skip.shape == (0,)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -131,9 +164,11 @@ def test_non_contiguous_inputs(device):
     c = torch.randn(8, dtype=torch.float64, device=device)[::2]
     with use_backend("native"):
         y, r = relaxed_conv2d(x, M, c, D, 1)
-    y_ref, r_ref = relaxed_conv2d_ref(x.contiguous(), M.contiguous(), c.contiguous(), D.contiguous(), 1)
+    y_ref, r_ref, S_ref = relaxed_conv2d_ref(x.contiguous(), M.contiguous(), c.contiguous(), D.contiguous(), 1)
     assert_close_scaled(y, y_ref, 1e-12, "y")
     assert_close_scaled(r, r_ref, 1e-12 * r_ref.item(), "r")
+    _, _, S = native(x, M, c, D, 1)
+    assert_close_scaled(S, S_ref, 1e-12, "S")
 
 
 def test_threads_do_not_change_results():
@@ -148,6 +183,7 @@ def test_threads_do_not_change_results():
         torch.set_num_threads(prev)
     assert_close_scaled(one[0], two[0], 1e-12, "y")
     assert_close_scaled(one[1], two[1], 1e-12 * one[1].item(), "r")
+    assert_close_scaled(one[2], two[2], 1e-12, "S")
 
 
 @pytest.mark.parametrize("defect", [True, False])
@@ -172,23 +208,21 @@ def test_opcheck(bias, defect):
     req = lambda t: None if t is None else t.requires_grad_()  # noqa: E731
     torch.library.opcheck(torch.ops.relaxeq.relaxed_conv2d.default, (req(x), req(M), req(c), req(D), 1))
     dy = torch.randn(2, 4, 6, 5, dtype=torch.float64)
-    dr = torch.tensor(0.5, dtype=torch.float64)
     torch.library.opcheck(torch.ops.relaxeq.relaxed_conv2d_backward.default,
-                          (dy, dr, x.detach(), M.detach(), None if D is None else D.detach(), 1,
-                           [True, True, bias, defect]))
+                          (dy, x.detach(), M.detach(), 1, [True, True, bias]))
 
 
 def test_meta_tensors_use_the_fake_kernel():
     x, M, D = (torch.empty(*s, device="meta") for s in ((2, 3, 9, 7), (4, 3, 3, 3), (5, 3, 3, 3)))
-    y, r = torch.ops.relaxeq.relaxed_conv2d(x, M, None, D, 0)
-    assert y.shape == (2, 4, 7, 5) and r.shape == () and y.device.type == "meta"
+    y, r, S = torch.ops.relaxeq.relaxed_conv2d(x, M, None, D, 0)
+    assert y.shape == (2, 4, 7, 5) and r.shape == () and S.shape == (5, 3, 3, 3) and y.device.type == "meta"
 
 
 def test_torch_compile_fullgraph():
     x, M, c, D = make_inputs(2, 3, 4, 5, 8, 8, 3, torch.float32, "cpu")
 
     def step(x, M, c, D):
-        y, r = torch.ops.relaxeq.relaxed_conv2d(x, M, c, D, 1)
+        y, r, _S = torch.ops.relaxeq.relaxed_conv2d(x, M, c, D, 1)
         return y.square().sum() + 0.1 * r
 
     compiled = torch.compile(step, fullgraph=True)
@@ -227,11 +261,12 @@ def test_cuda_kernels_registered_when_built():
 def test_half_precision_cuda(dtype, tol):
     # Inputs rounded to 11/8-bit mantissas, float32 accumulation, one rounding of y on store.
     x, M, c, D = make_inputs(2, 5, 6, 7, 13, 11, 5, dtype, "cuda")
-    y, r = native(x, M, c, D, 2)
-    y_ref, r_ref = ref64(x, M, c, D, 2)
-    assert r.dtype == torch.float32
+    y, r, S = native(x, M, c, D, 2)
+    y_ref, r_ref, S_ref = ref64(x, M, c, D, 2)
+    assert r.dtype == torch.float32 and S.dtype == torch.float32
     assert_close_scaled(y, y_ref, tol, "y")
     assert_close_scaled(r / r_ref, r_ref / r_ref, 1e-4, "r (float32 accumulation)")
+    assert_close_scaled(S, S_ref, tol, "S")
 
 
 def _t(*shape, dtype=torch.float32, device="cpu"):
@@ -254,7 +289,9 @@ BAD_CALLS = [
     ("x must be float32 or float64 on CPU", lambda: native(_t(2, 3, 9, 9, dtype=torch.float16),
                                                            _t(4, 3, 3, 3, dtype=torch.float16), None, None, 0)),
     ("dy must have shape [B, C_out, H', W']", lambda: torch.ops.relaxeq.relaxed_conv2d_backward(
-        _t(2, 4, 9, 9), torch.tensor(1.0), _t(2, 3, 9, 9), _t(4, 3, 3, 3), None, 0, [True, True, True, False])),
+        _t(2, 4, 9, 9), _t(2, 3, 9, 9), _t(4, 3, 3, 3), 0, [True, True, True])),
+    ("dy must have the dtype of x", lambda: torch.ops.relaxeq.relaxed_conv2d_backward(
+        _t(2, 4, 7, 7, dtype=torch.float64), _t(2, 3, 9, 9), _t(4, 3, 3, 3), 0, [True, True, True])),
     # through the functional layer (checked before dispatch, device mismatches included)
     ("x must be 4-D", lambda: relaxed_conv2d(_t(3, 9, 9), _t(4, 3, 3, 3))),
     ("C_in = x.shape[1] = 3", lambda: relaxed_conv2d(_t(2, 3, 9, 9), _t(4, 2, 3, 3))),

@@ -70,15 +70,18 @@ def _f64(*ts):
 def test_forward(op, dtype, tol, shape, with_c, with_d):
     *dims, padding = shape
     x, M, c, D = _inputs(*dims, dtype, with_c, with_d)
-    y, r = op(x, M, c, D, padding)
-    y_ref, r_ref = relaxed_conv2d_ref(*_f64(x, M, c, D), padding)
-    assert y.dtype == dtype and r.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    y, r, S = op(x, M, c, D, padding)
+    y_ref, r_ref, S_ref = relaxed_conv2d_ref(*_f64(x, M, c, D), padding)
+    sdt = torch.float64 if dtype == torch.float64 else torch.float32
+    assert y.dtype == dtype and r.dtype == sdt and S.dtype == sdt
     assert_close_scaled(y, y_ref, tol, "y")
     if with_d:
-        assert r.shape == ()
+        assert r.shape == () and S.shape == D.shape
         assert_close_scaled(r / r_ref, r_ref / r_ref, min(tol, 1e-5), "r (relative)")
+        # S sums over every pixel of the batch (atomic adds in any order): a little looser than y.
+        assert_close_scaled(S, S_ref, 5 * tol, "S")
     else:
-        assert r.shape == (0,)
+        assert r.shape == (0,) and S.shape == (0,)
 
 
 def test_forward_noncontiguous(op):
@@ -87,21 +90,22 @@ def test_forward_noncontiguous(op):
     D = torch.randn(3, 5, 3, 3, dtype=torch.float64, device=DEVICE).transpose(0, 1)
     c = torch.randn(8, dtype=torch.float64, device=DEVICE)[::2]
     assert not (x.is_contiguous() or M.is_contiguous() or D.is_contiguous() or c.is_contiguous())
-    y, r = op(x, M, c, D, 1)
-    y_ref, r_ref = relaxed_conv2d_ref(*_f64(x, M, c, D), 1)
+    y, r, S = op(x, M, c, D, 1)
+    y_ref, r_ref, S_ref = relaxed_conv2d_ref(*_f64(x, M, c, D), 1)
     assert_close_scaled(y, y_ref, 1e-12, "y")
     assert_close_scaled(r / r_ref, r_ref / r_ref, 1e-12, "r")
+    assert_close_scaled(S, S_ref, 1e-12, "S")
 
 
 @pytest.mark.parametrize("dtype, tol", DTYPES[:2])
 def test_backward(op, dtype, tol):
     x, M, c, D = _inputs(2, 3, 4, 5, 7, 6, 3, dtype)
     leaves = tuple(t.requires_grad_() for t in (x, M, c, D))
-    y, r = op(*leaves, 1)
+    y, r, _ = op(*leaves, 1)
     dy = torch.randn_like(y)
     grads = torch.autograd.grad((y * dy).sum() + 0.7 * r, leaves)
     leaves64 = tuple(t.detach().double().requires_grad_() for t in leaves)
-    y64, r64 = relaxed_conv2d_ref(*leaves64, 1)
+    y64, r64, _ = relaxed_conv2d_ref(*leaves64, 1)
     grads64 = torch.autograd.grad((y64 * dy.double()).sum() + 0.7 * r64, leaves64)
     for name, g, g64 in zip(("dx", "dM", "dc", "dD"), grads, grads64):
         assert_close_scaled(g, g64, 5 * tol, name)
@@ -110,7 +114,7 @@ def test_backward(op, dtype, tol):
 def test_functional_backend_triton():
     x, M, c, D = _inputs(1, 2, 3, 2, 6, 6, 3, torch.float64)
     y, r = relaxed_conv2d(x, M, c, D, 1, backend="triton")
-    y_ref, r_ref = relaxed_conv2d_ref(x, M, c, D, 1)
+    y_ref, r_ref, _ = relaxed_conv2d_ref(x, M, c, D, 1)
     assert_close_scaled(y, y_ref, 1e-12, "y")
     assert_close_scaled(r / r_ref, r_ref / r_ref, 1e-12, "r")
 
@@ -119,8 +123,40 @@ def test_opcheck(op):
     x, M, c, D = _inputs(1, 2, 3, 2, 5, 5, 3, torch.float64)
     torch.library.opcheck(op, (x.requires_grad_(), M.requires_grad_(), c, D.requires_grad_(), 1))
     dy = torch.randn(1, 3, 5, 5, dtype=torch.float64, device=DEVICE)
-    torch.library.opcheck(triton_rc.backward_op(), (dy, torch.tensor(0.5, dtype=torch.float64, device=DEVICE),
-                                                   x.detach(), M.detach(), D.detach(), 1, [True, True, True, True]))
+    torch.library.opcheck(triton_rc.backward_op(), (dy, x.detach(), M.detach(), 1, [True, True, True]))
+
+
+def test_r_is_quadratic_in_D(op):
+    # r = <D, S> and the D gradient is 2 dr S, against autograd of the pure-torch r = sum z^2.
+    x, M, c, D = _inputs(2, 3, 4, 5, 7, 6, 3, torch.float64)
+    D.requires_grad_()
+    _, r, S = op(x, M, c, D, 1)
+    assert_close_scaled(r, (D.detach() * S).sum(), 1e-12 * r.item(), "r = <D, S>")
+    (dD,) = torch.autograd.grad(0.37 * r, (D,))
+    assert_close_scaled(dD, 2 * 0.37 * S, 1e-14, "dD = 2 dr S")
+    D64 = D.detach().clone().requires_grad_()
+    (dD64,) = torch.autograd.grad(0.37 * torch.nn.functional.conv2d(x, D64, padding=1).square().sum(), (D64,))
+    assert_close_scaled(dD, dD64, 1e-12, "dD against autograd of sum z^2")
+
+
+def test_gradcheck_r_to_D_float64(op):
+    x, M, c, D = _inputs(1, 2, 3, 2, 5, 4, 3, torch.float64)
+    assert torch.autograd.gradcheck(lambda D: op(x, M, c, D, 1)[1], (D.requires_grad_(),))
+
+
+def test_torch_compile_fullgraph(op):
+    x, M, c, D = _inputs(1, 2, 3, 2, 6, 6, 3, torch.float64)
+
+    def step(x, M, c, D):
+        y, r, _S = op(x, M, c, D, 1)
+        return y.square().sum() + 0.1 * r
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    M.requires_grad_(); D.requires_grad_()
+    gc = torch.autograd.grad(compiled(x, M, c, D), (M, D))
+    ge = torch.autograd.grad(step(x, M, c, D), (M, D))
+    for a, b, name in zip(gc, ge, ("dM", "dD")):
+        assert_close_scaled(a, b, 1e-12, name)
 
 
 def test_bad_input_names_the_argument(op):
@@ -129,3 +165,7 @@ def test_bad_input_names_the_argument(op):
         op(x, M, c, D[:, :, :1, :1], 1)
     with pytest.raises(TypeError, match="M must have the dtype of x"):
         op(x, M.double(), c, D, 1)
+    with pytest.raises(ValueError, match="dy must have shape"):
+        triton_rc.backward_op()(x[:, :, :1], x, M, 1, [True, True, True])
+    with pytest.raises(ValueError, match="output_mask must have 3 entries"):
+        triton_rc.backward_op()(torch.zeros(1, 3, 5, 5, device=DEVICE), x, M, 1, [True, True, True, True])

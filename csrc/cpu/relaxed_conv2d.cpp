@@ -1,14 +1,16 @@
-// CPU relaxed_conv2d: y = conv2d(x, M) + c and r = sum conv2d(x^, D)^2 in one convolution.
+// CPU relaxed_conv2d: y = conv2d(x, M) + c, r = sum z^2 and S = weight gradient of z, with
+// z = conv2d(x^, D), from one convolution.
 //
 // The forward is one at::convolution over the stacked kernel [M; D] (the input is read once), then one
 // parallel epilogue over the output planes that copies the y planes out with the bias added and
-// square-sums the defect planes into r (the stacked output is freed on return). On a quiet 2-thread
-// run (B = 64, 28x28, k = 5, float32) this is no faster than two separate oneDNN convolutions, and
-// im2col + GEMM per image was slower than both; benchmarks/README.md has the measured step ratios.
+// square-sums the defect planes into r, then one weight-gradient call (at::convolution_backward with
+// the z planes as grad_output, weight only) that gives S = sum over positions of z (x) patch, while z
+// is still live (the stacked output is freed on return). r is quadratic in D: r = <D, S> and
+// dr/dD = 2 S, so the autograd formula forms dD = 2 dr S from the saved S and nothing recomputes z.
+// benchmarks/README.md has the measured step ratios.
 //
-// Backward: dx = conv_transpose(dy, M) from dy and M only (r does not depend on x); dM = weight
-// gradient of dy; dD = weight gradient of 2 dr z, with z = conv2d(x^, D) recomputed here rather
-// than saved by the forward; dc = sum dy.
+// Backward (gradients of y only): dx = conv_transpose(dy, M) from dy and M (r does not depend on x);
+// dM = weight gradient of dy; dc = sum dy.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -65,9 +67,10 @@ double split_epilogue(const at::Tensor& out, at::Tensor& y, const std::optional<
   return r;
 }
 
-std::tuple<at::Tensor, at::Tensor> relaxed_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& M_in,
-                                                      const std::optional<at::Tensor>& c_in,
-                                                      const std::optional<at::Tensor>& D_in, int64_t padding) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> relaxed_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& M_in,
+                                                                  const std::optional<at::Tensor>& c_in,
+                                                                  const std::optional<at::Tensor>& D_in,
+                                                                  int64_t padding) {
   const char* op = "relaxed_conv2d";
   check_relaxed_conv2d_args(x_in, M_in, c_in, D_in, padding);
   // Autograd is registered above this kernel (relaxeq_fast/_ops.py); detached views keep the
@@ -77,7 +80,8 @@ std::tuple<at::Tensor, at::Tensor> relaxed_conv2d_cpu(const at::Tensor& x_in, co
   check_cpu(x, op, "x");
   const auto sdt = stats_dtype(x.scalar_type());
   if (!D.has_value()) {
-    return {conv(x, M, c, padding).contiguous(), at::empty({0}, x.options().dtype(sdt))};
+    return {conv(x, M, c, padding).contiguous(), at::empty({0}, x.options().dtype(sdt)),
+            at::empty({0}, x.options().dtype(sdt))};
   }
   const int64_t c_out = M.size(0);
   const auto out = conv(x, at::cat({M, *D}, 0), std::nullopt, padding).contiguous();
@@ -85,43 +89,37 @@ std::tuple<at::Tensor, at::Tensor> relaxed_conv2d_cpu(const at::Tensor& x_in, co
   double r = 0.0;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "relaxed_conv2d_cpu",
                              [&] { r = split_epilogue<scalar_t>(out, y, c, c_out); });
-  return {y, at::scalar_tensor(r, x.options().dtype(sdt))};
+  // S = sum_positions z (x) patch: the weight gradient of z, taken while z (the defect planes of
+  // `out`) is live. On CPU x is float32 or float64, so the stats dtype is the dtype of x.
+  const auto z = out.narrow(1, c_out, D->size(0));
+  auto S = std::get<1>(at::convolution_backward(z, x, *D, std::nullopt, /*stride=*/{1, 1},
+                                                /*padding=*/{padding, padding}, /*dilation=*/{1, 1},
+                                                /*transposed=*/false, /*output_padding=*/{0, 0}, /*groups=*/1,
+                                                {false, true, false}));
+  return {y, at::scalar_tensor(r, x.options().dtype(sdt)), S.to(sdt).contiguous()};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> relaxed_conv2d_backward_cpu(
-    const at::Tensor& dy_in, const at::Tensor& dr_in, const at::Tensor& x_in, const at::Tensor& M_in,
-    const std::optional<at::Tensor>& D_in, int64_t padding, std::array<bool, 4> output_mask) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> relaxed_conv2d_backward_cpu(const at::Tensor& dy_in,
+                                                                           const at::Tensor& x_in,
+                                                                           const at::Tensor& M_in, int64_t padding,
+                                                                           std::array<bool, 3> output_mask) {
   const char* op = "relaxed_conv2d_backward";
-  check_relaxed_conv2d_backward_args(dy_in, dr_in, x_in, M_in, D_in, padding);
+  check_relaxed_conv2d_backward_args(dy_in, x_in, M_in, padding);
   const auto dy = dy_in.detach(), x = x_in.detach(), M = M_in.detach();
-  const auto D = detached(D_in);
   check_cpu(x, op, "x");
   const bool need_dx = output_mask[0], need_dM = output_mask[1], need_dc = output_mask[2];
-  const bool need_dD = output_mask[3] && D.has_value();
   // Outputs not asked for are distinct empty [0] tensors (outputs must not alias).
   const auto empty = [&] { return at::empty({0}, x.options()); };
-  at::Tensor dx = empty(), dM = empty(), dc = empty(), dD = empty();
-  const std::vector<int64_t> stride{1, 1}, pad{padding, padding}, dilation{1, 1}, out_pad{0, 0};
-
-  if (need_dx) {
-    dx = std::get<0>(at::convolution_backward(dy, x, M, std::nullopt, stride, pad, dilation, false, out_pad, 1,
-                                              {true, false, false}));
-  }
-  // Weight gradients in two calls: one over [dy; 2 dr z] with the stacked kernel measured slower
-  // than the two separate ones (oneDNN picks a worse weight-gradient path for it).
-  const auto weight_grad = [&](const at::Tensor& grad_out, const at::Tensor& weight) {
-    return std::get<1>(at::convolution_backward(grad_out, x, weight, std::nullopt, stride, pad, dilation, false,
-                                                out_pad, 1, {false, true, false}));
-  };
-  if (need_dM) dM = weight_grad(dy, M);
-  if (need_dD) {
-    // z recomputed (the forward never stored it); its cotangent 2 dr z overwrites it in place.
-    auto gz = conv(x, *D, std::nullopt, padding);
-    gz.mul_(dr_in.detach().to(x.scalar_type()).reshape({}) * 2);
-    dD = weight_grad(gz, *D);
+  at::Tensor dx = empty(), dM = empty(), dc = empty();
+  if (need_dx || need_dM) {
+    auto g = at::convolution_backward(dy, x, M, std::nullopt, /*stride=*/{1, 1}, /*padding=*/{padding, padding},
+                                      /*dilation=*/{1, 1}, /*transposed=*/false, /*output_padding=*/{0, 0},
+                                      /*groups=*/1, {need_dx, need_dM, false});
+    if (need_dx) dx = std::get<0>(g);
+    if (need_dM) dM = std::get<1>(g);
   }
   if (need_dc) dc = dy.sum({0, 2, 3});
-  return {dx, dM, dc, dD};
+  return {dx, dM, dc};
 }
 
 }  // namespace

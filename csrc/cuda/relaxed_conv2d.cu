@@ -1,14 +1,18 @@
 // CUDA relaxed_conv2d forward: a direct (implicit-GEMM) convolution that computes a tile of y and a
 // tile of the defect responses z from the same staged x patches, adds the bias to y and stores it,
-// and reduces z^2 to one partial sum per block; z is never written to memory. See
-// relaxed_conv2d_params.h. Kept free of torch headers so nvcc compiles it in seconds; the checks,
-// allocation, dtype dispatch and the final sum of the partials live in relaxed_conv2d_cuda.cpp.
+// reduces z^2 to one partial sum per block, and accumulates the block's share of
+// S = sum over pixels of z (x) patch (the weight gradient of z) into S with atomicAdd; z is never
+// written to memory. See relaxed_conv2d_params.h. Kept free of torch headers so nvcc compiles it in
+// seconds; the checks, allocation, dtype dispatch and the final sum of the partials live in
+// relaxed_conv2d_cuda.cpp.
 //
 // Grid (pixel blocks, channel blocks). A block of 256 threads (16 x 16) owns 64 output pixels
 // (flattened over B, H', W') and channels [32 c, 32 c + 32) of both y and z; each thread keeps a
 // 4 x 2 register block of each (pixels ty + 16 i, channels tx + 16 j). Per 16-deep slice of the
 // reduction index (ci, kh, kw) the patch tile is gathered into shared memory once (zero padding by
-// bounds checks, no im2col buffer) and multiplied with the staged slices of M and D.
+// bounds checks, no im2col buffer) and multiplied with the staged slices of M and D. After that loop
+// the z tile goes to shared memory, the patch slices are gathered a second time, and each thread
+// sums z^T patch for two (channel, kk) entries of S over the block's 64 pixels.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -53,6 +57,29 @@ __device__ __forceinline__ Acc block_sum(Acc v, Acc* scratch) {
   return total;
 }
 
+// Patch tile xs[kq][mi] = x at pixel pix0 + mi, reduction index k0 + kq (zero outside the image and
+// the problem). Consecutive threads take consecutive pixels (coalesced along W').
+template <typename T, typename Acc>
+__device__ __forceinline__ void load_patch_tile(const T* __restrict__ x, const RelaxedConv2dParams& p,
+                                                Acc (&xs)[kDepth][kPix + 1], int tid, int64_t pix0, int64_t k0,
+                                                int64_t n_pix, int64_t hw, int64_t kk_total) {
+#pragma unroll
+  for (int l = 0; l < kPix * kDepth / kThreads; ++l) {
+    const int e = tid + l * kThreads, mi = e % kPix, kq = e / kPix;
+    const int64_t gp = pix0 + mi, gk = k0 + kq;
+    Acc v = Acc(0);
+    if (gp < n_pix && gk < kk_total) {
+      const int64_t b = gp / hw, rem = gp % hw, oh = rem / p.wo, ow = rem % p.wo;
+      const int64_t ci = gk / (p.k * p.k), kh = (gk / p.k) % p.k, kw = gk % p.k;
+      const int64_t ih = oh + kh - p.pad, iw = ow + kw - p.pad;
+      if (ih >= 0 && ih < p.h && iw >= 0 && iw < p.w) {
+        v = to_acc(x[b * p.x_stride[0] + ci * p.x_stride[1] + ih * p.x_stride[2] + iw * p.x_stride[3]]);
+      }
+    }
+    xs[kq][mi] = v;
+  }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) relaxed_conv2d_kernel(const RelaxedConv2dParams p) {
   using Acc = typename AccOf<T>::type;
@@ -60,6 +87,7 @@ __global__ void __launch_bounds__(kThreads) relaxed_conv2d_kernel(const RelaxedC
   __shared__ Acc ms[kDepth][kCh + 1];
   __shared__ Acc ds[kDepth][kCh + 1];
   __shared__ Acc scratch[kThreads / 32];
+  __shared__ Acc zs[kPix][kCh + 1];  // the z tile, for S
 
   const T* __restrict__ x = static_cast<const T*>(p.x);
   const T* __restrict__ m = static_cast<const T*>(p.m);
@@ -71,22 +99,7 @@ __global__ void __launch_bounds__(kThreads) relaxed_conv2d_kernel(const RelaxedC
 
   Acc ay[kRegP][kRegC] = {}, az[kRegP][kRegC] = {};
   for (int64_t k0 = 0; k0 < kk_total; k0 += kDepth) {  // block-uniform bounds: syncs are safe
-    // Patch tile: consecutive threads take consecutive pixels (coalesced along W').
-#pragma unroll
-    for (int l = 0; l < kPix * kDepth / kThreads; ++l) {
-      const int e = tid + l * kThreads, mi = e % kPix, kq = e / kPix;
-      const int64_t gp = pix0 + mi, gk = k0 + kq;
-      Acc v = Acc(0);
-      if (gp < n_pix && gk < kk_total) {
-        const int64_t b = gp / hw, rem = gp % hw, oh = rem / p.wo, ow = rem % p.wo;
-        const int64_t ci = gk / (p.k * p.k), kh = (gk / p.k) % p.k, kw = gk % p.k;
-        const int64_t ih = oh + kh - p.pad, iw = ow + kw - p.pad;
-        if (ih >= 0 && ih < p.h && iw >= 0 && iw < p.w) {
-          v = to_acc(x[b * p.x_stride[0] + ci * p.x_stride[1] + ih * p.x_stride[2] + iw * p.x_stride[3]]);
-        }
-      }
-      xs[kq][mi] = v;
-    }
+    load_patch_tile<T, Acc>(x, p, xs, tid, pix0, k0, n_pix, hw, kk_total);
 #pragma unroll
     for (int l = 0; l < kCh * kDepth / kThreads; ++l) {
       const int e = tid + l * kThreads, kq = e % kDepth, ci = e / kDepth;
@@ -143,6 +156,29 @@ __global__ void __launch_bounds__(kThreads) relaxed_conv2d_kernel(const RelaxedC
     const Acc total = block_sum(sq, scratch);
     if (threadIdx.x == 0) {
       static_cast<Acc*>(p.partial)[static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x] = total;
+    }
+  }
+  if (has_d && ch0 < p.c_d) {  // block-uniform: this block holds z channels
+    // S[ch, kk] += sum over the block's pixels of z[pix, ch] patch[pix, kk] (zeros outside the problem).
+#pragma unroll
+    for (int i = 0; i < kRegP; ++i) {
+#pragma unroll
+      for (int j = 0; j < kRegC; ++j) zs[ty + kSide * i][tx + kSide * j] = az[i][j];
+    }
+    Acc* __restrict__ s_acc = static_cast<Acc*>(p.s);
+    for (int64_t k0 = 0; k0 < kk_total; k0 += kDepth) {
+      __syncthreads();  // zs written / the previous slice of xs consumed
+      load_patch_tile<T, Acc>(x, p, xs, tid, pix0, k0, n_pix, hw, kk_total);
+      __syncthreads();
+#pragma unroll
+      for (int l = 0; l < kCh * kDepth / kThreads; ++l) {
+        const int e = tid + l * kThreads, kq = e % kDepth, ci = e / kDepth;
+        const int64_t gc = ch0 + ci, gk = k0 + kq;
+        Acc acc = Acc(0);
+#pragma unroll 8
+        for (int mi = 0; mi < kPix; ++mi) acc += zs[mi][ci] * xs[kq][mi];
+        if (gc < p.c_d && gk < kk_total) atomicAdd(s_acc + gc * kk_total + gk, acc);
+      }
     }
   }
 }

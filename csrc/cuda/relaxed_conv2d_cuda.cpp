@@ -1,7 +1,9 @@
 // CUDA relaxed_conv2d: ATen glue around the forward kernel in relaxed_conv2d.cu (checks, allocation,
 // device guard and stream, dtype dispatch, the fixed-order sum of the per-block partials of r).
-// The backward uses ATen's convolution gradients (cuDNN), as the CPU kernel does: dx from dy and M,
-// dM from dy, dD from 2 dr z with z = conv2d(x^, D) recomputed. Only c10/cuda headers, no ATen/cuda.
+// The kernel also accumulates S = weight gradient of z (atomicAdd into a zero-filled [C_d, C_in k^2]
+// buffer); the autograd formula forms dD = 2 dr S from it. The backward (gradients of y only) uses
+// ATen's convolution gradients (cuDNN), as the CPU kernel does: dx from dy and M, dM from dy, dc = sum dy.
+// Only c10/cuda headers, no ATen/cuda.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -42,9 +44,10 @@ void copy_strides(int64_t (&dst)[4], const at::Tensor& t) {
   for (int i = 0; i < 4; ++i) dst[i] = t.stride(i);
 }
 
-std::tuple<at::Tensor, at::Tensor> relaxed_conv2d_cuda(const at::Tensor& x_in, const at::Tensor& M_in,
-                                                       const std::optional<at::Tensor>& c_in,
-                                                       const std::optional<at::Tensor>& D_in, int64_t padding) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> relaxed_conv2d_cuda(const at::Tensor& x_in, const at::Tensor& M_in,
+                                                                   const std::optional<at::Tensor>& c_in,
+                                                                   const std::optional<at::Tensor>& D_in,
+                                                                   int64_t padding) {
   const char* op = "relaxed_conv2d";
   check_relaxed_conv2d_args(x_in, M_in, c_in, D_in, padding);
   const auto x = x_in.detach(), M = M_in.detach();
@@ -78,23 +81,28 @@ std::tuple<at::Tensor, at::Tensor> relaxed_conv2d_cuda(const at::Tensor& x_in, c
   }
   p.y = y.data_ptr();
   copy_strides(p.y_stride, y);
-  at::Tensor partial;
+  at::Tensor partial, S;
   if (D_in.has_value()) {
     p.d = D_in->const_data_ptr();
     copy_strides(p.d_stride, *D_in);
     partial = at::zeros({cuda::relaxed_conv2d_num_blocks(p)}, x.options().dtype(sdt));
     p.partial = partial.data_ptr();
+    S = at::zeros({p.c_d, p.c_in, p.k, p.k}, x.options().dtype(sdt));
+    p.s = S.data_ptr();
   }
   launch(x.scalar_type(), p);
-  at::Tensor r = D_in.has_value() ? partial.sum() : at::empty({0}, x.options().dtype(sdt));
-  return {y, r};
+  if (!D_in.has_value()) {
+    return {y, at::empty({0}, x.options().dtype(sdt)), at::empty({0}, x.options().dtype(sdt))};
+  }
+  return {y, partial.sum(), S};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> relaxed_conv2d_backward_cuda(
-    const at::Tensor& dy_in, const at::Tensor& dr, const at::Tensor& x_in, const at::Tensor& M_in,
-    const std::optional<at::Tensor>& D_in, int64_t padding, std::array<bool, 4> output_mask) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> relaxed_conv2d_backward_cuda(const at::Tensor& dy_in,
+                                                                            const at::Tensor& x_in,
+                                                                            const at::Tensor& M_in, int64_t padding,
+                                                                            std::array<bool, 3> output_mask) {
   const char* op = "relaxed_conv2d_backward";
-  check_relaxed_conv2d_backward_args(dy_in, dr, x_in, M_in, D_in, padding);
+  check_relaxed_conv2d_backward_args(dy_in, x_in, M_in, padding);
   const auto dy = dy_in.detach(), x = x_in.detach(), M = M_in.detach();
   check_cuda(x, op, "x", x);
   check_cuda(dy, op, "dy", x);
@@ -102,9 +110,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> relaxed_conv2d_backwa
   check_dtype(x, op);
   const c10::cuda::CUDAGuard guard(x.device());
   const bool need_dx = output_mask[0], need_dM = output_mask[1], need_dc = output_mask[2];
-  const bool need_dD = output_mask[3] && D_in.has_value();
   const auto empty = [&] { return at::empty({0}, x.options()); };
-  at::Tensor dx = empty(), dM = empty(), dc = empty(), dD = empty();
+  at::Tensor dx = empty(), dM = empty(), dc = empty();
   const std::vector<int64_t> stride{1, 1}, pad{padding, padding}, dilation{1, 1}, out_pad{0, 0};
   if (need_dx || need_dM) {
     auto g = at::convolution_backward(dy, x, M, std::nullopt, stride, pad, dilation, false, out_pad, 1,
@@ -113,14 +120,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> relaxed_conv2d_backwa
     if (need_dM) dM = std::get<1>(g);
   }
   if (need_dc) dc = dy.sum({0, 2, 3});
-  if (need_dD) {
-    const auto D = D_in->detach();
-    auto gz = at::convolution(x, D, std::nullopt, stride, pad, dilation, false, out_pad, 1);
-    gz.mul_(dr.detach().to(x.scalar_type()).reshape({}) * 2);
-    dD = std::get<1>(at::convolution_backward(gz, x, D, std::nullopt, stride, pad, dilation, false, out_pad, 1,
-                                              {false, true, false}));
-  }
-  return {dx, dM, dc, dD};
+  return {dx, dM, dc};
 }
 
 }  // namespace

@@ -3,7 +3,8 @@
 //
 //   y[b, o, i, j] = sum_{ci, kh, kw} x[b, ci, i + kh - pad, j + kw - pad] M[o, ci, kh, kw] (+ bias[o])
 //   z[b, d, i, j] = the same with D;   partial[block] = sum over the block's z of z^2
-// z is never written: each thread block squares and sums its own tile of z.
+//   s[d, kk] += sum over the block's pixels of z[pix, d] patch[pix, kk]   (kk = (ci, kh, kw))
+// z is never written: each thread block squares and sums its own tile of z and adds its share of S.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -34,6 +35,7 @@ struct RelaxedConv2dParams {
   void* y = nullptr;  // [batch, c_out, ho, wo], dtype T
   int64_t y_stride[4] = {0, 0, 0, 0};
   void* partial = nullptr;  // [grid.y * grid.x] accumulator dtype (float, double for T = double)
+  void* s = nullptr;        // [c_d, c_in * k * k] accumulator dtype, zero-filled (atomicAdd target)
 };
 
 // Launch on `stream`; nothing is launched when there are no output pixels. Launch errors are left
