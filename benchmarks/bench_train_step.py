@@ -1,0 +1,349 @@
+"""One full training step of the project's models: relaxed (fused / reference) against plain.
+
+A step = zero grads (set to None), forward, F.cross_entropy + the regulariser
+combine_regularizers(model_regularizers(model), 1e-2, 1e-3) (relaxed providers only), backward,
+torch.optim.Adam step. float32, torch.set_num_threads(2).
+
+Models (relaxeq_fast.models): VNPointNet(num_classes=40, k=20) on points [24, P, 3];
+VNDGCNN(num_classes=40, k=20) on [32, P, 3]; SteerableCNN(num_classes=10, group=8) on [64, 1, 28, 28].
+
+Providers:
+  relaxed-fused      relaxed=True, default backend (native C++ kernels)
+  relaxed-reference  the same model (same weights) under relaxeq_fast.use_backend("reference"), pure PyTorch
+  plain              relaxed=False, task loss only
+  (a relaxed paper-style provider is not implemented yet)
+
+Targets (issue #6): relaxed-fused step ≤ 3× plain; relaxed-fused peak memory ≤ 1.5× plain.
+reference / fused is reported next to issue #2's ≥ 2× target, for context.
+
+    python benchmarks/bench_train_step.py             # width 0.25, P = 300 (about 4 min on 2 cores)
+    python benchmarks/bench_train_step.py --sweep     # + VN-PointNet at P ∈ {300, 1024}, width ∈ {0.25, 0.5}
+    python benchmarks/bench_train_step.py --full      # the paper's sizes (width 1); slow on CPU
+    python benchmarks/bench_train_step.py --profile   # torch.profiler of the relaxed-fused VN-PointNet step
+    pytest benchmarks/bench_train_step.py --benchmark-only     # tiny sizes, one test per model × provider
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+import relaxeq_fast
+from relaxeq_fast import combine_regularizers, use_backend
+from relaxeq_fast.models import SteerableCNN, VNDGCNN, VNPointNet
+from relaxeq_fast.vn import model_regularizers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_relaxed_linear import cpu_model  # noqa: E402  (shared machine helper)
+
+try:
+    import pytest
+except ImportError:  # pragma: no cover
+    pytest = None
+
+THREADS = 2
+torch.set_num_threads(THREADS)
+DTYPE = torch.float32
+LAMBDA_LD, LAMBDA_N, LR = 1e-2, 1e-3, 1e-3
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+PROVIDERS = ("relaxed-fused", "relaxed-reference", "plain")
+STEP_TARGET, MEMORY_TARGET, REF_CONTEXT = 3.0, 1.5, 2.0
+
+# (model, batch, points, width); points is ignored for the CNN (28 × 28 images)
+MODELS = {
+    "VN-PointNet": (VNPointNet, 24, dict(num_classes=40, k=20)),
+    "VN-DGCNN": (VNDGCNN, 32, dict(num_classes=40, k=20)),
+    "SteerableCNN": (SteerableCNN, 64, dict(num_classes=10, group=8)),
+}
+
+
+class Step:
+    """One provider on one model configuration; ``run()`` is one training step."""
+
+    def __init__(self, model: str, provider: str, points: int = 300, width: float = 0.25,
+                 batch: Optional[int] = None, k: Optional[int] = None, seed: int = 0):
+        cls, default_batch, kwargs = MODELS[model]
+        kwargs = dict(kwargs)
+        if k is not None and "k" in kwargs:
+            kwargs["k"] = k
+        batch = batch or default_batch
+        self.relaxed = provider != "plain"
+        self.backend = "reference" if provider == "relaxed-reference" else None
+        torch.manual_seed(seed)  # same weights for relaxed-fused and relaxed-reference
+        self.model = cls(relaxed=self.relaxed, width=width, **kwargs).to(DTYPE).train()
+        g = torch.Generator().manual_seed(seed + 1)
+        if model == "SteerableCNN":
+            self.x = torch.randn(batch, 1, 28, 28, generator=g, dtype=DTYPE)
+        else:
+            self.x = torch.randn(batch, points, 3, generator=g, dtype=DTYPE)
+        self.y = torch.randint(0, kwargs["num_classes"], (batch,), generator=g)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=LR)
+
+    def loss(self) -> torch.Tensor:
+        loss = F.cross_entropy(self.model(self.x), self.y)
+        if self.relaxed:
+            loss = loss + combine_regularizers(model_regularizers(self.model), LAMBDA_LD, LAMBDA_N)
+        return loss
+
+    def _run(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        self.loss().backward()
+        self.opt.step()
+
+    def run(self) -> None:
+        if self.backend is None:
+            self._run()
+        else:
+            with use_backend(self.backend):
+                self._run()
+
+
+def machine_info() -> dict:
+    return {
+        "machine": f"{platform.node()} ({platform.machine()}, {platform.system()} {platform.release()})",
+        "cpu_model": cpu_model(), "logical_cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+        "dtype": str(DTYPE).replace("torch.", ""), "torch": torch.__version__,
+        "python": platform.python_version(), "relaxeq_fast": relaxeq_fast.__version__,
+    }
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def time_round_robin(impls: Dict[str, Step], repeats: int, warmup: int) -> Dict[str, List[float]]:
+    """Seconds per step, interleaved: each repeat runs every provider once, order rotated per repeat."""
+    names = list(impls)
+    for _ in range(warmup):
+        for name in names:
+            impls[name].run()
+    times: Dict[str, List[float]] = {n: [] for n in names}
+    gc.collect()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for r in range(repeats):
+            for i in range(len(names)):
+                name = names[(i + r) % len(names)]
+                t0 = time.perf_counter()
+                impls[name].run()
+                times[name].append(time.perf_counter() - t0)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return times
+
+
+def median_iqr(ts: List[float]):
+    ms = [t * 1e3 for t in ts]
+    if len(ms) < 2:
+        return ms[0], 0.0
+    q = statistics.quantiles(ms, n=4, method="inclusive")
+    return statistics.median(ms), q[2] - q[0]
+
+
+def peak_step_memory(impl: Step) -> float:
+    """Peak live bytes (MiB) torch allocates during one warm step (forward, loss, backward, Adam step)
+    above what is live before it, from torch.profiler's memory records, as bench_vn_layers.py does:
+    each op's own allocations (+) and frees (−) in start order, accumulated; the max is the peak.
+    Grads are cleared first, so the step's gradient buffers count; Adam's state exists already."""
+    impl.run()  # warm (Adam state allocated)
+    impl.opt.zero_grad(set_to_none=True)
+    gc.collect()
+    ctx = use_backend(impl.backend) if impl.backend else _null()
+    with ctx, torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        impl.loss().backward()
+        impl.opt.step()
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage != 0), key=lambda e: e.time_range.start)
+    live = peak = 0
+    for e in events:
+        live += e.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak / 2 ** 20
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def measure(model: str, points: int, width: float, providers, repeats: int, warmup: int, memory: bool) -> dict:
+    impls = {p: Step(model, p, points=points, width=width) for p in providers}
+    t0 = time.perf_counter()
+    times = time_round_robin(impls, repeats, warmup)
+    stats = {p: median_iqr(ts) for p, ts in times.items()}
+    mem = {p: peak_step_memory(impls[p]) for p in providers} if memory else {}
+    row = {"model": model, "points": None if model == "SteerableCNN" else points, "width": width,
+           "batch": MODELS[model][1], "repeats": repeats, "median_ms": {p: s[0] for p, s in stats.items()},
+           "iqr_ms": {p: s[1] for p, s in stats.items()}, "peak_mib": mem, "wall_s": time.perf_counter() - t0}
+    del impls
+    gc.collect()
+    print(format_row(row), flush=True)
+    return row
+
+
+def _ratio(a, b):
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def format_row(row: dict) -> str:
+    med, iqr, mem = row["median_ms"], row["iqr_ms"], row["peak_mib"]
+    size = f"B={row['batch']}" + (f", P={row['points']}" if row["points"] else ", 28×28") + f", width {row['width']:g}"
+    cells = [f"{med[p]:.0f} ± {iqr[p]:.0f}" if p in med else "—" for p in PROVIDERS]
+    rf = _ratio(med.get("relaxed-reference"), med.get("relaxed-fused"))
+    fp = _ratio(med.get("relaxed-fused"), med.get("plain"))
+    mp = _ratio(mem.get("relaxed-fused"), mem.get("plain"))
+    mcells = [f"{mem[p]:.0f}" if p in mem else "—" for p in PROVIDERS]
+    ratio_cells = [
+        "—" if rf is None else f"{rf:.2f}" + (" (< 2)" if rf < REF_CONTEXT else ""),
+        "—" if fp is None else f"{fp:.2f} {'PASS' if fp <= STEP_TARGET else 'MISS'}",
+        "—" if mp is None else f"{mp:.2f} {'PASS' if mp <= MEMORY_TARGET else 'MISS'}",
+    ]
+    return f"| {row['model']} | {size} | {row['repeats']} | " + " | ".join(cells + mcells + ratio_cells) + " |"
+
+
+TABLE_HEADER = ("| model | size | repeats | relaxed-fused ms | relaxed-reference ms | plain ms "
+                "| fused peak MiB | reference peak MiB | plain peak MiB | reference / fused (issue 2: ≥ 2) "
+                "| fused / plain step (≤ 3) | fused / plain memory (≤ 1.5) |\n|---|---|---:|" + "---:|" * 9)
+
+
+def plot(rows: List[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = [("reference / fused", lambda r: _ratio(r["median_ms"].get("relaxed-reference"),
+                                                     r["median_ms"].get("relaxed-fused")), REF_CONTEXT),
+              ("fused / plain step", lambda r: _ratio(r["median_ms"].get("relaxed-fused"),
+                                                      r["median_ms"].get("plain")), STEP_TARGET),
+              ("fused / plain peak memory", lambda r: _ratio(r["peak_mib"].get("relaxed-fused"),
+                                                             r["peak_mib"].get("plain")), MEMORY_TARGET)]
+    labels = [f"{r['model']}\n" + (f"P={r['points']} " if r["points"] else "") + f"w={r['width']:g}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(rows) + 2), 4.8))
+    bw = 0.8 / len(series)
+    colors = ["tab:blue", "tab:orange", "tab:green"]
+    for j, (name, fn, target) in enumerate(series):
+        for i, r in enumerate(rows):
+            v = fn(r)
+            if v is None:
+                continue
+            x = i + (j - 1) * bw
+            ax.bar(x, v, bw, color=colors[j])
+            ax.text(x, v, f"{v:.2f}", ha="center", va="bottom", fontsize=7)
+        ax.axhline(target, color=colors[j], ls="--", lw=0.8)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors]
+    ax.legend(handles, [f"{s[0]} (dashed: {s[2]:g})" for s in series], fontsize=8, loc="upper left")
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_ylabel("ratio of medians")
+    ax.set_title(f"one training step, {str(DTYPE).replace('torch.', '')}, {THREADS} threads, interleaved medians")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def profile_step(points: int, width: float, steps: int = 1, top: int = 25) -> str:
+    impl = Step("VN-PointNet", "relaxed-fused", points=points, width=width)
+    impl.run()
+    impl.run()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            impl.run()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
+
+
+# ------------------------------------------------------------------------------------------------
+# pytest-benchmark: tiny sizes, one test per model × provider (benchmarks/conftest.py collects bench_*.py)
+# ------------------------------------------------------------------------------------------------
+
+TINY = dict(points=32, width=0.125, batch=4, k=8)
+
+if pytest is not None:
+    _PARAMS = [(m, p) for m in MODELS for p in PROVIDERS]
+
+    @pytest.mark.parametrize("model,provider", _PARAMS, ids=[f"{m}-{p}" for m, p in _PARAMS])
+    def test_train_step(benchmark, model, provider):
+        impl = Step(model, provider, **TINY)
+        before = [p.detach().clone() for p in impl.model.parameters()]
+        impl.run()  # warm; the step must update the weights
+        assert any(not torch.equal(a, p) for a, p in zip(before, impl.model.parameters()))
+        benchmark.group = f"train step {model} (tiny)"
+        benchmark.extra_info.update(machine_info())
+        benchmark.extra_info.update(provider=provider, model=model, **TINY)
+        benchmark.pedantic(impl.run, rounds=3, iterations=1, warmup_rounds=1)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--full", action="store_true", help="the paper's sizes (width 1, P = 300); slow on CPU")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also VN-PointNet at P ∈ {300, 1024} × width ∈ {0.25, 0.5} (fused and plain)")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS))
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats for the VN models")
+    parser.add_argument("--cnn-repeats", type=int, default=15, help="interleaved repeats for the CNN")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--profile", action="store_true",
+                        help="only: torch.profiler table (top ops by self CPU) of the relaxed-fused VN-PointNet step")
+    parser.add_argument("--out-dir", default=str(RESULTS_DIR))
+    args = parser.parse_args(argv)
+    width = 1.0 if args.full else 0.25
+    if args.profile:
+        print(profile_step(300, width))
+        return 0
+    start, load_start = time.perf_counter(), loadavg()
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    print(TABLE_HEADER, flush=True)
+    rows = []
+    for model in args.models.split(","):
+        reps = args.cnn_repeats if model == "SteerableCNN" else args.repeats
+        rows.append(measure(model, 300, width, PROVIDERS, reps, args.warmup, not args.no_memory))
+    sweep_rows = []
+    if args.sweep:
+        print("\nsweep (VN-PointNet, relaxed-fused vs plain):", flush=True)
+        for p, w in ((1024, 0.25), (300, 0.5), (1024, 0.5)):
+            sweep_rows.append(measure("VN-PointNet", p, w, ("relaxed-fused", "plain"), 3, 1, False))
+    load_end, total = loadavg(), time.perf_counter() - start
+    meta = machine_info()
+    md = [f"## one training step (forward, loss + regulariser, backward, Adam), {meta['dtype']}, "
+          f"{meta['threads']} threads", "",
+          f"- machine: {meta['machine']}; CPU: {meta['cpu_model']} ({meta['logical_cpus']} logical CPUs)",
+          f"- torch {meta['torch']}, relaxeq_fast {meta['relaxeq_fast']}, python {meta['python']}; "
+          f"loss = cross_entropy + combine_regularizers(model_regularizers(model), {LAMBDA_LD:g}, {LAMBDA_N:g}) "
+          f"(relaxed only); Adam lr {LR:g}",
+          f"- {date}; command: `{' '.join(['python', 'benchmarks/bench_train_step.py'] + sys.argv[1:])}`; "
+          f"{total:.0f} s; load average (1/5/15 min) at start {load_start}, at end {load_end}",
+          "- median ± IQR ms per step over interleaved repeats (providers round-robin, order rotated), "
+          f"{args.warmup} warm-up round; ratios of medians; peak = torch.profiler memory records of one warm step",
+          "- relaxed paper-style provider: not implemented yet", "", TABLE_HEADER] + [format_row(r) for r in rows]
+    if sweep_rows:
+        md += ["", "### scaling: VN-PointNet, relaxed-fused vs plain (3 repeats, no memory)", "", TABLE_HEADER]
+        md += [format_row(r) for r in rows if r["model"] == "VN-PointNet"] + [format_row(r) for r in sweep_rows]
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    name = "train_step_full" if args.full else "train_step"
+    (out / f"{name}.md").write_text("\n".join(md) + "\n")
+    plot(rows + sweep_rows, out / f"{name}.png")
+    print("\n".join(md))
+    print(f"wrote {out / (name + '.md')}, {out / (name + '.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
