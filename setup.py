@@ -144,7 +144,7 @@ setup(
     package_dir={"relaxeq_fast": "relaxeq_fast", "relaxeq_fast.triton_kernels": "triton_kernels"},
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    entry_points={"console_scripts": ["relaxeq-train = relaxeq_fast.train:main"]},
+    entry_points={"console_scripts": ["relaxeq-train = relaxeq_fast.train:main", "relaxeq-bench = relaxeq_fast.bench:main"]},
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy"],
     extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis", "triton"],

@@ -9,8 +9,10 @@ C_in = C_out = C_d = C. The relaxed kernel is M = K + θ B (θ = 0.5) and the de
 
 Providers (one definition each, shared by the pytest-benchmark tests and the standalone runner):
   fused       relaxed_conv2d(backend="native"): y and r = Σ conv(x̂, D)² from one convolution with the stacked
-              kernel [M; D], z reduced in the epilogue, S = weight gradient of z taken before z is freed;
-              backward dD = 2 dr S (r = ⟨D, S⟩ is quadratic in D), no recompute of z
+              kernel [M; D], z reduced in the epilogue, S = weight gradient of z taken before z is freed
+              (need_S: only when D needs a gradient); backward dD = 2 dr S (r = ⟨D, S⟩ is quadratic in D),
+              no recompute of z
+  triton      the same through the Triton kernel (CUDA devices only)
   reference   relaxed_conv2d_ref(need_S=False) (eager): separate convolutions for the output and the defect
   gridsample  the Lie-derivative baseline of the public Lie-derivative / approximately-equivariant code:
               rotate x̂ by ε with F.affine_grid + F.grid_sample, run the relaxation conv on it, rotate
@@ -19,29 +21,25 @@ Providers (one definition each, shared by the pytest-benchmark tests and the sta
   plain       conv2d(x, M, c) and the task loss only: the cost without relaxation (reported, not targeted)
 
 Run:
-  python benchmarks/bench_relaxed_conv2d.py [--quick]    # runner: JSON + markdown (+ PNG) in benchmarks/results/
+  python benchmarks/bench_relaxed_conv2d.py [--quick]    # runner: JSON + markdown in benchmarks/results/
+  python benchmarks/bench_relaxed_conv2d.py --device cuda
   pytest benchmarks/bench_relaxed_conv2d.py --benchmark-only
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import statistics
 import sys
-import time
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict
 
 import torch
 import torch.nn.functional as TF
 
-import relaxeq_fast
+from relaxeq_fast.bench import (describe_machine, machine_info as harness_machine_info, median_iqr_ms,
+                                resolve_device, target, time_round_robin, write_json)
 from relaxeq_fast.functional import relaxed_conv2d
 from relaxeq_fast.reference import relaxed_conv2d_ref
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_relaxed_linear import cpu_model, time_round_robin  # noqa: E402  (shared timing and machine helpers)
 
 try:
     import pytest
@@ -58,7 +56,7 @@ MODES = ("full", "forward")
 THETA, LAMBDA, EPS_ROT = 0.5, 0.1, 1e-2
 SEED = 0
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-PROVIDERS = ("fused", "reference", "gridsample", "plain")
+PROVIDERS = ("fused", "triton", "reference", "gridsample", "plain")
 # Targets on the full step: (label, numerator, denominator, bound): numerator / denominator >= bound.
 TARGETS = (("reference / fused", "reference", "fused", 1.5), ("gridsample / fused", "gridsample", "fused", 5.0))
 # fused against the float64 reference, once per size before timing: |a − b| / |b| for the loss,
@@ -76,9 +74,10 @@ class Step:
 
     verifiable = True
 
-    def __init__(self, name: str, c: int, dtype=DTYPE, seed: int = SEED):
+    def __init__(self, name: str, c: int, dtype=DTYPE, seed: int = SEED, device=torch.device("cpu")):
         gen = torch.Generator().manual_seed(seed)
-        rnd = lambda *s, scale=1.0: (scale * torch.randn(*s, generator=gen, dtype=torch.float64)).to(dtype)  # noqa: E731
+        rnd = lambda *s, scale=1.0: (scale * torch.randn(*s, generator=gen, dtype=torch.float64)).to(  # noqa: E731
+            device=device, dtype=dtype)
         fan = (c * K * K) ** -0.5
         self.name = name
         self.x = rnd(BATCH, c, SIDE, SIDE).requires_grad_()
@@ -86,7 +85,7 @@ class Step:
         self.B = rnd(c, c, K, K, scale=0.3 * fan).requires_grad_()
         self.c = rnd(c, scale=0.1).requires_grad_()
         self.g = rnd(BATCH, c, SIDE, SIDE)
-        self.verifiable = name in ("fused", "reference")
+        self.verifiable = name in ("fused", "triton", "reference")
 
     def leaves(self):
         return self.x, self.K, self.B, self.c
@@ -101,7 +100,8 @@ class Step:
         if self.name == "reference":  # eager autograd through r: S is not needed (nor formed)
             y, r, _ = relaxed_conv2d_ref(self.x, M, self.c, defect(self.B), PAD, need_S=False)
         else:
-            y, r = relaxed_conv2d(self.x, M, self.c, defect(self.B), PAD, backend="native")
+            y, r = relaxed_conv2d(self.x, M, self.c, defect(self.B), PAD,
+                                  backend="triton" if self.name == "triton" else "native")
         return (y * self.g).sum() + LAMBDA * r
 
     def step(self, mode: str):
@@ -115,7 +115,7 @@ class Step:
 
 def _rotation_grid(x: torch.Tensor, angle: float) -> torch.Tensor:
     cos, sin = math.cos(angle), math.sin(angle)
-    theta = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]], dtype=x.dtype).expand(x.shape[0], 2, 3)
+    theta = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]], dtype=x.dtype, device=x.device).expand(x.shape[0], 2, 3)
     return TF.affine_grid(theta, list(x.shape), align_corners=False)
 
 
@@ -129,14 +129,18 @@ def gridsample_lie_regularizer(x_hat: torch.Tensor, B: torch.Tensor) -> torch.Te
     return ((f_rot - rot_f) / EPS_ROT).square().sum()
 
 
-def verify(c: int) -> Dict[str, float]:
-    """Relative errors of the fused and reference float32 steps against the float64 reference."""
-    truth = Step("reference", c, dtype=torch.float64)
+def providers_on(device: torch.device):
+    return tuple(p for p in PROVIDERS if p != "triton" or device.type == "cuda")
+
+
+def verify(c: int, device=torch.device("cpu")) -> Dict[str, float]:
+    """Relative errors of the fused (and Triton) and reference float32 steps against the float64 reference."""
+    truth = Step("reference", c, dtype=torch.float64, device=device)
     loss64 = truth.step("full").item()
     grads64 = [t.grad for t in truth.leaves()]
     errors = {}
-    for name in ("fused", "reference"):
-        s = Step(name, c)
+    for name in [p for p in providers_on(device) if p in ("fused", "triton", "reference")]:
+        s = Step(name, c, device=device)
         loss = s.step("full").item()
         err = abs(loss - loss64) / abs(loss64)
         for t, g64 in zip(s.leaves(), grads64):
@@ -145,21 +149,15 @@ def verify(c: int) -> Dict[str, float]:
     return errors
 
 
-def machine_info() -> dict:
-    import os
-    import platform
-    return {"machine": f"{platform.node()} ({platform.machine()}, {platform.system()} {platform.release()})",
-            "cpu_model": cpu_model(), "logical_cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-            "dtype": str(DTYPE).replace("torch.", ""), "torch": torch.__version__,
-            "python": platform.python_version(), "relaxeq_fast": relaxeq_fast.__version__,
-            "batch": BATCH, "side": SIDE, "k": K, "padding": PAD, "theta": THETA, "lambda": LAMBDA}
+def machine_info(device=torch.device("cpu")) -> dict:
+    return harness_machine_info(device, DTYPE, batch=BATCH, side=SIDE, k=K, padding=PAD, theta=THETA, **{"lambda": LAMBDA})
 
 
 # ----------------------------------------------------------------------------------------------------
 # pytest-benchmark:  pytest benchmarks/bench_relaxed_conv2d.py --benchmark-only
 # ----------------------------------------------------------------------------------------------------
 
-_PARAMS = [(c, mode, name) for c in CHANNELS for mode in MODES for name in PROVIDERS]
+_PARAMS = [(c, mode, name) for c in CHANNELS for mode in MODES for name in providers_on(torch.device("cpu"))]
 
 if pytest is not None:
     @pytest.mark.parametrize("channels,mode,provider", _PARAMS, ids=[f"C{c}-{m}-{n}" for c, m, n in _PARAMS])
@@ -180,17 +178,15 @@ if pytest is not None:
 
 def markdown_report(results: dict) -> str:
     meta = results["meta"]
-    lines = [f"## relaxed conv2d + regulariser, one training step ({meta['dtype']}, {meta['threads']} threads)", "",
-             f"- machine: {meta['machine']}; CPU: {meta['cpu_model']} ({meta['logical_cpus']} logical CPUs)",
-             f"- torch {meta['torch']}, relaxeq_fast {meta['relaxeq_fast']}, python {meta['python']}; "
-             f"B = {meta['batch']}, {meta['side']}×{meta['side']}, k = {meta['k']}, padding {meta['padding']}",
-             f"- {results['when']}; command: `{results['command']}`; load average at start {results['load_start']}, "
-             f"at end {results['load_end']}",
-             "- median ms per step over interleaved repeats (providers round-robin); ratios of medians", ""]
+    names = results["providers"]
+    lines = [f"## relaxed conv2d + regulariser, one training step ({meta['dtype']}, {meta['device']})", ""]
+    lines += describe_machine(meta) + [
+        f"- B = {meta['batch']}, {meta['side']}×{meta['side']}, k = {meta['k']}, padding {meta['padding']}",
+        "- median ms per step over interleaved repeats (providers round-robin); ratios of medians", ""]
     for mode in MODES:
-        lines += [f"### mode `{mode}`", "", "| C | repeats | " + " | ".join(PROVIDERS) + " | "
+        lines += [f"### mode `{mode}`", "", "| C | repeats | " + " | ".join(names) + " | "
                   + " | ".join(f"{lbl} (target ≥ {b})" for lbl, _, _, b in TARGETS) + " |",
-                  "|---|---:|" + "---:|" * len(PROVIDERS) + "---|" * len(TARGETS)]
+                  "|---|---:|" + "---:|" * len(names) + "---|" * len(TARGETS)]
         for row in results["rows"]:
             if row["mode"] != mode:
                 continue
@@ -200,7 +196,7 @@ def markdown_report(results: dict) -> str:
                 ratio = med[num] / med[den]
                 verdict = ("PASS" if ratio >= bound else "MISS") if mode == "full" else "(n/a: forward)"
                 cells.append(f"{ratio:.2f} {verdict}")
-            lines.append(f"| {row['channels']} | {row['repeats']} | " + " | ".join(f"{med[p]:.1f}" for p in PROVIDERS)
+            lines.append(f"| {row['channels']} | {row['repeats']} | " + " | ".join(f"{med[p]:.2f}" for p in names)
                          + " | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["Agreement with the float64 reference (full step, max relative error of loss and gradients): "
@@ -210,42 +206,52 @@ def markdown_report(results: dict) -> str:
 
 
 def run(args) -> int:
-    import os
-    load_start = [round(v, 2) for v in os.getloadavg()]
-    results = {"meta": machine_info(), "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-               "command": "python benchmarks/bench_relaxed_conv2d.py" + (" --quick" if args.quick else ""),
-               "load_start": load_start, "rows": [], "verification": {}}
+    device = resolve_device(args.device)
+    names = providers_on(device)
+    results = {"meta": machine_info(device), "providers": names, "rows": [], "verification": {}, "targets": []}
     status = 0
-    for c in CHANNELS:
-        errors = verify(c)
+    for c in (CHANNELS[:1] if args.quick else CHANNELS):
+        errors = verify(c, device)
         results["verification"][c] = errors
         print(f"C={c}: relative errors vs float64 {errors}", flush=True)
         if max(errors.values()) > TOL:
             status = 1
-        impls = {name: Step(name, c) for name in PROVIDERS}
+        impls = {name: Step(name, c, device=device) for name in names}
         for mode in MODES:
-            times = time_round_robin(impls, mode, budget_s=args.budget, min_repeats=3, max_repeats=50, warmup=1)
-            med = {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
+            times = time_round_robin({k: (lambda i=i, m=mode: i.step(m)) for k, i in impls.items()}, 3, 1, device,
+                                     args.budget, 50)
+            stats = {name: median_iqr_ms(ts) for name, ts in times.items()}
+            med = {k: v[0] for k, v in stats.items()}
             row = {"channels": c, "mode": mode, "repeats": len(times["fused"]), "median_ms": med,
+                   "iqr_ms": {k: v[1] for k, v in stats.items()},
                    "times_ms": {k: [1e3 * t for t in v] for k, v in times.items()}}
             results["rows"].append(row)
-            print(f"C={c} {mode}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in med.items())
+            results["targets"] += [target("relaxed_conv2d", lbl, f"B={BATCH} C={c} {SIDE}×{SIDE} k={K}",
+                                          med[n] / med[d], b if mode == "full" else None, ">=", mode, str(device))
+                                   for lbl, n, d, b in TARGETS]
+            if "triton" in med:
+                results["targets"].append(target("relaxed_conv2d", "triton / fused (CUDA)", f"C={c}",
+                                                 med["triton"] / med["fused"], None, mode=mode, device=str(device)))
+            print(f"C={c} {mode}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in med.items())
                   + " | " + ", ".join(f"{lbl} {med[n] / med[d]:.2f}" for lbl, n, d, _ in TARGETS), flush=True)
-    results["load_end"] = [round(v, 2) for v in os.getloadavg()]
+    md = markdown_report(results)
     if not args.no_save:
-        RESULTS_DIR.mkdir(exist_ok=True)
-        (RESULTS_DIR / "relaxed_conv2d.json").write_text(json.dumps(results, indent=1))
-        (RESULTS_DIR / "relaxed_conv2d.md").write_text(markdown_report(results))
-        print(f"wrote {RESULTS_DIR / 'relaxed_conv2d.json'} and .md")
-    print(markdown_report(results))
+        out = Path(args.out_dir)
+        stem = "relaxed_conv2d" + ("_quick" if args.quick else "") + ("" if device.type == "cpu" else f"_{device.type}")
+        write_json(out / f"{stem}.json", results)
+        (out / f"{stem}.md").write_text(md + "\n")
+        print(f"wrote {out / stem}.json and .md")
+    print(md)
     return status
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="short timing budget (smoke run)")
+    ap.add_argument("--quick", action="store_true", help="short timing budget, one size (smoke run)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     ap.add_argument("--budget", type=float, default=None, help="seconds of timing per size and mode")
-    ap.add_argument("--no-save", action="store_true", help="print only, do not write benchmarks/results/")
+    ap.add_argument("--no-save", action="store_true", help="print only, do not write the results")
+    ap.add_argument("--out-dir", default=str(RESULTS_DIR))
     args = ap.parse_args(argv)
     if args.budget is None:
         args.budget = 3.0 if args.quick else 20.0

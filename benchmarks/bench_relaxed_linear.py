@@ -7,7 +7,9 @@ with a fixed random g. Modes:
   full     forward + regulariser + backward (grads of x, W_eq, W_r, b_r)
 
 Providers (one definition each, shared by the pytest-benchmark tests and the standalone runner):
-  fused      RelaxedLinear(backend="native"): one C++ pass gives y and (G, s); closed-form regulariser
+  fused      RelaxedLinear(backend="native"): one C++ (CPU) or CUDA pass gives y and (G, s); closed-form
+             regulariser
+  triton     RelaxedLinear(backend="triton"): the Triton kernel (CUDA devices only)
   reference  the same layer with backend="reference" (pure PyTorch closed form)
   compiled   torch.compile of the reference step (forward + regulariser; backward through AOTAutograd)
   compiled_fused  the same compiled step on the fused op (reported, not targeted)
@@ -19,6 +21,7 @@ Providers (one definition each, shared by the pytest-benchmark tests and the sta
 
 Run:
   python benchmarks/bench_relaxed_linear.py [--quick]         # runner: JSON + markdown + PNG in benchmarks/results/
+  python benchmarks/bench_relaxed_linear.py --device cuda     # on a GPU: CUDA events, achieved bandwidth
   python benchmarks/bench_relaxed_linear.py --profile         # where the fused step's time goes
   pytest benchmarks/ --benchmark-only                         # pytest-benchmark, one group per size and mode
 """
@@ -27,10 +30,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -42,6 +43,8 @@ import torch.nn.functional as TF
 
 import relaxeq_fast
 from relaxeq_fast import VN, combine_regularizers
+from relaxeq_fast.bench import (achieved_bandwidth, describe_machine, machine_info as harness_machine_info,
+                                median_iqr_ms, resolve_device, roofline, target, time_round_robin, write_json)
 from relaxeq_fast.nn import EquivariantLinear, RelaxedLinear
 from relaxeq_fast.regularizer import RegularizerTerms
 
@@ -55,6 +58,7 @@ torch.set_num_threads(THREADS)
 
 DTYPE = torch.float32
 SIZES: Tuple[Tuple[int, int], ...] = ((7200, 21), (144000, 21), (7200, 64), (7200, 341))  # (rows N, VN channels C)
+QUICK_SIZES: Tuple[Tuple[int, int], ...] = ((2048, 21),)
 MODES = ("full", "forward")
 THETA = 0.5
 LAMBDA_LD = 1.0
@@ -109,7 +113,8 @@ class Problem:
         return size_label((self.n, self.c))
 
 
-def make_problem(n: int, c: int, seed: int = SEED) -> Problem:
+def make_problem(n: int, c: int, seed: int = SEED, device: torch.device = torch.device("cpu")) -> Problem:
+    """Drawn on the CPU (same numbers on every device), then moved to ``device``."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     # The library's own initialisation: W as nn.Linear, W_r nonzero (relax_init="default").
@@ -118,7 +123,7 @@ def make_problem(n: int, c: int, seed: int = SEED) -> Problem:
     g = torch.randn(n, c, 3, generator=gen, dtype=DTYPE)
     # The library starts b_r at 0; a small nonzero b_r exercises the bias terms of R_LD and R_N.
     b_r = 0.1 * torch.randn(3 * c, generator=gen, dtype=DTYPE)
-    return Problem(n, c, x, g, init.weights[0].detach().clone(), init.weight_relax.detach().clone(), b_r)
+    return Problem(n, c, *(t.detach().to(device).clone() for t in (x, g, init.weights[0], init.weight_relax, b_r)))
 
 
 def task_plus_regularizer(y: torch.Tensor, g: torch.Tensor, terms: Optional[RegularizerTerms]) -> torch.Tensor:
@@ -178,12 +183,15 @@ def relaxed_step_loss(layer: RelaxedLinear, x: torch.Tensor, g: torch.Tensor):
 
 
 class RelaxedLayerImpl(Impl):
-    """RelaxedLinear on a given backend: "native" = fused, "reference" = pure PyTorch closed form."""
+    """RelaxedLinear on a given backend: "native" = fused, "triton", "reference" = pure PyTorch closed form."""
 
     def __init__(self, p: Problem, backend: str, dtype=DTYPE):
         super().__init__()
-        self.name = {"native": "fused", "reference": "reference"}[backend]
-        self.layer = RelaxedLinear(VN(p.c), VN(p.c), relax_init="default", theta=THETA, backend=backend, dtype=dtype)
+        self.name = {"native": "fused", "reference": "reference", "triton": "triton"}[backend]
+        if backend == "triton" and p.x.device.type != "cuda":
+            raise ProviderUnavailable("needs a CUDA device")
+        self.layer = RelaxedLinear(VN(p.c), VN(p.c), relax_init="default", theta=THETA, backend=backend, dtype=dtype,
+                                   device=p.x.device)
         with torch.no_grad():
             self.layer.weights[0].copy_(p.weight)
             self.layer.weight_relax.copy_(p.weight_relax)
@@ -244,7 +252,7 @@ class PaperStyleImpl(Impl):
         self.bias_relax = _leaf(p.bias_relax, dtype)
         self.x = _leaf(p.x, dtype)
         self.g = p.g.to(dtype)
-        self.A = VN(p.c).generator_matrices(dtype=dtype)  # [3, D, D]
+        self.A = VN(p.c).generator_matrices(dtype=dtype, device=p.x.device)  # [3, D, D]
 
     def leaves(self):
         return {"x": self.x, "weight": self.weight, "weight_relax": self.weight_relax, "bias_relax": self.bias_relax}
@@ -278,7 +286,7 @@ class PlainImpl(Impl):
 
     def __init__(self, p: Problem, dtype=DTYPE):
         super().__init__()
-        self.layer = EquivariantLinear(VN(p.c), VN(p.c), dtype=dtype)
+        self.layer = EquivariantLinear(VN(p.c), VN(p.c), dtype=dtype, device=p.x.device)
         with torch.no_grad():
             self.layer.weights[0].copy_(p.weight)
         self.x = _leaf(p.x, dtype)
@@ -301,12 +309,13 @@ class MatmulFloorImpl(Impl):
         super().__init__()
         n, d = p.n, p.d
         self.xf = p.x.reshape(n, d).contiguous()
-        self.M = (torch.kron(p.weight, torch.eye(3, dtype=DTYPE)) + THETA * p.weight_relax).contiguous()
+        kw = dict(dtype=DTYPE, device=p.x.device)
+        self.M = (torch.kron(p.weight, torch.eye(3, **kw)) + THETA * p.weight_relax).contiguous()
         self.dy = p.g.reshape(n, d).contiguous()
-        self.y = torch.empty(n, d, dtype=DTYPE)
-        self.G = torch.empty(d, d, dtype=DTYPE)
-        self.dx = torch.empty(n, d, dtype=DTYPE)
-        self.dM = torch.empty(d, d, dtype=DTYPE)
+        self.y = torch.empty(n, d, **kw)
+        self.G = torch.empty(d, d, **kw)
+        self.dx = torch.empty(n, d, **kw)
+        self.dM = torch.empty(d, d, **kw)
 
     def step(self, mode: str) -> None:
         torch.mm(self.xf, self.M.t(), out=self.y)
@@ -317,7 +326,8 @@ class MatmulFloorImpl(Impl):
 
 
 PROVIDERS: Dict[str, Tuple[str, Callable[[Problem], Impl]]] = {
-    "fused": ("fused (native C++)", lambda p: RelaxedLayerImpl(p, "native")),
+    "fused": ("fused (native C++ / CUDA)", lambda p: RelaxedLayerImpl(p, "native")),
+    "triton": ("fused (Triton)", lambda p: RelaxedLayerImpl(p, "triton")),
     "reference": ("reference (PyTorch)", lambda p: RelaxedLayerImpl(p, "reference")),
     "compiled": ("torch.compile(reference)", CompiledStepImpl),
     "compiled_fused": ("torch.compile(fused)", lambda p: CompiledStepImpl(p, "native")),
@@ -405,29 +415,22 @@ def assert_agreement(label: str, report: Dict[str, dict], name: Optional[str] = 
 # Machine description
 # ----------------------------------------------------------------------------------------------------
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+def machine_info(device: torch.device = torch.device("cpu")) -> dict:
+    return harness_machine_info(device, DTYPE, theta=THETA, lambda_ld=LAMBDA_LD, lambda_n=LAMBDA_N)
 
 
-def machine_info() -> dict:
-    return {
-        "machine": f"{platform.node()} ({platform.machine()}, {platform.system()} {platform.release()})",
-        "cpu_model": cpu_model(),
-        "logical_cpus": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "dtype": str(DTYPE).replace("torch.", ""),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "relaxeq_fast": relaxeq_fast.__version__,
-        "native_build": {k: v for k, v in relaxeq_fast.build_info().items() if k in ("cpu", "openmp", "compiler")},
-        "theta": THETA, "lambda_ld": LAMBDA_LD, "lambda_n": LAMBDA_N,
-    }
+def op_bytes(n: int, d: int, mode: str, d_out: Optional[int] = None) -> float:
+    """Compulsory DRAM bytes of the relaxed_linear op itself (float32, x [N, D], M [D_out, D]): the forward
+    reads x and M and writes y, G, s; the backward reads dy, x and M and writes dx, dM, dc. The step's loss and
+    regulariser algebra add a few more passes, so bytes / step time under-states the kernels' own bandwidth."""
+    o = d if d_out is None else d_out
+    fwd = 4 * (n * d + n * o + o * d + d * d + d)
+    return fwd + (4 * (n * o + 2 * n * d + 2 * o * d + o) if mode == "full" else 0)
+
+
+def op_flops(n: int, d: int, mode: str) -> float:
+    """y = x Mᵀ and G = xᵀx (2·N·D² each); the backward adds dx = dy M and dM = dyᵀx."""
+    return 4 * n * d * d * (2 if mode == "full" else 1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -483,37 +486,6 @@ if pytest is not None:
 # Standalone runner: round-robin timing, JSON + markdown + PNG
 # ----------------------------------------------------------------------------------------------------
 
-def time_round_robin(impls: Dict[str, Impl], mode: str, budget_s: float, min_repeats: int, max_repeats: int,
-                     warmup: int) -> Dict[str, List[float]]:
-    """Seconds per step of every provider, measured interleaved: each repeat runs every provider once,
-    in an order rotated by one per repeat, so all see the same machine load."""
-    names = list(impls)
-    t_round = 0.0
-    for _ in range(max(1, warmup)):
-        for name in names:
-            t0 = time.perf_counter()
-            impls[name].step(mode)
-            t_round += time.perf_counter() - t0
-        t_round_last, t_round = t_round, 0.0
-    t_round = t_round_last
-    repeats = max(min_repeats, min(max_repeats, math.ceil(budget_s / max(t_round, 1e-6))))
-    times: Dict[str, List[float]] = {name: [] for name in names}
-    gc.collect()
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        for r in range(repeats):
-            for i in range(len(names)):
-                name = names[(i + r) % len(names)]
-                t0 = time.perf_counter()
-                impls[name].step(mode)
-                times[name].append(time.perf_counter() - t0)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    return times
-
-
 def ratio_cells(medians_ms: Dict[str, Optional[float]], mode: str, unavailable: Dict[str, str]) -> List[str]:
     cells = []
     for _label, num, den, kind, bound in TARGETS:
@@ -535,13 +507,12 @@ def ratio_cells(medians_ms: Dict[str, Optional[float]], mode: str, unavailable: 
 
 def markdown_report(results: dict) -> str:
     meta = results["meta"]
-    out = [f"## relaxed VN linear layer, one training step ({meta['dtype']}, {meta['threads']} threads)", "",
-           f"- machine: {meta['machine']}; CPU: {meta['cpu_model']} ({meta['logical_cpus']} logical CPUs)",
-           f"- torch {meta['torch']}, relaxeq_fast {meta['relaxeq_fast']}, python {meta['python']}; "
-           f"θ = {meta['theta']}, λ_LD = {meta['lambda_ld']}, λ_N = {meta['lambda_n']}",
-           f"- {meta['date']}; command: `{meta['command']}`; load average at start "
-           f"{meta['loadavg_start']}, at end {meta['loadavg_end']}",
-           "- median ms per step over interleaved repeats (providers round-robin); ratios of medians"]
+    out = [f"## relaxed VN linear layer, one training step ({meta['dtype']}, {meta['device']})", ""]
+    out += describe_machine(meta) + [
+        f"- θ = {meta['theta']}, λ_LD = {meta['lambda_ld']}, λ_N = {meta['lambda_n']}",
+        "- median ms per step over interleaved repeats (providers round-robin"
+        + ("; CUDA events, L2 flushed before each call" if meta["device"].startswith("cuda") else "")
+        + "); ratios of medians"]
     compile_s = {f"{r['n']}x{r['c']}": r["compile_s"] for r in results["rows"] if r.get("compile_s") is not None}
     if compile_s:
         out.append("- torch.compile + first steps (untimed warm-up), s: "
@@ -575,6 +546,25 @@ def markdown_report(results: dict) -> str:
         for r in rows:
             out.append(f"| {r['n']} × {r['c']} | " + " | ".join(ratio_cells(r["median_ms"], mode, r["unavailable"])) + " |")
         out.append("")
+    bw = [r for r in results["rows"] if r.get("bandwidth")]
+    if bw:
+        out += ["### achieved bandwidth (GPU): the op's compulsory bytes / the whole step's median time", "",
+                "| N × C | mode | provider | bytes | GB/s | of datasheet peak |", "|---|---|---|---:|---:|---:|"]
+        for r in bw:
+            for name, b in r["bandwidth"].items():
+                frac = "—" if b["fraction_of_peak"] is None else f"{100 * b['fraction_of_peak']:.0f}%"
+                out.append(f"| {r['n']} × {r['c']} | {r['mode']} | {name} | {b['bytes'] / 1e6:.1f} MB "
+                           f"| {b['gb_per_s']:.0f} | {frac} |")
+        out.append("")
+    out += ["### roofline estimate for the fused op on an H100 (an ESTIMATE from datasheet peaks, not a "
+            "measurement)", "", "| N × C (D) | mode | bytes | FLOPs | FLOP/byte | memory-bound µs | FP32 µs "
+            "| TF32 µs | bound (FP32) |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in results["rows"]:
+        e32, etf = r["roofline"]["fp32"], r["roofline"]["tf32"]
+        out.append(f"| {r['n']} × {r['c']} ({3 * r['c']}) | {r['mode']} | {e32['bytes'] / 1e6:.1f} MB "
+                   f"| {e32['flops'] / 1e9:.2f} G | {e32['intensity_flop_per_byte']:.1f} | {e32['t_memory_us']:.1f} "
+                   f"| {e32['t_math_us']:.1f} | {etf['t_math_us']:.1f} | {e32['bound']} |")
+    out.append("")
     if results.get("mismatches"):
         out += ["**Provider mismatches (see JSON for all errors):** " + "; ".join(results["mismatches"]), ""]
     return "\n".join(out)
@@ -614,7 +604,9 @@ def plot(results: dict, path: Path) -> None:
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(names), fontsize=8)
     meta = results["meta"]
-    fig.suptitle(f"relaxed VN linear step, {meta['dtype']}, {meta['threads']} threads, {meta['cpu_model']}, "
+    where = (meta["gpu"]["name"] if isinstance(meta.get("gpu"), dict) and meta["device"].startswith("cuda")
+             else f"{meta['threads']} threads, {meta['cpu_model']}")
+    fig.suptitle(f"relaxed VN linear step, {meta['dtype']}, {where}, "
                  f"torch {meta['torch']}" + (" [quick]" if meta.get("quick") else ""), fontsize=9)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=130)
@@ -622,7 +614,9 @@ def plot(results: dict, path: Path) -> None:
 
 
 def run(args) -> int:
-    sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")] if args.sizes else list(SIZES)
+    device = resolve_device(args.device)
+    sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")] if args.sizes else \
+        list(QUICK_SIZES if args.quick else SIZES)
     modes = args.modes.split(",") if args.modes else list(MODES)
     names = args.providers.split(",") if args.providers else list(PROVIDERS)
     for m in modes:
@@ -631,15 +625,12 @@ def run(args) -> int:
     for n in names:
         if n not in PROVIDERS:
             raise SystemExit(f"--providers: expected a subset of {tuple(PROVIDERS)}, got {n!r}")
-    meta = machine_info()
-    meta.update(date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), quick=args.quick,
-                command="python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
-                loadavg_start=[round(v, 2) for v in os.getloadavg()], budget_s=args.budget,
-                min_repeats=args.min_repeats, warmup=args.warmup)
-    results = {"meta": meta, "modes": modes, "rows": [], "verification": {}, "mismatches": []}
+    meta = machine_info(device)
+    meta.update(quick=args.quick, budget_s=args.budget, min_repeats=args.min_repeats, warmup=args.warmup)
+    results = {"meta": meta, "modes": modes, "rows": [], "verification": {}, "mismatches": [], "targets": []}
     for size in sizes:
         t0 = time.perf_counter()
-        p = make_problem(*size)
+        p = make_problem(*size, device=device)
         impls, unavailable = build_providers(p, names)
         compile_s = getattr(impls.get("compiled"), "compile_s", None)
         report = verify(p, impls)
@@ -650,27 +641,41 @@ def run(args) -> int:
             results["mismatches"].append(f"{p.label}: closed form vs direct float64 sums")
         results["mismatches"] += [f"{p.label}: {k}" for k, ok in verified.items() if not ok]
         for mode in modes:
-            times = time_round_robin(impls, mode, args.budget, args.min_repeats, args.max_repeats, args.warmup)
-            med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+            times = time_round_robin({k: (lambda i=i, m=mode: i.step(m)) for k, i in impls.items()},
+                                     args.min_repeats, args.warmup, device, args.budget, args.max_repeats)
+            stats = {k: median_iqr_ms(v) for k, v in times.items()}
+            med = {k: v[0] for k, v in stats.items()}
             row = {"n": p.n, "c": p.c, "mode": mode, "repeats": len(next(iter(times.values()))),
-                   "median_ms": med, "times_ms": {k: [1e3 * t for t in v] for k, v in times.items()},
-                   "unavailable": unavailable, "verified": verified, "compile_s": compile_s}
+                   "median_ms": med, "iqr_ms": {k: v[1] for k, v in stats.items()},
+                   "times_ms": {k: [1e3 * t for t in v] for k, v in times.items()},
+                   "unavailable": unavailable, "verified": verified, "compile_s": compile_s,
+                   "roofline": {u: roofline(op_bytes(p.n, p.d, mode), op_flops(p.n, p.d, mode), "H100", u)
+                                for u in ("fp32", "tf32")}}
+            if device.type == "cuda":
+                row["bandwidth"] = {k: achieved_bandwidth(op_bytes(p.n, p.d, mode), med[k] / 1e3, meta)
+                                    for k in ("fused", "triton") if k in med}
             results["rows"].append(row)
-            print(f"{p.label} {mode}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in med.items())
+            for label, num, den, kind, bound in TARGETS:
+                a, b = med.get(num), med.get(den)
+                applies = mode == "full" and not (den == "floor" and b is not None and b <= FLOOR_MIN_MS)
+                results["targets"].append(target(
+                    "relaxed_linear", label, f"N={p.n} C={p.c}", None if a is None or b is None else a / b,
+                    bound if applies else None, kind or ">=", mode, str(device),
+                    next((f"{k} unavailable" for k in (num, den) if k in unavailable), "")))
+            print(f"{p.label} {mode}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in med.items())
                   + "".join(f", {k}: {v}" for k, v in unavailable.items()), flush=True)
         print(f"{p.label}: {time.perf_counter() - t0:.1f} s (compile {compile_s and round(compile_s, 1)} s)",
               flush=True)
         del impls
         gc.collect()
-    meta["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
     out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "relaxed_linear.json").write_text(json.dumps(results, indent=1))
+    stem = "relaxed_linear" + ("_quick" if args.quick else "") + ("" if device.type == "cpu" else f"_{device.type}")
+    write_json(out_dir / f"{stem}.json", results)
     md = markdown_report(results)
-    (out_dir / "relaxed_linear.md").write_text(md + "\n")
-    plot(results, out_dir / "relaxed_linear.png")
+    (out_dir / f"{stem}.md").write_text(md + "\n")
+    plot(results, out_dir / f"{stem}.png")
     print("\n" + md)
-    print(f"wrote {out_dir / 'relaxed_linear.json'}, {out_dir / 'relaxed_linear.md'}, {out_dir / 'relaxed_linear.png'}")
+    print(f"wrote {out_dir / stem}.json, .md and .png")
     return 1 if results["mismatches"] else 0
 
 
@@ -751,6 +756,69 @@ def profile_fused(size: Tuple[int, int], steps: int) -> None:
         print(events.table(sort_by="self_cpu_time_total", row_limit=15))
 
 
+OP_ROUTE_SIZES = ((144000, 9, 63), (144000, 63, 63), (7200, 63, 63), (7200, 126, 126), (7200, 255, 255),
+                  (7200, 1023, 1023), (24, 1023, 1023))
+
+
+def op_routes(device: torch.device, repeats: int = 20) -> dict:
+    """The raw CUDA op, forward (y, G, s) and backward (dx, dM, dc), through each of its routes — the tiled
+    kernel and cuBLAS, forced with RELAXEQ_CUDA_FUSED_MAX_DIM — and through the Triton op; median ms per
+    call (CUDA events, L2 flushed), with the op's compulsory bytes / time. Sets the default switch."""
+    from relaxeq_fast.triton_kernels import relaxed_linear as triton_rl
+    meta = machine_info(device)
+    rows = []
+    saved = os.environ.get("RELAXEQ_CUDA_FUSED_MAX_DIM")
+    try:
+        for n, d_in, d_out in OP_ROUTE_SIZES:
+            gen = torch.Generator().manual_seed(0)
+            x = torch.randn(n, d_in, generator=gen).to(device)
+            M = (torch.randn(d_out, d_in, generator=gen) / d_in ** 0.5).to(device)
+            c = torch.randn(d_out, generator=gen).to(device)
+            dy = torch.randn(n, d_out, generator=gen).to(device)
+            row = {"n": n, "d_in": d_in, "d_out": d_out, "median_ms": {}}
+            tri = triton_rl.op()
+            for route, max_dim in (("tiled", "100000"), ("cublas", "0"), ("triton", None)):
+                if max_dim is not None:
+                    os.environ["RELAXEQ_CUDA_FUSED_MAX_DIM"] = max_dim
+                fwd = (lambda: torch.ops.relaxeq.relaxed_linear(x, M, c, True)) if max_dim is not None else \
+                    (lambda: tri(x, M, c, True))
+                bwd = (lambda: torch.ops.relaxeq.relaxed_linear_backward(dy, x, M, [True, True, True])) \
+                    if max_dim is not None else None
+                fns = {f"{route} forward": fwd}
+                if bwd is not None:
+                    fns[f"{route} backward"] = bwd
+                for k, v in time_round_robin(fns, repeats, 3, device).items():
+                    row["median_ms"][k] = median_iqr_ms(v)[0]
+            for mode, fwd_only in (("forward", True), ("backward", False)):
+                fwd_bytes = op_bytes(n, d_in, "forward", d_out)
+                bytes_ = fwd_bytes if fwd_only else op_bytes(n, d_in, "full", d_out) - fwd_bytes
+                for k, v in row["median_ms"].items():
+                    if k.endswith(mode):
+                        row.setdefault("gb_per_s", {})[k] = bytes_ / (v / 1e3) / 1e9
+            rows.append(row)
+            print(f"{n}x{d_in}x{d_out}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in row["median_ms"].items()), flush=True)
+    finally:
+        if saved is None:
+            os.environ.pop("RELAXEQ_CUDA_FUSED_MAX_DIM", None)
+        else:
+            os.environ["RELAXEQ_CUDA_FUSED_MAX_DIM"] = saved
+    return {"meta": meta, "rows": rows}
+
+
+def op_routes_markdown(res: dict) -> str:
+    keys = ["tiled forward", "cublas forward", "triton forward", "tiled backward", "cublas backward"]
+    out = ["## relaxed_linear op alone on the GPU: tiled CUDA kernel vs cuBLAS vs Triton (float32)", ""]
+    out += describe_machine(res["meta"]) + ["- median ms per call (CUDA events, L2 flushed), 20 calls each; "
+                                            "GB/s = the op's compulsory bytes / time", "",
+                                            "| N × D_in × D_out | " + " | ".join(keys) + " |",
+                                            "|---|" + "---:|" * len(keys)]
+    for r in res["rows"]:
+        cells = [f"{r['median_ms'][k]:.3f} ({r['gb_per_s'][k]:.0f} GB/s)" if k in r["median_ms"] else "—"
+                 for k in keys]
+        out.append(f"| {r['n']} × {r['d_in']} × {r['d_out']} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
 GEMM_OPS = frozenset({"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::addmv_",
                       "aten::mv", "aten::dot"})
 
@@ -758,7 +826,9 @@ GEMM_OPS = frozenset({"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "a
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="few repeats: checks the pipeline end to end, not for numbers")
+    ap.add_argument("--quick", action="store_true",
+                    help="small sizes, few repeats: checks the pipeline end to end, not for numbers")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     ap.add_argument("--sizes", help="comma-separated NxC, e.g. 7200x21,7200x341 (default: all)")
     ap.add_argument("--modes", help=f"comma-separated subset of {MODES}")
     ap.add_argument("--providers", help=f"comma-separated subset of {tuple(PROVIDERS)}")
@@ -769,7 +839,20 @@ def main(argv=None) -> int:
     ap.add_argument("--out-dir", default=str(RESULTS_DIR))
     ap.add_argument("--profile", action="store_true", help="profile the fused step (at the largest size) and exit")
     ap.add_argument("--profile-steps", type=int, default=5)
+    ap.add_argument("--op-routes", action="store_true",
+                    help="only (CUDA): the raw op through its tiled kernel, cuBLAS and Triton, per size")
     args = ap.parse_args(argv)
+    if args.op_routes:
+        device = resolve_device(args.device)
+        if device.type != "cuda":
+            raise SystemExit("--op-routes: needs --device cuda (the routes are those of the CUDA op)")
+        res = op_routes(device)
+        out_dir = Path(args.out_dir)
+        write_json(out_dir / "relaxed_linear_op_routes_cuda.json", res)
+        md = op_routes_markdown(res)
+        (out_dir / "relaxed_linear_op_routes_cuda.md").write_text(md)
+        print(md)
+        return 0
     if args.budget is None:
         args.budget = 2.0 if args.quick else 30.0
     if args.min_repeats is None:

@@ -2,13 +2,14 @@
 
 A step = zero grads (set to None), forward, F.cross_entropy + the regulariser
 combine_regularizers(model_regularizers(model), 1e-2, 1e-3) (relaxed providers only), backward,
-torch.optim.Adam step. float32, torch.set_num_threads(2).
+torch.optim.Adam step ("full" mode; "forward" = forward + loss with autograd recording, no backward).
+float32, torch.set_num_threads(2); --device cuda runs the same on a GPU (CUDA-event timing).
 
 Models (relaxeq_fast.models): VNPointNet(num_classes=40, k=20) on points [24, P, 3];
 VNDGCNN(num_classes=40, k=20) on [32, P, 3]; SteerableCNN(num_classes=10, group=8) on [64, 1, 28, 28].
 
 Providers:
-  relaxed-fused      relaxed=True, default backend (native C++ kernels)
+  relaxed-fused      relaxed=True, default backend (native C++ / CUDA kernels)
   relaxed-reference  the same model (same weights) under relaxeq_fast.use_backend("reference"), pure PyTorch
   relaxed-paper      VN models only: the same relaxed model (same weights) with every RelaxedLinear run the way
                      the paper's code runs it (see PaperRelaxedLinear / paper_regularizers); the SteerableCNN has
@@ -21,19 +22,16 @@ faster than relaxed-paper (paper / fused ≥ 5).
 reference / fused is reported next to issue #2's ≥ 2× target, for context.
 
     python benchmarks/bench_train_step.py             # width 0.25, P = 300 (about 4 min on 2 cores)
-    python benchmarks/bench_train_step.py --sweep     # + VN-PointNet at P ∈ {300, 1024}, width ∈ {0.25, 0.5}
+    python benchmarks/bench_train_step.py --sweep     # + VN-PointNet at P ∈ {1024, 2048} and at 2× the width
     python benchmarks/bench_train_step.py --full      # the paper's sizes (width 1); slow on CPU
-    python benchmarks/bench_train_step.py --profile   # torch.profiler of the relaxed-fused VN-PointNet step
+    python benchmarks/bench_train_step.py --device cuda --full --sweep --forward   # on a GPU
+    python benchmarks/bench_train_step.py --profile --models VN-PointNet   # torch.profiler of one step
     pytest benchmarks/bench_train_step.py --benchmark-only     # tiny sizes, one test per model × provider
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
-import os
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -50,8 +48,8 @@ from relaxeq_fast.regularizer import RegularizerTerms
 from relaxeq_fast.reps import VN
 from relaxeq_fast.vn import model_regularizers
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_relaxed_linear import cpu_model  # noqa: E402  (shared machine helper)
+from relaxeq_fast.bench import (describe_machine, machine_info, median_iqr_ms, peak_memory_mib, resolve_device,
+                                synchronize, target, time_round_robin, write_json)
 
 try:
     import pytest
@@ -64,6 +62,7 @@ DTYPE = torch.float32
 LAMBDA_LD, LAMBDA_N, LR = 1e-2, 1e-3, 1e-3
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PROVIDERS = ("relaxed-fused", "relaxed-reference", "relaxed-paper", "plain")
+MODES = ("full", "forward")
 STEP_TARGET, MEMORY_TARGET, REF_CONTEXT, PAPER_TARGET = 3.0, 1.5, 2.0, 5.0
 PAPER_MODELS = ("VN-PointNet", "VN-DGCNN")  # relaxed-paper exists for the VN models only
 
@@ -140,10 +139,12 @@ def paper_regularizers(layers: List[PaperRelaxedLinear]) -> List[RegularizerTerm
 
 
 class Step:
-    """One provider on one model configuration; ``run()`` is one training step."""
+    """One provider on one model configuration; ``run(mode)`` is one training step ("full") or its forward
+    and loss only ("forward": autograd recording on, no backward, no optimiser)."""
 
     def __init__(self, model: str, provider: str, points: int = 300, width: float = 0.25,
-                 batch: Optional[int] = None, k: Optional[int] = None, seed: int = 0, dtype=None):
+                 batch: Optional[int] = None, k: Optional[int] = None, seed: int = 0, dtype=None,
+                 device: torch.device = torch.device("cpu")):
         if provider == "relaxed-paper" and model not in PAPER_MODELS:
             raise ValueError(f"relaxed-paper is implemented for {', '.join(PAPER_MODELS)} only, not {model}")
         dtype = dtype or DTYPE
@@ -152,17 +153,19 @@ class Step:
         if k is not None and "k" in kwargs:
             kwargs["k"] = k
         batch = batch or default_batch
+        self.device = torch.device(device)
         self.relaxed = provider != "plain"
         self.backend = "reference" if provider == "relaxed-reference" else None
         torch.manual_seed(seed)  # same weights for relaxed-fused, relaxed-reference and relaxed-paper
-        self.model = cls(relaxed=self.relaxed, width=width, **kwargs).to(dtype).train()
+        self.model = cls(relaxed=self.relaxed, width=width, **kwargs).to(device=self.device, dtype=dtype).train()
         self.paper_layers = to_paper_style(self.model) if provider == "relaxed-paper" else None
         g = torch.Generator().manual_seed(seed + 1)
         if model == "SteerableCNN":
-            self.x = torch.randn(batch, 1, 28, 28, generator=g, dtype=dtype)
+            x = torch.randn(batch, 1, 28, 28, generator=g, dtype=dtype)
         else:
-            self.x = torch.randn(batch, points, 3, generator=g, dtype=dtype)
-        self.y = torch.randint(0, kwargs["num_classes"], (batch,), generator=g)
+            x = torch.randn(batch, points, 3, generator=g, dtype=dtype)
+        self.x = x.to(self.device)
+        self.y = torch.randint(0, kwargs["num_classes"], (batch,), generator=g).to(self.device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=LR)
 
     def loss(self) -> torch.Tensor:
@@ -173,17 +176,37 @@ class Step:
             loss = loss + combine_regularizers(model_regularizers(self.model), LAMBDA_LD, LAMBDA_N)
         return loss
 
-    def _run(self) -> None:
+    def _run(self, mode: str) -> None:
+        if mode == "forward":
+            self.loss()
+            return
         self.opt.zero_grad(set_to_none=True)
         self.loss().backward()
         self.opt.step()
 
-    def run(self) -> None:
+    def run(self, mode: str = "full") -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if self.backend is None:
-            self._run()
+            self._run(mode)
         else:
             with use_backend(self.backend):
-                self._run()
+                self._run(mode)
+
+    def peak_mib(self) -> float:
+        """Peak memory of one warm full step above what is live before it; grads are cleared first, so the
+        step's gradient buffers count; Adam's state exists already."""
+        self.run()
+        self.opt.zero_grad(set_to_none=True)
+
+        def step():
+            self.loss().backward()
+            self.opt.step()
+
+        if self.backend is None:
+            return peak_memory_mib(step, self.device)
+        with use_backend(self.backend):
+            return peak_memory_mib(step, self.device)
 
 
 VERIFY = dict(points=32, width=0.125, batch=4, k=8)
@@ -246,95 +269,53 @@ def format_verify(res: Dict[str, dict]) -> str:
             f"width {VERIFY['width']:g}, random W_r, b_r (tolerance {VERIFY_TOL:g} relative): " + "; ".join(parts) + " — PASS")
 
 
-def machine_info() -> dict:
-    return {
-        "machine": f"{platform.node()} ({platform.machine()}, {platform.system()} {platform.release()})",
-        "cpu_model": cpu_model(), "logical_cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-        "dtype": str(DTYPE).replace("torch.", ""), "torch": torch.__version__,
-        "python": platform.python_version(), "relaxeq_fast": relaxeq_fast.__version__,
-    }
-
-
-def loadavg() -> str:
-    try:
-        return " ".join(f"{v:.2f}" for v in os.getloadavg())
-    except OSError:
-        return "n/a"
-
-
-def time_round_robin(impls: Dict[str, Step], repeats: int, warmup: int) -> Dict[str, List[float]]:
-    """Seconds per step, interleaved: each repeat runs every provider once, order rotated per repeat."""
-    names = list(impls)
-    for _ in range(warmup):
-        for name in names:
-            impls[name].run()
-    times: Dict[str, List[float]] = {n: [] for n in names}
-    gc.collect()
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        for r in range(repeats):
-            for i in range(len(names)):
-                name = names[(i + r) % len(names)]
-                t0 = time.perf_counter()
-                impls[name].run()
-                times[name].append(time.perf_counter() - t0)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    return times
-
-
-def median_iqr(ts: List[float]):
-    ms = [t * 1e3 for t in ts]
-    if len(ms) < 2:
-        return ms[0], 0.0
-    q = statistics.quantiles(ms, n=4, method="inclusive")
-    return statistics.median(ms), q[2] - q[0]
-
-
-def peak_step_memory(impl: Step) -> float:
-    """Peak live bytes (MiB) torch allocates during one warm step (forward, loss, backward, Adam step)
-    above what is live before it, from torch.profiler's memory records, as bench_vn_layers.py does:
-    each op's own allocations (+) and frees (−) in start order, accumulated; the max is the peak.
-    Grads are cleared first, so the step's gradient buffers count; Adam's state exists already."""
-    impl.run()  # warm (Adam state allocated)
-    impl.opt.zero_grad(set_to_none=True)
-    gc.collect()
-    ctx = use_backend(impl.backend) if impl.backend else _null()
-    with ctx, torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        impl.loss().backward()
-        impl.opt.step()
-    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage != 0), key=lambda e: e.time_range.start)
-    live = peak = 0
-    for e in events:
-        live += e.self_cpu_memory_usage
-        peak = max(peak, live)
-    return peak / 2 ** 20
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-
-def measure(model: str, points: int, width: float, providers, repeats: int, warmup: int, memory: bool) -> dict:
+def measure(model: str, points: int, width: float, providers, repeats: int, warmup: int, memory: bool,
+            device: torch.device, modes=("full",)) -> dict:
     providers = providers_for(model, providers)
-    impls = {p: Step(model, p, points=points, width=width) for p in providers}
+    impls = {p: Step(model, p, points=points, width=width, device=device) for p in providers}
     t0 = time.perf_counter()
-    times = time_round_robin(impls, repeats, warmup)
-    stats = {p: median_iqr(ts) for p, ts in times.items()}
-    mem = {p: peak_step_memory(impls[p]) for p in providers} if memory else {}
     row = {"model": model, "points": None if model == "SteerableCNN" else points, "width": width,
-           "batch": MODELS[model][1], "repeats": repeats, "median_ms": {p: s[0] for p, s in stats.items()},
-           "iqr_ms": {p: s[1] for p, s in stats.items()}, "peak_mib": mem, "wall_s": time.perf_counter() - t0}
+           "batch": MODELS[model][1], "repeats": repeats, "device": str(device)}
+    for mode in modes:
+        times = time_round_robin({p: (lambda i=i, m=mode: i.run(m)) for p, i in impls.items()}, repeats, warmup,
+                                 device=device)
+        stats = {p: median_iqr_ms(ts) for p, ts in times.items()}
+        key = "" if mode == "full" else f"{mode}_"
+        row[f"{key}median_ms"] = {p: s[0] for p, s in stats.items()}
+        row[f"{key}iqr_ms"] = {p: s[1] for p, s in stats.items()}
+    row["peak_mib"] = {p: impls[p].peak_mib() for p in providers} if memory else {}
+    row["wall_s"] = time.perf_counter() - t0
     del impls
     gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     print(format_row(row), flush=True)
     return row
+
+
+def case_label(row: dict) -> str:
+    return (f"{row['model']} B={row['batch']}" + (f" P={row['points']}" if row["points"] else " 28×28")
+            + f" width {row['width']:g}")
+
+
+def row_targets(row: dict) -> List[dict]:
+    med, mem, dev = row["median_ms"], row["peak_mib"], row["device"]
+    case = case_label(row)
+    out = [target("train_step", "fused / plain step", case, _ratio(med.get("relaxed-fused"), med.get("plain")),
+                  STEP_TARGET, "<=", device=dev),
+           target("train_step", "paper / fused step", case, _ratio(med.get("relaxed-paper"), med.get("relaxed-fused")),
+                  PAPER_TARGET if row["model"] in PAPER_MODELS else None, ">=", device=dev,
+                  note="" if row["model"] in PAPER_MODELS else "no model-level paper-style provider"),
+           target("train_step", "reference / fused step", case,
+                  _ratio(med.get("relaxed-reference"), med.get("relaxed-fused")), None, device=dev)]
+    if mem:
+        out.append(target("train_step", "fused / plain peak memory", case,
+                          _ratio(mem.get("relaxed-fused"), mem.get("plain")), MEMORY_TARGET, "<=", device=dev))
+    fwd = row.get("forward_median_ms")
+    if fwd:
+        out.append(target("train_step", "fused / plain forward + loss", case,
+                          _ratio(fwd.get("relaxed-fused"), fwd.get("plain")), None, mode="forward", device=dev))
+    return [t for t in out if t["ratio"] is not None]
 
 
 def _ratio(a, b):
@@ -396,20 +377,47 @@ def plot(rows: List[dict], path: Path) -> None:
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels(labels, fontsize=8)
     ax.set_ylabel("ratio of medians")
-    ax.set_title(f"one training step, {str(DTYPE).replace('torch.', '')}, {THREADS} threads, interleaved medians")
+    ax.set_title(f"one training step, {str(DTYPE).replace('torch.', '')}, {rows[0]['device']}"
+                 + (f" ({THREADS} threads)" if rows[0]["device"] == "cpu" else "") + ", interleaved medians")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def profile_step(points: int, width: float, steps: int = 1, top: int = 25) -> str:
-    impl = Step("VN-PointNet", "relaxed-fused", points=points, width=width)
-    impl.run()
-    impl.run()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
-            impl.run()
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
+def _is_op(e) -> bool:
+    return e.name.startswith(("aten::", "relaxeq::"))
+
+
+def profile_step(model: str, provider: str, points: int, width: float, device: torch.device, top: int = 20) -> str:
+    """torch.profiler of one warm full step: the op table (by self CPU time, or by self GPU time on CUDA) and
+    a headline: wall time under the profiler, top-level ops dispatched, kernels launched, GPU busy time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    impl = Step(model, provider, points=points, width=width, device=device)
+    for _ in range(3):
+        impl.run()
+    synchronize(device)
+    cuda = device.type == "cuda"
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        impl.run()
+        synchronize(device)
+    wall_ms = 1e3 * (time.perf_counter() - t0)
+    events = prof.events()
+    n_ops = sum(1 for e in events if _is_op(e) and (e.cpu_parent is None or not _is_op(e.cpu_parent)))
+    head = f"{model} {provider}, {device}: one step under the profiler {wall_ms:.1f} ms wall, {n_ops} top-level ops"
+    table_key = "self_cpu_time_total"
+    if cuda:
+        launches = sum(1 for e in events if "LaunchKernel" in e.name)
+        busy_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in prof.key_averages())
+        head += (f", {launches} kernel launches, GPU busy {busy_us / 1e3:.1f} ms "
+                 f"({100 * busy_us / 1e3 / wall_ms:.0f}% of the wall time)")
+        table_key = "self_cuda_time_total"
+    try:
+        table = prof.key_averages().table(sort_by=table_key, row_limit=top)
+    except Exception:  # older/newer profilers name the device column differently
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
+    return head + "\n" + table
 
 
 # ------------------------------------------------------------------------------------------------
@@ -439,62 +447,79 @@ if pytest is not None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--full", action="store_true", help="the paper's sizes (width 1, P = 300); slow on CPU")
+    parser.add_argument("--full", action="store_true", help="the paper's sizes (width 1); slow on CPU")
     parser.add_argument("--sweep", action="store_true",
-                        help="also VN-PointNet at P ∈ {300, 1024} × width ∈ {0.25, 0.5} (fused and plain)")
+                        help="also VN-PointNet at P ∈ {1024, 2048} and at 2× the width (fused and plain)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, 2 repeats: checks the pipeline")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS))
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats for the VN models")
-    parser.add_argument("--cnn-repeats", type=int, default=15, help="interleaved repeats for the CNN")
+    parser.add_argument("--forward", action="store_true", help="also time forward + loss alone (no backward)")
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats for the VN models (default 5)")
+    parser.add_argument("--cnn-repeats", type=int, default=None, help="interleaved repeats for the CNN (default 15)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--profile", action="store_true",
-                        help="only: torch.profiler table (top ops by self CPU) of the relaxed-fused VN-PointNet step")
+                        help="only: torch.profiler of one step per model and provider (op table, op and kernel counts)")
     parser.add_argument("--out-dir", default=str(RESULTS_DIR))
     args = parser.parse_args(argv)
-    width = 1.0 if args.full else 0.25
+    device = resolve_device(args.device)
+    models = args.models.split(",")
+    for m in models:
+        if m not in MODELS:
+            raise SystemExit(f"--models: expected a subset of {','.join(MODELS)}, got {m!r}")
+    width = 1.0 if args.full else 0.125 if args.quick else 0.25
+    points = 64 if args.quick else 300
+    reps = args.repeats or (2 if args.quick else 5)
+    cnn_reps = args.cnn_repeats or (2 if args.quick else 15)
     if args.profile:
-        print(profile_step(300, width))
+        for m in models:
+            for p in providers_for(m):
+                print(profile_step(m, p, points, width, device), flush=True)
         return 0
-    start, load_start = time.perf_counter(), loadavg()
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    start = time.perf_counter()
+    meta = machine_info(device, DTYPE, loss=f"cross_entropy + combine_regularizers(model_regularizers(model), "
+                                            f"{LAMBDA_LD:g}, {LAMBDA_N:g}) (relaxed only)", optimiser=f"Adam lr {LR:g}")
     verify = verify_paper()  # raises if relaxed-paper and relaxed-fused disagree
     print(format_verify(verify), flush=True)
     print(TABLE_HEADER, flush=True)
-    rows = []
-    for model in args.models.split(","):
-        reps = args.cnn_repeats if model == "SteerableCNN" else args.repeats
-        rows.append(measure(model, 300, width, PROVIDERS, reps, args.warmup, not args.no_memory))
+    modes = MODES if args.forward else ("full",)
+    rows = [measure(m, points, width, PROVIDERS, cnn_reps if m == "SteerableCNN" else reps, args.warmup,
+                    not args.no_memory, device, modes) for m in models]
     sweep_rows = []
     if args.sweep:
         print("\nsweep (VN-PointNet, relaxed-fused vs plain):", flush=True)
-        for p, w in ((1024, 0.25), (300, 0.5), (1024, 0.5)):
-            sweep_rows.append(measure("VN-PointNet", p, w, ("relaxed-fused", "plain"), 3, 1, False))
-    load_end, total = loadavg(), time.perf_counter() - start
-    meta = machine_info()
-    md = [f"## one training step (forward, loss + regulariser, backward, Adam), {meta['dtype']}, "
-          f"{meta['threads']} threads", "",
-          f"- machine: {meta['machine']}; CPU: {meta['cpu_model']} ({meta['logical_cpus']} logical CPUs)",
-          f"- torch {meta['torch']}, relaxeq_fast {meta['relaxeq_fast']}, python {meta['python']}; "
-          f"loss = cross_entropy + combine_regularizers(model_regularizers(model), {LAMBDA_LD:g}, {LAMBDA_N:g}) "
-          f"(relaxed only); Adam lr {LR:g}",
-          f"- {date}; command: `{' '.join(['python', 'benchmarks/bench_train_step.py'] + sys.argv[1:])}`; "
-          f"{total:.0f} s; load average (1/5/15 min) at start {load_start}, at end {load_end}",
-          "- median ± IQR ms per step over interleaved repeats (providers round-robin, order rotated), "
-          f"{args.warmup} warm-up round; ratios of medians; peak = torch.profiler memory records of one warm step",
-          "- relaxed-paper (VN models only): every RelaxedLinear run as the paper code does — channel mixing + "
-          "dense F.linear(x, W_r, b_r), the two maps of VNLinearLeakyReLU separately, R_LD/R_N by re-running W_r on "
-          "A_k x̂ with dense generators; the SteerableCNN has no model-level paper-style provider",
-          format_verify(verify), "", TABLE_HEADER] + [format_row(r) for r in rows]
+        for p, w in ((1024, width), (2048, width), (300, 2 * width), (1024, 2 * width)):
+            sweep_rows.append(measure("VN-PointNet", p, w, ("relaxed-fused", "plain"), 3, 1, False, device))
+    meta["wall_s"] = time.perf_counter() - start
+    name = "train_step" + ("_full" if args.full else "") + ("_quick" if args.quick else "") \
+        + ("" if device.type == "cpu" else f"_{device.type}")
+    results = {"meta": meta, "verification": verify, "rows": rows, "sweep_rows": sweep_rows,
+               "targets": [t for r in rows + sweep_rows for t in row_targets(r)]}
+    out = Path(args.out_dir)
+    write_json(out / f"{name}.json", results)
+    md = [f"## one training step (forward, loss + regulariser, backward, Adam), {meta['dtype']}, {device}", ""]
+    md += describe_machine(meta) + [
+        f"- {meta['wall_s']:.0f} s in all; loss = {meta['loss']}; {meta['optimiser']}",
+        "- median ± IQR ms per step over interleaved repeats (providers round-robin, order rotated), "
+        f"{args.warmup} warm-up round; ratios of medians; peak = "
+        + ("CUDA allocator peak" if device.type == "cuda" else "torch.profiler memory records")
+        + " of one warm step above what was live before it",
+        "- relaxed-paper (VN models only): every RelaxedLinear run as the paper code does — channel mixing + "
+        "dense F.linear(x, W_r, b_r), the two maps of VNLinearLeakyReLU separately, R_LD/R_N by re-running W_r on "
+        "A_k x̂ with dense generators; the SteerableCNN has no model-level paper-style provider",
+        format_verify(verify), "", TABLE_HEADER] + [format_row(r) for r in rows]
     if sweep_rows:
         md += ["", "### scaling: VN-PointNet, relaxed-fused vs plain (3 repeats, no memory)", "", TABLE_HEADER]
         md += [format_row(r) for r in rows if r["model"] == "VN-PointNet"] + [format_row(r) for r in sweep_rows]
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    name = "train_step_full" if args.full else "train_step"
+    if args.forward:
+        md += ["", "### forward + loss only (no backward, no optimiser): median ms", "",
+               "| model | " + " | ".join(PROVIDERS) + " |", "|---|" + "---:|" * len(PROVIDERS)]
+        md += [f"| {case_label(r)} | " + " | ".join(f"{r['forward_median_ms'][p]:.1f}" if p in r["forward_median_ms"]
+                                                    else "—" for p in PROVIDERS) + " |" for r in rows]
     (out / f"{name}.md").write_text("\n".join(md) + "\n")
     plot(rows + sweep_rows, out / f"{name}.png")
     print("\n".join(md))
-    print(f"wrote {out / (name + '.md')}, {out / (name + '.png')}")
+    print(f"wrote {out / (name + '.json')}, {out / (name + '.md')}, {out / (name + '.png')}")
     return 0
 
 

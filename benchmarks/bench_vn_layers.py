@@ -27,24 +27,18 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import resource
-import statistics
 import sys
-import time
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import torch
 import torch.nn.functional as TF
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_relaxed_linear import (ProviderUnavailable, machine_info,  # noqa: E402  (shared helpers)
-                                  time_round_robin)
-
-from relaxeq_fast import VN, combine_regularizers, use_backend  # noqa: E402
-from relaxeq_fast.regularizer import RegularizerTerms  # noqa: E402
-from relaxeq_fast.vn import VNLinearLeakyReLU, model_regularizers, relax, relaxed_layers, set_theta  # noqa: E402
+from relaxeq_fast import VN, combine_regularizers, use_backend
+from relaxeq_fast.bench import (describe_machine, machine_info, median_iqr_ms, peak_memory_mib, resolve_device,
+                                target, time_round_robin, write_json)
+from relaxeq_fast.regularizer import RegularizerTerms
+from relaxeq_fast.vn import VNLinearLeakyReLU, model_regularizers, relax, relaxed_layers
 
 try:
     import pytest
@@ -59,6 +53,8 @@ SIZES: Tuple[Tuple[int, int, int], ...] = ((144000, 3, 21), (7200, 21, 21), (720
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TARGETS = (("reference / fused", "reference", "fused", 2.0), ("paper-style / fused", "paper", "fused", 5.0))
 MEMORY_TARGET = 0.6  # fused peak / reference peak
+QUICK_SIZES: Tuple[Tuple[int, int, int], ...] = ((2048, 21, 21),)
+AGREEMENT_TOL = 1e-3  # float32 loss and input gradient against the float32 reference (relative)
 
 
 def label(size) -> str:
@@ -69,16 +65,21 @@ def regularizer_loss(terms) -> torch.Tensor:
     return combine_regularizers(terms, lambda_ld=LAMBDA_LD, lambda_n=LAMBDA_N, reduction="paper")
 
 
+class ProviderUnavailable(Exception):
+    """A provider that cannot run here (torch.compile failed); reported in the table, not raised."""
+
+
 class Step:
     """One provider on one size; ``run()`` is one timed training step (grads set to None first)."""
 
-    def __init__(self, size, seed=0):
+    def __init__(self, size, seed=0, device=torch.device("cpu")):
         rows, cin, cout = size
+        self.device = torch.device(device)
         g = torch.Generator().manual_seed(seed)
-        self.x = torch.randn(rows, cin, 3, generator=g, dtype=DTYPE).requires_grad_()
-        self.g = torch.randn(rows, cout, 3, generator=g, dtype=DTYPE)
+        self.x = torch.randn(rows, cin, 3, generator=g, dtype=DTYPE).to(self.device).requires_grad_()
+        self.g = torch.randn(rows, cout, 3, generator=g, dtype=DTYPE).to(self.device)
         torch.manual_seed(seed)
-        self.block = VNLinearLeakyReLU(cin, cout, negative_slope=SLOPE, dtype=DTYPE).train()
+        self.block = VNLinearLeakyReLU(cin, cout, negative_slope=SLOPE, dtype=DTYPE).to(self.device).train()
 
     def params(self):
         return [self.x, *self.block.parameters()]
@@ -91,13 +92,11 @@ class Step:
             p.grad = None
         self.loss().backward()
 
-    def step(self, mode: str = "full") -> None:  # the interface of bench_relaxed_linear.time_round_robin
-        self.run()
 
 
 class RelaxedBlock(Step):
-    def __init__(self, size, backend: str, seed=0):
-        super().__init__(size, seed)
+    def __init__(self, size, backend: str, seed=0, device=torch.device("cpu")):
+        super().__init__(size, seed, device)
         relax(self.block, relax_init="default", theta=THETA)
         with torch.no_grad():
             for m in relaxed_layers(self.block):
@@ -111,8 +110,8 @@ class RelaxedBlock(Step):
 
 
 class CompiledBlock(RelaxedBlock):
-    def __init__(self, size, seed=0):
-        super().__init__(size, "reference", seed)
+    def __init__(self, size, seed=0, device=torch.device("cpu")):
+        super().__init__(size, "reference", seed, device)
         self._fn = torch.compile(self._loss, dynamic=False)
         try:
             self.run()
@@ -136,22 +135,24 @@ class PlainBlock(Step):
 class PaperBlock(Step):
     """The public VN block plus the paper code's relaxation, on [rows, C, 3] features."""
 
-    def __init__(self, size, seed=0):
-        super().__init__(size, seed)
-        ref = RelaxedBlock(size, "reference", seed)  # same weights as the other providers
+    def __init__(self, size, seed=0, device=torch.device("cpu")):
+        super().__init__(size, seed, device)
+        ref = RelaxedBlock(size, "reference", seed, device)  # same weights as the other providers
         rows, cin, cout = size
         lin = lambda o, i: torch.nn.Linear(i, o, bias=False)  # noqa: E731
         self.feat, self.dir = lin(cout, cin), lin(cout, cin)
         self.relax_feat, self.relax_dir = torch.nn.Linear(3 * cin, 3 * cout), torch.nn.Linear(3 * cin, 3 * cout)
         self.bn = torch.nn.BatchNorm1d(cout)
+        for m in (self.feat, self.dir, self.relax_feat, self.relax_dir, self.bn):
+            m.to(self.device)
         with torch.no_grad():
             self.feat.weight.copy_(ref.block.map_to_feat.weights[0])
             self.dir.weight.copy_(ref.block.map_to_dir.weights[0])
             for dst, src in ((self.relax_feat, ref.block.map_to_feat), (self.relax_dir, ref.block.map_to_dir)):
                 dst.weight.copy_(src.weight_relax)
                 dst.bias.copy_(src.bias_relax)
-        self.A = VN(cin).generator_matrices(dtype=DTYPE)      # dense [3, D_in, D_in]
-        self.A_out = VN(cout).generator_matrices(dtype=DTYPE)
+        self.A = VN(cin).generator_matrices(dtype=DTYPE, device=self.device)      # dense [3, D_in, D_in]
+        self.A_out = VN(cout).generator_matrices(dtype=DTYPE, device=self.device)
 
     def params(self):
         return [self.x, *self.feat.parameters(), *self.dir.parameters(), *self.relax_feat.parameters(),
@@ -183,23 +184,30 @@ class PaperBlock(Step):
 
 
 PROVIDERS = {
-    "fused": lambda s: RelaxedBlock(s, "native"),
-    "reference": lambda s: RelaxedBlock(s, "reference"),
-    "compiled": CompiledBlock,
-    "paper": PaperBlock,
-    "plain": PlainBlock,
+    "fused": lambda s, d: RelaxedBlock(s, "native", device=d),
+    "triton": lambda s, d: RelaxedBlock(s, "triton", device=d),
+    "reference": lambda s, d: RelaxedBlock(s, "reference", device=d),
+    "compiled": lambda s, d: CompiledBlock(s, device=d),
+    "paper": lambda s, d: PaperBlock(s, device=d),
+    "plain": lambda s, d: PlainBlock(s, device=d),
 }
 
 
-def check_agreement(size) -> Dict[str, float]:
+def build(name: str, size, device=torch.device("cpu")) -> Step:
+    if name == "triton" and torch.device(device).type != "cuda":
+        raise ProviderUnavailable("needs a CUDA device")
+    return PROVIDERS[name](size, torch.device(device))
+
+
+def check_agreement(size, device=torch.device("cpu"), names=tuple(PROVIDERS)) -> Dict[str, float]:
     """Relative error of each relaxed provider's loss and input gradient against the reference."""
-    base = PROVIDERS["reference"](size)
+    base = build("reference", size, device)
     base.run()
     want_loss, want_gx = base.loss().item(), base.x.grad.clone()
     errs = {}
-    for name in ("fused", "compiled", "paper"):
+    for name in [n for n in ("fused", "triton", "compiled", "paper") if n in names]:
         try:
-            impl = PROVIDERS[name](size)
+            impl = build(name, size, device)
         except ProviderUnavailable:
             continue
         impl.run()
@@ -209,24 +217,12 @@ def check_agreement(size) -> Dict[str, float]:
 
 
 def peak_step_memory(impl: Step) -> float:
-    """Peak live bytes (MiB) that torch allocates during one warm step, above what is live before it.
-
-    From torch.profiler's memory records: each op's own allocations (+) and frees (−) in start order,
-    accumulated; the maximum of that running sum is the step's peak. Grads are cleared first, so the
-    step's own gradient buffers count.
-    """
+    """Peak MiB torch allocates during one warm step above what is live before it (relaxeq_fast.bench.
+    peak_memory_mib); grads are cleared first, so the step's own gradient buffers count."""
     impl.run()  # warm
     for p in impl.params():
         p.grad = None
-    gc.collect()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        impl.loss().backward()
-    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage != 0), key=lambda e: e.time_range.start)
-    live = peak = 0
-    for e in events:
-        live += e.self_cpu_memory_usage
-        peak = max(peak, live)
-    return peak / 2 ** 20
+    return peak_memory_mib(lambda: impl.loss().backward(), impl.device)
 
 
 if pytest is not None:
@@ -235,7 +231,7 @@ if pytest is not None:
     @pytest.mark.parametrize("size,provider", _PARAMS, ids=[f"{label(s)}-{n}" for s, n in _PARAMS])
     def test_vn_block_step(benchmark, size, provider):
         try:
-            impl = PROVIDERS[provider](size)
+            impl = build(provider, size)
         except ProviderUnavailable as e:
             pytest.skip(str(e))
         impl.run()
@@ -248,58 +244,76 @@ if pytest is not None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few repeats; checks the pipeline, not for numbers")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     parser.add_argument("--sizes", default=None, help="comma-separated rows x C_in x C_out, e.g. 7200x21x21")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--budget", type=float, default=None, help="seconds of timed repeats per size (20, quick 2)")
+    parser.add_argument("--providers", default=",".join(PROVIDERS), help="comma-separated subset of "
+                        + ",".join(PROVIDERS))
     parser.add_argument("--out-dir", default=str(RESULTS_DIR))
     args = parser.parse_args(argv)
-    sizes = SIZES if not args.sizes else [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
+    device = resolve_device(args.device)
+    sizes = (QUICK_SIZES if args.quick else SIZES) if not args.sizes else \
+        [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     budget, min_rep, max_rep = (2.0, 3, 20) if args.quick else (20.0, 5, 200)
-    rows_md, results = [], {"machine": machine_info(), "command": " ".join(sys.argv), "rows": []}
-    names = list(PROVIDERS)
+    budget = args.budget if args.budget is not None else budget
+    meta = machine_info(device, DTYPE, theta=THETA, lambda_ld=LAMBDA_LD, lambda_n=LAMBDA_N)
+    rows_md, results = [], {"meta": meta, "rows": [], "targets": []}
+    names = args.providers.split(",")
+    for n in names:
+        if n not in PROVIDERS:
+            raise SystemExit(f"--providers: expected a subset of {','.join(PROVIDERS)}, got {n!r}")
+    status = 0
     for size in sizes:
-        errs = check_agreement(size)
-        bad = {k: v for k, v in errs.items() if v > 1e-3}
+        errs = check_agreement(size, device, names)
+        bad = {k: v for k, v in errs.items() if v > AGREEMENT_TOL}
         impls, unavailable = {}, {}
         for name in names:
             try:
-                impls[name] = PROVIDERS[name](size)
+                impls[name] = build(name, size, device)
             except ProviderUnavailable as e:
                 unavailable[name] = str(e)
-        times = time_round_robin(impls, "full", budget, min_rep, max_rep, warmup=1)
-        med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        times = time_round_robin({k: i.run for k, i in impls.items()}, min_rep, 1, device, budget, max_rep)
+        med = {k: median_iqr_ms(v)[0] for k, v in times.items()}
         mem = {} if args.no_memory else {name: peak_step_memory(impls[name]) for name in ("fused", "reference", "plain")
                                          if name in impls}
         del impls
         gc.collect()
-        ratios = []
-        for _label, num, den, bound in TARGETS:
-            if num in med and den in med:
-                r = med[num] / med[den]
-                ratios.append(f"{r:.2f} {'PASS' if r >= bound else 'MISS'}")
-            else:
-                ratios.append("n/a")
-        if mem.get("fused") is not None and mem.get("reference"):
-            r = mem["fused"] / mem["reference"]
-            ratios.append(f"{r:.2f} {'PASS' if r <= MEMORY_TARGET else 'MISS'}")
-        else:
-            ratios.append("n/a")
+        case = label(size)
+        tg = [target("vn_layers", lbl, case, med[num] / med[den] if num in med and den in med else None, bound, ">=",
+                     device=str(device)) for lbl, num, den, bound in TARGETS]
+        tg.append(target("vn_layers", "fused / reference peak memory", case,
+                         mem["fused"] / mem["reference"] if mem.get("fused") is not None and mem.get("reference")
+                         else None, MEMORY_TARGET, "<=", device=str(device)))
+        if "triton" in med:
+            tg.append(target("vn_layers", "triton / fused (CUDA)", case, med["triton"] / med["fused"], None,
+                             device=str(device)))
+        results["targets"] += [t for t in tg if t["ratio"] is not None]
         cells = [f"{med[n]:.2f}" if n in med else "—" for n in names]
         mem_cells = [f"{mem[n]:.0f}" if mem.get(n) is not None else "—" for n in ("fused", "reference", "plain")]
-        rows_md.append(f"| {label(size)} | " + " | ".join(cells + mem_cells + ratios) + " |")
-        results["rows"].append({"size": label(size), "median_ms": med, "peak_step_mib": mem, "agreement": errs,
+        ratio_cells = [("n/a" if t["ratio"] is None else f"{t['ratio']:.2f} {'PASS' if t['pass'] else 'MISS'}")
+                       for t in tg[:3]]
+        rows_md.append(f"| {case} | " + " | ".join(cells + mem_cells + ratio_cells) + " |")
+        results["rows"].append({"size": case, "median_ms": med, "peak_step_mib": mem, "agreement": errs,
                                 "unavailable": unavailable, "repeats": {k: len(v) for k, v in times.items()}})
         if bad:
-            print(f"MISMATCH at {label(size)}: {bad}", file=sys.stderr)
+            status = 1
+            print(f"MISMATCH at {case}: {bad}", file=sys.stderr)
     header = ("| rows×C_in×C_out | " + " | ".join(f"{n} ms" for n in names)
               + " | fused MiB | reference MiB | plain MiB | reference / fused (≥ 2) | paper / fused (≥ 5)"
               " | fused / reference memory (≤ 0.6) |")
-    table = "\n".join([header, "|" + "---|" * (len(names) + 8)] + rows_md)
-    print(table)
+    table = [header, "|" + "---|" * (len(names) + 7)] + rows_md
+    unavailable_note = sorted({f"{k}: {v}" for r in results["rows"] for k, v in r["unavailable"].items()})
+    md = [f"## relaxed VNLinearLeakyReLU block, one training step ({meta['dtype']}, {device})", ""]
+    md += describe_machine(meta) + [f"- not run: {'; '.join(unavailable_note)}" if unavailable_note else "", ""]
+    md += table
+    print("\n".join(md))
     out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "vn_layers.json").write_text(json.dumps(results, indent=1))
-    (out / "vn_layers.md").write_text(table + "\n")
-    return 0
+    stem = "vn_layers" + ("_quick" if args.quick else "") + ("" if device.type == "cpu" else f"_{device.type}")
+    write_json(out / f"{stem}.json", results)
+    (out / f"{stem}.md").write_text("\n".join(md) + "\n")
+    print(f"wrote {out / stem}.json and .md")
+    return status
 
 
 if __name__ == "__main__":

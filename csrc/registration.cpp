@@ -60,8 +60,10 @@ TORCH_LIBRARY(relaxeq, m) {
   // gradient of z (sum over output positions of z (x) patch, shape of D). r is quadratic in D, so
   // r = <D, S> and dr/dD = 2 S exactly: the backward needs neither z nor a recompute. r and S are in
   // float32 (float64 for float64 x); both are empty [0] tensors without D. z is never returned.
+  // need_S = false skips S (returned empty [0]): the caller wants no gradient for D.
   m.def(
-      "relaxed_conv2d(Tensor x, Tensor M, Tensor? c, Tensor? D, int padding) -> (Tensor y, Tensor r, Tensor S)");
+      "relaxed_conv2d(Tensor x, Tensor M, Tensor? c, Tensor? D, int padding, bool need_S)"
+      " -> (Tensor y, Tensor r, Tensor S)");
   // The gradients of y only (dD = 2 dr S is formed by the autograd formula from the saved S).
   m.def(
       "relaxed_conv2d_backward(Tensor dy, Tensor x, Tensor M, int padding, bool[3] output_mask)"

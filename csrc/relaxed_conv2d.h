@@ -1,10 +1,16 @@
 // Shared ATen glue for relaxed_conv2d: argument checks used by every backend, so a bad
 // call fails with the same message whichever kernel it would reach (mirrors
-// relaxeq_fast._ops.check_relaxed_conv2d_args, which guards the Python entry points).
+// relaxeq_fast._ops.check_relaxed_conv2d_args, which guards the Python entry points), and the
+// backward, which is ATen's convolution gradients on every backend.
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/convolution_backward.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Optional.h>
+
+#include <array>
+#include <tuple>
 
 #include "relaxed_linear.h"  // stats_dtype
 
@@ -52,6 +58,28 @@ inline void check_relaxed_conv2d_backward_args(const at::Tensor& dy, const at::T
               op, ": dy must have shape [B, C_out, H', W'] = [", x.size(0), ", ", M.size(0), ", ", ho, ", ", wo,
               "], got ", dy.sizes());
   check_conv2d_matches_x(dy, "dy", x, op);
+}
+
+// The gradients of y = conv2d(x, M) + c only (r carries none to x, M, c): dx and dM from ATen's
+// convolution gradients (cuDNN on CUDA), dc = sum dy. Arguments are checked, detached and on the
+// backend's device. Outputs not asked for are distinct empty [0] tensors (outputs must not alias).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> relaxed_conv2d_backward_aten(const at::Tensor& dy,
+                                                                                   const at::Tensor& x,
+                                                                                   const at::Tensor& M,
+                                                                                   int64_t padding,
+                                                                                   std::array<bool, 3> output_mask) {
+  const bool need_dx = output_mask[0], need_dM = output_mask[1], need_dc = output_mask[2];
+  const auto empty = [&] { return at::empty({0}, x.options()); };
+  at::Tensor dx = empty(), dM = empty(), dc = empty();
+  if (need_dx || need_dM) {
+    auto g = at::convolution_backward(dy, x, M, std::nullopt, /*stride=*/{1, 1}, /*padding=*/{padding, padding},
+                                      /*dilation=*/{1, 1}, /*transposed=*/false, /*output_padding=*/{0, 0},
+                                      /*groups=*/1, {need_dx, need_dM, false});
+    if (need_dx) dx = std::get<0>(g);
+    if (need_dM) dM = std::get<1>(g);
+  }
+  if (need_dc) dc = dy.sum({0, 2, 3});
+  return {dx, dM, dc};
 }
 
 }  // namespace relaxeq

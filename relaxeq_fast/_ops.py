@@ -172,12 +172,12 @@ def check_relaxed_conv2d_backward_args(dy, x, M, padding, op="relaxed_conv2d_bac
     _check_matches_x(dy, "dy", x, op)
 
 
-def _relaxed_conv2d_fake(x, M, c, D, padding):
+def _relaxed_conv2d_fake(x, M, c, D, padding, need_S):
     check_relaxed_conv2d_args(x, M, c, D, padding)
     sdt = stats_dtype(x.dtype)
     y = x.new_empty(conv2d_out_shape(x, M, padding))
     r = x.new_empty(() if D is not None else (0,), dtype=sdt)
-    S = x.new_empty(D.shape if D is not None else (0,), dtype=sdt)
+    S = x.new_empty(D.shape if D is not None and need_S else (0,), dtype=sdt)
     return y, r, S
 
 
@@ -189,15 +189,16 @@ def _relaxed_conv2d_backward_fake(dy, x, M, padding, output_mask):
 
 
 def _relaxed_conv2d_setup_context(ctx, inputs, output):
-    x, M, c, D, padding = inputs
+    x, M, c, D, padding, need_S = inputs
     _y, r, S = output
     # S is internal to autograd (the weight gradient of z): no gradient flows into it.
     ctx.mark_non_differentiable(S)
     if D is None:
         ctx.mark_non_differentiable(r)  # the empty placeholder
     # r = <D, S> is quadratic in D, so dr/dD = 2 S exactly: S is saved instead of recomputing z.
-    ctx.save_for_backward(x, M, S if D is not None else None)
-    ctx.has_c, ctx.has_D, ctx.padding = c is not None, D is not None, padding
+    has_S = D is not None and need_S
+    ctx.save_for_backward(x, M, S if has_S else None)
+    ctx.has_c, ctx.has_D, ctx.has_S, ctx.padding = c is not None, D is not None, has_S, padding
     ctx.D_dtype = D.dtype if D is not None else None
 
 
@@ -217,8 +218,12 @@ def make_relaxed_conv2d_backward(backward_op):
             grads = [g if m else None for g, m in zip(out, mask)]
         dD = None
         if need_dD:
+            if not ctx.has_S:
+                raise RuntimeError("relaxed_conv2d: a gradient for D was requested, but the forward ran with "
+                                   "need_S=False and did not compute S (dD = 2 dr S); call it with need_S=True "
+                                   "when D requires grad")
             dD = (S * (2 * dr) if dr is not None else torch.zeros_like(S)).to(ctx.D_dtype)
-        return (*grads, dD, None)
+        return (*grads, dD, None, None)
     return backward
 
 

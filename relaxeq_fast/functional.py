@@ -1,7 +1,6 @@
 """Public functions: shapes documented, backend chosen here, autograd through torch.library ops."""
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple, Optional
 
@@ -216,7 +215,7 @@ def _raw_relaxed_conv2d(backend: str):
         return triton_relaxed_conv2d.op()
     from .reference import relaxed_conv2d_ref
     # Eager autograd differentiates r itself: the reference need not form S.
-    return functools.partial(relaxed_conv2d_ref, need_S=False)
+    return lambda x, M, c, D, padding, _need_S: relaxed_conv2d_ref(x, M, c, D, padding, False)
 
 
 def relaxed_conv2d(x: torch.Tensor, M: torch.Tensor, c: Optional[torch.Tensor] = None,
@@ -238,6 +237,7 @@ def relaxed_conv2d(x: torch.Tensor, M: torch.Tensor, c: Optional[torch.Tensor] =
     """
     _ops.check_relaxed_conv2d_args(x, M, c, D, padding)
     # The ops also return S (the weight gradient of the defect responses, dr/dD = 2 S): internal to
-    # their autograd formula, not part of this API.
-    y, r, _S = _raw_relaxed_conv2d(resolve_backend(x.device, backend))(x, M, c, D, padding)
+    # their autograd formula, not part of this API, and computed only when D's gradient can be asked for.
+    need_S = torch.is_grad_enabled() and D is not None and D.requires_grad
+    y, r, _S = _raw_relaxed_conv2d(resolve_backend(x.device, backend))(x, M, c, D, padding, need_S)
     return y if D is None else (y, r)

@@ -73,7 +73,7 @@ def vn_batch_norm_ref(x: torch.Tensor, running_mean: Optional[torch.Tensor], run
 
 
 def relaxed_conv2d_ref(x: torch.Tensor, M: torch.Tensor, c: Optional[torch.Tensor], D: Optional[torch.Tensor],
-                       padding: int, *, need_S: bool = True):
+                       padding: int, need_S: bool = True):
     """y = conv2d(x, M, c, padding) and, when D is given, r = Σ z² with z = conv2d(x̂, D, padding)
     (x̂ = x detached) and S, the weight gradient of z.
 
@@ -83,7 +83,8 @@ def relaxed_conv2d_ref(x: torch.Tensor, M: torch.Tensor, c: Optional[torch.Tenso
     is formed here independently of z, as S = D̃ P with P = Σ patch patchᵀ (the patches of x̂ by
     ``unfold``) and D̃ = D reshaped to [C_d, C_in k²]; then r = ⟨D, S⟩ and ∂r/∂D = 2 S. S is
     detached (the fused ops use it only inside their autograd formula); ``need_S=False`` skips it
-    (an empty [0] tensor), for callers that want only y and r.
+    (an empty [0] tensor), for callers that want only y and r. The arguments are those of the op
+    ``relaxeq::relaxed_conv2d``, where need_S has no default.
 
     x: [B, C_in, H, W], M: [C_out, C_in, k, k], c: [C_out] or None, D: [C_d, C_in, k, k] or None
     → y: [B, C_out, H', W'], r: [] and S: [C_d, C_in, k, k], both in ``stats_dtype`` (empty [0]

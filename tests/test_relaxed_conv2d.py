@@ -7,7 +7,7 @@ from relaxeq_fast import use_backend
 from relaxeq_fast.functional import relaxed_conv2d
 from relaxeq_fast.reference import relaxed_conv2d_ref
 
-from testing import DEVICES, assert_close_scaled, has_cuda
+from testing import DEVICES, assert_close_scaled, has_cuda, record_need_S
 
 pytestmark = pytest.mark.skipif(not relaxeq_fast.build_info()["extension_loaded"],
                                 reason="relaxeq_fast._C is not built")
@@ -51,8 +51,8 @@ def ref64(x, M, c, D, padding):
     return relaxed_conv2d_ref(f64(x), f64(M), f64(c), f64(D), padding)
 
 
-def native(x, M, c, D, padding):
-    return torch.ops.relaxeq.relaxed_conv2d(x, M, c, D, padding)
+def native(x, M, c, D, padding, need_S=True):
+    return torch.ops.relaxeq.relaxed_conv2d(x, M, c, D, padding, need_S)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -95,6 +95,56 @@ def test_backward_matches_reference(device, dtype, shape):
     grads64 = torch.autograd.grad((y64 * dy.double()).sum() + w * r64, leaves64)
     for name, g, g64 in zip(("dx", "dM", "dc", "dD"), grads, grads64):
         assert_close_scaled(g, g64, TOLS[dtype]["grad"], name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("defect", [True, False], ids=["D", "no_D"])
+def test_need_S_false_skips_only_S(device, dtype, shape, defect):
+    # Skipping S must leave the y and r computation alone: exactly the same values.
+    *dims, padding = shape
+    x, M, c, D = make_inputs(*dims, dtype, device, defect=defect)
+    y, r, S = native(x, M, c, D, padding, True)
+    y0, r0, S0 = native(x, M, c, D, padding, False)
+    assert torch.equal(y0, y) and torch.equal(r0, r)
+    assert S0.shape == (0,) and S0.dtype == S.dtype
+
+
+def test_D_gradient_without_S_raises():
+    x, M, c, D = make_inputs(2, 3, 4, 5, 7, 6, 3, torch.float64, "cpu")
+    _, r, _ = native(x, M, c, D.requires_grad_(), 1, False)
+    with pytest.raises(RuntimeError, match="need_S=False"):
+        torch.autograd.grad(r, (D,))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_functional_asks_for_S_only_when_D_needs_a_gradient(monkeypatch, device, dtype):
+    seen = record_need_S(monkeypatch)
+    x, M, c, D = make_inputs(2, 3, 4, 5, 9, 7, 3, dtype, device)
+    leaves = tuple(t.requires_grad_() for t in (x, M, c, D))
+    y64, r64, _ = ref64(x, M, c, D, 1)
+    with torch.no_grad():
+        y, r = relaxed_conv2d(*leaves, 1, backend="native")
+    assert seen == [False]
+    assert_close_scaled(y, y64, TOLS[dtype]["y"], "y (no_grad)")
+    assert_close_scaled(r / r64, r64 / r64, TOLS[dtype]["r"], "r (no_grad)")
+    dy = torch.randn_like(y)
+    leaves64 = tuple(t.detach().double().requires_grad_() for t in leaves)
+    y64, r64, _ = relaxed_conv2d_ref(*leaves64, 1)
+    grads64 = torch.autograd.grad((y64 * dy.double()).sum() + 0.7 * r64, leaves64)
+    y, r = relaxed_conv2d(*leaves, 1, backend="native")
+    assert seen == [False, True]
+    grads = torch.autograd.grad((y * dy).sum() + 0.7 * r, leaves)
+    for name, g, g64 in zip(("dx", "dM", "dc", "dD"), grads, grads64):
+        assert_close_scaled(g, g64, TOLS[dtype]["grad"], name)
+    # D without a gradient: no S, and the gradients of y still flow.
+    y, r = relaxed_conv2d(*leaves[:3], D.detach(), 1, backend="native")
+    assert seen == [False, True, False]
+    grads = torch.autograd.grad((y * dy).sum() + 0.7 * r, leaves[:3])
+    for name, g, g64 in zip(("dx", "dM", "dc"), grads, grads64):
+        assert_close_scaled(g, g64, TOLS[dtype]["grad"], name + " (D detached)")
 
 
 def test_r_gradient_reaches_D_only():
@@ -203,10 +253,13 @@ def test_gradcheck_r_to_D_float64():
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("defect", [True, False])
-def test_opcheck(bias, defect):
+@pytest.mark.parametrize("need_S", [True, False])
+def test_opcheck(bias, defect, need_S):
     x, M, c, D = make_inputs(2, 3, 4, 2, 6, 5, 3, torch.float64, "cpu", bias, defect)
     req = lambda t: None if t is None else t.requires_grad_()  # noqa: E731
-    torch.library.opcheck(torch.ops.relaxeq.relaxed_conv2d.default, (req(x), req(M), req(c), req(D), 1))
+    # Without S no gradient for D can be formed: D then takes none, as the functional layer arranges.
+    torch.library.opcheck(torch.ops.relaxeq.relaxed_conv2d.default,
+                          (req(x), req(M), req(c), req(D) if need_S else D, 1, need_S))
     dy = torch.randn(2, 4, 6, 5, dtype=torch.float64)
     torch.library.opcheck(torch.ops.relaxeq.relaxed_conv2d_backward.default,
                           (dy, x.detach(), M.detach(), 1, [True, True, bias]))
@@ -214,15 +267,17 @@ def test_opcheck(bias, defect):
 
 def test_meta_tensors_use_the_fake_kernel():
     x, M, D = (torch.empty(*s, device="meta") for s in ((2, 3, 9, 7), (4, 3, 3, 3), (5, 3, 3, 3)))
-    y, r, S = torch.ops.relaxeq.relaxed_conv2d(x, M, None, D, 0)
+    y, r, S = torch.ops.relaxeq.relaxed_conv2d(x, M, None, D, 0, True)
     assert y.shape == (2, 4, 7, 5) and r.shape == () and S.shape == (5, 3, 3, 3) and y.device.type == "meta"
+    _, r, S = torch.ops.relaxeq.relaxed_conv2d(x, M, None, D, 0, False)
+    assert r.shape == () and S.shape == (0,)
 
 
 def test_torch_compile_fullgraph():
     x, M, c, D = make_inputs(2, 3, 4, 5, 8, 8, 3, torch.float32, "cpu")
 
     def step(x, M, c, D):
-        y, r, _S = torch.ops.relaxeq.relaxed_conv2d(x, M, c, D, 1)
+        y, r, _S = torch.ops.relaxeq.relaxed_conv2d(x, M, c, D, 1, True)
         return y.square().sum() + 0.1 * r
 
     compiled = torch.compile(step, fullgraph=True)

@@ -3,35 +3,27 @@
 Without a GPU the kernel runs in the Triton interpreter (TRITON_INTERPRET=1, set by conftest.py
 before triton is imported): shapes are tiny because the interpreter executes programs in numpy.
 """
-import os
-
 import pytest
 import torch
 
-if os.environ.get("TRITON_INTERPRET", "0") != "1" and not torch.cuda.is_available():
-    pytest.skip("Triton needs a CUDA device, or TRITON_INTERPRET=1 set before triton is imported "
-                "(the interpreter runs the kernels on CPU tensors)", allow_module_level=True)
-pytest.importorskip("triton", reason="triton is not installed")
+from testing import (TRITON_DEVICE as DEVICE, TRITON_HALF_MARKS, assert_close_scaled, ieee_fp32,  # noqa: F401
+                     record_need_S, skip_module_unless_triton_runs)
+
+skip_module_unless_triton_runs()
 
 from relaxeq_fast.functional import relaxed_conv2d  # noqa: E402
 from relaxeq_fast.reference import relaxed_conv2d_ref  # noqa: E402
 from relaxeq_fast.triton_kernels import relaxed_conv2d as triton_rc  # noqa: E402
 
-from testing import assert_close_scaled  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-_needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
-                                 reason="half precision needs a GPU: the interpreter has no bfloat16 arithmetic")
-
 # (dtype, rtol relative to the largest float64 reference entry).
 DTYPES = [
-    # fp32 accumulators, blocked dot order differs from the reference: ~1e-6 here; TF32 off below.
+    # fp32 accumulators, blocked dot order differs from the reference: ~1e-6 here; TF32 off (testing.ieee_fp32).
     pytest.param(torch.float32, 1e-5, id="float32"),
     # Same algorithm in float64: rounding of a few hundred terms.
     pytest.param(torch.float64, 1e-12, id="float64"),
     # y rounded once to the input dtype (fp32 accumulate): 2^-11 and 2^-8 relative.
-    pytest.param(torch.float16, 5e-3, id="float16", marks=[pytest.mark.cuda, _needs_cuda]),
-    pytest.param(torch.bfloat16, 3e-2, id="bfloat16", marks=[pytest.mark.cuda, _needs_cuda]),
+    pytest.param(torch.float16, 5e-3, id="float16", marks=TRITON_HALF_MARKS),
+    pytest.param(torch.bfloat16, 3e-2, id="bfloat16", marks=TRITON_HALF_MARKS),
 ]
 # (B, C_in, C_out, C_d, H, W, k, padding); (2, 5, 17, 20, ...) gives two channel blocks of 16,
 # with C_d > C_out so one program has z channels but no y channels.
@@ -42,14 +34,6 @@ SHAPES = [(1, 1, 1, 1, 5, 5, 1, 0), (2, 3, 4, 5, 9, 7, 3, 1), (1, 2, 3, 2, 6, 11
 @pytest.fixture(scope="module")
 def op():
     return triton_rc.op()
-
-
-@pytest.fixture(autouse=True)
-def _ieee_fp32():
-    old = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = old
 
 
 def _inputs(b, c_in, c_out, c_d, h, w, k, dtype, with_c=True, with_d=True, seed=0):
@@ -70,7 +54,7 @@ def _f64(*ts):
 def test_forward(op, dtype, tol, shape, with_c, with_d):
     *dims, padding = shape
     x, M, c, D = _inputs(*dims, dtype, with_c, with_d)
-    y, r, S = op(x, M, c, D, padding)
+    y, r, S = op(x, M, c, D, padding, True)
     y_ref, r_ref, S_ref = relaxed_conv2d_ref(*_f64(x, M, c, D), padding)
     sdt = torch.float64 if dtype == torch.float64 else torch.float32
     assert y.dtype == dtype and r.dtype == sdt and S.dtype == sdt
@@ -84,13 +68,55 @@ def test_forward(op, dtype, tol, shape, with_c, with_d):
         assert r.shape == (0,) and S.shape == (0,)
 
 
+@pytest.mark.parametrize("dtype, tol", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("with_d", [True, False], ids=["D", "no_D"])
+def test_need_S_false_skips_only_S(op, dtype, tol, shape, with_d):
+    # Skipping S must leave the y and r computation alone: exactly the same values.
+    *dims, padding = shape
+    x, M, c, D = _inputs(*dims, dtype, with_d=with_d)
+    y, r, S = op(x, M, c, D, padding, True)
+    y0, r0, S0 = op(x, M, c, D, padding, False)
+    assert torch.equal(y0, y) and torch.equal(r0, r)
+    assert S0.shape == (0,) and S0.dtype == S.dtype
+
+
+def test_D_gradient_without_S_raises(op):
+    x, M, c, D = _inputs(1, 2, 3, 2, 5, 5, 3, torch.float64)
+    _, r, _ = op(x, M, c, D.requires_grad_(), 1, False)
+    with pytest.raises(RuntimeError, match="need_S=False"):
+        torch.autograd.grad(r, (D,))
+
+
+@pytest.mark.parametrize("dtype, tol", DTYPES[:2])
+def test_functional_asks_for_S_only_when_D_needs_a_gradient(monkeypatch, dtype, tol):
+    seen = record_need_S(monkeypatch)
+    x, M, c, D = _inputs(2, 3, 4, 5, 7, 6, 3, dtype)
+    leaves = tuple(t.requires_grad_() for t in (x, M, c, D))
+    leaves64 = tuple(t.detach().double().requires_grad_() for t in leaves)
+    y64, r64, _ = relaxed_conv2d_ref(*leaves64, 1)
+    with torch.no_grad():
+        y, r = relaxed_conv2d(*leaves, 1, backend="triton")
+    assert seen == [False]
+    assert_close_scaled(y, y64, tol, "y (no_grad)")
+    assert_close_scaled(r / r64, r64 / r64, min(tol, 1e-5), "r (no_grad, relative)")
+    dy = torch.randn_like(y)
+    grads64 = torch.autograd.grad((y64 * dy.double()).sum() + 0.7 * r64, leaves64)
+    y, r = relaxed_conv2d(*leaves, 1, backend="triton")
+    assert seen == [False, True]
+    grads = torch.autograd.grad((y * dy).sum() + 0.7 * r, leaves)
+    # Gradients sum over every pixel of the batch, as in test_backward.
+    for name, g, g64 in zip(("dx", "dM", "dc", "dD"), grads, grads64):
+        assert_close_scaled(g, g64, 5 * tol, name)
+
+
 def test_forward_noncontiguous(op):
     x = torch.randn(2, 3, 14, 9, dtype=torch.float64, device=DEVICE)[:, :, ::2].transpose(2, 3)  # [2, 3, 9, 7]
     M = torch.randn(4, 3, 3, 3, dtype=torch.float64, device=DEVICE).transpose(2, 3)
     D = torch.randn(3, 5, 3, 3, dtype=torch.float64, device=DEVICE).transpose(0, 1)
     c = torch.randn(8, dtype=torch.float64, device=DEVICE)[::2]
     assert not (x.is_contiguous() or M.is_contiguous() or D.is_contiguous() or c.is_contiguous())
-    y, r, S = op(x, M, c, D, 1)
+    y, r, S = op(x, M, c, D, 1, True)
     y_ref, r_ref, S_ref = relaxed_conv2d_ref(*_f64(x, M, c, D), 1)
     assert_close_scaled(y, y_ref, 1e-12, "y")
     assert_close_scaled(r / r_ref, r_ref / r_ref, 1e-12, "r")
@@ -101,7 +127,7 @@ def test_forward_noncontiguous(op):
 def test_backward(op, dtype, tol):
     x, M, c, D = _inputs(2, 3, 4, 5, 7, 6, 3, dtype)
     leaves = tuple(t.requires_grad_() for t in (x, M, c, D))
-    y, r, _ = op(*leaves, 1)
+    y, r, _ = op(*leaves, 1, True)
     dy = torch.randn_like(y)
     grads = torch.autograd.grad((y * dy).sum() + 0.7 * r, leaves)
     leaves64 = tuple(t.detach().double().requires_grad_() for t in leaves)
@@ -121,7 +147,9 @@ def test_functional_backend_triton():
 
 def test_opcheck(op):
     x, M, c, D = _inputs(1, 2, 3, 2, 5, 5, 3, torch.float64)
-    torch.library.opcheck(op, (x.requires_grad_(), M.requires_grad_(), c, D.requires_grad_(), 1))
+    torch.library.opcheck(op, (x.requires_grad_(), M.requires_grad_(), c, D.requires_grad_(), 1, True))
+    # Without S, D takes no gradient (as the functional layer arranges).
+    torch.library.opcheck(op, (x, M, c, D.detach(), 1, False))
     dy = torch.randn(1, 3, 5, 5, dtype=torch.float64, device=DEVICE)
     torch.library.opcheck(triton_rc.backward_op(), (dy, x.detach(), M.detach(), 1, [True, True, True]))
 
@@ -130,7 +158,7 @@ def test_r_is_quadratic_in_D(op):
     # r = <D, S> and the D gradient is 2 dr S, against autograd of the pure-torch r = sum z^2.
     x, M, c, D = _inputs(2, 3, 4, 5, 7, 6, 3, torch.float64)
     D.requires_grad_()
-    _, r, S = op(x, M, c, D, 1)
+    _, r, S = op(x, M, c, D, 1, True)
     assert_close_scaled(r, (D.detach() * S).sum(), 1e-12 * r.item(), "r = <D, S>")
     (dD,) = torch.autograd.grad(0.37 * r, (D,))
     assert_close_scaled(dD, 2 * 0.37 * S, 1e-14, "dD = 2 dr S")
@@ -141,14 +169,14 @@ def test_r_is_quadratic_in_D(op):
 
 def test_gradcheck_r_to_D_float64(op):
     x, M, c, D = _inputs(1, 2, 3, 2, 5, 4, 3, torch.float64)
-    assert torch.autograd.gradcheck(lambda D: op(x, M, c, D, 1)[1], (D.requires_grad_(),))
+    assert torch.autograd.gradcheck(lambda D: op(x, M, c, D, 1, True)[1], (D.requires_grad_(),))
 
 
 def test_torch_compile_fullgraph(op):
     x, M, c, D = _inputs(1, 2, 3, 2, 6, 6, 3, torch.float64)
 
     def step(x, M, c, D):
-        y, r, _S = op(x, M, c, D, 1)
+        y, r, _S = op(x, M, c, D, 1, True)
         return y.square().sum() + 0.1 * r
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
@@ -162,9 +190,9 @@ def test_torch_compile_fullgraph(op):
 def test_bad_input_names_the_argument(op):
     x, M, c, D = _inputs(1, 2, 3, 2, 5, 5, 3, torch.float32)
     with pytest.raises(ValueError, match="D must have shape"):
-        op(x, M, c, D[:, :, :1, :1], 1)
+        op(x, M, c, D[:, :, :1, :1], 1, True)
     with pytest.raises(TypeError, match="M must have the dtype of x"):
-        op(x, M.double(), c, D, 1)
+        op(x, M.double(), c, D, 1, True)
     with pytest.raises(ValueError, match="dy must have shape"):
         triton_rc.backward_op()(x[:, :, :1], x, M, 1, [True, True, True])
     with pytest.raises(ValueError, match="output_mask must have 3 entries"):

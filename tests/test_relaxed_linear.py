@@ -8,7 +8,7 @@ import relaxeq_fast
 from relaxeq_fast import relaxed_linear, relaxed_linear_ref, use_backend
 from relaxeq_fast.reference import relaxed_linear_backward_ref
 
-from testing import DEVICES, assert_close_scaled
+from testing import CUDA_SKIP_REASON, DEVICES, assert_close_scaled
 
 pytestmark = pytest.mark.skipif(not relaxeq_fast.build_info()["extension_loaded"],
                                 reason="relaxeq_fast._C is not built")
@@ -50,6 +50,29 @@ def test_forward_matches_reference(device, dtype, n, d_in, d_out, bias):
     assert_close_scaled(G, G_ref, TOLS[dtype]["stats"], "G")
     assert_close_scaled(s, s_ref, TOLS[dtype]["stats"], "s")
     assert torch.equal(G, G.T), "G must be exactly symmetric"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_SKIP_REASON)
+@pytest.mark.parametrize("max_dim", ["0", "100000"], ids=["cublas", "tiled_kernel"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n,d_in,d_out", [(7, 63, 63), (1031, 65, 17), (40000, 63, 63)])
+def test_cuda_routes_match_reference(monkeypatch, max_dim, dtype, n, d_in, d_out):
+    """The CUDA op runs narrow layers through its tiled kernel and wide ones through cuBLAS
+    (RELAXEQ_CUDA_FUSED_MAX_DIM moves the switch): each route, forced, against float64."""
+    monkeypatch.setenv("RELAXEQ_CUDA_FUSED_MAX_DIM", max_dim)
+    x, M, c = make_inputs(n, d_in, d_out, dtype, "cuda")
+    x.requires_grad_(); M.requires_grad_(); c.requires_grad_()
+    y, G, s = torch.ops.relaxeq.relaxed_linear(x, M, c, True)
+    y_ref, G_ref, s_ref = ref64(x.detach(), M.detach(), c.detach())
+    for name, got, want, tol in (("y", y, y_ref, "y"), ("G", G, G_ref, "stats"), ("s", s, s_ref, "stats")):
+        assert_close_scaled(got, want, TOLS[dtype][tol], name)
+    assert torch.equal(G, G.T), "G must be exactly symmetric"
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, M, c), dy)
+    x64, M64, c64 = (t.detach().double().requires_grad_() for t in (x, M, c))
+    grads64 = torch.autograd.grad(relaxed_linear_ref(x64, M64, c64, True)[0], (x64, M64, c64), dy.double())
+    for name, g, g64 in zip(("dx", "dM", "dc"), grads, grads64):
+        assert_close_scaled(g, g64, TOLS[dtype]["grad"], name)
 
 
 @pytest.mark.parametrize("device", DEVICES)

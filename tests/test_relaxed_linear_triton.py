@@ -4,35 +4,28 @@ On a machine without a GPU the kernels run in the Triton interpreter, which has 
 on (TRITON_INTERPRET=1) before the kernel module is imported; shapes are kept tiny because
 the interpreter executes every program in numpy.
 """
-import os
-
 import pytest
 import torch
 
-if os.environ.get("TRITON_INTERPRET", "0") != "1" and not torch.cuda.is_available():
-    pytest.skip("Triton needs a CUDA device, or TRITON_INTERPRET=1 set before triton is imported "
-                "(the interpreter runs the kernels on CPU tensors)", allow_module_level=True)
-pytest.importorskip("triton", reason="triton is not installed")
+from testing import TRITON_DEVICE as DEVICE, TRITON_HALF_MARKS, ieee_fp32, skip_module_unless_triton_runs  # noqa: F401
+
+skip_module_unless_triton_runs()
 
 from relaxeq_fast import functional  # noqa: E402
 from relaxeq_fast.reference import relaxed_linear_backward_ref, relaxed_linear_ref  # noqa: E402
 from relaxeq_fast.triton_kernels import relaxed_linear as triton_rl  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-_needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
-                                 reason="half precision needs a GPU: the interpreter has no bfloat16 arithmetic")
-
 # (dtype, tol): an error passes when max|got - ref| <= tol * max(1, max|ref|), the reference
 # being float64 on the same (upcast) inputs.
 DTYPES = [
     # Summation order of the fp32 accumulators (blocked dot, atomics across row blocks) differs
-    # from the float64 reference: ~1e-6 relative at these sizes; TF32 is switched off below.
+    # from the float64 reference: ~1e-6 relative at these sizes; TF32 is off (testing.ieee_fp32).
     pytest.param(torch.float32, 1e-4, id="float32"),
     # Same algorithm in float64: only rounding of a few dozen terms.
     pytest.param(torch.float64, 1e-10, id="float64"),
     # Outputs are rounded to the input dtype once (fp32 accumulate): 2^-11 and 2^-8 relative.
-    pytest.param(torch.float16, 5e-3, id="float16", marks=_needs_cuda),
-    pytest.param(torch.bfloat16, 2e-2, id="bfloat16", marks=_needs_cuda),
+    pytest.param(torch.float16, 5e-3, id="float16", marks=TRITON_HALF_MARKS),
+    pytest.param(torch.bfloat16, 2e-2, id="bfloat16", marks=TRITON_HALF_MARKS),
 ]
 # D not a multiple of the 16/32/64-wide blocks; (40, 40) gives several Gram column blocks.
 DIMS = [(5, 3), (17, 33), (40, 40)]
@@ -42,15 +35,6 @@ NS = [0, 1, 7, 37, 70]
 @pytest.fixture(scope="module")
 def op():
     return triton_rl.op()
-
-
-@pytest.fixture(autouse=True)
-def _ieee_fp32():
-    # The kernel follows torch's TF32 switch; pin it so fp32 tolerances mean the same everywhere.
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def _inputs(n, d_in, d_out, dtype, with_c, seed=0):

@@ -371,7 +371,9 @@ def test_triton_zero_vectors_and_duplicates(triton_vn):
     x[1, 2] = 0
     x[:, 3] = 0
     x[:, 4] = x[0, 4]  # duplicated rows in channel 4: zero variance
-    run_and_compare("triton", TRITON_DEVICE, torch.float64, {"y": 1e-12, "grad": 1e-10, "stats": 1e-12}, 7, 5,
+    # grad 1e-8: channel 4's 1/√(var + eps) ~ 1e3 turns last-bit differences in the reductions (GPU FMA
+    # contraction and summation order; measured 2.5e-9 of the scale on an H200) into ~1e-9 relative errors.
+    run_and_compare("triton", TRITON_DEVICE, torch.float64, {"y": 1e-12, "grad": 1e-8, "stats": 1e-12}, 7, 5,
                     "train_running", True, seed=3, x=x)
 
 

@@ -9,6 +9,7 @@ bias and is stored; z is squared and summed into one partial sum per program, an
 The host adds the partials in a fixed order (deterministic r). Then, with the z tile still in
 registers, the program walks the reduction index a second time, reloads each patch tile and
 atomically adds zᵀ · patch into S = Σ_positions z ⊗ patch (the weight gradient of z, [C_d, C_in k²]).
+With need_S false (no gradient for D wanted) that second walk is compiled out (NEED_S) and S is empty.
 
 Backward: r = ⟨D, S⟩ is quadratic in D, so the autograd formula (relaxeq_fast._ops) forms
 dD = 2 dr S from the saved S; nothing recomputes z. This op gives the gradients of y only, with
@@ -35,7 +36,8 @@ __all__ = ["op", "backward_op", "relaxed_conv2d_triton", "relaxed_conv2d_backwar
 FORWARD_NAME = "relaxeq::relaxed_conv2d_triton"
 BACKWARD_NAME = "relaxeq::relaxed_conv2d_backward_triton"
 # The native schemas (csrc/registration.cpp), minus the op name.
-_FORWARD_SCHEMA = "(Tensor x, Tensor M, Tensor? c, Tensor? D, int padding) -> (Tensor y, Tensor r, Tensor S)"
+_FORWARD_SCHEMA = ("(Tensor x, Tensor M, Tensor? c, Tensor? D, int padding, bool need_S)"
+                   " -> (Tensor y, Tensor r, Tensor S)")
 _BACKWARD_SCHEMA = "(Tensor dy, Tensor x, Tensor M, int padding, bool[3] output_mask) -> (Tensor dx, Tensor dM, Tensor dc)"
 
 
@@ -59,7 +61,7 @@ def _relaxed_conv2d_kernel(
     P, C_IN, H, W, HO, WO, C_OUT, C_D, KSIZE, PAD,
     s_xb, s_xc, s_xh, s_xw, s_mo, s_mc, s_mh, s_mw, s_c, s_do, s_dc, s_dh, s_dw,
     s_yb, s_yc, s_yh, s_yw,
-    HAS_C: tl.constexpr, HAS_D: tl.constexpr, ACC_DT: tl.constexpr, PREC: tl.constexpr,
+    HAS_C: tl.constexpr, HAS_D: tl.constexpr, NEED_S: tl.constexpr, ACC_DT: tl.constexpr, PREC: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CD: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
@@ -91,12 +93,12 @@ def _relaxed_conv2d_kernel(
         w_off = ci * s_mc + kh * s_mh + kw * s_mw
         mt = tl.load(m_ptr + w_off[:, None] + offs_co[None, :] * s_mo,
                      mask=k_mask[:, None] & co_mask[None, :], other=0.0)
-        acc_y = tl.dot(xp, mt, acc_y, input_precision=PREC)
+        acc_y = tl.dot(xp, mt, acc_y, input_precision=PREC, out_dtype=ACC_DT)
         if HAS_D:
             d_off = ci * s_dc + kh * s_dh + kw * s_dw
             dt = tl.load(d_ptr + d_off[:, None] + offs_cd[None, :] * s_do,
                          mask=k_mask[:, None] & cd_mask[None, :], other=0.0)
-            acc_z = tl.dot(xp, dt, acc_z, input_precision=PREC)
+            acc_z = tl.dot(xp, dt, acc_z, input_precision=PREC, out_dtype=ACC_DT)
 
     if HAS_C:
         acc_y += tl.load(c_ptr + offs_co * s_c, mask=co_mask, other=0.0).to(ACC_DT)[None, :]
@@ -108,15 +110,16 @@ def _relaxed_conv2d_kernel(
         tl.store(part_ptr + pid_p * tl.num_programs(1) + pid_c, part)
         # S[cd, kk] += Σ_p z[p, cd] patch[p, kk] over this program's pixels (S is [C_D, kk_total],
         # zero-filled by the host). Programs without z channels skip it.
-        if pid_c * BLOCK_CD < C_D:
-            z_t = tl.trans(acc_z)
-            for k0 in range(0, kk_total, BLOCK_K):
-                xp = _patch_tile(x_ptr, b, oh, ow, p_mask, k0, kk_total, H, W, KSIZE, PAD,
-                                 s_xb, s_xc, s_xh, s_xw, BLOCK_K).to(ACC_DT)
-                s_tile = tl.dot(z_t, xp, input_precision=PREC)
-                kk = k0 + tl.arange(0, BLOCK_K)
-                tl.atomic_add(s_ptr + offs_cd[:, None] * kk_total + kk[None, :], s_tile,
-                              mask=cd_mask[:, None] & (kk < kk_total)[None, :])
+        if NEED_S:
+            if pid_c * BLOCK_CD < C_D:
+                z_t = tl.trans(acc_z)
+                for k0 in range(0, kk_total, BLOCK_K):
+                    xp = _patch_tile(x_ptr, b, oh, ow, p_mask, k0, kk_total, H, W, KSIZE, PAD,
+                                     s_xb, s_xc, s_xh, s_xw, BLOCK_K).to(ACC_DT)
+                    s_tile = tl.dot(z_t, xp, input_precision=PREC, out_dtype=ACC_DT)
+                    kk = k0 + tl.arange(0, BLOCK_K)
+                    tl.atomic_add(s_ptr + offs_cd[:, None] * kk_total + kk[None, :], s_tile,
+                                  mask=cd_mask[:, None] & (kk < kk_total)[None, :])
 
 
 def _block_sizes(dtype: torch.dtype, device: torch.device):
@@ -137,10 +140,10 @@ def _dot_precision(dtype: torch.dtype, device: torch.device) -> str:
 
 
 def relaxed_conv2d_triton(x: torch.Tensor, M: torch.Tensor, c: Optional[torch.Tensor], D: Optional[torch.Tensor],
-                          padding: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          padding: int, need_S: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Kernel body of ``relaxeq::relaxed_conv2d_triton``: y = conv2d(x, M, c, padding) and, when D
-    is given, r = Σ z² and S = Σ_positions z ⊗ patch (z = conv2d(x̂, D, padding)), both in
-    ``stats_dtype(x.dtype)`` (else empty [0] tensors)."""
+    is given, r = Σ z² and (when need_S) S = Σ_positions z ⊗ patch (z = conv2d(x̂, D, padding)), both
+    in ``stats_dtype(x.dtype)`` (else empty [0] tensors)."""
     opname = "relaxed_conv2d (triton)"
     _ops.check_relaxed_conv2d_args(x, M, c, D, padding, op=opname)
     check_device(x, opname, _relaxed_conv2d_kernel, "relaxeq_fast.triton_kernels.relaxed_conv2d")
@@ -150,32 +153,36 @@ def relaxed_conv2d_triton(x: torch.Tensor, M: torch.Tensor, c: Optional[torch.Te
     b, c_out, ho, wo = _ops.conv2d_out_shape(x, M, padding)
     c_d = D.shape[0] if D is not None else 0
     sdt = stats_dtype(x.dtype)
+    need_S = need_S and D is not None
+    empty = lambda: x.new_empty((0,), dtype=sdt)  # noqa: E731
     y = torch.empty((b, c_out, ho, wo), dtype=x.dtype, device=x.device)
     n_pix = b * ho * wo
     if n_pix == 0 or (c_out == 0 and c_d == 0):
         if c is not None:
             y.copy_(c.view(1, -1, 1, 1).expand_as(y))
         if D is None:
-            return y, x.new_empty((0,), dtype=sdt), x.new_empty((0,), dtype=sdt)
-        return y, torch.zeros((), dtype=sdt, device=x.device), torch.zeros(D.shape, dtype=sdt, device=x.device)
+            return y, empty(), empty()
+        S = torch.zeros(D.shape, dtype=sdt, device=x.device) if need_S else empty()
+        return y, torch.zeros((), dtype=sdt, device=x.device), S
     block_p, block_k, block_co, block_cd, num_warps = _block_sizes(x.dtype, x.device)
     n_cblocks = max(triton.cdiv(c_out, block_co), triton.cdiv(c_d, block_cd))
     grid = (triton.cdiv(n_pix, block_p), n_cblocks)
     acc_dt = tl.float64 if x.dtype == torch.float64 else tl.float32
     partials = torch.empty(grid[0] * grid[1] if D is not None else 1, dtype=sdt, device=x.device)
-    S = torch.zeros(D.shape if D is not None else (1,), dtype=sdt, device=x.device)
+    S = torch.zeros(D.shape if need_S else (1,), dtype=sdt, device=x.device)  # (1,): never used without NEED_S
     D_ = D if D is not None else M  # never dereferenced without HAS_D
     c_ = c if c is not None else M
     _relaxed_conv2d_kernel[grid](
         x, M, c_, D_, y, partials, S,
         n_pix, x.shape[1], x.shape[2], x.shape[3], ho, wo, c_out, c_d, M.shape[2], padding,
         *x.stride(), *M.stride(), c_.stride(0), *D_.stride(), *y.stride(),
-        HAS_C=c is not None, HAS_D=D is not None, ACC_DT=acc_dt, PREC=_dot_precision(x.dtype, x.device),
+        HAS_C=c is not None, HAS_D=D is not None, NEED_S=need_S, ACC_DT=acc_dt,
+        PREC=_dot_precision(x.dtype, x.device),
         BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_CO=block_co, BLOCK_CD=block_cd, num_warps=num_warps,
     )
     if D is None:
-        return y, x.new_empty((0,), dtype=sdt), x.new_empty((0,), dtype=sdt)
-    return y, partials.sum(), S
+        return y, empty(), empty()
+    return y, partials.sum(), S if need_S else empty()
 
 
 def relaxed_conv2d_backward_triton(dy: torch.Tensor, x: torch.Tensor, M: torch.Tensor, padding: int,

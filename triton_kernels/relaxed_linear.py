@@ -73,7 +73,8 @@ def _relaxed_linear_kernel(
                 # W = Mᵀ is then just M's strides swapped, no copy.
                 w = tl.load(w_ptr + offs_k[:, None] * s_wk + offs_o[None, :] * s_wo,
                             mask=k_mask[:, None] & o_mask[None, :], other=0.0)
-                acc = tl.dot(a, w, acc, input_precision=PREC)
+                # out_dtype: compiled Triton requires the accumulator dtype to be named (float64 inputs).
+                acc = tl.dot(a, w, acc, input_precision=PREC, out_dtype=ACC_DT)
             if HAS_C:
                 acc += bias[None, :]
             tl.store(out1_ptr + rows[:, None] * s_1n + offs_o[None, :] * s_1o,
@@ -112,7 +113,7 @@ def _relaxed_linear_kernel(
             if DO_OUT2:
                 b = tl.load(b_ptr + rows[:, None] * s_bn + offs_j[None, :] * s_bk,
                             mask=n_mask[:, None] & j_mask[None, :], other=0.0)
-                acc2 = tl.dot(a_t, b, acc2, input_precision=PREC)
+                acc2 = tl.dot(a_t, b, acc2, input_precision=PREC, out_dtype=ACC_DT)
             if DO_OUT3:
                 # Every tile of column block i has these rows loaded; one of them sums them,
                 # so out3 gets each row block exactly once.

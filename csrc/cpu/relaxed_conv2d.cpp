@@ -7,10 +7,10 @@
 // the z planes as grad_output, weight only) that gives S = sum over positions of z (x) patch, while z
 // is still live (the stacked output is freed on return). r is quadratic in D: r = <D, S> and
 // dr/dD = 2 S, so the autograd formula forms dD = 2 dr S from the saved S and nothing recomputes z.
+// need_S = false (no gradient for D wanted) skips the weight-gradient call and returns S empty.
 // benchmarks/README.md has the measured step ratios.
 //
-// Backward (gradients of y only): dx = conv_transpose(dy, M) from dy and M (r does not depend on x);
-// dM = weight gradient of dy; dc = sum dy.
+// Backward (gradients of y only): relaxed_conv2d_backward_aten (../relaxed_conv2d.h), shared with CUDA.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -70,7 +70,7 @@ double split_epilogue(const at::Tensor& out, at::Tensor& y, const std::optional<
 std::tuple<at::Tensor, at::Tensor, at::Tensor> relaxed_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& M_in,
                                                                   const std::optional<at::Tensor>& c_in,
                                                                   const std::optional<at::Tensor>& D_in,
-                                                                  int64_t padding) {
+                                                                  int64_t padding, bool need_S) {
   const char* op = "relaxed_conv2d";
   check_relaxed_conv2d_args(x_in, M_in, c_in, D_in, padding);
   // Autograd is registered above this kernel (relaxeq_fast/_ops.py); detached views keep the
@@ -89,6 +89,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> relaxed_conv2d_cpu(const at::Tens
   double r = 0.0;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "relaxed_conv2d_cpu",
                              [&] { r = split_epilogue<scalar_t>(out, y, c, c_out); });
+  const auto r_t = at::scalar_tensor(r, x.options().dtype(sdt));
+  if (!need_S) return {y, r_t, at::empty({0}, x.options().dtype(sdt))};
   // S = sum_positions z (x) patch: the weight gradient of z, taken while z (the defect planes of
   // `out`) is live. On CPU x is float32 or float64, so the stats dtype is the dtype of x.
   const auto z = out.narrow(1, c_out, D->size(0));
@@ -96,7 +98,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> relaxed_conv2d_cpu(const at::Tens
                                                 /*padding=*/{padding, padding}, /*dilation=*/{1, 1},
                                                 /*transposed=*/false, /*output_padding=*/{0, 0}, /*groups=*/1,
                                                 {false, true, false}));
-  return {y, at::scalar_tensor(r, x.options().dtype(sdt)), S.to(sdt).contiguous()};
+  return {y, r_t, S.to(sdt).contiguous()};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> relaxed_conv2d_backward_cpu(const at::Tensor& dy_in,
@@ -107,19 +109,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> relaxed_conv2d_backward_cpu(const
   check_relaxed_conv2d_backward_args(dy_in, x_in, M_in, padding);
   const auto dy = dy_in.detach(), x = x_in.detach(), M = M_in.detach();
   check_cpu(x, op, "x");
-  const bool need_dx = output_mask[0], need_dM = output_mask[1], need_dc = output_mask[2];
-  // Outputs not asked for are distinct empty [0] tensors (outputs must not alias).
-  const auto empty = [&] { return at::empty({0}, x.options()); };
-  at::Tensor dx = empty(), dM = empty(), dc = empty();
-  if (need_dx || need_dM) {
-    auto g = at::convolution_backward(dy, x, M, std::nullopt, /*stride=*/{1, 1}, /*padding=*/{padding, padding},
-                                      /*dilation=*/{1, 1}, /*transposed=*/false, /*output_padding=*/{0, 0},
-                                      /*groups=*/1, {need_dx, need_dM, false});
-    if (need_dx) dx = std::get<0>(g);
-    if (need_dM) dM = std::get<1>(g);
-  }
-  if (need_dc) dc = dy.sum({0, 2, 3});
-  return {dx, dM, dc};
+  return relaxed_conv2d_backward_aten(dy, x, M, padding, output_mask);
 }
 
 }  // namespace

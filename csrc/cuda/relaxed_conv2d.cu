@@ -2,9 +2,10 @@
 // tile of the defect responses z from the same staged x patches, adds the bias to y and stores it,
 // reduces z^2 to one partial sum per block, and accumulates the block's share of
 // S = sum over pixels of z (x) patch (the weight gradient of z) into S with atomicAdd; z is never
-// written to memory. See relaxed_conv2d_params.h. Kept free of torch headers so nvcc compiles it in
-// seconds; the checks, allocation, dtype dispatch and the final sum of the partials live in
-// relaxed_conv2d_cuda.cpp.
+// written to memory. Without S (need_S = false, p.s == nullptr) a second instantiation drops that
+// pass and its shared z tile. See relaxed_conv2d_params.h. Kept free of torch headers so nvcc
+// compiles it in seconds; the checks, allocation, dtype dispatch and the final sum of the partials
+// live in relaxed_conv2d_cuda.cpp.
 //
 // Grid (pixel blocks, channel blocks). A block of 256 threads (16 x 16) owns 64 output pixels
 // (flattened over B, H', W') and channels [32 c, 32 c + 32) of both y and z; each thread keeps a
@@ -80,14 +81,13 @@ __device__ __forceinline__ void load_patch_tile(const T* __restrict__ x, const R
   }
 }
 
-template <typename T>
+template <typename T, bool kNeedS>
 __global__ void __launch_bounds__(kThreads) relaxed_conv2d_kernel(const RelaxedConv2dParams p) {
   using Acc = typename AccOf<T>::type;
   __shared__ Acc xs[kDepth][kPix + 1];
   __shared__ Acc ms[kDepth][kCh + 1];
   __shared__ Acc ds[kDepth][kCh + 1];
   __shared__ Acc scratch[kThreads / 32];
-  __shared__ Acc zs[kPix][kCh + 1];  // the z tile, for S
 
   const T* __restrict__ x = static_cast<const T*>(p.x);
   const T* __restrict__ m = static_cast<const T*>(p.m);
@@ -158,8 +158,10 @@ __global__ void __launch_bounds__(kThreads) relaxed_conv2d_kernel(const RelaxedC
       static_cast<Acc*>(p.partial)[static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x] = total;
     }
   }
-  if (has_d && ch0 < p.c_d) {  // block-uniform: this block holds z channels
+  if constexpr (kNeedS) {
+    if (!has_d || ch0 >= p.c_d) return;  // block-uniform: this block holds no z channels
     // S[ch, kk] += sum over the block's pixels of z[pix, ch] patch[pix, kk] (zeros outside the problem).
+    __shared__ Acc zs[kPix][kCh + 1];  // the z tile
 #pragma unroll
     for (int i = 0; i < kRegP; ++i) {
 #pragma unroll
@@ -195,7 +197,11 @@ template <typename T>
 void launch(const RelaxedConv2dParams& p, cudaStream_t stream) {
   const dim3 grid = make_grid(p);
   if (grid.x == 0 || grid.y == 0) return;
-  relaxed_conv2d_kernel<T><<<grid, kThreads, 0, stream>>>(p);
+  if (p.s != nullptr) {
+    relaxed_conv2d_kernel<T, true><<<grid, kThreads, 0, stream>>>(p);
+  } else {
+    relaxed_conv2d_kernel<T, false><<<grid, kThreads, 0, stream>>>(p);
+  }
 }
 
 }  // namespace

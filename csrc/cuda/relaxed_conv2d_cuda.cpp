@@ -1,16 +1,14 @@
 // CUDA relaxed_conv2d: ATen glue around the forward kernel in relaxed_conv2d.cu (checks, allocation,
 // device guard and stream, dtype dispatch, the fixed-order sum of the per-block partials of r).
 // The kernel also accumulates S = weight gradient of z (atomicAdd into a zero-filled [C_d, C_in k^2]
-// buffer); the autograd formula forms dD = 2 dr S from it. The backward (gradients of y only) uses
-// ATen's convolution gradients (cuDNN), as the CPU kernel does: dx from dy and M, dM from dy, dc = sum dy.
+// buffer) unless need_S is false; the autograd formula forms dD = 2 dr S from it. The backward
+// (gradients of y only) is relaxed_conv2d_backward_aten (../relaxed_conv2d.h), shared with the CPU.
 // Only c10/cuda headers, no ATen/cuda.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
-
-#include <vector>
 
 #include "../relaxed_conv2d.h"
 #include "glue_checks.h"
@@ -47,7 +45,7 @@ void copy_strides(int64_t (&dst)[4], const at::Tensor& t) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> relaxed_conv2d_cuda(const at::Tensor& x_in, const at::Tensor& M_in,
                                                                    const std::optional<at::Tensor>& c_in,
                                                                    const std::optional<at::Tensor>& D_in,
-                                                                   int64_t padding) {
+                                                                   int64_t padding, bool need_S) {
   const char* op = "relaxed_conv2d";
   check_relaxed_conv2d_args(x_in, M_in, c_in, D_in, padding);
   const auto x = x_in.detach(), M = M_in.detach();
@@ -87,14 +85,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> relaxed_conv2d_cuda(const at::Ten
     copy_strides(p.d_stride, *D_in);
     partial = at::zeros({cuda::relaxed_conv2d_num_blocks(p)}, x.options().dtype(sdt));
     p.partial = partial.data_ptr();
-    S = at::zeros({p.c_d, p.c_in, p.k, p.k}, x.options().dtype(sdt));
-    p.s = S.data_ptr();
+    if (need_S) {
+      S = at::zeros({p.c_d, p.c_in, p.k, p.k}, x.options().dtype(sdt));
+      p.s = S.data_ptr();
+    }
   }
   launch(x.scalar_type(), p);
-  if (!D_in.has_value()) {
-    return {y, at::empty({0}, x.options().dtype(sdt)), at::empty({0}, x.options().dtype(sdt))};
-  }
-  return {y, partial.sum(), S};
+  const auto empty = [&] { return at::empty({0}, x.options().dtype(sdt)); };
+  if (!D_in.has_value()) return {y, empty(), empty()};
+  return {y, partial.sum(), need_S ? S : empty()};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> relaxed_conv2d_backward_cuda(const at::Tensor& dy_in,
@@ -109,18 +108,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> relaxed_conv2d_backward_cuda(cons
   check_cuda(M, op, "M", x);
   check_dtype(x, op);
   const c10::cuda::CUDAGuard guard(x.device());
-  const bool need_dx = output_mask[0], need_dM = output_mask[1], need_dc = output_mask[2];
-  const auto empty = [&] { return at::empty({0}, x.options()); };
-  at::Tensor dx = empty(), dM = empty(), dc = empty();
-  const std::vector<int64_t> stride{1, 1}, pad{padding, padding}, dilation{1, 1}, out_pad{0, 0};
-  if (need_dx || need_dM) {
-    auto g = at::convolution_backward(dy, x, M, std::nullopt, stride, pad, dilation, false, out_pad, 1,
-                                      {need_dx, need_dM, false});
-    if (need_dx) dx = std::get<0>(g);
-    if (need_dM) dM = std::get<1>(g);
-  }
-  if (need_dc) dc = dy.sum({0, 2, 3});
-  return {dx, dM, dc};
+  return relaxed_conv2d_backward_aten(dy, x, M, padding, output_mask);
 }
 
 }  // namespace

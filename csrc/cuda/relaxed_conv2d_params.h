@@ -35,7 +35,8 @@ struct RelaxedConv2dParams {
   void* y = nullptr;  // [batch, c_out, ho, wo], dtype T
   int64_t y_stride[4] = {0, 0, 0, 0};
   void* partial = nullptr;  // [grid.y * grid.x] accumulator dtype (float, double for T = double)
-  void* s = nullptr;        // [c_d, c_in * k * k] accumulator dtype, zero-filled (atomicAdd target)
+  void* s = nullptr;        // [c_d, c_in * k * k] accumulator dtype, zero-filled (atomicAdd target);
+                            // nullptr: S is not wanted (need_S = false) and the S pass is compiled out
 };
 
 // Launch on `stream`; nothing is launched when there are no output pixels. Launch errors are left

@@ -8,6 +8,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+
 #include "../relaxed_linear.h"
 #include "glue_checks.h"
 #include "relaxed_linear_params.h"
@@ -37,11 +39,24 @@ void launch(at::ScalarType dtype, const cuda::RelaxedLinearParams& p) {
 }
 
 // The kernel accumulates only the square blocks on and above the diagonal of a Gram
-// matrix (diagonal blocks in full); make it the symmetric matrix it stands for.
+// matrix. Diagonal blocks are computed in full, but their (a, b) and (b, a) entries are
+// summed over row blocks by atomics in different orders, so they can differ in the last
+// bit (seen on an H200): mirror the upper triangle to make G exactly symmetric.
 void mirror_upper_(at::Tensor& g) {
-  if (g.size(0) <= cuda::kRelaxedLinearTile) return;  // one diagonal block, computed in full
   g.triu_();
   g.add_(g.triu(1).t());
+}
+
+// The tiled kernel reads x once for y, G and s and launches once, which pays for narrow layers;
+// wider ones are math-bound (about D/2 FLOP per byte), where cuBLAS's GEMMs run faster. Measured
+// on an H200 (bench_relaxed_linear.py --op-routes, forward + backward): 7200 rows, D = 63:
+// 0.046 ms tiled vs 0.122 cuBLAS; D = 126: 0.101 vs 0.118; D = 255: 0.281 vs 0.159; D = 1023:
+// 4.81 vs 1.38. RELAXEQ_CUDA_FUSED_MAX_DIM moves the switch (0: always cuBLAS); it is read per
+// call so benchmarks and tests can force either route.
+bool use_fused_kernel(int64_t d_in, int64_t d_out) {
+  const char* env = std::getenv("RELAXEQ_CUDA_FUSED_MAX_DIM");
+  const int64_t max_dim = env != nullptr ? std::atoll(env) : 128;
+  return d_in <= max_dim && d_out <= max_dim;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> relaxed_linear_cuda(const at::Tensor& x_in, const at::Tensor& M_in,
@@ -63,6 +78,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> relaxed_linear_cuda(const at::Ten
   auto G = stats ? at::zeros({d_in, d_in}, x.options().dtype(sdt)) : at::empty({0, 0}, x.options().dtype(sdt));
   auto s = stats ? at::zeros({d_in}, x.options().dtype(sdt)) : at::empty({0}, x.options().dtype(sdt));
   if (n == 0) return {y, G, s};
+  if (!use_fused_kernel(d_in, d_out)) {
+    if (c.has_value()) {
+      at::addmm_out(y, *c, x, M.t());
+    } else {
+      at::mm_out(y, x, M.t());
+    }
+    if (stats) {
+      const auto xs = x.to(sdt);  // G and s accumulate in float32 (double for double)
+      at::mm_out(G, xs.t(), xs);
+      mirror_upper_(G);
+      at::sum_out(s, xs, {0});
+    }
+    return {y, G, s};
+  }
 
   cuda::RelaxedLinearParams p;
   p.n = n;
@@ -115,7 +144,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> relaxed_linear_backward_cuda(cons
   auto dM_acc = need_dM ? at::zeros({d_out, d_in}, acc_options) : at::empty({0}, acc_options);
   auto dc_acc = need_dc ? at::zeros({d_out}, acc_options) : at::empty({0}, acc_options);
 
-  if (n > 0 && (need_dx || need_dM || need_dc)) {
+  if (n > 0 && (need_dx || need_dM || need_dc) && !use_fused_kernel(d_in, d_out)) {
+    if (need_dx) at::mm_out(dx, dy, M);
+    if (need_dM || need_dc) {
+      const auto dys = dy.to(acc_options.dtype());
+      if (need_dM) at::mm_out(dM_acc, dys.t(), x.to(acc_options.dtype()));
+      if (need_dc) at::sum_out(dc_acc, dys, {0});
+    }
+  } else if (n > 0 && (need_dx || need_dM || need_dc)) {
     cuda::RelaxedLinearParams p;
     p.n = n;
     p.ka = d_out;
