@@ -409,7 +409,9 @@ def profile_step(model: str, provider: str, points: int, width: float, device: t
     table_key = "self_cpu_time_total"
     if cuda:
         launches = sum(1 for e in events if "LaunchKernel" in e.name)
-        busy_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in prof.key_averages())
+        # kernel rows only: an op's row carries its kernels' time as well, so summing all rows double-counts
+        busy_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in prof.key_averages()
+                      if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA)
         head += (f", {launches} kernel launches, GPU busy {busy_us / 1e3:.1f} ms "
                  f"({100 * busy_us / 1e3 / wall_ms:.0f}% of the wall time)")
         table_key = "self_cuda_time_total"

@@ -19,8 +19,8 @@ import torch
 from .functional import InputStats
 from .reps import Irreps
 
-__all__ = ["RegularizerTerms", "lie_derivative_matrices", "relaxation_regularizers", "combine_regularizers",
-           "REDUCTIONS"]
+__all__ = ["RegularizerTerms", "lie_derivative_matrices", "relaxation_regularizers",
+           "grouped_relaxation_regularizers", "combine_regularizers", "REDUCTIONS"]
 
 REDUCTIONS = ("paper", "sum", "mean")
 
@@ -33,12 +33,13 @@ class RegularizerTerms(NamedTuple):
 
 
 def lie_derivative_matrices(W_r: torch.Tensor, irreps_in: Irreps, irreps_out: Irreps) -> torch.Tensor:
-    """C_k = W_r A_k,in − A_k,out W_r for k = 1..3: [3, D_out, D_in], without dense generators.
+    """C_k = W_r A_k,in − A_k,out W_r for k = 1..3: [3, ..., D_out, D_in] for W_r [..., D_out, D_in],
+    without dense generators.
 
     A_k is skew, so W_r A_k,in = −(A_k,in applied to the rows of W_r), and A_k,out W_r is A_k,out
     applied to the columns of W_r.
     """
-    return -irreps_in.apply_generators(W_r) - irreps_out.apply_generators(W_r.T).transpose(1, 2)
+    return -irreps_in.apply_generators(W_r) - irreps_out.apply_generators(W_r.transpose(-1, -2)).transpose(-1, -2)
 
 
 def relaxation_regularizers(W_r: torch.Tensor, b_r: Optional[torch.Tensor], irreps_in: Irreps,
@@ -46,9 +47,11 @@ def relaxation_regularizers(W_r: torch.Tensor, b_r: Optional[torch.Tensor], irre
     """(R_LD, R_N) of one relaxed layer from its input statistics, or data-free when ``stats`` is None.
 
     W_r: [D_out, D_in]; b_r: [D_out] or None; stats.G: [D_in, D_in], stats.s: [D_in].
-    Computed in the statistics' dtype (float32 or wider).
+    Computed in the statistics' dtype (float32 or wider). With statistics, a stack of L layers that share
+    irreps and N is evaluated at once: W_r [L, D_out, D_in], b_r [L, D_out], G [L, D_in, D_in], s [L, D_in]
+    give R_LD, R_N of shape [L].
     """
-    if W_r.shape != (irreps_out.dim, irreps_in.dim):
+    if W_r.shape[-2:] != (irreps_out.dim, irreps_in.dim) or (stats is None and W_r.dim() != 2):
         raise ValueError(f"W_r must have shape [D_out, D_in] = [{irreps_out.dim}, {irreps_in.dim}], "
                          f"got {list(W_r.shape)}")
     if stats is None:
@@ -62,25 +65,45 @@ def relaxation_regularizers(W_r: torch.Tensor, b_r: Optional[torch.Tensor], irre
             r_ld, r_n = r_ld + (Ab * Ab).sum(), r_n + (b * b).sum()
         return RegularizerTerms(r_ld, r_n, 1)
     G, s, n = stats
-    if G.shape != (irreps_in.dim, irreps_in.dim) or s.shape != (irreps_in.dim,):
+    lead = W_r.shape[:-2]
+    if G.shape != (*lead, irreps_in.dim, irreps_in.dim) or s.shape != (*lead, irreps_in.dim):
         raise ValueError(f"stats must hold G: [{irreps_in.dim}, {irreps_in.dim}] and s: [{irreps_in.dim}], "
                          f"got G: {list(G.shape)}, s: {list(s.shape)} (were stats collected for this layer?)")
     W = W_r.to(G.dtype)
     C = lie_derivative_matrices(W, irreps_in, irreps_out)
     # ⟨XᵀX, G⟩ = Σ (X G) ∘ X for X = C_1..C_3 and for W_r.
     G = G.detach()
-    r_ld = _QuadraticForms.apply(C, G)[0].sum()
+    r_ld = _QuadraticForms.apply(C, G)[0].sum(0)
     r_n = _QuadraticForms.apply(W[None], G)[0][0]
     if b_r is not None:
         b = b_r.to(G.dtype)
-        Ab = irreps_out.apply_generators(b)  # [3, D_out]
-        r_ld = r_ld - 2 * (Ab * torch.matmul(C, s)).sum() + n * (Ab * Ab).sum()
-        r_n = r_n + 2 * (b * (W @ s)).sum() + n * (b * b).sum()
+        Ab = irreps_out.apply_generators(b)  # [3, ..., D_out]
+        Cs = (C @ s[..., None]).squeeze(-1)  # [3, ..., D_out]
+        r_ld = r_ld - 2 * (Ab * Cs).sum((0, -1)) + n * (Ab * Ab).sum((0, -1))
+        r_n = r_n + 2 * (b * (W @ s[..., None]).squeeze(-1)).sum(-1) + n * (b * b).sum(-1)
     return RegularizerTerms(r_ld, r_n, n)
 
 
+def grouped_relaxation_regularizers(W_rs: list, b_rs: list, irreps_in: Irreps, irreps_out: Irreps,
+                                    stats: list) -> RegularizerTerms:
+    """Σ over L layers of their (R_LD, R_N), for layers that share irreps, dtype and N, in one batched
+    evaluation: the regulariser is dozens of tiny ops per layer, whose count (not size) sets its cost.
+
+    W_rs: L tensors [D_out, D_in]; b_rs: L tensors [D_out] (or all None); stats: L InputStats, same n.
+    """
+    n = stats[0].n
+    if any(st.n != n for st in stats):
+        raise ValueError(f"grouped layers must share the row count N, got {[st.n for st in stats]}")
+    b = None if b_rs[0] is None else torch.stack(b_rs)
+    terms = relaxation_regularizers(torch.stack(W_rs), b, irreps_in, irreps_out,
+                                    InputStats(torch.stack([st.G for st in stats]),
+                                               torch.stack([st.s for st in stats]), n))
+    return RegularizerTerms(terms.lie_derivative.sum(), terms.projection.sum(), n)
+
+
 class _QuadraticForms(torch.autograd.Function):
-    """q_b = ⟨X_b G, X_b⟩ for a stack X [B, m, D] and a constant symmetric G [D, D].
+    """q = ⟨X G, X⟩ over the last two dims for a stack X [..., m, D] and constant symmetric G [..., D, D]
+    (broadcast against X's leading dims).
 
     dq_b/dX_b = 2 X_b G: the backward reuses the forward's X G instead of autograd's second
     GEMM through G, which halves the D³ work of the regulariser on wide layers.
@@ -89,7 +112,7 @@ class _QuadraticForms(torch.autograd.Function):
     @staticmethod
     def forward(X, G):
         XG = X @ G
-        return (XG * X).sum((1, 2)), XG
+        return (XG * X).sum((-2, -1)), XG
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -100,7 +123,7 @@ class _QuadraticForms(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_q, _grad_XG):
         (XG,) = ctx.saved_tensors
-        return 2 * grad_q[:, None, None] * XG, None
+        return 2 * grad_q[..., None, None] * XG, None
 
 
 def _safe_sqrt(t: torch.Tensor) -> torch.Tensor:

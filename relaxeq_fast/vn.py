@@ -19,7 +19,7 @@ from torch import nn
 
 from . import functional as F
 from .nn import EquivariantLinear, RelaxedLinear, RelaxedModule
-from .regularizer import RegularizerTerms
+from .regularizer import RegularizerTerms, grouped_relaxation_regularizers
 from .reps import VN
 
 __all__ = ["VNLinear", "VNBatchNorm", "VNLeakyReLU", "VNLinearLeakyReLU", "VNMaxPool", "vn_mean_pool",
@@ -297,8 +297,34 @@ def set_theta(model: nn.Module, value: float) -> None:
 
 
 def model_regularizers(model: nn.Module, data_free: bool = False) -> list[RegularizerTerms]:
-    """The regulariser terms of every relaxed layer, from the statistics of the last training forward."""
-    return [m.regularizers(data_free=data_free) for m in relaxed_layers(model)]
+    """The regulariser terms of the model's relaxed layers, from the statistics of the last training forward.
+
+    RelaxedLinear layers that share irreps, dtype, device, bias and row count N (the two maps of a
+    VNLinearLeakyReLU, repeated blocks) are evaluated together in one batched call and come back as one
+    entry holding their sums, so the list can be shorter than the number of layers; the sums the losses use
+    (:func:`combine_regularizers`, every reduction) are those of the per-layer terms.
+    """
+    layers = list(relaxed_layers(model))
+    if data_free:
+        return [m.regularizers(data_free=True) for m in layers]
+    terms, groups = [], {}
+    for m in layers:
+        # exact class: a subclass may compute its terms differently
+        if type(m) is RelaxedLinear and m.last_stats is not None:
+            G = m.last_stats.G
+            key = (repr(m.irreps_in), repr(m.irreps_out), G.dtype, G.device, m.bias_relax is not None,
+                   m.last_stats.n)
+            groups.setdefault(key, []).append(m)
+        else:
+            terms.append(m.regularizers())
+    for group in groups.values():
+        if len(group) == 1:
+            terms.append(group[0].regularizers())
+            continue
+        terms.append(grouped_relaxation_regularizers(
+            [m.weight_relax for m in group], [m.bias_relax for m in group], group[0].irreps_in,
+            group[0].irreps_out, [m.last_stats for m in group]))
+    return terms
 
 
 # ---- swap: modules written in the public VN code's style ----------------------------------------

@@ -4,7 +4,8 @@ import torch
 
 from relaxeq_fast import InputStats, VN, Irreps, combine_regularizers, use_backend
 from relaxeq_fast.nn import EquivariantLinear, RelaxedLinear
-from relaxeq_fast.regularizer import RegularizerTerms, lie_derivative_matrices, relaxation_regularizers
+from relaxeq_fast.regularizer import (RegularizerTerms, grouped_relaxation_regularizers, lie_derivative_matrices,
+                                      relaxation_regularizers)
 
 from testing import assert_close_scaled
 
@@ -167,3 +168,50 @@ def test_regularizers_without_stats_is_an_error():
     layer = RelaxedLinear(VN(2), VN(2))
     with pytest.raises(RuntimeError, match="no input statistics"):
         layer.regularizers()
+
+
+@pytest.mark.parametrize("rin,rout", REP_PAIRS, ids=IDS)
+def test_grouped_regularizers_equal_the_per_layer_sum(rin, rout):
+    """The batched evaluation of several layers (shared irreps and N) gives the sum of the per-layer terms,
+    values and gradients, in float64."""
+    layers = [relaxed_layer(rin, rout, seed=s) for s in range(3)]
+    stats = []
+    for i, layer in enumerate(layers):
+        layer.train()
+        layer(features(rin, 40, seed=10 + i))
+        stats.append(layer.last_stats)
+    per_layer = [layer.regularizers() for layer in layers]
+    want_ld, want_n = sum(t.lie_derivative for t in per_layer), sum(t.projection for t in per_layer)
+    want_grads = torch.autograd.grad(want_ld + 0.3 * want_n, [p for m in layers for p in (m.weight_relax, m.bias_relax)])
+    got = grouped_relaxation_regularizers([m.weight_relax for m in layers], [m.bias_relax for m in layers],
+                                          rin, rout, stats)
+    assert got.n == 40
+    assert_close_scaled(got.lie_derivative, want_ld, 1e-12, "R_LD")
+    assert_close_scaled(got.projection, want_n, 1e-12, "R_N")
+    grads = torch.autograd.grad(got.lie_derivative + 0.3 * got.projection,
+                                [p for m in layers for p in (m.weight_relax, m.bias_relax)])
+    for g, w in zip(grads, want_grads):
+        assert_close_scaled(g, w, 1e-12, "grad")
+
+
+def test_model_regularizers_groups_layers_and_keeps_the_sums():
+    """model_regularizers batches same-shape layers (here the two maps of each VNLinearLeakyReLU and the
+    repeated blocks) and its sums equal the per-layer sums for every reduction."""
+    from relaxeq_fast.vn import VNLinearLeakyReLU, model_regularizers, relax, relaxed_layers
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(VNLinearLeakyReLU(4, 4), VNLinearLeakyReLU(4, 4), VNLinearLeakyReLU(4, 6)).double()
+    relax(net, relax_init="default", theta=0.5)
+    with torch.no_grad():
+        for m in relaxed_layers(net):
+            m.bias_relax.normal_()
+    net.train()
+    net(torch.randn(2, 9, 4, 3, dtype=torch.float64))
+    layers = list(relaxed_layers(net))
+    per_layer = [m.regularizers() for m in layers]
+    grouped = model_regularizers(net)
+    assert len(layers) == 6 and len(grouped) == 2  # {4→4 maps of blocks 0 and 1}, {4→6 maps of block 2}
+    for reduction in ("paper", "sum", "mean"):
+        want = combine_regularizers(per_layer, 1.0, 0.1, reduction)
+        got = combine_regularizers(grouped, 1.0, 0.1, reduction)
+        assert_close_scaled(got, want, 1e-12, reduction)
