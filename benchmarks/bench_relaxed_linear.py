@@ -41,7 +41,6 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as TF
 
-import relaxeq_fast
 from relaxeq_fast import VN, combine_regularizers
 from relaxeq_fast.bench import (achieved_bandwidth, describe_machine, machine_info as harness_machine_info,
                                 median_iqr_ms, resolve_device, roofline, target, time_round_robin, write_json)

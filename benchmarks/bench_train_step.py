@@ -40,7 +40,6 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-import relaxeq_fast
 from relaxeq_fast import combine_regularizers, use_backend
 from relaxeq_fast.models import SteerableCNN, VNDGCNN, VNPointNet
 from relaxeq_fast.nn import EquivariantLinear, RelaxedLinear

@@ -145,6 +145,7 @@ def all_reduce_input_stats(model: nn.Module) -> None:
         offset += g + d + 1
     for m in layers:
         m.last_stats = reduced[id(m.last_stats)]
+        m.last_rows = None  # this rank's rows only: the regulariser must use the global (G, s, N)
 
 
 def all_reduce_conv_defects(model: nn.Module) -> None:

@@ -163,6 +163,8 @@ class RelaxedLinear(EquivariantLinear, RelaxedModule):
         self.track_stats = track_stats
         self.backend = backend
         self.last_stats: Optional[F.InputStats] = None
+        # The input rows themselves when there are fewer than D_in of them (see record_stats).
+        self.last_rows: Optional[torch.Tensor] = None
         self.reset_relaxation()
 
     def reset_relaxation(self):
@@ -186,10 +188,18 @@ class RelaxedLinear(EquivariantLinear, RelaxedModule):
         xf = self._flatten(x)
         M, c = self.effective_params()
         if self.training and self.track_stats:
-            y, self.last_stats = F.relaxed_linear(xf, M, c, stats=True, backend=self.backend)
+            y, stats = F.relaxed_linear(xf, M, c, stats=True, backend=self.backend)
+            self.record_stats(stats, xf)
         else:
             y = F.relaxed_linear(xf, M, c, backend=self.backend)
         return self._unflatten(y)
+
+    def record_stats(self, stats: F.InputStats, xf: torch.Tensor) -> None:
+        """Keep a training forward's input statistics, and its detached input rows [N, D_in] when N < D_in:
+        then evaluating the regularisers on the rows (O(N D_in D_out)) beats the closed form on G
+        (O(D_in² D_out)); the rows are the op's saved input, so keeping them costs no memory."""
+        self.last_stats = stats
+        self.last_rows = xf.detach().reshape(-1, self.irreps_in.dim) if stats.n < self.irreps_in.dim else None
 
     def regularizers(self, data_free: bool = False) -> RegularizerTerms:
         """(R_LD, R_N, N) from the statistics of the last training forward (or data-free: G = I, s = 0)."""
@@ -197,7 +207,8 @@ class RelaxedLinear(EquivariantLinear, RelaxedModule):
             raise RuntimeError("no input statistics: run a forward pass in training mode with track_stats=True "
                                "first, or pass data_free=True")
         return relaxation_regularizers(self.weight_relax, self.bias_relax, self.irreps_in, self.irreps_out,
-                                       None if data_free else self.last_stats)
+                                       None if data_free else self.last_stats,
+                                       rows=None if data_free else self.last_rows)
 
     @classmethod
     def from_plain(cls, layer: EquivariantLinear, **kwargs) -> "RelaxedLinear":

@@ -43,13 +43,18 @@ def lie_derivative_matrices(W_r: torch.Tensor, irreps_in: Irreps, irreps_out: Ir
 
 
 def relaxation_regularizers(W_r: torch.Tensor, b_r: Optional[torch.Tensor], irreps_in: Irreps,
-                            irreps_out: Irreps, stats: Optional[InputStats]) -> RegularizerTerms:
+                            irreps_out: Irreps, stats: Optional[InputStats],
+                            rows: Optional[torch.Tensor] = None) -> RegularizerTerms:
     """(R_LD, R_N) of one relaxed layer from its input statistics, or data-free when ``stats`` is None.
 
     W_r: [D_out, D_in]; b_r: [D_out] or None; stats.G: [D_in, D_in], stats.s: [D_in].
     Computed in the statistics' dtype (float32 or wider). With statistics, a stack of L layers that share
     irreps and N is evaluated at once: W_r [L, D_out, D_in], b_r [L, D_out], G [L, D_in, D_in], s [L, D_in]
     give R_LD, R_N of shape [L].
+
+    rows: the N input rows x̂ [..., N, D_in] themselves, optional. With them the same sums are taken over the
+    rows directly, Σ_n ‖C_k x̂_n − A_k b_r‖² and Σ_n ‖W_r x̂_n + b_r‖², in O(N D_in D_out) instead of the closed
+    form's O(D_in² D_out): cheaper when N < D_in (pooled features entering wide layers).
     """
     if W_r.shape[-2:] != (irreps_out.dim, irreps_in.dim) or (stats is None and W_r.dim() != 2):
         raise ValueError(f"W_r must have shape [D_out, D_in] = [{irreps_out.dim}, {irreps_in.dim}], "
@@ -71,6 +76,17 @@ def relaxation_regularizers(W_r: torch.Tensor, b_r: Optional[torch.Tensor], irre
                          f"got G: {list(G.shape)}, s: {list(s.shape)} (were stats collected for this layer?)")
     W = W_r.to(G.dtype)
     C = lie_derivative_matrices(W, irreps_in, irreps_out)
+    if rows is not None:
+        if rows.shape != (*lead, n, irreps_in.dim):
+            raise ValueError(f"rows must have shape {[*lead, n, irreps_in.dim]} (the N = {n} rows of the "
+                             f"statistics), got {list(rows.shape)}")
+        Xt = rows.detach().to(G.dtype).transpose(-1, -2)  # [..., D_in, N]
+        lie, out = C @ Xt, W @ Xt  # [3, ..., D_out, N], [..., D_out, N]
+        if b_r is not None:
+            b = b_r.to(G.dtype)
+            lie = lie - irreps_out.apply_generators(b)[..., None]  # d/dt of the bias term: −A_k b_r
+            out = out + b[..., None]
+        return RegularizerTerms((lie * lie).sum((0, -2, -1)), (out * out).sum((-2, -1)), n)
     # ⟨XᵀX, G⟩ = Σ (X G) ∘ X for X = C_1..C_3 and for W_r.
     G = G.detach()
     r_ld = _QuadraticForms.apply(C, G)[0].sum(0)
@@ -85,11 +101,12 @@ def relaxation_regularizers(W_r: torch.Tensor, b_r: Optional[torch.Tensor], irre
 
 
 def grouped_relaxation_regularizers(W_rs: list, b_rs: list, irreps_in: Irreps, irreps_out: Irreps,
-                                    stats: list) -> RegularizerTerms:
+                                    stats: list, rows: Optional[list] = None) -> RegularizerTerms:
     """Σ over L layers of their (R_LD, R_N), for layers that share irreps, dtype and N, in one batched
     evaluation: the regulariser is dozens of tiny ops per layer, whose count (not size) sets its cost.
 
-    W_rs: L tensors [D_out, D_in]; b_rs: L tensors [D_out] (or all None); stats: L InputStats, same n.
+    W_rs: L tensors [D_out, D_in]; b_rs: L tensors [D_out] (or all None); stats: L InputStats, same n;
+    rows: L input-row tensors [n, D_in] or None (see :func:`relaxation_regularizers`).
     """
     n = stats[0].n
     if any(st.n != n for st in stats):
@@ -97,7 +114,8 @@ def grouped_relaxation_regularizers(W_rs: list, b_rs: list, irreps_in: Irreps, i
     b = None if b_rs[0] is None else torch.stack(b_rs)
     terms = relaxation_regularizers(torch.stack(W_rs), b, irreps_in, irreps_out,
                                     InputStats(torch.stack([st.G for st in stats]),
-                                               torch.stack([st.s for st in stats]), n))
+                                               torch.stack([st.s for st in stats]), n),
+                                    rows=None if rows is None else torch.stack(rows))
     return RegularizerTerms(terms.lie_derivative.sum(), terms.projection.sum(), n)
 
 

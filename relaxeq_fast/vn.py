@@ -102,7 +102,7 @@ def _joint_relaxed_forward(maps: list, x: torch.Tensor) -> list:
     if first.training and all(m.track_stats for m in maps):
         y, stats = F.relaxed_linear(xf, M, c, stats=True, backend=first.backend)
         for m in maps:
-            m.last_stats = stats
+            m.record_stats(stats, xf)
     else:
         y = F.relaxed_linear(xf, M, c, backend=first.backend)
     outs = y.split([Mi.shape[0] for Mi in Ms], dim=-1)
@@ -321,9 +321,11 @@ def model_regularizers(model: nn.Module, data_free: bool = False) -> list[Regula
         if len(group) == 1:
             terms.append(group[0].regularizers())
             continue
+        rows = [m.last_rows for m in group]
         terms.append(grouped_relaxation_regularizers(
             [m.weight_relax for m in group], [m.bias_relax for m in group], group[0].irreps_in,
-            group[0].irreps_out, [m.last_stats for m in group]))
+            group[0].irreps_out, [m.last_stats for m in group],
+            rows=None if any(r is None for r in rows) else rows))
     return terms
 
 

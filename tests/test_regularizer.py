@@ -215,3 +215,36 @@ def test_model_regularizers_groups_layers_and_keeps_the_sums():
         want = combine_regularizers(per_layer, 1.0, 0.1, reduction)
         got = combine_regularizers(grouped, 1.0, 0.1, reduction)
         assert_close_scaled(got, want, 1e-12, reduction)
+
+
+@pytest.mark.parametrize("rin,rout", REP_PAIRS, ids=IDS)
+def test_row_path_equals_closed_form(rin, rout):
+    """With fewer rows than D_in the layer keeps its input rows and sums over them directly: the same R_LD,
+    R_N and gradients as the closed form on (G, s, N), in float64, also batched over a group of layers."""
+    layers = [relaxed_layer(rin, rout, seed=s) for s in range(2)]
+    n = max(1, rin.dim // 2)
+    for i, layer in enumerate(layers):
+        layer.train()
+        layer(features(rin, n, seed=20 + i))
+        assert layer.last_rows is not None and layer.last_rows.shape == (n, rin.dim)
+    params = [p for m in layers for p in (m.weight_relax, m.bias_relax)]
+    for group in ([layers[0]], layers):
+        args = ([m.weight_relax for m in group], [m.bias_relax for m in group], rin, rout,
+                [m.last_stats for m in group])
+        closed = grouped_relaxation_regularizers(*args)
+        direct = grouped_relaxation_regularizers(*args, rows=[m.last_rows for m in group])
+        for got, want, name in ((direct.lie_derivative, closed.lie_derivative, "R_LD"),
+                                (direct.projection, closed.projection, "R_N")):
+            assert_close_scaled(got, want, 1e-12, name)
+        g_direct = torch.autograd.grad(direct.lie_derivative + 0.3 * direct.projection, params, allow_unused=True)
+        g_closed = torch.autograd.grad(closed.lie_derivative + 0.3 * closed.projection, params, allow_unused=True)
+        for a, b in zip(g_direct, g_closed):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert_close_scaled(a, b, 1e-12, "grad")
+    # the layer's own regularizers() takes the row path, and a layer with N >= D_in keeps no rows
+    assert_close_scaled(layers[0].regularizers().lie_derivative,
+                        relaxation_regularizers(layers[0].weight_relax, layers[0].bias_relax, rin, rout,
+                                                layers[0].last_stats).lie_derivative, 1e-12, "layer")
+    layers[0](features(rin, rin.dim + 1))
+    assert layers[0].last_rows is None
