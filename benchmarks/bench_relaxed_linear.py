@@ -4,7 +4,8 @@ Workload (DESIGN §1, §4): x [N, C, 3] float32 (D = 3C), f(x) = W_eq x + θ (W_
 loss = (y · g).sum() + λ_LD √R_LD + λ_N √R_N (the paper's form, relaxeq_fast.combine_regularizers)
 with a fixed random g. Modes:
   forward  loss value as in training (autograd recording on, no backward): forward + regulariser
-  full     forward + regulariser + backward (grads of x, W_eq, W_r, b_r)
+  backward the backward alone (grads of x, W_eq, W_r, b_r): the forward that builds its graph runs untimed first
+  full     forward + regulariser + backward
 
 Providers (one definition each, shared by the pytest-benchmark tests and the standalone runner):
   fused      RelaxedLinear(backend="native"): one C++ (CPU) or CUDA pass gives y and (G, s); closed-form
@@ -58,7 +59,7 @@ torch.set_num_threads(THREADS)
 DTYPE = torch.float32
 SIZES: Tuple[Tuple[int, int], ...] = ((7200, 21), (144000, 21), (7200, 64), (7200, 341))  # (rows N, VN channels C)
 QUICK_SIZES: Tuple[Tuple[int, int], ...] = ((2048, 21),)
-MODES = ("full", "forward")
+MODES = ("full", "forward", "backward")
 THETA = 0.5
 LAMBDA_LD = 1.0
 LAMBDA_N = 0.1  # nonzero so both regulariser terms (and their gradients) are exercised
@@ -164,7 +165,20 @@ class Impl:
         elif mode == "forward":
             self.loss()
         else:
+            raise ValueError(f"mode must be one of ('full', 'forward'), got {mode!r}")
+
+    def _graph(self) -> torch.Tensor:
+        for t in self.leaves().values():
+            t.grad = None
+        return self.loss()[0]
+
+    def timed(self, mode: str):
+        """What the timer calls: ``step(mode)``, or for "backward" the pair (untimed forward, timed backward)."""
+        if mode == "backward":
+            return (self._graph, lambda loss: loss.backward())
+        if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        return lambda: self.step(mode)
 
     def grads(self) -> Dict[str, Optional[torch.Tensor]]:
         return {k: v.grad for k, v in self.leaves().items()}
@@ -317,11 +331,15 @@ class MatmulFloorImpl(Impl):
         self.dM = torch.empty(d, d, **kw)
 
     def step(self, mode: str) -> None:
-        torch.mm(self.xf, self.M.t(), out=self.y)
-        torch.mm(self.xf.t(), self.xf, out=self.G)
-        if mode == "full":
+        if mode != "backward":
+            torch.mm(self.xf, self.M.t(), out=self.y)
+            torch.mm(self.xf.t(), self.xf, out=self.G)
+        if mode in ("full", "backward"):
             torch.mm(self.dy, self.M, out=self.dx)
             torch.mm(self.dy.t(), self.xf, out=self.dM)
+
+    def timed(self, mode: str):
+        return lambda: self.step(mode)
 
 
 PROVIDERS: Dict[str, Tuple[str, Callable[[Problem], Impl]]] = {
@@ -469,8 +487,10 @@ if pytest is not None:
         impl = impls[provider]
         if impl.verifiable:
             assert_agreement(p.label, report, provider)
+        timed = impl.timed(mode)
+        setup, fn = timed if isinstance(timed, tuple) else (None, timed)
         t0 = time.perf_counter()
-        impl.step(mode)  # warm this mode and size the rounds
+        fn(setup()) if setup else fn()  # warm this mode and size the rounds
         t_one = time.perf_counter() - t0
         rounds = max(MIN_ROUNDS, min(MAX_ROUNDS, math.ceil(BENCH_BUDGET_S / max(t_one, 1e-6))))
         benchmark.group = f"{p.label} {mode}"
@@ -478,7 +498,10 @@ if pytest is not None:
         benchmark.extra_info.update(provider=provider, mode=mode, n=p.n, channels=p.c, d=p.d)
         if impl.verifiable:
             benchmark.extra_info["max_rel_err_vs_f64"] = max(report[provider]["errors"].values())
-        benchmark.pedantic(impl.step, args=(mode,), rounds=rounds, iterations=1, warmup_rounds=1)
+        if setup is None:
+            benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
+        else:  # the graph is built untimed before each round
+            benchmark.pedantic(fn, setup=lambda: ((setup(),), {}), rounds=rounds, iterations=1, warmup_rounds=1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -523,8 +546,9 @@ def markdown_report(results: dict) -> str:
         if not rows:
             continue
         names = [n for n in PROVIDERS if any(n in r["median_ms"] or n in r["unavailable"] for r in rows)]
-        what = ("forward + regulariser + backward" if mode == "full"
-                else "forward + regulariser value, no backward (targets apply to the full step)")
+        what = {"full": "forward + regulariser + backward",
+                "forward": "forward + regulariser value, no backward (targets apply to the full step)",
+                "backward": "the backward alone, its graph built untimed before each call"}[mode]
         out += [f"### mode `{mode}`: {what}", "",
                 "| N × C (D) | repeats | " + " | ".join(labels[n] for n in names) + " |",
                 "|---|---:|" + "---:|" * len(names)]
@@ -640,7 +664,7 @@ def run(args) -> int:
             results["mismatches"].append(f"{p.label}: closed form vs direct float64 sums")
         results["mismatches"] += [f"{p.label}: {k}" for k, ok in verified.items() if not ok]
         for mode in modes:
-            times = time_round_robin({k: (lambda i=i, m=mode: i.step(m)) for k, i in impls.items()},
+            times = time_round_robin({k: i.timed(mode) for k, i in impls.items()},
                                      args.min_repeats, args.warmup, device, args.budget, args.max_repeats)
             stats = {k: median_iqr_ms(v) for k, v in times.items()}
             med = {k: v[0] for k, v in stats.items()}

@@ -2,7 +2,8 @@
 
 A step = zero grads (set to None), forward, F.cross_entropy + the regulariser
 combine_regularizers(model_regularizers(model), 1e-2, 1e-3) (relaxed providers only), backward,
-torch.optim.Adam step ("full" mode; "forward" = forward + loss with autograd recording, no backward).
+torch.optim.Adam step ("full" mode; "forward" = forward + loss with autograd recording, no backward;
+"backward" = backward + Adam step, after an untimed forward + loss).
 float32, torch.set_num_threads(2); --device cuda runs the same on a GPU (CUDA-event timing).
 
 Models (relaxeq_fast.models): VNPointNet(num_classes=40, k=20) on points [24, P, 3];
@@ -61,7 +62,7 @@ DTYPE = torch.float32
 LAMBDA_LD, LAMBDA_N, LR = 1e-2, 1e-3, 1e-3
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PROVIDERS = ("relaxed-fused", "relaxed-reference", "relaxed-paper", "plain")
-MODES = ("full", "forward")
+MODES = ("full", "forward", "backward")
 STEP_TARGET, MEMORY_TARGET, REF_CONTEXT, PAPER_TARGET = 3.0, 1.5, 2.0, 5.0
 PAPER_MODELS = ("VN-PointNet", "VN-DGCNN")  # relaxed-paper exists for the VN models only
 
@@ -184,13 +185,37 @@ class Step:
         self.opt.step()
 
     def run(self, mode: str = "full") -> None:
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode not in ("full", "forward"):
+            raise ValueError(f"mode must be 'full' or 'forward' (see timed() for 'backward'), got {mode!r}")
         if self.backend is None:
             self._run(mode)
         else:
             with use_backend(self.backend):
                 self._run(mode)
+
+    def _graph(self) -> torch.Tensor:
+        self.opt.zero_grad(set_to_none=True)
+        if self.backend is None:
+            return self.loss()
+        with use_backend(self.backend):
+            return self.loss()
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        if self.backend is None:
+            loss.backward()
+        else:
+            with use_backend(self.backend):
+                loss.backward()
+        self.opt.step()
+
+    def timed(self, mode: str):
+        """What the timer calls: ``run(mode)``, or for "backward" the pair (untimed forward + loss, timed
+        backward + optimiser step)."""
+        if mode == "backward":
+            return (self._graph, self._backward)
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        return lambda: self.run(mode)
 
     def peak_mib(self) -> float:
         """Peak memory of one warm full step above what is live before it; grads are cleared first, so the
@@ -276,8 +301,7 @@ def measure(model: str, points: int, width: float, providers, repeats: int, warm
     row = {"model": model, "points": None if model == "SteerableCNN" else points, "width": width,
            "batch": MODELS[model][1], "repeats": repeats, "device": str(device)}
     for mode in modes:
-        times = time_round_robin({p: (lambda i=i, m=mode: i.run(m)) for p, i in impls.items()}, repeats, warmup,
-                                 device=device)
+        times = time_round_robin({p: i.timed(mode) for p, i in impls.items()}, repeats, warmup, device=device)
         stats = {p: median_iqr_ms(ts) for p, ts in times.items()}
         key = "" if mode == "full" else f"{mode}_"
         row[f"{key}median_ms"] = {p: s[0] for p, s in stats.items()}
@@ -310,10 +334,11 @@ def row_targets(row: dict) -> List[dict]:
     if mem:
         out.append(target("train_step", "fused / plain peak memory", case,
                           _ratio(mem.get("relaxed-fused"), mem.get("plain")), MEMORY_TARGET, "<=", device=dev))
-    fwd = row.get("forward_median_ms")
-    if fwd:
-        out.append(target("train_step", "fused / plain forward + loss", case,
-                          _ratio(fwd.get("relaxed-fused"), fwd.get("plain")), None, mode="forward", device=dev))
+    for mode, what in (("forward", "forward + loss"), ("backward", "backward + optimiser")):
+        med_m = row.get(f"{mode}_median_ms")
+        if med_m:
+            out.append(target("train_step", f"fused / plain {what}", case,
+                              _ratio(med_m.get("relaxed-fused"), med_m.get("plain")), None, mode=mode, device=dev))
     return [t for t in out if t["ratio"] is not None]
 
 
@@ -455,6 +480,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS))
     parser.add_argument("--forward", action="store_true", help="also time forward + loss alone (no backward)")
+    parser.add_argument("--backward", action="store_true",
+                        help="also time backward + optimiser step alone (forward + loss run untimed first)")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats for the VN models (default 5)")
     parser.add_argument("--cnn-repeats", type=int, default=None, help="interleaved repeats for the CNN (default 15)")
     parser.add_argument("--warmup", type=int, default=1)
@@ -483,7 +510,7 @@ def main(argv=None) -> int:
     verify = verify_paper()  # raises if relaxed-paper and relaxed-fused disagree
     print(format_verify(verify), flush=True)
     print(TABLE_HEADER, flush=True)
-    modes = MODES if args.forward else ("full",)
+    modes = ("full",) + (("forward",) if args.forward else ()) + (("backward",) if args.backward else ())
     rows = [measure(m, points, width, PROVIDERS, cnn_reps if m == "SteerableCNN" else reps, args.warmup,
                     not args.no_memory, device, modes) for m in models]
     sweep_rows = []
@@ -512,10 +539,13 @@ def main(argv=None) -> int:
     if sweep_rows:
         md += ["", "### scaling: VN-PointNet, relaxed-fused vs plain (3 repeats, no memory)", "", TABLE_HEADER]
         md += [format_row(r) for r in rows if r["model"] == "VN-PointNet"] + [format_row(r) for r in sweep_rows]
-    if args.forward:
-        md += ["", "### forward + loss only (no backward, no optimiser): median ms", "",
-               "| model | " + " | ".join(PROVIDERS) + " |", "|---|" + "---:|" * len(PROVIDERS)]
-        md += [f"| {case_label(r)} | " + " | ".join(f"{r['forward_median_ms'][p]:.1f}" if p in r["forward_median_ms"]
+    for mode, what in (("forward", "forward + loss only (no backward, no optimiser)"),
+                       ("backward", "backward + optimiser step only (forward + loss run untimed before each)")):
+        if mode not in modes:
+            continue
+        md += ["", f"### {what}: median ms", "", "| model | " + " | ".join(PROVIDERS) + " |",
+               "|---|" + "---:|" * len(PROVIDERS)]
+        md += [f"| {case_label(r)} | " + " | ".join(f"{r[f'{mode}_median_ms'][p]:.1f}" if p in r[f"{mode}_median_ms"]
                                                     else "—" for p in PROVIDERS) + " |" for r in rows]
     (out / f"{name}.md").write_text("\n".join(md) + "\n")
     plot(rows + sweep_rows, out / f"{name}.png")

@@ -138,22 +138,33 @@ class _L2Flush:
         self.buf.zero_()
 
 
-def time_round_robin(fns: Dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
+def _untimed_setup(f) -> tuple:
+    """A timed entry is ``fn()`` or a pair ``(setup, fn)``: then ``fn(setup())``, only fn timed."""
+    return f if isinstance(f, tuple) else (None, f)
+
+
+def time_round_robin(fns: Dict[str, object], repeats: int, warmup: int = 1,
                      device: torch.device = torch.device("cpu"), budget_s: Optional[float] = None,
                      max_repeats: int = 200) -> Dict[str, List[float]]:
     """Seconds per call of every function, interleaved: each repeat calls every one once, in an order
     rotated by one per repeat, so all see the same machine state. With ``budget_s`` the repeat count grows
     from ``repeats`` until the timed rounds would take about that long (at most ``max_repeats``).
     On CUDA each call is bracketed by CUDA events (after an L2 flush) and the device is synchronised once
-    per round."""
+    per round. An entry may be a pair ``(setup, fn)``: ``setup()`` runs untimed (e.g. the forward that
+    builds the graph a backward-only timing needs) and its result is passed to ``fn``."""
     names = list(fns)
+    fns = {n: _untimed_setup(f) for n, f in fns.items()}
+
+    def call(name):
+        setup, fn = fns[name]
+        return (lambda: fn(setup())) if setup is not None else fn
     cuda = device.type == "cuda"
     flush = _L2Flush(device) if cuda else None
     t_round = 0.0
     for _ in range(max(1, warmup)):
         t0 = time.perf_counter()
         for name in names:
-            fns[name]()
+            call(name)()
         synchronize(device)
         t_round = time.perf_counter() - t0
     if budget_s is not None:
@@ -167,16 +178,18 @@ def time_round_robin(fns: Dict[str, Callable[[], object]], repeats: int, warmup:
             events = []
             for i in range(len(names)):
                 name = names[(i + r) % len(names)]
+                setup, fn = fns[name]
+                arg = setup() if setup is not None else None
                 if cuda:
                     flush()
                     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                     start.record()
-                    fns[name]()
+                    fn(arg) if setup is not None else fn()
                     end.record()
                     events.append((name, start, end))
                 else:
                     t0 = time.perf_counter()
-                    fns[name]()
+                    fn(arg) if setup is not None else fn()
                     times[name].append(time.perf_counter() - t0)
             if cuda:
                 torch.cuda.synchronize(device)

@@ -45,7 +45,7 @@ stage "relaxed_linear op alone: tiled kernel vs cuBLAS vs Triton"
 timeout 60 "$PY" benchmarks/bench_relaxed_linear.py --device cuda --op-routes --out-dir "$R" | tail -14
 pack
 stage "train step at the paper's sizes on the GPU"
-timeout 100 "$PY" benchmarks/bench_train_step.py --device cuda --full --forward --sweep --out-dir "$R" $Q | tail -32
+timeout 100 "$PY" benchmarks/bench_train_step.py --device cuda --full --forward --backward --sweep --out-dir "$R" $Q | tail -40
 pack
 stage "relaxed_linear op on the GPU"
 timeout 90 "$PY" benchmarks/bench_relaxed_linear.py --device cuda --budget 0.5 --min-repeats 20 --warmup 3 \
