@@ -54,6 +54,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TARGETS = (("reference / fused", "reference", "fused", 2.0), ("paper-style / fused", "paper", "fused", 5.0))
 MEMORY_TARGET = 0.6  # fused peak / reference peak
 QUICK_SIZES: Tuple[Tuple[int, int, int], ...] = ((2048, 21, 21),)
+MODES = ("full", "forward", "backward")  # targets apply to full
 AGREEMENT_TOL = 1e-3  # float32 loss and input gradient against the float32 reference (relative)
 
 
@@ -92,6 +93,17 @@ class Step:
             p.grad = None
         self.loss().backward()
 
+    def _graph(self) -> torch.Tensor:
+        for p in self.params():
+            p.grad = None
+        return self.loss()
+
+    def timed(self, mode: str):
+        """What the timer calls: the full step, the forward + loss alone, or for "backward" the pair
+        (untimed forward + loss, timed backward)."""
+        if mode == "backward":
+            return (self._graph, lambda loss: loss.backward())
+        return {"full": self.run, "forward": self.loss}[mode]
 
 
 class RelaxedBlock(Step):
@@ -248,6 +260,8 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", default=None, help="comma-separated rows x C_in x C_out, e.g. 7200x21x21")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--budget", type=float, default=None, help="seconds of timed repeats per size (20, quick 2)")
+    parser.add_argument("--modes", default="full", help=f"comma-separated subset of {','.join(MODES)} (full is "
+                        "always timed: the targets apply to it)")
     parser.add_argument("--providers", default=",".join(PROVIDERS), help="comma-separated subset of "
                         + ",".join(PROVIDERS))
     parser.add_argument("--out-dir", default=str(RESULTS_DIR))
@@ -259,6 +273,10 @@ def main(argv=None) -> int:
     budget = args.budget if args.budget is not None else budget
     meta = machine_info(device, DTYPE, theta=THETA, lambda_ld=LAMBDA_LD, lambda_n=LAMBDA_N)
     rows_md, results = [], {"meta": meta, "rows": [], "targets": []}
+    modes = ["full"] + [m for m in args.modes.split(",") if m != "full"]
+    for m in modes:
+        if m not in MODES:
+            raise SystemExit(f"--modes: expected a subset of {','.join(MODES)}, got {m!r}")
     names = args.providers.split(",")
     for n in names:
         if n not in PROVIDERS:
@@ -273,8 +291,13 @@ def main(argv=None) -> int:
                 impls[name] = build(name, size, device)
             except ProviderUnavailable as e:
                 unavailable[name] = str(e)
-        times = time_round_robin({k: i.run for k, i in impls.items()}, min_rep, 1, device, budget, max_rep)
+        times = time_round_robin({k: i.timed("full") for k, i in impls.items()}, min_rep, 1, device, budget, max_rep)
         med = {k: median_iqr_ms(v)[0] for k, v in times.items()}
+        other_modes = {}
+        for mode in modes[1:]:
+            t_mode = time_round_robin({k: i.timed(mode) for k, i in impls.items()}, min_rep, 1, device, budget,
+                                      max_rep)
+            other_modes[mode] = {k: median_iqr_ms(v)[0] for k, v in t_mode.items()}
         mem = {} if args.no_memory else {name: peak_step_memory(impls[name]) for name in ("fused", "reference", "plain")
                                          if name in impls}
         del impls
@@ -294,7 +317,8 @@ def main(argv=None) -> int:
         ratio_cells = [("n/a" if t["ratio"] is None else f"{t['ratio']:.2f} {'PASS' if t['pass'] else 'MISS'}")
                        for t in tg[:3]]
         rows_md.append(f"| {case} | " + " | ".join(cells + mem_cells + ratio_cells) + " |")
-        results["rows"].append({"size": case, "median_ms": med, "peak_step_mib": mem, "agreement": errs,
+        results["rows"].append({"size": case, "median_ms": med, "modes_median_ms": other_modes,
+                                "peak_step_mib": mem, "agreement": errs,
                                 "unavailable": unavailable, "repeats": {k: len(v) for k, v in times.items()}})
         if bad:
             status = 1
@@ -307,6 +331,13 @@ def main(argv=None) -> int:
     md = [f"## relaxed VNLinearLeakyReLU block, one training step ({meta['dtype']}, {device})", ""]
     md += describe_machine(meta) + [f"- not run: {'; '.join(unavailable_note)}" if unavailable_note else "", ""]
     md += table
+    for mode in modes[1:]:
+        md += ["", f"### mode `{mode}` (" + ("forward + loss, no backward" if mode == "forward" else
+                                             "the backward alone, forward + loss untimed before each") + "): median ms",
+               "", "| rows×C_in×C_out | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+        md += [f"| {r['size']} | " + " | ".join(f"{r['modes_median_ms'][mode][n]:.2f}"
+                                                if n in r["modes_median_ms"][mode] else "—" for n in names) + " |"
+               for r in results["rows"]]
     print("\n".join(md))
     out = Path(args.out_dir)
     stem = "vn_layers" + ("_quick" if args.quick else "") + ("" if device.type == "cpu" else f"_{device.type}")

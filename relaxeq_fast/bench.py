@@ -29,6 +29,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 import torch
 
 BENCHMARKS = ("relaxed_linear", "vn_layers", "relaxed_conv2d", "train_step")
+# Every benchmark times forward, backward and the full step (relaxed_linear and relaxed_conv2d by default).
+ALL_MODES_ARGS = {"vn_layers": ["--modes", "full,forward,backward"], "train_step": ["--forward", "--backward"]}
 NO_GPU = "no GPU present: CUDA and Triton providers were not run; all times are CPU times"
 
 # Datasheet peaks (SXM parts, dense, no sparsity): HBM bandwidth B/s, FP32 FLOP/s (CUDA cores), TF32 and
@@ -362,6 +364,7 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     for i, name in enumerate(only if not args.summarize else [], 1):
         cmd = [sys.executable, str(bench_dir / f"bench_{name}.py"), "--device", str(device), "--out-dir", str(out)]
+        cmd += ALL_MODES_ARGS.get(name, [])
         if args.quick:
             cmd.append("--quick")
         print(f"\n[relaxeq-bench {i}/{len(only)}] {' '.join(cmd)}", flush=True)
