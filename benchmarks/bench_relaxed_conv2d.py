@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as TF
 
 from relaxeq_fast.bench import (describe_machine, machine_info as harness_machine_info, median_iqr_ms,
-                                resolve_device, target, time_round_robin, write_json)
+                                pedantic, resolve_device, result_suffix, target, time_round_robin, write_json)
 from relaxeq_fast.functional import relaxed_conv2d
 from relaxeq_fast.reference import relaxed_conv2d_ref
 
@@ -176,12 +176,7 @@ if pytest is not None:
         benchmark.group = f"C={channels} {mode}"
         benchmark.extra_info.update(machine_info())
         benchmark.extra_info.update(provider=provider, mode=mode, channels=channels)
-        timed = s.timed(mode)
-        if isinstance(timed, tuple):  # backward: the graph is built untimed before each round
-            setup, fn = timed
-            benchmark.pedantic(fn, setup=lambda: ((setup(),), {}), rounds=5, iterations=1, warmup_rounds=1)
-        else:
-            benchmark.pedantic(timed, rounds=5, iterations=1, warmup_rounds=1)
+        pedantic(benchmark, s.timed(mode), rounds=5)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -248,7 +243,7 @@ def run(args) -> int:
     md = markdown_report(results)
     if not args.no_save:
         out = Path(args.out_dir)
-        stem = "relaxed_conv2d" + ("_quick" if args.quick else "") + ("" if device.type == "cpu" else f"_{device.type}")
+        stem = "relaxed_conv2d" + result_suffix(device, args.quick)
         write_json(out / f"{stem}.json", results)
         (out / f"{stem}.md").write_text(md + "\n")
         print(f"wrote {out / stem}.json and .md")

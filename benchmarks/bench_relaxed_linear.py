@@ -44,7 +44,8 @@ import torch.nn.functional as TF
 
 from relaxeq_fast import VN, combine_regularizers
 from relaxeq_fast.bench import (achieved_bandwidth, describe_machine, machine_info as harness_machine_info,
-                                median_iqr_ms, resolve_device, roofline, target, time_round_robin, write_json)
+                                median_iqr_ms, pedantic, resolve_device, result_suffix, roofline, run_once,
+                                target, time_round_robin, write_json)
 from relaxeq_fast.nn import EquivariantLinear, RelaxedLinear
 from relaxeq_fast.regularizer import RegularizerTerms
 
@@ -487,10 +488,8 @@ if pytest is not None:
         impl = impls[provider]
         if impl.verifiable:
             assert_agreement(p.label, report, provider)
-        timed = impl.timed(mode)
-        setup, fn = timed if isinstance(timed, tuple) else (None, timed)
         t0 = time.perf_counter()
-        fn(setup()) if setup else fn()  # warm this mode and size the rounds
+        run_once(impl.timed(mode))  # warm this mode and size the rounds
         t_one = time.perf_counter() - t0
         rounds = max(MIN_ROUNDS, min(MAX_ROUNDS, math.ceil(BENCH_BUDGET_S / max(t_one, 1e-6))))
         benchmark.group = f"{p.label} {mode}"
@@ -498,33 +497,36 @@ if pytest is not None:
         benchmark.extra_info.update(provider=provider, mode=mode, n=p.n, channels=p.c, d=p.d)
         if impl.verifiable:
             benchmark.extra_info["max_rel_err_vs_f64"] = max(report[provider]["errors"].values())
-        if setup is None:
-            benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
-        else:  # the graph is built untimed before each round
-            benchmark.pedantic(fn, setup=lambda: ((setup(),), {}), rounds=rounds, iterations=1, warmup_rounds=1)
+        pedantic(benchmark, impl.timed(mode), rounds)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Standalone runner: round-robin timing, JSON + markdown + PNG
 # ----------------------------------------------------------------------------------------------------
 
-def ratio_cells(medians_ms: Dict[str, Optional[float]], mode: str, unavailable: Dict[str, str]) -> List[str]:
-    cells = []
-    for _label, num, den, kind, bound in TARGETS:
+def row_targets(n: int, c: int, medians_ms: Dict[str, float], mode: str, unavailable: Dict[str, str],
+                device: str) -> List[dict]:
+    """The TARGETS ratios of one size and mode; bounds apply to the full step only, and fused / floor only
+    where the floor takes more than FLOOR_MIN_MS."""
+    out = []
+    for label, num, den, kind, bound in TARGETS:
         a, b = medians_ms.get(num), medians_ms.get(den)
-        if a is None or b is None:
-            missing = [k for k in (num, den) if k in unavailable]
-            cells.append(f"n/a ({missing[0]} unavailable)" if missing else "n/a")
-            continue
-        r = a / b
-        if kind is None or mode != "full":
-            cells.append(f"{r:.2f}")
-        elif den == "floor" and b <= FLOOR_MIN_MS:
-            cells.append(f"{r:.2f} (n/a: floor {b:.1f} ms ≤ {FLOOR_MIN_MS:g})")
-        else:
-            ok = r >= bound if kind == ">=" else r <= bound
-            cells.append(f"{r:.2f} {'PASS' if ok else 'MISS'}")
-    return cells
+        ratio = None if a is None or b is None else a / b
+        note = next((f"{k} unavailable" for k in (num, den) if k in unavailable), "")
+        applies = kind is not None and mode == "full"
+        if applies and den == "floor" and b is not None and b <= FLOOR_MIN_MS:
+            applies, note = False, f"n/a: floor {b:.1f} ms ≤ {FLOOR_MIN_MS:g}"
+        out.append(target("relaxed_linear", label, f"N={n} C={c}", ratio, bound if applies else None, kind or ">=",
+                          mode, device, note))
+    return out
+
+
+def ratio_cell(t: dict) -> str:
+    if t["ratio"] is None:
+        return f"n/a ({t['note']})" if t["note"] else "n/a"
+    if t["note"]:
+        return f"{t['ratio']:.2f} ({t['note']})"
+    return f"{t['ratio']:.2f}" if t["pass"] is None else f"{t['ratio']:.2f} {'PASS' if t['pass'] else 'MISS'}"
 
 
 def markdown_report(results: dict) -> str:
@@ -567,7 +569,7 @@ def markdown_report(results: dict) -> str:
             f"{t[0]}" + (f" (target {t[3]} {t[4]:g})" if t[3] and mode == "full" else "") for t in TARGETS) + " |",
             "|---|" + "---|" * len(TARGETS)]
         for r in rows:
-            out.append(f"| {r['n']} × {r['c']} | " + " | ".join(ratio_cells(r["median_ms"], mode, r["unavailable"])) + " |")
+            out.append(f"| {r['n']} × {r['c']} | " + " | ".join(ratio_cell(t) for t in r["targets"]) + " |")
         out.append("")
     bw = [r for r in results["rows"] if r.get("bandwidth")]
     if bw:
@@ -677,14 +679,9 @@ def run(args) -> int:
             if device.type == "cuda":
                 row["bandwidth"] = {k: achieved_bandwidth(op_bytes(p.n, p.d, mode), med[k] / 1e3, meta)
                                     for k in ("fused", "triton") if k in med}
+            row["targets"] = row_targets(p.n, p.c, med, mode, unavailable, str(device))
             results["rows"].append(row)
-            for label, num, den, kind, bound in TARGETS:
-                a, b = med.get(num), med.get(den)
-                applies = mode == "full" and not (den == "floor" and b is not None and b <= FLOOR_MIN_MS)
-                results["targets"].append(target(
-                    "relaxed_linear", label, f"N={p.n} C={p.c}", None if a is None or b is None else a / b,
-                    bound if applies else None, kind or ">=", mode, str(device),
-                    next((f"{k} unavailable" for k in (num, den) if k in unavailable), "")))
+            results["targets"] += row["targets"]
             print(f"{p.label} {mode}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in med.items())
                   + "".join(f", {k}: {v}" for k, v in unavailable.items()), flush=True)
         print(f"{p.label}: {time.perf_counter() - t0:.1f} s (compile {compile_s and round(compile_s, 1)} s)",
@@ -692,7 +689,7 @@ def run(args) -> int:
         del impls
         gc.collect()
     out_dir = Path(args.out_dir)
-    stem = "relaxed_linear" + ("_quick" if args.quick else "") + ("" if device.type == "cpu" else f"_{device.type}")
+    stem = "relaxed_linear" + result_suffix(device, args.quick)
     write_json(out_dir / f"{stem}.json", results)
     md = markdown_report(results)
     (out_dir / f"{stem}.md").write_text(md + "\n")

@@ -49,7 +49,7 @@ from relaxeq_fast.reps import VN
 from relaxeq_fast.vn import model_regularizers
 
 from relaxeq_fast.bench import (describe_machine, machine_info, median_iqr_ms, peak_memory_mib, resolve_device,
-                                synchronize, target, time_round_robin, write_json)
+                                result_suffix, synchronize, target, time_round_robin, write_json)
 
 try:
     import pytest
@@ -519,8 +519,7 @@ def main(argv=None) -> int:
         for p, w in ((1024, width), (2048, width), (300, 2 * width), (1024, 2 * width)):
             sweep_rows.append(measure("VN-PointNet", p, w, ("relaxed-fused", "plain"), 3, 1, False, device))
     meta["wall_s"] = time.perf_counter() - start
-    name = "train_step" + ("_full" if args.full else "") + ("_quick" if args.quick else "") \
-        + ("" if device.type == "cpu" else f"_{device.type}")
+    name = "train_step" + ("_full" if args.full else "") + result_suffix(device, args.quick)
     results = {"meta": meta, "verification": verify, "rows": rows, "sweep_rows": sweep_rows,
                "targets": [t for r in rows + sweep_rows for t in row_targets(r)]}
     out = Path(args.out_dir)

@@ -36,7 +36,7 @@ import torch.nn.functional as TF
 
 from relaxeq_fast import VN, combine_regularizers, use_backend
 from relaxeq_fast.bench import (describe_machine, machine_info, median_iqr_ms, peak_memory_mib, resolve_device,
-                                target, time_round_robin, write_json)
+                                result_suffix, target, time_round_robin, write_json)
 from relaxeq_fast.regularizer import RegularizerTerms
 from relaxeq_fast.vn import VNLinearLeakyReLU, model_regularizers, relax, relaxed_layers
 
@@ -340,7 +340,7 @@ def main(argv=None) -> int:
                for r in results["rows"]]
     print("\n".join(md))
     out = Path(args.out_dir)
-    stem = "vn_layers" + ("_quick" if args.quick else "") + ("" if device.type == "cpu" else f"_{device.type}")
+    stem = "vn_layers" + result_suffix(device, args.quick)
     write_json(out / f"{stem}.json", results)
     (out / f"{stem}.md").write_text("\n".join(md) + "\n")
     print(f"wrote {out / stem}.json and .md")

@@ -140,9 +140,10 @@ class _L2Flush:
         self.buf.zero_()
 
 
-def _untimed_setup(f) -> tuple:
-    """A timed entry is ``fn()`` or a pair ``(setup, fn)``: then ``fn(setup())``, only fn timed."""
-    return f if isinstance(f, tuple) else (None, f)
+def _setup_and_call(f) -> tuple:
+    """A timed entry ``fn`` or ``(setup, fn)`` as the pair (setup, call): ``call(setup())`` runs it, and only
+    ``call`` is timed."""
+    return f if isinstance(f, tuple) else ((lambda: None), (lambda _: f()))
 
 
 def time_round_robin(fns: Dict[str, object], repeats: int, warmup: int = 1,
@@ -155,18 +156,14 @@ def time_round_robin(fns: Dict[str, object], repeats: int, warmup: int = 1,
     per round. An entry may be a pair ``(setup, fn)``: ``setup()`` runs untimed (e.g. the forward that
     builds the graph a backward-only timing needs) and its result is passed to ``fn``."""
     names = list(fns)
-    fns = {n: _untimed_setup(f) for n, f in fns.items()}
-
-    def call(name):
-        setup, fn = fns[name]
-        return (lambda: fn(setup())) if setup is not None else fn
+    fns = {n: _setup_and_call(f) for n, f in fns.items()}
     cuda = device.type == "cuda"
     flush = _L2Flush(device) if cuda else None
     t_round = 0.0
     for _ in range(max(1, warmup)):
         t0 = time.perf_counter()
         for name in names:
-            call(name)()
+            run_once(fns[name])
         synchronize(device)
         t_round = time.perf_counter() - t0
     if budget_s is not None:
@@ -180,18 +177,18 @@ def time_round_robin(fns: Dict[str, object], repeats: int, warmup: int = 1,
             events = []
             for i in range(len(names)):
                 name = names[(i + r) % len(names)]
-                setup, fn = fns[name]
-                arg = setup() if setup is not None else None
+                setup, call = fns[name]
+                arg = setup()
                 if cuda:
                     flush()
                     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                     start.record()
-                    fn(arg) if setup is not None else fn()
+                    call(arg)
                     end.record()
                     events.append((name, start, end))
                 else:
                     t0 = time.perf_counter()
-                    fn(arg) if setup is not None else fn()
+                    call(arg)
                     times[name].append(time.perf_counter() - t0)
             if cuda:
                 torch.cuda.synchronize(device)
@@ -201,6 +198,20 @@ def time_round_robin(fns: Dict[str, object], repeats: int, warmup: int = 1,
         if gc_was_enabled:
             gc.enable()
     return times
+
+
+def run_once(entry) -> None:
+    """One untimed call of a timed entry (``fn`` or ``(setup, fn)``), setup included."""
+    setup, call = _setup_and_call(entry)
+    call(setup())
+
+
+def pedantic(benchmark, entry, rounds: int, warmup_rounds: int = 1) -> None:
+    """pytest-benchmark's pedantic run of a timed entry (``fn`` or ``(setup, fn)``, as time_round_robin
+    takes them): the setup runs untimed before each round."""
+    setup, call = _setup_and_call(entry)
+    benchmark.pedantic(call, setup=lambda: ((setup(),), {}), rounds=rounds, iterations=1,
+                       warmup_rounds=warmup_rounds)
 
 
 def synchronize(device: torch.device) -> None:
@@ -279,6 +290,11 @@ def verdict(t: dict) -> str:
     if t["bound"] is None:
         return f"{t['ratio']:.2f}"
     return f"{t['ratio']:.2f} {'PASS' if t['pass'] else 'MISS'} ({t['kind']} {t['bound']:g})"
+
+
+def result_suffix(device: torch.device, quick: bool) -> str:
+    """How result files are told apart: name[_full][_quick][_cuda] (CPU results carry no device tag)."""
+    return ("_quick" if quick else "") + ("" if device.type == "cpu" else f"_{device.type}")
 
 
 def write_json(path: Path, results: dict) -> None:
@@ -380,7 +396,7 @@ def main(argv=None) -> int:
 
 def summarize(out: Path, device: torch.device, names: Sequence[str], quick: bool, wall_s: float = 0.0) -> dict:
     """Gather the ``targets`` of every benchmark's JSON in ``out`` into summary[_cuda].json / .md / .png."""
-    suffix = ("_quick" if quick else "") + ("" if device.type == "cpu" else f"_{device.type}")
+    suffix = result_suffix(device, quick)
     targets, found = [], []
     for name in names:
         for js in sorted(out.glob(f"{name}*{suffix}.json")):
