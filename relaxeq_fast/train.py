@@ -401,10 +401,11 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
             _fail(f"--resume {resume}: no config.json there")
         with open(os.path.join(resume, "config.json")) as f:
             cfg = TrainConfig(**{**json.load(f), "run_dir": resume, "progress": cfg.progress})
+    cfg = cfg.resolved()
+    # before a process group or a device is made from the config (a bad --device would fail there)
+    validate(cfg, D.world_size() if D.is_distributed() else int(os.environ.get("WORLD_SIZE", "1")))
     device = _setup_distributed(cfg)
     world, rank = D.world_size(), D.rank()
-    cfg = cfg.resolved()
-    validate(cfg, world)
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // world))
     torch.manual_seed(cfg.seed)
     train_set, test_set = _load_data(cfg)

@@ -1,9 +1,31 @@
 import os
 
+import pytest
+import torch
+
+# read before any test can change it
+MACHINE_THREADS = torch.get_num_threads()
+
 # Triton kernels run through the interpreter on machines without a GPU. triton.jit reads this at
 # decoration time, so it must be set before any test imports relaxeq_fast.triton_kernels.
 if "TRITON_INTERPRET" not in os.environ:
-    import torch
-
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
+
+
+@pytest.fixture(autouse=True)
+def _restore_thread_count():
+    """Every test starts at the machine's thread count, whatever an earlier test (or a module-scoped
+    fixture: relaxeq-train sets its --threads) set: the native kernels take different paths with 1 and
+    with several threads, and both must run in a full run."""
+    torch.set_num_threads(MACHINE_THREADS)
+    yield
+    torch.set_num_threads(MACHINE_THREADS)
+
+
+@pytest.fixture
+def single_thread():
+    """One intra-op thread for this test (or module, via pytestmark): small float64 ops that spend more
+    time forking than computing. Restored afterwards by _restore_thread_count."""
+    torch.set_num_threads(1)
+    yield

@@ -1,7 +1,11 @@
 """The training CLI: run outputs, exact resume, non-finite loss handling, config errors, torchrun DDP."""
 import csv
+import dataclasses
 import hashlib
+import json
+import math
 import os
+import re
 import subprocess
 import sys
 
@@ -9,10 +13,16 @@ import pytest
 import torch
 
 from relaxeq_fast import train as T
+from relaxeq_fast.relaxation import make_schedule
+from relaxeq_fast.vn import relaxed_layers
 
 # tiny but complete: every layer of VN-PointNet runs, θ goes through its schedule to 0
 TINY = ["--dataset", "shapes", "--n-train", "64", "--n-test", "28", "--num-points", "32", "--k", "6",
         "--width", "0.2", "--batch-size", "16", "--epochs", "3", "--no-progress", "--threads", "1"]
+
+
+# cosine lr: a different lr every epoch, so a resume that lost the lr schedule's state shows
+FULL = ["--augment", "scale,shift,jitter", "--lr-schedule", "cosine"]
 
 
 def _metrics(run_dir):
@@ -31,7 +41,7 @@ def _run(argv):
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
     run_dir = str(tmp_path_factory.mktemp("full") / "run")
-    summary = _run(TINY + ["--run-dir", run_dir, "--augment", "scale,shift,jitter"])
+    summary = _run(TINY + FULL + ["--run-dir", run_dir])
     return run_dir, summary
 
 
@@ -43,6 +53,7 @@ def test_run_writes_everything_and_ends_projected(full_run):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     rows = _metrics(run_dir)
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert len({r["lr"] for r in rows}) == 3  # the lr changed inside the run (resume must restore it)
     assert float(rows[0]["theta"]) > 0 and float(rows[-1]["theta"]) == 0.0
     # the relaxation was really used (W_r moved) and its distance to the projection closed at θ = 0
     assert float(rows[0]["projection_error"]) > 1e-6 and float(rows[-1]["projection_error"]) == 0.0
@@ -51,6 +62,54 @@ def test_run_writes_everything_and_ends_projected(full_run):
     # float32 invariance of the projected model under random rotations
     assert summary["equivariance_error"] < 1e-4
     assert 0.0 <= summary["test_acc_projected"] <= 1.0
+
+
+def test_lr_column_follows_the_cosine_schedule(full_run):
+    """lr of epoch e (1-based, the lr its steps used) = η_min + (η − η_min)(1 + cos(π(e − 1)/E))/2, η_min = η/100."""
+    run_dir, _ = full_run
+    lr0, epochs = 1e-3, 3  # VN-PointNet's paper lr; TINY's epochs
+    want = [lr0 / 100 + (lr0 - lr0 / 100) * (1 + math.cos(math.pi * e / epochs)) / 2 for e in range(epochs)]
+    assert [float(r["lr"]) for r in _metrics(run_dir)] == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("unit, schedule, scaled", [
+    ("step", "hold_linear", False), ("step", "triangle", True),
+    ("epoch", "triangle", False), ("epoch", "hold_linear", True)])
+def test_theta_used_by_every_step_is_the_schedules(unit, schedule, scaled, tmp_path, monkeypatch):
+    """θ on every relaxed layer during each optimisation step, the θ given to the regulariser, and the
+    metrics' theta/step columns equal the schedule's values, computed here from the run's size: a
+    trainer that steps θ twice, or builds the schedule over a different length, fails."""
+    epochs, n_train, batch = 3, 48, 16
+    steps_per_epoch = n_train // batch
+    total = epochs * steps_per_epoch if unit == "step" else epochs
+    sched = make_schedule(schedule, total)
+    seen_layers, seen_reg = [], []
+    real_regs, real_combine = T.model_regularizers, T.combine_regularizers
+
+    def spy_regs(model):
+        seen_layers.append({float(m.theta) for m in relaxed_layers(model)})
+        return real_regs(model)
+
+    def spy_combine(*args, theta=None, **kwargs):
+        seen_reg.append(theta)
+        return real_combine(*args, theta=theta, **kwargs)
+
+    monkeypatch.setattr(T, "model_regularizers", spy_regs)
+    monkeypatch.setattr(T, "combine_regularizers", spy_combine)
+    run_dir = str(tmp_path / "theta")
+    _run(TINY + ["--n-train", str(n_train), "--batch-size", str(batch), "--epochs", str(epochs), "--width", "0.1",
+                 "--theta-unit", unit, "--theta-schedule", schedule, "--run-dir", run_dir]
+         + (["--theta-scaled-lambda"] if scaled else []))
+    unit_of_step = [j if unit == "step" else j // steps_per_epoch for j in range(epochs * steps_per_epoch)]
+    want = [sched(u) for u in unit_of_step]
+    assert seen_layers == [{float(torch.tensor(w, dtype=torch.float32))} for w in want]  # θ buffers are float32
+    assert seen_reg == (want if scaled else [None] * len(want))
+    assert len(set(want)) >= 2  # the schedule really moved within the run
+    rows = _metrics(run_dir)
+    assert [int(r["step"]) for r in rows] == [steps_per_epoch * (e + 1) for e in range(epochs)]
+    # θ at the end of epoch e: the value for the next unit (θ(total − 1) = 0, and later)
+    assert [float(r["theta"]) for r in rows] == \
+        [sched(steps_per_epoch * (e + 1) if unit == "step" else e + 1) for e in range(epochs)]
 
 
 def test_projected_model_loads_into_the_plain_class(full_run):
@@ -64,7 +123,7 @@ def test_projected_model_loads_into_the_plain_class(full_run):
 def test_resume_reproduces_the_uninterrupted_run_exactly(full_run, tmp_path):
     run_dir, _ = full_run
     split_dir = str(tmp_path / "split")
-    argv = TINY + ["--run-dir", split_dir, "--augment", "scale,shift,jitter"]
+    argv = TINY + FULL + ["--run-dir", split_dir]
     first = _run(argv + ["--stop-after", "1"])
     assert not first["finished"] and len(_metrics(split_dir)) == 1
     second = _run(["--resume", split_dir, "--no-progress", "--stop-after", "1"])
@@ -116,12 +175,65 @@ def test_non_finite_loss_stops_without_touching_the_checkpoint(tmp_path, monkeyp
     (["--backend", "cudnn"], "--backend must be one of"),
     (["--dtype", "float16"], "--dtype must be"),
     (["--resume", "/no/such/run"], "--resume /no/such/run: no config.json there"),
+    (["--dataset", "imagenet"], "--dataset must be one of"),
+    (["--model", "steerable_cnn", "--dataset", "rotmnist", "--group", "0"], "--group must be an int N >= 1"),
+    (["--test-rotation", "y"], "--test-rotation must be one of"),
+    (["--epochs", "0"], "--epochs must be a positive integer, got 0"),
+    (["--num-points", "0"], "--num-points must be a positive integer, got 0"),
+    (["--k", "0"], "--k must be a positive integer, got 0"),
+    (["--width", "0"], "--width must be positive, got 0.0"),
+    (["--dropout", "1"], "--dropout must be in [0, 1), got 1.0"),
+    (["--dropout", "-0.1"], "--dropout must be in [0, 1), got -0.1"),
+    (["--optimizer", "lbfgs"], "--optimizer must be 'adam' or 'sgd', got 'lbfgs'"),
+    (["--lr-schedule", "exp"], "--lr-schedule must be 'step', 'cosine' or 'none', got 'exp'"),
+    (["--lr", "0"], "--lr must be a finite number > 0, got 0.0"),
+    (["--weight-decay", "-1"], "--weight-decay must be a finite number >= 0, got -1.0"),
+    (["--lambda-ld", "inf"], "--lambda-ld must be a finite number >= 0, got inf"),
+    (["--lambda-n=-1e-3"], "--lambda-n must be a finite number >= 0"),
+    (["--theta-max", "nan"], "--theta-max must be a finite number >= 0, got nan"),
+    (["--theta-unit", "batch"], "--theta-unit must be 'step' or 'epoch', got 'batch'"),
+    (["--reduction", "max"], "--reduction must be one of"),
+    (["--relax-init", "ones"], "--relax-init must be 'zeros' or 'default', got 'ones'"),
+    (["--device", "tpu"], "--device must be 'cpu' or 'cuda[:i]', got 'tpu'"),
+    (["--clip-grad-norm", "0"], "--clip-grad-norm must be a finite number > 0, got 0.0"),
+    (["--threads", "0"], "--threads must be >= 1, got 0"),
+    (["--n-train", "0"], "shapes: "),
 ])
 def test_bad_configuration_is_one_line_naming_the_cause(extra, cause, tmp_path, capsys):
     rc = T.main(TINY + ["--run-dir", str(tmp_path / "bad")] + extra)
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1, err
     assert err[0].startswith("relaxeq-train: error:") and cause in err[0], err[0]
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_cuda_device_without_a_gpu_is_a_config_error(device, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same answer on a GPU machine
+    rc = T.main(TINY + ["--run-dir", str(tmp_path / "bad"), "--device", device])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == [f"relaxeq-train: error: --device {device}: torch sees no CUDA GPU on this machine"]
+
+
+@pytest.mark.parametrize("batch, world, cause", [
+    (15, 2, "--batch-size 15 (global) must divide evenly over 2 processes"),
+    (6, 4, "--batch-size 6 (global) must divide evenly over 4 processes"),
+    (4, 4, "--batch-size 4 gives 1 sample(s) per process; batch norm needs at least 2"),
+])
+def test_batch_that_does_not_split_over_ranks_is_a_config_error(batch, world, cause):
+    cfg = T.TrainConfig(batch_size=batch).resolved()
+    with pytest.raises(T.ConfigError, match=re.escape(cause)):
+        T.validate(cfg, world)
+    T.validate(T.TrainConfig(batch_size=2 * world).resolved(), world)  # and the smallest that works passes
+
+
+def test_resume_into_a_directory_without_a_checkpoint(tmp_path, capsys):
+    run_dir = tmp_path / "no_ckpt"
+    run_dir.mkdir()
+    cfg, _, _ = T.parse_args(TINY + ["--run-dir", str(run_dir)])
+    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    rc = T.main(["--resume", str(run_dir), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == [f"relaxeq-train: error: --resume {run_dir}: no checkpoint.pt there"]
 
 
 def test_paper_setups_fill_only_what_is_unset():
@@ -132,17 +244,26 @@ def test_paper_setups_fill_only_what_is_unset():
         ("adam", 1e-3, 1e-4, 20, 0.7, 24, 300)
 
 
-def _single_vs_torchrun(args, tmp_path):
-    """Run ``args`` in one process and under torchrun with 2 gloo ranks; compare metrics and weights."""
+def _torchrun(argv):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "relaxeq_fast.train", *argv], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("[relaxeq-train]") == 1  # only rank 0 reports
+
+
+def _single_vs_torchrun(args, tmp_path, resume_under_torchrun=False):
+    """Run ``args`` in one process and under torchrun with 2 gloo ranks; compare metrics and weights.
+    resume_under_torchrun: the torchrun run stops after its first epoch and is resumed by a second torchrun."""
     single = str(tmp_path / "single")
     _run(args + ["--run-dir", single])
     ddp = str(tmp_path / "ddp")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "relaxeq_fast.train", *args, "--run-dir", ddp],
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("[relaxeq-train]") == 1  # only rank 0 reports
+    if resume_under_torchrun:
+        _torchrun(args + ["--run-dir", ddp, "--stop-after", "1"])
+        assert len(_metrics(ddp)) == 1
+        _torchrun(["--resume", ddp, "--no-progress"])
+    else:
+        _torchrun(args + ["--run-dir", ddp])
     a, b = _metrics(single), _metrics(ddp)
     assert len(a) == len(b) == 2
     for ra, rb in zip(a, b):
@@ -174,11 +295,13 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
                                 "--augment", "shift,jitter"], tmp_path)
 
 
-def test_torchrun_steerable_cnn_matches_one_process(tmp_path):
-    """The image path under DDP: field batch norm moments and the conv defect r all-reduced."""
+def test_torchrun_steerable_cnn_resumed_matches_one_process(tmp_path):
+    """The image path under DDP: field batch norm moments and the conv defect r all-reduced; the
+    torchrun run is interrupted after epoch 1 and resumed under torchrun (cosine lr: its state matters)."""
     _single_vs_torchrun(["--model", "steerable_cnn", "--dataset", "rotmnist", "--group", "4", "--width", "0.25",
                          "--n-train", "16", "--n-test", "24", "--batch-size", "16", "--epochs", "2",
-                         "--dtype", "float64", "--dropout", "0", "--no-progress", "--threads", "1"], tmp_path)
+                         "--dtype", "float64", "--dropout", "0", "--no-progress", "--threads", "1"], tmp_path,
+                        resume_under_torchrun=True)
 
 
 def test_compare_runs_tabulates_and_plots(full_run, tmp_path):
