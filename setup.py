@@ -140,7 +140,7 @@ setup(
     name="relaxeq_fast",
     version="0.1.0",
     description="Fused kernels for training equivariant networks by constraint relaxation",
-    packages=["relaxeq_fast", "relaxeq_fast.data", "relaxeq_fast.triton_kernels"],
+    packages=["relaxeq_fast", "relaxeq_fast.data", "relaxeq_fast.train", "relaxeq_fast.triton_kernels"],
     package_dir={"relaxeq_fast": "relaxeq_fast", "relaxeq_fast.triton_kernels": "triton_kernels"},
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from relaxeq_fast import train as T
+from relaxeq_fast.train import loop
 from relaxeq_fast.relaxation import make_schedule
 from relaxeq_fast.vn import relaxed_layers
 
@@ -84,7 +85,7 @@ def test_theta_used_by_every_step_is_the_schedules(unit, schedule, scaled, tmp_p
     total = epochs * steps_per_epoch if unit == "step" else epochs
     sched = make_schedule(schedule, total)
     seen_layers, seen_reg = [], []
-    real_regs, real_combine = T.model_regularizers, T.combine_regularizers
+    real_regs, real_combine = loop.model_regularizers, loop.combine_regularizers
 
     def spy_regs(model):
         seen_layers.append({float(m.theta) for m in relaxed_layers(model)})
@@ -94,8 +95,8 @@ def test_theta_used_by_every_step_is_the_schedules(unit, schedule, scaled, tmp_p
         seen_reg.append(theta)
         return real_combine(*args, theta=theta, **kwargs)
 
-    monkeypatch.setattr(T, "model_regularizers", spy_regs)
-    monkeypatch.setattr(T, "combine_regularizers", spy_combine)
+    monkeypatch.setattr(loop, "model_regularizers", spy_regs)
+    monkeypatch.setattr(loop, "combine_regularizers", spy_combine)
     run_dir = str(tmp_path / "theta")
     _run(TINY + ["--n-train", str(n_train), "--batch-size", str(batch), "--epochs", str(epochs), "--width", "0.1",
                  "--theta-unit", unit, "--theta-schedule", schedule, "--run-dir", run_dir]
@@ -141,7 +142,7 @@ def test_non_finite_loss_stops_without_touching_the_checkpoint(tmp_path, monkeyp
     ckpt = os.path.join(run_dir, "checkpoint.pt")
     with open(ckpt, "rb") as f:
         before = hashlib.sha256(f.read()).hexdigest()
-    real = T.TF.cross_entropy
+    real = torch.nn.functional.cross_entropy
     calls = {"n": 0}
 
     def poisoned(out, y):
@@ -149,7 +150,7 @@ def test_non_finite_loss_stops_without_touching_the_checkpoint(tmp_path, monkeyp
         loss = real(out, y)
         return loss * float("nan") if calls["n"] == 2 else loss
 
-    monkeypatch.setattr(T.TF, "cross_entropy", poisoned)
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", poisoned)
     rc = T.main(["--resume", run_dir, "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1 and "non-finite loss at epoch 2, step 2" in err[0]
@@ -316,7 +317,7 @@ def test_compare_runs_tabulates_and_plots(full_run, tmp_path):
 
 def test_clip_grad_norm_bounds_the_point_dropout_blow_up(tmp_path):
     """Point dropout's exact duplicates make the relaxed weights' task gradient ~1e6× too large
-    (see train._augment_batch); clipping keeps the relaxation, and so R_LD, small."""
+    (see relaxeq_fast.train.build._augment_batch); clipping keeps the relaxation, and so R_LD, small."""
     args = TINY + ["--n-train", "32", "--epochs", "1", "--dropout", "0", "--augment", "dropout",
                    "--dtype", "float64", "--optimizer", "sgd", "--lr", "1e-5"]
     _run(args + ["--run-dir", str(tmp_path / "raw")])

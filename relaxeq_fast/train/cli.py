@@ -1,0 +1,94 @@
+"""relaxeq-train: the command line."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Optional
+
+import torch
+
+from .. import distributed as D
+from ..regularizer import REDUCTIONS
+from ..relaxation import SCHEDULES
+from .config import AUGMENTATIONS, MODELS, ROTATIONS, ConfigError, NonFiniteLossError, TrainConfig
+from .loop import train
+from .report import format_summary
+
+def _parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(prog="relaxeq-train", description="Train an equivariant classifier by constraint relaxation.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default=d.model, help=f"one of {list(MODELS)}")
+    g.add_argument("--dataset", default=d.dataset, help="shapes (embedded), modelnet40 (needs --data-root), rotmnist")
+    g.add_argument("--data-root", default=None, help="directory of a local dataset copy")
+    g.add_argument("--train-rotation", default=d.train_rotation, help=f"one of {list(ROTATIONS)}")
+    g.add_argument("--test-rotation", default=d.test_rotation, help=f"one of {list(ROTATIONS)}")
+    g.add_argument("--num-points", type=int, default=None, help="points per cloud (paper: 300)")
+    g.add_argument("--k", type=int, default=d.k, help="nearest neighbours for edge features")
+    g.add_argument("--width", type=float, default=d.width, help="channel multiplier (1 = published model)")
+    g.add_argument("--group", type=int, default=d.group, help="steerable_cnn: the rotation group C_N (N)")
+    g.add_argument("--dropout", type=float, default=None, help="head dropout (paper model: 0.4 / 0.5)")
+    g.add_argument("--n-train", type=int, default=None, help="training samples (default: the dataset's)")
+    g.add_argument("--n-test", type=int, default=None, help="test samples (default: the dataset's)")
+    g.add_argument("--augment", default=d.augment,
+                   help=f"comma list of {list(AUGMENTATIONS)} or 'none' (applied in that order, then the rotation)")
+    g = p.add_argument_group("optimisation (unset: the paper's setup for --model)")
+    g.add_argument("--epochs", type=int, default=d.epochs)
+    g.add_argument("--batch-size", type=int, default=None, help="global batch (paper: 24 / 32)")
+    g.add_argument("--optimizer", default=None, help="adam or sgd")
+    g.add_argument("--lr", type=float, default=None)
+    g.add_argument("--weight-decay", type=float, default=None)
+    g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
+    g.add_argument("--lr-schedule", default=None, help="step, cosine or none")
+    g.add_argument("--lr-step", type=int, default=d.lr_step, help="StepLR period in epochs")
+    g.add_argument("--lr-gamma", type=float, default=d.lr_gamma, help="StepLR factor")
+    g = p.add_argument_group("relaxation")
+    g.add_argument("--plain", action="store_true", help="train the unrelaxed equivariant model instead")
+    g.add_argument("--theta-schedule", default=d.theta_schedule, help=f"one of {sorted(SCHEDULES)}")
+    g.add_argument("--theta-max", type=float, default=d.theta_max)
+    g.add_argument("--theta-unit", default=d.theta_unit, help="step the θ schedule per 'step' or per 'epoch'")
+    g.add_argument("--lambda-ld", type=float, default=d.lambda_ld, help="weight of the Lie-derivative term")
+    g.add_argument("--lambda-n", type=float, default=d.lambda_n, help="weight of the norm term")
+    g.add_argument("--reduction", default=d.reduction, help=f"one of {list(REDUCTIONS)}")
+    g.add_argument("--theta-scaled-lambda", action="store_true", help="scale the regulariser with θ")
+    g.add_argument("--relax-init", default=d.relax_init, help="zeros or default (nn.Linear init of W_r)")
+    g.add_argument("--clip-grad-norm", type=float, default=None,
+                   help="clip the gradient norm (advised with --augment dropout without jitter)")
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--device", default=d.device, help="cpu, cuda or cuda:i")
+    g.add_argument("--dtype", default=d.dtype, help="float32, or float64 (slow; for exact comparisons)")
+    g.add_argument("--threads", type=int, default=None, help="torch threads (default: cores / processes)")
+    g.add_argument("--backend", default=None, help="kernel backend: native, triton, reference, auto")
+    g.add_argument("--run-dir", default=None, help="output directory (default: runs/<model>-<data>-...)")
+    g.add_argument("--runs-root", default=d.runs_root, help="parent of the default run directory")
+    g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    g.add_argument("--stop-after", type=int, default=None, metavar="N",
+                   help="stop after N epochs of this invocation (resumable), e.g. to split a long run")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def parse_args(argv=None) -> tuple[TrainConfig, Optional[str], Optional[int]]:
+    ns = _parser().parse_args(argv)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in vars(ns).items() if k in fields}, progress=not ns.no_progress)
+    return cfg, ns.resume, ns.stop_after
+
+
+def main(argv=None) -> int:
+    cfg, resume, stop_after = parse_args(argv)
+    try:
+        summary = train(cfg, resume=resume, stop_after=stop_after)
+        if D.rank() == 0:
+            print(f"[relaxeq-train] {format_summary(summary)}")
+        return 0
+    except (ConfigError, NonFiniteLossError) as e:
+        print(f"relaxeq-train: error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 1
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+

@@ -1,0 +1,105 @@
+"""What a run reports: metrics.csv, the training plot, the comparison of runs, the one-line summary."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from typing import Optional
+
+from .config import METRIC_FIELDS
+
+def _write_metrics(path: str, history: list[dict]):
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+        w.writeheader()
+        for row in history:
+            w.writerow({k: row[k] for k in METRIC_FIELDS})
+    os.replace(tmp, path)
+
+
+def plot_history(history: list[dict], path: str, title: str = "") -> Optional[str]:
+    """training.png: loss, accuracy, θ and lr, regulariser terms, projection error per epoch."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    ep = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    ax = axes[0, 0]
+    ax.plot(ep, [h["train_loss"] for h in history], "o-", label="train loss (task + reg.)")
+    ax.plot(ep, [h["reg_loss"] for h in history], "s--", label="regulariser term of the loss")
+    ax.set_title("loss"), ax.legend(fontsize=8)
+    ax = axes[0, 1]
+    ax.plot(ep, [h["train_acc"] for h in history], "o-", label="train")
+    ax.plot(ep, [h["test_acc"] for h in history], "s-", label="test (current θ)")
+    ax.set_ylim(0, 1), ax.set_title("accuracy"), ax.legend(fontsize=8)
+    ax = axes[0, 2]
+    ax.plot(ep, [h["theta"] for h in history], "o-", color="C3")
+    ax.set_title("θ at the end of the epoch")
+    ax = axes[1, 0]
+    for key, label in (("r_ld", "R_LD (Σ over layers)"), ("r_n", "R_N (Σ over layers)")):
+        vals = [h[key] for h in history]
+        ax.plot(ep, vals, "o-", label=label)
+    if any(h[k] > 0 for h in history for k in ("r_ld", "r_n")):
+        ax.set_yscale("symlog", linthresh=1e-8)
+    ax.set_title("regulariser terms (epoch mean)"), ax.legend(fontsize=8)
+    ax = axes[1, 1]
+    pe = [h["projection_error"] for h in history]
+    ax.plot(ep, pe, "o-", color="C4")
+    if any(v > 0 for v in pe):
+        ax.set_yscale("symlog", linthresh=1e-8)
+    ax.set_title("projection error ‖f_θ − f_proj‖ / ‖f_proj‖")
+    ax = axes[1, 2]
+    ax.plot(ep, [h["lr"] for h in history], "o-", color="C5")
+    ax.set_title("learning rate")
+    for a in axes.flat:
+        a.set_xlabel("epoch"), a.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def compare_runs(run_dirs: list[str], out_png: Optional[str] = None) -> str:
+    """A table of finished runs (projected test accuracy, equivariance error, time) and, when
+    ``out_png`` is given, their test accuracy and θ per epoch on one plot. Returns the table."""
+    rows, histories = [], []
+    for d in run_dirs:
+        with open(os.path.join(d, "summary.json")) as f:
+            s = json.load(f)
+        with open(os.path.join(d, "metrics.csv")) as f:
+            histories.append([{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)])
+        label = "relaxed → projected" if s["relaxed"] else "plain"
+        rows.append(f"| {label} | {s['test_acc_projected']:.3f} | {s['equivariance_error']:.1e} | "
+                    f"{s['seconds']:.0f} s | {d} |")
+    table = "\n".join(["| run | test accuracy (projected) | equivariance error | training time | run dir |",
+                       "|---|---|---|---|---|", *rows])
+    if out_png:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+        for d, hist in zip(run_dirs, histories):
+            ep = [h["epoch"] for h in hist]
+            a1.plot(ep, [h["test_acc"] for h in hist], "o-", label=os.path.basename(os.path.normpath(d)))
+            a2.plot(ep, [h["theta"] for h in hist], "o-", label=os.path.basename(os.path.normpath(d)))
+        a1.set(title="test accuracy per epoch (current θ; last epoch θ = 0)", xlabel="epoch", ylim=(0, 1))
+        a2.set(title="θ at the end of the epoch", xlabel="epoch")
+        for a in (a1, a2):
+            a.grid(alpha=0.3), a.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_png, dpi=90)
+        plt.close(fig)
+    return table
+
+
+def format_summary(s: dict) -> str:
+    if not s.get("finished"):
+        return f"stopped after {s['epochs_done']} epoch(s); resume with --resume {s['run_dir']}"
+    kind = "relaxed → projected" if s["relaxed"] else "plain"
+    return (f"{kind}: test accuracy {s['test_acc_projected']:.3f}, equivariance error "
+            f"{s['equivariance_error']:.1e}, {s['seconds']:.0f} s of training; plots: {s['plot']}")
