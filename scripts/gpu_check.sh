@@ -3,7 +3,7 @@
 # build the extension for the visible GPU, run the CUDA and Triton tests natively (no interpreter), then the
 # benchmarks on the GPU. Everything lands in $OUT (default gpu_out/): log.txt and results.tar.gz (JSON,
 # markdown, PNG), the tarball refreshed after every stage so a stage cut short still leaves the earlier ones.
-#   OUT=gpu_out  PYTHON=python3  BUILD_TIMEOUT=240  TEST_TIMEOUT=150  BENCH_SCALE=1 (0 = quick benchmarks)
+#   OUT=gpu_out  PYTHON=python3  BUILD_TIMEOUT=240  TILE_TIMEOUT=120  TEST_TIMEOUT=150  BENCH_SCALE=1 (0 = quick benchmarks)
 #   PROFILE=1 (0 skips the torch.profiler stage)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +28,12 @@ TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS="$(nproc)" RELAXEQ_FORCE_CUDA=1 timeout "$
   "$PY" -m pip install --no-build-isolation --no-deps --no-index -e . > "$WORK/build.log" 2>&1
 echo "build exit $? (log: build.log in results.tar.gz)"; tail -3 "$WORK/build.log"
 "$PY" -c "import relaxeq_fast, json; print(json.dumps(relaxeq_fast.build_info()))" || { pack; exit 1; }
+pack
+
+stage "Triton GPU tile configurations (every _block_sizes config, several row programs) and the default TF32 conv path"
+timeout "${TILE_TIMEOUT:-120}" "$PY" -m pytest tests/test_relaxed_linear_triton.py tests/test_relaxed_conv2d_triton.py \
+  -q -p no:cacheprovider -k "gpu_tile_config or several_row_programs or tf32" -rfEs > "$WORK/tests_tiles.log" 2>&1
+echo "pytest exit $?"; grep -E "FAILED|ERROR|SKIPPED" "$WORK/tests_tiles.log" | head -20; tail -1 "$WORK/tests_tiles.log"
 pack
 
 stage "tests on the GPU: CUDA kernels and Triton kernels (compiled, not interpreted)"

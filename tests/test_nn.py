@@ -86,6 +86,64 @@ def test_forward_is_the_effective_matrix():
     assert_close_scaled(layer(x).reshape(5, 6), want, 1e-13)
 
 
+def irreps_linear64(x, rin, rout, weights, bias, W_r, b_r, theta):
+    """Float64 relaxed linear map from the math alone: every (output block, input block) pair of equal l
+    is W_pair ⊗ I_{2l+1} (one weight per pair, output blocks outer, input blocks inner), the bias sits
+    on the l = 0 outputs in order, plus θ (W_r x + b_r). Blocks are counted here from rin/rout.blocks."""
+    def offsets(rep):
+        out, start = [], 0
+        for m, l in rep.blocks:
+            out.append((start, m, l))
+            start += m * (2 * l + 1)
+        return out
+
+    parts, w_iter, b_start = [], iter(weights), 0
+    for _os, om, ol in offsets(rout):
+        y = x.new_zeros(*x.shape[:-1], om, 2 * ol + 1)
+        for is_, im, il in offsets(rin):
+            if il == ol:
+                xb = x[..., is_:is_ + im * (2 * il + 1)].reshape(*x.shape[:-1], im, 2 * il + 1)
+                y = y + torch.einsum("uv,...vm->...um", next(w_iter), xb)
+        if ol == 0 and bias is not None:
+            y = y + bias[b_start:b_start + om].unsqueeze(-1)
+            b_start += om
+        parts.append(y.reshape(*x.shape[:-1], -1))
+    assert next(w_iter, None) is None, "more weights than equal-l block pairs"
+    y = torch.cat(parts, -1)
+    return y + theta * (x @ W_r.T + b_r)
+
+
+# Two scalar output blocks (bias placement across blocks), l = 0..2 with multiplicities.
+VALUE_PAIRS = REP_PAIRS + [(Irreps("2x0+1x1+1x2"), Irreps("3x0+2x1+1x0"))]
+VALUE_IDS = IDS + ["irreps_two_scalar_blocks"]
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rin,rout", VALUE_PAIRS, ids=VALUE_IDS)
+def test_forward_and_gradients_match_independent_float64_map(rin, rout, backend, train):
+    # θ = 0.35 (not 0 or 1: a layer that dropped θ or applied it to W_eq would fail) and random
+    # equivariant weights, bias, W_r and b_r; the training path (fused statistics) and the eval path.
+    layer = random_relaxed(rin, rout, theta=0.35).train(train)
+    x = torch.randn(2, 3, rin.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    x_in = x.reshape(2, 3, *rin.feature_shape).requires_grad_()
+    params = [*layer.weights, layer.weight_relax, layer.bias_relax] + ([layer.bias] if layer.bias is not None else [])
+    with use_backend(backend):
+        y = layer(x_in)
+    gy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    grads = torch.autograd.grad(y, [x_in] + params, gy)
+
+    x64 = x.clone().requires_grad_()
+    p64 = [p.detach().clone().requires_grad_() for p in params]
+    n_w = len(layer.weights)
+    bias64 = p64[n_w + 2] if layer.bias is not None else None
+    want = irreps_linear64(x64, rin, rout, p64[:n_w], bias64, p64[n_w], p64[n_w + 1], 0.35)
+    grads_want = torch.autograd.grad(want, [x64] + p64, gy.reshape(want.shape))
+    assert_close_scaled(y.reshape(want.shape), want, 1e-12, "y")
+    for i, (got, ref) in enumerate(zip(grads, grads_want)):
+        assert_close_scaled(got.reshape(ref.shape), ref, 1e-12, f"grad {i}")
+
+
 def test_eval_mode_collects_no_statistics():
     layer = RelaxedLinear(VN(2), VN(2)).eval()
     layer(torch.randn(3, 2, 3))

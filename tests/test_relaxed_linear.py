@@ -8,12 +8,13 @@ import relaxeq_fast
 from relaxeq_fast import relaxed_linear, relaxed_linear_ref, use_backend
 from relaxeq_fast.reference import relaxed_linear_backward_ref
 
-from testing import CUDA_SKIP_REASON, DEVICES, assert_close_scaled
+from testing import CUDA_SKIP_REASON, DEVICES, assert_close_scaled, num_threads
 
 pytestmark = pytest.mark.skipif(not relaxeq_fast.build_info()["extension_loaded"],
                                 reason="relaxeq_fast._C is not built")
 
-# rtol relative to the largest reference entry (see assert_close_scaled).
+# rtol relative to the largest reference entry, applied once: max|err| <= tol * max(1, max|ref|)
+# (see assert_close_scaled).
 # float32: y sums D_in products, G/dM sum N products: accumulated rounding ~ sqrt(K) * 6e-8 per entry,
 # plus GEMM blocking order; 1e-5 for y/dx, 5e-5 for sums over rows (up to ~1000).
 # float64: round-off only.
@@ -130,16 +131,105 @@ def test_non_contiguous_and_batch_dims(device):
 
 def test_threads_do_not_change_results():
     x, M, c = make_inputs(40000, 40, 30, torch.float64, "cpu")  # 12.8 MB: the chunked path
-    prev = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with num_threads(1):
         one = torch.ops.relaxeq.relaxed_linear(x, M, c, True)
-        torch.set_num_threads(2)
+    with num_threads(2):
         two = torch.ops.relaxeq.relaxed_linear(x, M, c, True)
-    finally:
-        torch.set_num_threads(prev)
     for a, b, name in zip(one, two, "yGs"):
         assert_close_scaled(a, b, 1e-12, name)
+
+
+# The CPU kernel's row-chunked path (csrc/cpu/relaxed_linear.cpp), mirrored here to build shapes that reach
+# it: taken when max(D_in, D_out) < kWideColumns = 256 and x is larger than kCacheResidentBytes = 8 MiB;
+# chunks of max(64, 256 KiB / row bytes) rows, rows D_in wide in the forward, max(D_in, D_out) wide in the
+# backward; one partial G/s (dM/dc) per thread, added at the end.
+def chunk_rows(width: int, dtype: torch.dtype) -> int:
+    return max(64, (256 * 1024) // (width * dtype.itemsize))
+
+
+def chunked_n(d_in: int, dtype: torch.dtype, width: int, tail: int, extra_chunks: int = 0) -> int:
+    """The smallest N past the cache-resident size that ends on a partial chunk of `tail` rows (0: full)."""
+    chunk = chunk_rows(width, dtype)
+    n_full = (8 << 20) // (d_in * dtype.itemsize) // chunk + 1 + extra_chunks
+    return n_full * chunk + tail
+
+
+def assert_chunked(n, d_in, d_out, dtype):
+    assert max(d_in, d_out) < 256 and n * d_in * dtype.itemsize > 8 << 20, "not the chunked path"
+
+
+# (dtype, D_in, D_out, tail rows of the last chunk): non-square, odd widths, a one-row tail (where an
+# off-by-one chunk count drops the last chunk), a tail one short of a full chunk, no tail; D_in from 3
+# (chunks of ~11000 rows) to 255 (128-row chunks). Tolerances: TOLS. float32 keeps D_in >= 16: G sums a
+# whole chunk (65536 / D_in rows) in one GEMM, ~1e-4 relative error at D_in = 7 (measured), within 5e-5
+# from D_in = 16 (chunks <= 4096 rows); float64 has room for any width.
+CHUNKED_SHAPES = [
+    (torch.float64, 61, 37, 1),
+    (torch.float64, 37, 130, "full-1"),
+    (torch.float64, 255, 3, 0),
+    (torch.float64, 3, 5, 1),
+    (torch.float32, 67, 41, 1),
+    (torch.float32, 17, 45, 5),
+    (torch.float32, 129, 255, "full-1"),
+]
+CHUNKED_IDS = [f"{str(dt)[6:]}-{d_in}x{d_out}-tail{tail}" for dt, d_in, d_out, tail in CHUNKED_SHAPES]
+
+
+def _tail(spec, width, dtype):
+    return chunk_rows(width, dtype) - 1 if spec == "full-1" else spec
+
+
+@pytest.mark.parametrize("dtype,d_in,d_out,tail", CHUNKED_SHAPES, ids=CHUNKED_IDS)
+@pytest.mark.parametrize("stats", [True, False], ids=["stats", "no_stats"])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_chunked_path_forward(dtype, d_in, d_out, tail, stats, threads):
+    # 3 threads: more partial sums than the 2 of this machine's default (and the 1-thread path).
+    n = chunked_n(d_in, dtype, d_in, _tail(tail, d_in, dtype))
+    assert_chunked(n, d_in, d_out, dtype)
+    x, M, c = make_inputs(n, d_in, d_out, dtype, "cpu", bias=stats, seed=n)
+    with num_threads(threads):
+        y, G, s = torch.ops.relaxeq.relaxed_linear(x, M, c, stats)
+    y_ref, G_ref, s_ref = ref64(x, M, c, stats)
+    assert_close_scaled(y, y_ref, TOLS[dtype]["y"], "y")
+    assert_close_scaled(G, G_ref, TOLS[dtype]["stats"], "G")
+    assert_close_scaled(s, s_ref, TOLS[dtype]["stats"], "s")
+
+
+@pytest.mark.parametrize("dtype,d_in,d_out,tail", CHUNKED_SHAPES, ids=CHUNKED_IDS)
+@pytest.mark.parametrize("mask", [(True, True, True), (False, True, False), (False, False, True)],
+                         ids=["all", "dM", "dc"])
+def test_chunked_path_backward(dtype, d_in, d_out, tail, mask):
+    width = max(d_in, d_out)  # the backward chunks by the wider side
+    n = chunked_n(d_in, dtype, width, _tail(tail, width, dtype))
+    assert_chunked(n, d_in, d_out, dtype)
+    x, M, _ = make_inputs(n, d_in, d_out, dtype, "cpu", seed=n + 1)
+    dy = torch.randn(n, d_out, generator=torch.Generator().manual_seed(n + 2), dtype=torch.float64).to(dtype)
+    with num_threads(3):
+        got = torch.ops.relaxeq.relaxed_linear_backward(dy, x, M, list(mask))
+    want = relaxed_linear_backward_ref(dy.double(), x.double(), M.double(), mask)
+    for name, g, w, m in zip(("dx", "dM", "dc"), got, want, mask):
+        if m:
+            assert_close_scaled(g, w, TOLS[dtype]["grad"], name)
+        else:
+            assert g.numel() == 0, name
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(d_in=st.integers(16, 255), d_out=st.integers(1, 64), tail=st.integers(0, 10 ** 6),
+       dtype=st.sampled_from([torch.float32, torch.float64]), stats=st.booleans(), bias=st.booleans(),
+       extra_chunks=st.integers(0, 3))
+def test_fuzz_chunked_path(d_in, d_out, tail, dtype, stats, bias, extra_chunks):
+    # Widths below 256 (D_in >= 16 for float32, see CHUNKED_SHAPES; D_out <= 64 keeps y, N x D_out with
+    # N ~ 2^21 / D_in rows, small enough to compare quickly), any tail of the last chunk.
+    tail %= chunk_rows(d_in, dtype)
+    n = chunked_n(d_in, dtype, d_in, tail, extra_chunks)
+    assert_chunked(n, d_in, d_out, dtype)
+    x, M, c = make_inputs(n, d_in, d_out, dtype, "cpu", bias, seed=n)
+    y, G, s = torch.ops.relaxeq.relaxed_linear(x, M, c, stats)
+    y_ref, G_ref, s_ref = ref64(x, M, c, stats)
+    assert_close_scaled(y, y_ref, TOLS[dtype]["y"], "y")
+    assert_close_scaled(G, G_ref, TOLS[dtype]["stats"], "G")
+    assert_close_scaled(s, s_ref, TOLS[dtype]["stats"], "s")
 
 
 def test_cuda_kernels_registered_when_built():

@@ -7,7 +7,8 @@ the interpreter executes every program in numpy.
 import pytest
 import torch
 
-from testing import TRITON_DEVICE as DEVICE, TRITON_HALF_MARKS, ieee_fp32, skip_module_unless_triton_runs  # noqa: F401
+from testing import (TRITON_BFLOAT16_MARKS, TRITON_DEVICE as DEVICE, TRITON_FLOAT16_MARKS,  # noqa: F401
+                     assert_close_scaled, ieee_fp32, skip_module_unless_triton_runs)
 
 skip_module_unless_triton_runs()
 
@@ -15,17 +16,19 @@ from relaxeq_fast import functional  # noqa: E402
 from relaxeq_fast.reference import relaxed_linear_backward_ref, relaxed_linear_ref  # noqa: E402
 from relaxeq_fast.triton_kernels import relaxed_linear as triton_rl  # noqa: E402
 
-# (dtype, tol): an error passes when max|got - ref| <= tol * max(1, max|ref|), the reference
-# being float64 on the same (upcast) inputs.
+# (dtype, tolerances): an error passes when max|got - ref| <= tol * max(1, max|ref|), scaled once, the
+# reference being float64 on the same (upcast) inputs. "stats" is for G and s.
 DTYPES = [
     # Summation order of the fp32 accumulators (blocked dot, atomics across row blocks) differs
     # from the float64 reference: ~1e-6 relative at these sizes; TF32 is off (testing.ieee_fp32).
-    pytest.param(torch.float32, 1e-4, id="float32"),
+    pytest.param(torch.float32, {"y": 1e-4, "stats": 1e-4, "grad": 1e-4}, id="float32"),
     # Same algorithm in float64: only rounding of a few dozen terms.
-    pytest.param(torch.float64, 1e-10, id="float64"),
-    # Outputs are rounded to the input dtype once (fp32 accumulate): 2^-11 and 2^-8 relative.
-    pytest.param(torch.float16, 5e-3, id="float16", marks=TRITON_HALF_MARKS),
-    pytest.param(torch.bfloat16, 2e-2, id="bfloat16", marks=TRITON_HALF_MARKS),
+    pytest.param(torch.float64, {"y": 1e-10, "stats": 1e-10, "grad": 1e-10}, id="float64"),
+    # Outputs are rounded to the input dtype once (fp32 accumulate): 2^-11 and 2^-8 relative. Statistics
+    # stay in fp32 and products of halves are exact in fp32: fp32 summation error only.
+    pytest.param(torch.float16, {"y": 5e-3, "stats": 1e-4, "grad": 5e-3}, id="float16", marks=TRITON_FLOAT16_MARKS),
+    pytest.param(torch.bfloat16, {"y": 2e-2, "stats": 1e-4, "grad": 2e-2}, id="bfloat16",
+                 marks=TRITON_BFLOAT16_MARKS),
 ]
 # D not a multiple of the 16/32/64-wide blocks; (40, 40) gives several Gram column blocks.
 DIMS = [(5, 3), (17, 33), (40, 40)]
@@ -46,13 +49,27 @@ def _inputs(n, d_in, d_out, dtype, with_c, seed=0):
 
 
 def _check(name, got, ref, tol):
-    assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
-    if ref.numel() == 0:
-        return
-    err = (got.double() - ref.double()).abs().max().item()
-    scale = max(1.0, ref.double().abs().max().item())
-    print(f"{name}: max abs error {err:.3e} (scale {scale:.3e}, tol {tol:.1e})")
-    assert err <= tol * scale, f"{name}: max abs error {err:.3e} > {tol:.1e} * {scale:.3e}"
+    assert_close_scaled(got, ref, tol, name)
+
+
+class _GridSpy:
+    """Stands in for the kernel in the launcher and records each launch grid."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+def _spy_on_grids(monkeypatch) -> list:
+    real = triton_rl._relaxed_linear_kernel
+    spy = _GridSpy(real)
+    monkeypatch.setattr(triton_rl, "_relaxed_linear_kernel", spy)
+    check = triton_rl.check_device  # it inspects the kernel object (interpreted or not): give it the real one
+    monkeypatch.setattr(triton_rl, "check_device", lambda t, opname, _kernel, module: check(t, opname, real, module))
+    return spy.grids
 
 
 def _ref64(*ts):
@@ -70,12 +87,10 @@ def test_forward(op, n, d_in, d_out, dtype, tol, with_c, stats):
     yr, Gr, sr = relaxed_linear_ref(*_ref64(x, M, c), stats)
     sdt = torch.float64 if dtype == torch.float64 else torch.float32
     assert y.dtype == dtype and G.dtype == sdt and s.dtype == sdt
-    _check("y", y, yr, tol)
+    _check("y", y, yr, tol["y"])
     if stats:
-        # Statistics are accumulated in fp32 even for half inputs: products of halves are exact.
-        stol = min(tol, 1e-4)
-        _check("G", G, Gr, stol)
-        _check("s", s, sr, stol)
+        _check("G", G, Gr, tol["stats"])
+        _check("s", s, sr, tol["stats"])
         assert torch.equal(G, G.T), "G must be exactly symmetric (mirrored upper triangle)"
     else:
         assert G.shape == (0, 0) and s.shape == (0,)
@@ -101,9 +116,9 @@ def test_forward_noncontiguous(op, monkeypatch, dtype, tol, layout, sub_blocks):
     assert not c.is_contiguous()
     y, G, s = op(x, M, c, True)
     yr, Gr, sr = relaxed_linear_ref(*_ref64(x, M, c), True)
-    _check("y", y, yr, tol)
-    _check("G", G, Gr, tol)
-    _check("s", s, sr, tol)
+    _check("y", y, yr, tol["y"])
+    _check("G", G, Gr, tol["stats"])
+    _check("s", s, sr, tol["stats"])
 
 
 @pytest.mark.parametrize("dtype, tol", DTYPES)
@@ -124,7 +139,7 @@ def test_backward_autograd(op, n, d_in, d_out, dtype, tol, with_c):
     ref_grads = torch.autograd.grad(yr, ref_inputs, grad_outputs=dy.to(dtype).double().to(DEVICE))
     for name, got, ref in zip(("dx", "dM", "dc"), grads, ref_grads):
         assert got.dtype == dtype
-        _check(name, got, ref, tol)
+        _check(name, got, ref, tol["grad"])
 
 
 @pytest.mark.parametrize("dtype, tol", DTYPES[:2])
@@ -142,7 +157,82 @@ def test_backward_output_mask(n, dtype, tol, mask):
         assert g.dtype == dtype
         if not want:
             assert g.shape == (0,), f"{name} not requested: expected an empty [0] tensor, got {tuple(g.shape)}"
-        _check(name, g, r, tol)
+        _check(name, g, r, tol["grad"])
+
+
+# Several row programs. G, s (forward) and dM, dc (backward) are merged across row programs with atomics,
+# but the launcher gives the interpreter up to 16 row blocks per program (program_slots = 1), so the
+# tests above run one row program. One row block per program (32 rows in the interpreter, 64 on a GPU)
+# and N = 3 blocks + 5 rows give 4 row programs, the last one partial.
+MASKS = [[True, True, True], [False, True, False], [False, False, True], [True, False, True]]
+
+
+@pytest.mark.parametrize("dtype, tol", DTYPES)
+@pytest.mark.parametrize("mask", MASKS, ids=lambda m: "".join("1" if b else "0" for b in m))
+def test_backward_several_row_programs(monkeypatch, dtype, tol, mask):
+    monkeypatch.setattr(triton_rl, "_SUB_BLOCKS_PER_PROGRAM", 1)
+    grids = _spy_on_grids(monkeypatch)
+    n = 3 * triton_rl._block_sizes(dtype, torch.device(DEVICE))[0] + 5
+    x, M, _ = _inputs(n, 40, 33, dtype, False, seed=9)
+    dy = torch.randn(n, 33, generator=torch.Generator().manual_seed(10), dtype=torch.float64).to(dtype).to(DEVICE)
+    got = triton_rl.backward_op()(dy, x, M, mask)
+    ref = relaxed_linear_backward_ref(*_ref64(dy, x, M), mask)
+    assert [g[0] for g in grids] == [4], f"expected one launch with 4 row programs, got grids {grids}"
+    for name, g, r in zip(("dx", "dM", "dc"), got, ref):
+        _check(name, g, r, tol["grad"])
+
+
+@pytest.mark.parametrize("dtype, tol", DTYPES)
+@pytest.mark.parametrize("with_c", [False, True], ids=["no_c", "c"])
+def test_forward_several_row_programs(op, monkeypatch, dtype, tol, with_c):
+    monkeypatch.setattr(triton_rl, "_SUB_BLOCKS_PER_PROGRAM", 1)
+    grids = _spy_on_grids(monkeypatch)
+    n = 3 * triton_rl._block_sizes(dtype, torch.device(DEVICE))[0] + 5
+    x, M, c = _inputs(n, 40, 33, dtype, with_c, seed=11)
+    y, G, s = op(x, M, c, True)
+    yr, Gr, sr = relaxed_linear_ref(*_ref64(x, M, c), True)
+    assert [g[0] for g in grids] == [4], f"expected one launch with 4 row programs, got grids {grids}"
+    _check("y", y, yr, tol["y"])
+    _check("G", G, Gr, tol["stats"])
+    _check("s", s, sr, tol["stats"])
+
+
+# Every GPU tile configuration (_block_sizes on a CUDA device: one per dtype), forced onto this device:
+# compiled on a GPU (scripts/gpu_check.sh), in the interpreter elsewhere (index and mask logic only; warps
+# and shared memory are the GPU's). Each config gets 3 row programs of 2 row blocks (the in-kernel row
+# loop; the last block partial), 3 column blocks of G (the triangular tile enumeration) and 3 output tiles.
+GPU_TILE_CONFIGS = [pytest.param(p.values[0], p.values[1], id=f"{p.id}-" + "x".join(
+    map(str, triton_rl._block_sizes(p.values[0], torch.device("cuda")))), marks=p.marks) for p in DTYPES]
+
+
+@pytest.mark.parametrize("dtype, tol", GPU_TILE_CONFIGS)
+def test_gpu_tile_config(op, monkeypatch, dtype, tol):
+    config = triton_rl._block_sizes(dtype, torch.device("cuda"))
+    block_n, block_o, _block_k, block_s, _ = config
+    monkeypatch.setattr(triton_rl, "_block_sizes", lambda *_: config)
+    monkeypatch.setattr(triton_rl, "_SUB_BLOCKS_PER_PROGRAM", 2)
+    grids = _spy_on_grids(monkeypatch)
+    n, d_in, d_out = 5 * block_n + 5, 2 * block_s + 7, 2 * block_o + 3
+    x, M, c = _inputs(n, d_in, d_out, dtype, True, seed=12)
+    y, G, s = op(x.requires_grad_(), M.requires_grad_(), c.requires_grad_(), True)
+    dy = torch.randn(n, d_out, generator=torch.Generator().manual_seed(13), dtype=torch.float64).to(dtype).to(DEVICE)
+    grads = torch.autograd.grad(y, (x, M, c), dy)
+    yr, Gr, sr = relaxed_linear_ref(*_ref64(x.detach(), M.detach(), c.detach()), True)
+    ref_grads = relaxed_linear_backward_ref(*_ref64(dy, x.detach(), M.detach()), [True, True, True])
+    assert [g[0] for g in grids] == [3, 3], f"expected 3 row programs per launch, got grids {grids}"
+    _check("y", y, yr, tol["y"])
+    _check("G", G, Gr, tol["stats"])
+    _check("s", s, sr, tol["stats"])
+    for name, g, r in zip(("dx", "dM", "dc"), grads, ref_grads):
+        _check(name, g, r, tol["grad"])
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's bfloat16 refusal; a GPU runs bfloat16")
+def test_bfloat16_refused_in_the_interpreter(op):
+    # The interpreter computes garbage in bfloat16 (testing.TRITON_BFLOAT16_MARKS): a clear error instead.
+    x, M, c = _inputs(4, 5, 3, torch.bfloat16, True)
+    with pytest.raises(TypeError, match="bfloat16"):
+        op(x, M, c, True)
 
 
 def test_functional_backend_triton():

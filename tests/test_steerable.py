@@ -7,7 +7,8 @@ import torch
 
 from relaxeq_fast.steerable import FieldType, R2Conv, evaluate_kernel_basis, kernel_basis
 
-torch.set_num_threads(1)
+# small float64 ops: one thread is faster (conftest restores the count after each test)
+pytestmark = pytest.mark.usefixtures("single_thread")
 DT = torch.float64
 
 

@@ -14,7 +14,8 @@ from relaxeq_fast.steerable import (FieldBatchNorm, FieldNonLinearity, FieldType
                                     rot90_equivariance_error, spatial_rotation_generator, spatial_rotation_operator)
 from relaxeq_fast.vn import model_regularizers, project, relax, relaxed_layers, set_theta
 
-torch.set_num_threads(1)
+# small float64 ops: one thread is faster (conftest restores the count after each test)
+pytestmark = pytest.mark.usefixtures("single_thread")
 DT = torch.float64
 EXACT = 1e-10  # float64, exact symmetries (quarter turns, equivariant kernels)
 
@@ -192,6 +193,167 @@ def test_field_layers_are_equivariant_to_quarter_turns():
             assert rel(layer(rotate_field(x, t, k)), rotate_field(y, out_t, k)) < EXACT, (layer, k)
     bn.eval()
     assert rel(bn(rotate_field(x, t, 1)), rotate_field(bn(x), t, 1)) < EXACT
+
+
+# Independent float64 references for the field layers (the test above checks only equivariance, which
+# a wrong statistic, momentum or gate can keep). Written from the class docstrings with plain torch.
+BN_TYPE = FieldType.trivial(8, 2) + FieldType.irreps(8, [1, 4]) + FieldType.regular(8, 2)
+
+
+def field_channels(ftype):
+    """(first channel, dim, kind) of each field, counted here from the field kinds."""
+    out, start = [], 0
+    for kind, m in ftype.fields:
+        d = 1 if kind == "trivial" else (m if kind == "regular" else (1 if 2 * m == ftype.group else 2))
+        out.append((start, d, kind))
+        start += d
+    return out
+
+
+def field_moments64(x, ftype):
+    """Per field: the mean of all its values (0 for irreps: never centred) and the mean square deviation
+    over batch, pixels and the field's channels (for irreps: E‖f‖² / d)."""
+    means, vars_ = [], []
+    for start, d, kind in field_channels(ftype):
+        v = x[:, start:start + d].double()
+        mean = v.mean() if kind != "irrep" else v.new_zeros(())
+        means.append(mean)
+        vars_.append((v - mean).square().mean())
+    return torch.stack(means), torch.stack(vars_)
+
+
+def field_batch_norm64(x, ftype, weight, bias, mean, var, eps):
+    """y = (x − mean_field) / √(var_field + eps) · w_field (+ b_field for centred fields)."""
+    parts, k = [], 0
+    for i, (start, d, kind) in enumerate(field_channels(ftype)):
+        y = (x[:, start:start + d] - mean[i]) / (var[i] + eps).sqrt() * weight[i]
+        if kind != "irrep":
+            y = y + bias[k]
+            k += 1
+        parts.append(y)
+    return torch.cat(parts, 1)
+
+
+def _random_field_bn(gen, eps, momentum):
+    bn = FieldBatchNorm(BN_TYPE, eps=eps, momentum=momentum, dtype=DT)
+    centred = torch.tensor([kind != "irrep" for _, _, kind in field_channels(BN_TYPE)])
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2, generator=gen)
+        bn.bias.normal_(generator=gen)
+        # running means of irrep fields stay 0 (training lerps them towards 0): set only centred ones
+        bn.running_mean.copy_(torch.randn(len(centred), dtype=DT, generator=gen) * 0.1 * centred)
+        bn.running_var.uniform_(0.005, 0.02, generator=gen)
+    return bn
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_field_batch_norm_matches_float64_reference(train):
+    # Non-default eps and momentum: x is scaled to a variance ~ 1e-2, so eps = 1e-2 halves 1/√(var+eps)
+    # and a layer using the default 1e-5 fails; momentum 0.3 against the default 0.1 likewise.
+    gen = torch.Generator().manual_seed(20)
+    eps, momentum = 1e-2, 0.3
+    bn = _random_field_bn(gen, eps, momentum).train(train)
+    x = 0.1 * torch.randn(3, BN_TYPE.dim, 5, 5, dtype=DT, generator=gen) + 0.05
+    x.requires_grad_()
+    rm0, rv0 = bn.running_mean.clone(), bn.running_var.clone()
+    y = bn(x)
+    gy = torch.randn(y.shape, dtype=DT, generator=gen)
+    grads = torch.autograd.grad(y, (x, bn.weight, bn.bias), gy)
+
+    x64, w64, b64 = (t.detach().clone().requires_grad_() for t in (x, bn.weight, bn.bias))
+    if train:
+        mean, var = field_moments64(x64, BN_TYPE)
+        count = torch.tensor([3 * 25 * d for _, d, _ in field_channels(BN_TYPE)], dtype=DT)
+        unbiased = torch.tensor([c / (c - 1) if kind != "irrep" else 1.0
+                                 for c, (_, _, kind) in zip(count.tolist(), field_channels(BN_TYPE))], dtype=DT)
+        rm_want = (1 - momentum) * rm0 + momentum * mean.detach()
+        rv_want = (1 - momentum) * rv0 + momentum * var.detach() * unbiased
+    else:
+        mean, var, rm_want, rv_want = rm0, rv0, rm0, rv0
+    want = field_batch_norm64(x64, BN_TYPE, w64, b64, mean, var, eps)
+    grads_want = torch.autograd.grad(want, (x64, w64, b64), gy)
+    torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
+    for name, got, ref in zip(("x", "weight", "bias"), grads, grads_want):
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10, msg=f"grad {name}")
+    torch.testing.assert_close(bn.running_mean, rm_want, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(bn.running_var, rv_want, rtol=1e-12, atol=1e-14)
+    # non-vacuous: eps is not negligible against these variances
+    assert (field_batch_norm64(x64, BN_TYPE, w64, b64, mean, var, 1e-5) - want).abs().max() > 1e-1
+
+
+def test_field_batch_norm_stats_reducer_gives_the_concatenated_batch():
+    # FieldBatchNorm.stats_reducer (distributed.sync_batch_norms sets it): a reducer merging the local
+    # moments with a fixed second "virtual rank" batch (Chan's formula) must give the batch norm of the
+    # concatenated batch on the local samples, gradients through the local moments included.
+    gen = torch.Generator().manual_seed(21)
+    eps, momentum = 1e-2, 0.3
+    bn = _random_field_bn(gen, eps, momentum).train()
+    x = 0.1 * torch.randn(2, BN_TYPE.dim, 4, 4, dtype=DT, generator=gen)
+    x_virtual = 0.3 * torch.randn(3, BN_TYPE.dim, 4, 4, dtype=DT, generator=gen) + 0.1
+    mean_v, var_v = field_moments64(x_virtual, BN_TYPE)
+    n_v = 3 * 16
+    calls = []
+
+    def reducer(mean, var, n):
+        calls.append(n)
+        total = n + n_v
+        delta = mean_v - mean
+        return mean + delta * (n_v / total), (n * var + n_v * var_v) / total + delta.square() * (n * n_v / total ** 2), total
+
+    bn.stats_reducer = reducer
+    x.requires_grad_()
+    rm0, rv0 = bn.running_mean.clone(), bn.running_var.clone()
+    y = bn(x)
+    assert calls == [2 * 16]
+    gy = torch.randn(y.shape, dtype=DT, generator=gen)
+    grads = torch.autograd.grad(y, (x, bn.weight, bn.bias), gy)
+
+    x64, w64, b64 = (t.detach().clone().requires_grad_() for t in (x, bn.weight, bn.bias))
+    mean, var = field_moments64(torch.cat([x64, x_virtual]), BN_TYPE)
+    want = field_batch_norm64(x64, BN_TYPE, w64, b64, mean, var, eps)
+    grads_want = torch.autograd.grad(want, (x64, w64, b64), gy)
+    local_mean, local_var = field_moments64(x64, BN_TYPE)
+    assert (field_batch_norm64(x64, BN_TYPE, w64, b64, local_mean, local_var, eps) - want).abs().max() > 1e-1
+    torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
+    for name, got, ref in zip(("x", "weight", "bias"), grads, grads_want):
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10, msg=f"grad {name}")
+    count = torch.tensor([5 * 16 * d for _, d, _ in field_channels(BN_TYPE)], dtype=DT)
+    centred = torch.tensor([kind != "irrep" for _, _, kind in field_channels(BN_TYPE)])
+    unbiased = torch.where(centred, count / (count - 1), torch.ones_like(count))
+    torch.testing.assert_close(bn.running_mean, (1 - momentum) * rm0 + momentum * mean.detach())
+    torch.testing.assert_close(bn.running_var, (1 - momentum) * rv0 + momentum * var.detach() * unbiased)
+
+
+def test_field_nonlinearity_matches_float64_reference():
+    # ReLU on trivial / regular channels; on an irrep field f the norm gate ReLU(‖f‖ + b) f / ‖f‖, with
+    # biases of both signs (the default 0 makes the gate 1 and hides a wrong sign or a missing b).
+    gen = torch.Generator().manual_seed(22)
+    nl = FieldNonLinearity(BN_TYPE, dtype=DT)
+    with torch.no_grad():
+        nl.bias.copy_(torch.tensor([0.7, -0.8], dtype=DT))
+    x = torch.randn(2, BN_TYPE.dim, 4, 4, dtype=DT, generator=gen, requires_grad=True)
+    y = nl(x)
+    gy = torch.randn(y.shape, dtype=DT, generator=gen)
+    grads = torch.autograd.grad(y, (x, nl.bias), gy)
+
+    x64, b64 = x.detach().clone().requires_grad_(), nl.bias.detach().clone().requires_grad_()
+    parts, k = [], 0
+    for start, d, kind in field_channels(BN_TYPE):
+        f = x64[:, start:start + d]
+        if kind == "irrep":
+            norm = f.square().sum(1, keepdim=True).sqrt()
+            parts.append(f * torch.relu(norm + b64[k]) / norm)
+            k += 1
+        else:
+            parts.append(torch.relu(f))
+    want = torch.cat(parts, 1)
+    grads_want = torch.autograd.grad(want, (x64, b64), gy)
+    torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
+    for name, got, ref in zip(("x", "bias"), grads, grads_want):
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10, msg=f"grad {name}")
+    # non-vacuous: the gates both cut (b < 0) and pass (b > 0) irrep fields
+    irreps = torch.cat([want[:, s:s + d] for s, d, kind in field_channels(BN_TYPE) if kind == "irrep"], 1)
+    assert (irreps == 0).any() and (irreps != 0).any()
 
 
 @pytest.mark.parametrize("G", [4, 8])

@@ -135,6 +135,106 @@ def test_joint_relaxed_maps_equal_separate_maps_and_share_statistics():
     assert stats.n == 33
 
 
+# ---- an independent float64 reference for the VN block ------------------------------------------------
+#
+# Written from the math (DESIGN.md §1, Deng et al. 2021) with plain torch only: no relaxeq op, no
+# relaxeq_fast.functional / .reference. Features [..., C, 3], flattened channel-major (index 3c + d).
+
+def relaxed_vn_linear64(x, W, W_r=None, b_r=None, theta=0.0):
+    """(W ⊗ I_3) x + θ (W_r x + b_r) on x [..., C_in, 3] with W [C_out, C_in], W_r [3 C_out, 3 C_in]."""
+    y = torch.einsum("oi,...id->...od", W, x)
+    if W_r is not None:
+        flat = torch.einsum("pq,...q->...p", W_r, x.reshape(*x.shape[:-2], -1)) + b_r
+        y = y + theta * flat.reshape(y.shape)
+    return y
+
+
+def vn_batch_norm64(p, weight, bias, running_mean, running_var, training, momentum, eps, norm_eps):
+    """BatchNorm1d of the norms ‖p_c‖ + norm_eps over every leading position, vectors rescaled to the new
+    norms. Returns (out, new running mean, new running var); training: batch stats, running stats moved
+    by momentum towards (mean, unbiased var); eval: running stats."""
+    norm = (p * p).sum(-1).sqrt() + norm_eps
+    rows = norm.reshape(-1, norm.shape[-1])
+    if training:
+        mean, var = rows.mean(0), (rows - rows.mean(0)).square().mean(0)
+        n = rows.shape[0]
+        new_mean = (1 - momentum) * running_mean + momentum * mean
+        new_var = (1 - momentum) * running_var + momentum * var * n / (n - 1)
+    else:
+        mean, var, new_mean, new_var = running_mean, running_var, running_mean, running_var
+    normalised = (norm - mean) / (var + eps).sqrt() * weight + bias
+    return p * (normalised / norm).unsqueeze(-1), new_mean, new_var
+
+
+def vn_leaky_relu64(p, d, slope, eps):
+    """Keep p where ⟨p, d⟩ ≥ 0; else blend p with its projection off d: slope p + (1 − slope)(p − ⟨p,d⟩ d/(‖d‖²+ε))."""
+    dot = (p * d).sum(-1, keepdim=True)
+    projected = p - dot / ((d * d).sum(-1, keepdim=True) + eps) * d
+    return torch.where(dot < 0, slope * p + (1 - slope) * projected, p)
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("use_bn", [True, False], ids=["bn", "nobn"])
+@pytest.mark.parametrize("shared", [False, True], ids=["perchannel", "shared"])
+@pytest.mark.parametrize("relaxed", [True, False], ids=["relaxed", "plain"])
+def test_vn_block_matches_independent_float64_composition(relaxed, shared, use_bn, train, backend):
+    # Non-default slope / eps / batch-norm eps and momentum throughout: a layer that dropped one of them
+    # and used the default would fail. eps = 0.5 is comparable to ‖d‖² here (d = W_dir x, ‖d‖² ~ 1).
+    g = torch.Generator().manual_seed(7)
+    c_in, c_out, slope, eps = 5, 4, 0.3, 0.5
+    block = VNLinearLeakyReLU(c_in, c_out, share_nonlinearity=shared, use_batchnorm=use_bn, negative_slope=slope,
+                              eps=eps, dtype=F64)
+    if relaxed:
+        block = relax(block, theta=0.6)
+        randomize_relaxation(block, 0.6)
+    bn = block.batchnorm
+    if bn is not None:
+        bn.eps, bn.momentum = 1e-3, 0.3
+        with torch.no_grad():
+            bn.weight.copy_(torch.rand(c_out, generator=g, dtype=F64) + 0.5)
+            bn.bias.copy_(torch.randn(c_out, generator=g, dtype=F64))
+            bn.running_mean.copy_(torch.rand(c_out, generator=g, dtype=F64) + 1.0)
+            bn.running_var.copy_(torch.rand(c_out, generator=g, dtype=F64) + 0.5)
+    block.train(train)
+    x = torch.randn(3, 7, c_in, 3, generator=g, dtype=F64, requires_grad=True)
+    params = [p for p in block.parameters()]
+    names = [n for n, _ in block.named_parameters()]
+    running = None if bn is None else (bn.running_mean.clone(), bn.running_var.clone())
+
+    with use_backend(backend):
+        out = block(x)
+    gy = torch.randn(out.shape, generator=g, dtype=F64)
+    grads = torch.autograd.grad(out, [x] + params, gy)
+
+    # the expected value, from the parameters only
+    x64 = x.detach().clone().requires_grad_()
+    p64 = [p.detach().clone().requires_grad_() for p in params]
+    P = dict(zip(names, p64))
+
+    def linear(name, v):
+        return relaxed_vn_linear64(v, P[f"{name}.weights.0"], P.get(f"{name}.weight_relax"),
+                                   P.get(f"{name}.bias_relax"), 0.6)
+
+    feat, direction = linear("map_to_feat", x64), linear("map_to_dir", x64)
+    new_running = None
+    if bn is not None:
+        feat, *new_running = vn_batch_norm64(feat, P["batchnorm.weight"], P["batchnorm.bias"], *running, train,
+                                             0.3, 1e-3, bn.norm_eps)
+    want = vn_leaky_relu64(feat, direction, slope, eps)
+    grads_want = torch.autograd.grad(want, [x64] + p64, gy)
+
+    assert_close_scaled(out, want, 1e-12, "block output")
+    for name, got, ref in zip(["x"] + names, grads, grads_want):
+        assert_close_scaled(got, ref, 1e-10, f"grad {name}")
+    if bn is not None:
+        assert_close_scaled(bn.running_mean, new_running[0], 1e-12, "running_mean")
+        assert_close_scaled(bn.running_var, new_running[1], 1e-12, "running_var")
+    # non-vacuous: the leaky ReLU changed a visible share of the vectors, and eps matters at this scale
+    assert (want - feat).abs().max() > 1e-2
+    assert (vn_leaky_relu64(feat, direction, slope, 1e-6) - want).abs().max() > 1e-3
+
+
 def test_model_regularizer_is_sum_of_layers_and_matches_jvp_per_layer():
     torch.manual_seed(3)
     net = torch.nn.Sequential(VNLinearLeakyReLU(3, 6, dtype=F64), VNLinearLeakyReLU(6, 4, dtype=F64),

@@ -14,7 +14,7 @@ import relaxeq_fast
 from relaxeq_fast import functional
 from relaxeq_fast.reference import vn_batch_norm_ref
 
-from testing import DEVICES, assert_close_scaled
+from testing import DEVICES, assert_close_scaled, num_threads
 
 needs_native = pytest.mark.skipif(not relaxeq_fast.build_info()["extension_loaded"],
                                   reason="relaxeq_fast._C is not built")
@@ -62,9 +62,11 @@ def _mode_args(mode, rm, rv):
     return rm, rv, training
 
 
-def run_and_compare(backend, device, dtype, tols, n, c, mode, affine, seed=0, x=None):
+def run_and_compare(backend, device, dtype, tols, n, c, mode, affine, seed=0, x=None, momentum=0.1, eps=1e-5,
+                    norm_eps=1e-6):
     """Forward, running stats and gradients (x, weight, bias) of the functional on ``backend``
-    against the reference in float64 on the same (rounded) inputs."""
+    against the reference in float64 on the same (rounded) inputs, at the given momentum / eps /
+    norm_eps (torch's and the functional's defaults unless said)."""
     x0, w, b, rm, rv = make_inputs(n, c, dtype, device, affine, seed)
     x = x0 if x is None else x.to(device=device, dtype=dtype)
     training = mode != "eval"
@@ -78,7 +80,7 @@ def run_and_compare(backend, device, dtype, tols, n, c, mode, affine, seed=0, x=
     rm_d, rv_d = running(lambda t: t)          # reference evaluated by torch in the input dtype
 
     leaves = [t.requires_grad_() for t in (x, w, b) if t is not None]
-    y = functional.vn_batch_norm(x, rm, rv, w, b, training=training, backend=backend)
+    y = functional.vn_batch_norm(x, rm, rv, w, b, training, momentum, eps, norm_eps, backend=backend)
     assert y.dtype == dtype and y.shape == x.shape
     gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 100), dtype=torch.float64)
     grads = torch.autograd.grad(y, leaves, gy.to(device=device, dtype=dtype))
@@ -86,7 +88,7 @@ def run_and_compare(backend, device, dtype, tols, n, c, mode, affine, seed=0, x=
     def reference(cast, rm_, rv_):
         ls = [cast(t.detach()).requires_grad_() for t in leaves]
         wr, br = (ls[1], ls[2]) if affine else (None, None)
-        yr = vn_batch_norm_ref(ls[0], rm_, rv_, wr, br, training, 0.1, 1e-5, 1e-6)
+        yr = vn_batch_norm_ref(ls[0], rm_, rv_, wr, br, training, momentum, eps, norm_eps)
         return yr, torch.autograd.grad(yr, ls, cast(gy.to(device)))
 
     yr, grads_r = reference(torch.Tensor.double, rm_r, rv_r)
@@ -121,6 +123,50 @@ def test_native_matches_reference(device, dtype, tols, n, c, mode, affine):
     run_and_compare("native", device, dtype, tols, n, c, mode, affine)
 
 
+# Non-default (momentum, eps, norm_eps): every other case runs at 0.1 / 1e-5 / 1e-6, which a backend
+# hard-coding them would pass. Each value is chosen to matter on unit-Gaussian vectors, whose norms have
+# a variance of about 0.45: eps = 0.5 or 1e-2 is a large or a visible part of var + eps; norm_eps = 0.25
+# shifts every norm (the mean absorbs the shift, the rescaling y = x nb / norm does not); momentum 0.5
+# and 1.0 (running stats := batch stats) and 0.03 move the running stats to visibly different places.
+BN_PARAMS = [
+    pytest.param(0.5, 0.5, 1e-6, id="m0.5-eps0.5"),
+    pytest.param(1.0, 1e-2, 0.25, id="m1-eps1e-2-normeps0.25"),
+    pytest.param(0.03, 1e-5, 1e-6, id="m0.03"),
+]
+BN_DEFAULTS = {"momentum": 0.1, "eps": 1e-5, "norm_eps": 1e-6}
+
+
+def assert_params_matter(n, c, mode, params, seed=0):
+    """Non-vacuity of a non-default case: putting any one non-default parameter back to its default
+    changes the float64 reference (y or the running stats) by far more than any tolerance."""
+    x, w, b, rm, rv = make_inputs(n, c, torch.float64, "cpu", seed=seed)
+    rm_, rv_, training = _mode_args(mode, rm, rv)
+
+    def outputs(p):
+        rm2, rv2 = (None, None) if rm_ is None else (rm_.clone(), rv_.clone())
+        y = vn_batch_norm_ref(x, rm2, rv2, w, b, training, p["momentum"], p["eps"], p["norm_eps"])
+        return [y] + ([] if rm2 is None else [rm2, rv2])
+
+    want = outputs(params)
+    for name, default in BN_DEFAULTS.items():
+        if params[name] == default or (name == "momentum" and (not training or rm_ is None)):
+            continue  # momentum only acts on running stats in training mode
+        other = outputs({**params, name: default})
+        diff = max((a - o).abs().max().item() for a, o in zip(want, other))
+        assert diff > 1e-3, f"{name} = {params[name]} vs {default}: references differ by only {diff:.1e}"
+
+
+@needs_native
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype, tols", TOLS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("momentum, eps, norm_eps", BN_PARAMS)
+def test_native_nondefault_momentum_and_eps(device, dtype, tols, mode, momentum, eps, norm_eps):
+    params = {"momentum": momentum, "eps": eps, "norm_eps": norm_eps}
+    assert_params_matter(300, 5, mode, params, seed=21)
+    run_and_compare("native", device, dtype, tols, 300, 5, mode, True, seed=21, **params)
+
+
 @needs_native
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="half precision kernels are CUDA-only (needs a GPU)")
 @pytest.mark.parametrize("dtype, tols", [
@@ -131,6 +177,59 @@ def test_native_matches_reference(device, dtype, tols, n, c, mode, affine):
 @pytest.mark.parametrize("mode", MODES)
 def test_native_half_precision_cuda(dtype, tols, mode):
     run_and_compare("native", "cuda", dtype, tols, 300, 33, mode, True)
+
+
+# 1 vs 2 threads. The CPU kernels (csrc/cpu/vn_batch_norm.cpp) split the rows with at::parallel_for in
+# chunks of at least row_grain(C) = 4096 // C rows: with 2 threads and N >= 2 * grain, the forward merges
+# two per-thread Welford partials (Chan's update) and the backward adds two per-thread partial sums;
+# with 1 thread neither merge runs. The two halves of the batch get different scales, so a merge that
+# dropped or double-counted one thread's partial would move the statistics by O(1).
+THREAD_N, THREAD_C = 4096, 7
+THREAD_TOLS = [
+    # float32: the kernels accumulate in double and round the stats once to float32: the two thread
+    # counts can differ by an ulp of the stats, ~1e-7 relative, amplified a few times by invstd.
+    pytest.param(torch.float32, 2e-6, id="float32"),
+    # float64: the same sums in another order: round-off only.
+    pytest.param(torch.float64, 1e-13, id="float64"),
+]
+
+
+@needs_native
+@pytest.mark.parametrize("dtype, tol", THREAD_TOLS)
+def test_native_one_and_two_threads_agree_and_match_reference(dtype, tol):
+    assert THREAD_N >= 2 * (4096 // THREAD_C), "too few rows for the parallel path (row_grain in the .cpp)"
+    x, w, b, rm, rv = make_inputs(THREAD_N, THREAD_C, torch.float64, "cpu", seed=30)
+    x = x * torch.where(torch.arange(THREAD_N) < THREAD_N // 2, 1.0, 3.0).to(torch.float64).view(-1, 1, 1)
+    x, w, b, rm, rv = (t.to(dtype) for t in (x, w, b, rm, rv))
+    gy = torch.randn(x.shape, generator=torch.Generator().manual_seed(31), dtype=torch.float64).to(dtype)
+    momentum, eps = 0.3, 1e-3
+
+    def run(threads):
+        with num_threads(threads):
+            assert torch.get_num_threads() == threads
+            rm_, rv_ = rm.clone(), rv.clone()
+            leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+            y = functional.vn_batch_norm(leaves[0], rm_, rv_, leaves[1], leaves[2], True, momentum, eps,
+                                         backend="native")
+            grads = torch.autograd.grad(y, leaves, gy)
+        return {"y": y, "running_mean": rm_, "running_var": rv_, "grad_x": grads[0], "grad_weight": grads[1],
+                "grad_bias": grads[2]}
+
+    one, two = run(1), run(2)
+    for name in one:
+        assert_close_scaled(two[name], one[name], tol, f"{name}: 2 threads vs 1")
+
+    # and the 2-thread result against the float64 reference
+    rm64, rv64 = rm.double(), rv.double()
+    leaves = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    yr = vn_batch_norm_ref(leaves[0], rm64, rv64, leaves[1], leaves[2], True, momentum, eps, 1e-6)
+    grads_r = torch.autograd.grad(yr, leaves, gy.double())
+    tols = dict(TOLS[0].values[1] if dtype == torch.float32 else TOLS[1].values[1])
+    assert_close_scaled(two["y"], yr, tols["y"], "y (2 threads) vs reference")
+    assert_close_scaled(two["running_mean"], rm64, tols["stats"], "running_mean (2 threads) vs reference")
+    assert_close_scaled(two["running_var"], rv64, tols["stats"], "running_var (2 threads) vs reference")
+    for name, g in zip(("grad_x", "grad_weight", "grad_bias"), grads_r):
+        assert_close_scaled(two[name], g, tols["grad"], f"{name} (2 threads) vs reference")
 
 
 @needs_native
@@ -358,6 +457,16 @@ def test_triton_matches_reference(triton_vn, dtype, tols, n, c, mode, affine):
 
 @needs_triton
 @pytest.mark.parametrize("dtype, tols", TOLS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("momentum, eps, norm_eps", BN_PARAMS)
+def test_triton_nondefault_momentum_and_eps(triton_vn, dtype, tols, mode, momentum, eps, norm_eps):
+    params = {"momentum": momentum, "eps": eps, "norm_eps": norm_eps}
+    assert_params_matter(7, 5, mode, params, seed=22)
+    run_and_compare("triton", TRITON_DEVICE, dtype, tols, 7, 5, mode, True, seed=22, **params)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype, tols", TOLS)
 def test_triton_several_row_programs(triton_vn, monkeypatch, dtype, tols):
     # 8 rows per program: several partial statistics to combine, atomics across programs in the
     # backward, and (BLOCK_N = 8 in the interpreter) full and partial row chunks.
@@ -409,3 +518,101 @@ def test_triton_bad_input(triton_vn):
         triton_vn.apply_op()(torch.randn(4, 5, 3, device=TRITON_DEVICE), torch.zeros(5, dtype=torch.float64,
                                                                                      device=TRITON_DEVICE),
                              torch.ones(5, device=TRITON_DEVICE), None, None, 1e-6)
+
+
+# ------------------------------------------------------------------ stats_reducer (global-batch statistics)
+#
+# functional.vn_batch_norm(..., stats_reducer=f) hands the local batch moments (mean, biased var, rows)
+# to f and normalises with what it returns (relaxeq_fast.distributed.all_reduce_moments across ranks).
+# Here f merges them with the moments of a fixed second "virtual rank" batch by Chan's formula, so the
+# result must be the batch norm of the concatenated batch, restricted to the local rows, with gradients
+# through the local part of the statistics. That expectation is computed below from scratch in float64
+# (no relaxeq code), so every backend's reducer path is checked, including the reference backend's own
+# branch in functional.vn_batch_norm.
+
+def concat_batch_norm64(x, x_virtual, weight, bias, eps, norm_eps):
+    """Float64 VN batch norm of cat([x, x_virtual]) over rows: (y of x's rows, batch mean, biased var)."""
+    xa = torch.cat([x.double(), x_virtual.double()])
+    norm = (xa * xa).sum(-1).sqrt() + norm_eps
+    mean = norm.mean(0)
+    var = (norm - mean).square().mean(0)
+    nb = (norm - mean) / (var + eps).sqrt() * weight.double() + bias.double()
+    return (xa * (nb / norm).unsqueeze(-1))[: len(x)], mean, var
+
+
+def make_virtual_rank_reducer(x_virtual, norm_eps, calls):
+    """stats_reducer merging the local moments with those of x_virtual (constant: no gradient)."""
+    norm = (x_virtual.double() * x_virtual.double()).sum(-1).sqrt() + norm_eps
+    mean_v, var_v, n_v = norm.mean(0), (norm - norm.mean(0)).square().mean(0), len(x_virtual)
+
+    def reducer(mean, var, n):
+        calls.append(n)
+        mv, vv = mean_v.to(mean.dtype), var_v.to(var.dtype)
+        total = n + n_v
+        delta = mv - mean
+        return mean + delta * (n_v / total), (n * var + n_v * vv) / total + delta.square() * (n * n_v / total ** 2), total
+    return reducer
+
+
+REDUCER_BACKENDS = [
+    pytest.param("reference", "cpu", id="reference"),
+    pytest.param("native", "cpu", marks=needs_native, id="native-cpu"),
+    pytest.param("native", "cuda", id="native-cuda", marks=[needs_native, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible on this machine)")]),
+    pytest.param("triton", TRITON_DEVICE, marks=needs_triton, id=f"triton-{TRITON_DEVICE}"),
+]
+
+
+@pytest.mark.parametrize("dtype, tols", TOLS)
+@pytest.mark.parametrize("backend, device", REDUCER_BACKENDS)
+def test_stats_reducer_gives_the_concatenated_batch(backend, device, dtype, tols):
+    g = torch.Generator().manual_seed(40)
+    c, momentum, eps, norm_eps = 4, 0.25, 1e-3, 1e-6
+    x = torch.randn(2, 5, c, 3, generator=g, dtype=torch.float64)      # [B, P, C, 3]: 10 local rows
+    x_virtual = 2.0 * torch.randn(13, c, 3, generator=g, dtype=torch.float64) + 0.5
+    w = torch.randn(c, generator=g, dtype=torch.float64)
+    b = torch.randn(c, generator=g, dtype=torch.float64)
+    rm = torch.rand(c, generator=g, dtype=torch.float64) + 0.5
+    rv = torch.rand(c, generator=g, dtype=torch.float64) + 0.5
+    gy = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    cast = lambda t: t.to(device=device, dtype=dtype, copy=True)  # noqa: E731  (the originals stay put)
+
+    calls = []
+    xl, wl, bl = (cast(t).requires_grad_() for t in (x, w, b))
+    rm_d, rv_d = cast(rm), cast(rv)
+    y = functional.vn_batch_norm(xl, rm_d, rv_d, wl, bl, True, momentum, eps, norm_eps, backend=backend,
+                                 stats_reducer=make_virtual_rank_reducer(cast(x_virtual), norm_eps, calls))
+    assert calls == [10], f"the reducer must be called once with the local row count, got {calls}"
+    grads = torch.autograd.grad(y, (xl, wl, bl), cast(gy))
+
+    x64, w64, b64 = (t.clone().requires_grad_() for t in (x.reshape(10, c, 3), w, b))
+    yr, mean, var = concat_batch_norm64(x64, x_virtual, w64, b64, eps, norm_eps)
+    grads_r = torch.autograd.grad(yr, (x64, w64, b64), gy.reshape(10, c, 3))
+    # non-vacuous: the local batch alone normalises visibly differently
+    y_local, _, _ = concat_batch_norm64(x.reshape(10, c, 3), x_virtual[:0], w, b, eps, norm_eps)
+    assert (y_local - yr).abs().max() > 1e-1
+
+    assert_close_scaled(y, yr.reshape(x.shape), tols["y"], "y")
+    for name, got, want in zip(("grad_x", "grad_weight", "grad_bias"), grads, grads_r):
+        assert_close_scaled(got, want.reshape(got.shape), tols["grad"], name)
+    # running stats: momentum, and the unbiased variance over all 23 rows
+    assert_close_scaled(rm_d, (1 - momentum) * rm + momentum * mean, tols["stats"], "running_mean")
+    assert_close_scaled(rv_d, (1 - momentum) * rv + momentum * var * 23 / 22, tols["stats"], "running_var")
+
+
+def test_vn_batch_norm_module_uses_its_stats_reducer():
+    # VNBatchNorm.stats_reducer (what distributed.sync_batch_norms sets) reaches the functional.
+    from relaxeq_fast import use_backend
+    from relaxeq_fast.vn import VNBatchNorm
+    g = torch.Generator().manual_seed(41)
+    x = torch.randn(9, 3, 3, generator=g, dtype=torch.float64)
+    x_virtual = 3.0 * torch.randn(6, 3, 3, generator=g, dtype=torch.float64)
+    bn = VNBatchNorm(3, eps=1e-3, momentum=0.5, dtype=torch.float64).train()
+    calls = []
+    bn.stats_reducer = make_virtual_rank_reducer(x_virtual, bn.norm_eps, calls)
+    with use_backend("reference"):
+        y = bn(x)
+    yr, mean, _ = concat_batch_norm64(x, x_virtual, bn.weight.detach(), bn.bias.detach(), 1e-3, bn.norm_eps)
+    assert calls == [9]
+    assert_close_scaled(y, yr, 1e-12, "y")
+    assert_close_scaled(bn.running_mean, 0.5 * mean, 1e-12, "running_mean")

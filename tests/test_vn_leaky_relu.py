@@ -15,7 +15,7 @@ from relaxeq_fast import functional, random_rotation
 from relaxeq_fast.backend import triton_available
 from relaxeq_fast.reference import vn_leaky_relu_ref
 
-from testing import CUDA_SKIP_REASON, DEVICES, assert_close_scaled, has_cuda
+from testing import CUDA_SKIP_REASON, DEVICES, assert_close_scaled, has_cuda, num_threads
 
 _native_built = relaxeq_fast.build_info()["extension_loaded"]
 needs_native = pytest.mark.skipif(not _native_built, reason="relaxeq_fast._C is not built")
@@ -150,6 +150,53 @@ def test_backward_matches_reference(backend, device, n, c, shared, dtype, _tol, 
     assert gx.dtype == dtype and gd.dtype == dtype and gd.shape == d.shape
     assert_close_scaled(gx, gx_ref, gtol, "grad_x")
     assert_close_scaled(gd, gd_ref, gtol, "grad_d")
+
+
+# Non-default (negative_slope, eps): every case above runs at 0.2 / 1e-6, which a kernel hard-coding
+# them would pass. Each case changes at least one of the two. 1.0 is not a case: it is rejected
+# (negative_slope must be < 1; at 1 the op is the identity and cannot tell a wrong slope apart).
+# 0.0 is the plain VN-ReLU (pure projection), 0.9 nearly the identity.
+NONDEFAULT_SLOPE_EPS = [
+    pytest.param(0.0, 1e-3, id="slope0-eps1e-3"),
+    pytest.param(0.37, 0.25, id="slope0.37-eps0.25"),
+    pytest.param(0.9, 1e-6, id="slope0.9-eps1e-6"),
+]
+
+
+def make_eps_sensitive_inputs(n, c, shared, eps, dtype, device, seed):
+    """Like make_inputs, but every other row's d is scaled to |d|^2 ~ 3 eps, so eps is a quarter of
+    the projection's denominator there and a wrong eps moves the result far beyond any tolerance."""
+    x, d = make_inputs(n, c, shared, torch.float64, "cpu", seed=seed)
+    scale = torch.where(torch.arange(n) % 2 == 1, eps ** 0.5, 1.0).to(torch.float64)
+    d = d * scale.view(n, 1, 1)
+    return x.to(device=device, dtype=dtype), d.to(device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype, tol, gtol", DTYPES)
+@pytest.mark.parametrize("slope, eps", NONDEFAULT_SLOPE_EPS)
+@pytest.mark.parametrize("shared", [False, True], ids=["perchannel", "shared"])
+@pytest.mark.parametrize("backend, device", [pytest.param(*bp.values, marks=bp.marks, id=bp.id) for bp in BACKENDS])
+def test_nondefault_slope_and_eps_match_reference(backend, device, shared, slope, eps, dtype, tol, gtol):
+    n = 37 if backend == "triton" else 300  # the interpreter is slow; C = 33 still loops over channel blocks
+    x, d = make_eps_sensitive_inputs(n, 33, shared, eps, dtype, device, seed=20)
+    # The check can fail: on these inputs the default slope, or another eps, gives a far-off result.
+    want = ref64(x, d, slope, eps)
+    other_eps = 1e-5 if eps == EPS else EPS
+    assert (want - ref64(x, d, SLOPE, eps)).abs().max() > 1e-2, "slope does not matter on these inputs"
+    assert (want - ref64(x, d, slope, other_eps)).abs().max() > 1e-2, "eps does not matter on these inputs"
+    x.requires_grad_()
+    d.requires_grad_()
+    out = get_op(backend)(x, d, slope, eps)
+    assert_close_scaled(out, want, tol, "out")
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(21), dtype=torch.float64)
+    grad_out = grad_out.to(device=device, dtype=dtype)
+    gx, gd = torch.autograd.grad(out, (x, d), grad_out)
+    gx_ref, gd_ref = ref_grads64(x, d, grad_out, slope, eps)
+    assert_close_scaled(gx, gx_ref, gtol, "grad_x")
+    assert_close_scaled(gd, gd_ref, gtol, "grad_d")
+    # and the public function hands both scalars through unchanged
+    outf = functional.vn_leaky_relu(x.detach(), d.detach(), slope, eps, backend=backend)
+    assert torch.equal(outf, out.detach()), "functional.vn_leaky_relu must pass negative_slope and eps to the op"
 
 
 @pytest.mark.skipif(not has_cuda(), reason="float16/bfloat16 kernels are GPU-only; " + CUDA_SKIP_REASON)
@@ -445,14 +492,11 @@ def test_bad_input_native_specific():
 def test_threads_do_not_change_results():
     x, d = make_inputs(3000, 33, True, torch.float64, "cpu", seed=16)
     grad_out = torch.randn_like(x)
-    prev = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = (_native_op()(x, d, SLOPE, EPS), *_native_backward_op()(grad_out, x, d, SLOPE, EPS, [True, True]))
-        torch.set_num_threads(2)
-        two = (_native_op()(x, d, SLOPE, EPS), *_native_backward_op()(grad_out, x, d, SLOPE, EPS, [True, True]))
-    finally:
-        torch.set_num_threads(prev)
-    for a, b in zip(one, two):
+    results = {}
+    for n in (1, 2):
+        with num_threads(n):
+            results[n] = (_native_op()(x, d, SLOPE, EPS),
+                          *_native_backward_op()(grad_out, x, d, SLOPE, EPS, [True, True]))
+    for a, b in zip(results[1], results[2]):
         assert torch.equal(a, b), "rows are independent: results must be bitwise identical"
-    assert math.isfinite(one[0].sum().item())
+    assert math.isfinite(results[1][0].sum().item())

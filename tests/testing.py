@@ -1,4 +1,5 @@
 """Shared test helpers: devices, tolerances, comparisons against float64 references, the Triton set-up."""
+import contextlib
 import os
 
 import pytest
@@ -17,9 +18,15 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not has_cuda(), 
 # Triton kernels run on the GPU, or on CPU tensors in the interpreter, which triton.jit switches on
 # when a kernel is decorated: TRITON_INTERPRET=1 (conftest.py) must be set before triton is imported.
 TRITON_DEVICE = "cuda" if has_cuda() else "cpu"
-# The interpreter has no bfloat16 arithmetic, so half-precision Triton tests need a GPU.
-TRITON_HALF_MARKS = [pytest.mark.cuda, pytest.mark.skipif(
-    not has_cuda(), reason="half precision needs a GPU: the interpreter has no bfloat16 arithmetic")]
+# Half precision in Triton. float16 runs in the interpreter (numpy has float16; measured errors ~2e-4 of the
+# scale, inside the float16 tolerances), so its tests run everywhere. bfloat16 does not: numpy has no
+# bfloat16, the interpreter keeps bfloat16 tensors as their raw uint16 bits and tl.dot (np.matmul) multiplies
+# those integers, which gives errors ~1e10 (measured, triton 3.8); the ops therefore refuse bfloat16 on CPU
+# with a TypeError, and bfloat16 Triton tests need a GPU.
+TRITON_FLOAT16_MARKS = []
+TRITON_BFLOAT16_MARKS = [pytest.mark.cuda, pytest.mark.skipif(
+    not has_cuda(), reason="bfloat16 Triton needs a GPU: the interpreter keeps bfloat16 as raw uint16 bits and "
+                           "tl.dot multiplies those integers (garbage), so the ops refuse bfloat16 on CPU")]
 
 
 def skip_module_unless_triton_runs():
@@ -29,6 +36,17 @@ def skip_module_unless_triton_runs():
         pytest.skip("Triton needs a CUDA device, or TRITON_INTERPRET=1 set before triton is imported "
                     "(the interpreter runs the kernels on CPU tensors)", allow_module_level=True)
     pytest.importorskip("triton", reason="triton is not installed")
+
+
+@contextlib.contextmanager
+def num_threads(n: int):
+    """Run the body with n intra-op threads (1 and several take different native paths)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)
@@ -76,3 +94,41 @@ def record_need_S(monkeypatch) -> list:
 
     monkeypatch.setattr(functional, "_raw_relaxed_conv2d", spy)
     return seen
+
+
+def conv2d_im2col_ref(x, M, c, D, padding: int, dy=None, dr: float = 0.0) -> dict:
+    """relaxed_conv2d and its gradients in float64 by explicit im2col: shifted slices of the zero-padded x
+    and einsum, with the gradients written out by hand. Independent of torch's convolution routines
+    (F.conv2d, F.unfold, aten.convolution_backward), which the native and Triton backwards and the autograd
+    of relaxed_conv2d_ref all share.
+
+    x [B, C_in, H, W], M [C_out, C_in, k, k], c [C_out] or None, D [C_d, C_in, k, k] or None. Returns y and,
+    with D, r = Σ z² and S = Σ_pixels z ⊗ patch (z = conv(x, D)); with dy, the gradients of
+    L = <y, dy> + dr·r: dx, dM, dc (y only: r sees the detached x) and dD = 2 dr S.
+    """
+    f64 = lambda t: None if t is None else t.detach().to("cpu", torch.float64)  # noqa: E731
+    x, M, c, D, dy = f64(x), f64(M), f64(c), f64(D), f64(dy)
+    b, c_in, h, w = x.shape
+    k, p = M.shape[-1], padding
+    ho, wo = h + 2 * p - k + 1, w + 2 * p - k + 1
+    xp = x.new_zeros(b, c_in, h + 2 * p, w + 2 * p)
+    xp[:, :, p:p + h, p:p + w] = x
+    # patches[b, ci, i, j, oh, ow] = xp[b, ci, oh + i, ow + j]
+    patches = torch.stack([torch.stack([xp[:, :, i:i + ho, j:j + wo] for j in range(k)], 2) for i in range(k)], 2)
+    out = {"y": torch.einsum("bcijhw,ocij->bohw", patches, M) + (0 if c is None else c.view(1, -1, 1, 1))}
+    if D is not None:
+        z = torch.einsum("bcijhw,dcij->bdhw", patches, D)
+        out["r"] = z.square().sum()
+        out["S"] = torch.einsum("bdhw,bcijhw->dcij", z, patches)
+    if dy is not None:
+        d_patches = torch.einsum("bohw,ocij->bcijhw", dy, M)
+        dxp = torch.zeros_like(xp)
+        for i in range(k):
+            for j in range(k):
+                dxp[:, :, i:i + ho, j:j + wo] += d_patches[:, :, i, j]
+        out["dx"] = dxp[:, :, p:p + h, p:p + w]
+        out["dM"] = torch.einsum("bohw,bcijhw->ocij", dy, patches)
+        out["dc"] = dy.sum((0, 2, 3))
+        if D is not None:
+            out["dD"] = 2 * dr * out["S"]
+    return out
