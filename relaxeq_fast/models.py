@@ -3,17 +3,22 @@ layout, plain or relaxed.
 
 Published architectures with channel widths divided by 3, k = 20 nearest neighbours, mean pooling,
 (VN-PointNet) the VN STN on the 64/3-channel features, and rotation-invariant heads (VNStdFeature,
-pooling over points, MLP). ``relaxed=True`` relaxes exactly what the paper relaxes: every
+pooling over points, MLP). ``relaxed=True`` relaxes every VN map (``relaxed_maps="all"``: every
 VNLinearLeakyReLU's maps, every VNLinear, the maps inside VNStdFeature and the STN — not pooling, not
-the invariant MLP head.
+the invariant MLP head), or what the paper's public code relaxes (``relaxed_maps="paper"``: the same
+except VNStdFeature's last map, which stays equivariant, and the direction maps, relaxed without a
+relaxation bias).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from .nn import RelaxedLinear
 from .vn import (VNBatchNorm, VNLinear, VNLinearLeakyReLU, VNStdFeature, graph_feature, graph_feature_cross,
                  relax, vn_mean_pool)
+
+RELAXED_MAPS = ("all", "paper")
 
 __all__ = ["VNPointNet", "VNSTNkd", "VNDGCNN", "SteerableCNN"]
 
@@ -27,6 +32,23 @@ def _channels(published: int, width: float) -> int:
 def _check_width(width):
     if not (isinstance(width, (int, float)) and width > 0):
         raise ValueError(f"width must be a positive number (1 = published channel counts), got {width!r}")
+
+
+def _relax_vn_model(model: nn.Module, relaxed_maps: str, relax_kwargs: dict | None) -> None:
+    """relax() every VN map, then for "paper" undo what the public code does not relax (in place)."""
+    if relaxed_maps not in RELAXED_MAPS:
+        raise ValueError(f"relaxed_maps must be one of {list(RELAXED_MAPS)}, got {relaxed_maps!r}")
+    relax_kwargs = relax_kwargs or {}
+    relax(model, **relax_kwargs)
+    if relaxed_maps == "all":
+        return
+    for m in list(model.modules()):
+        if isinstance(m, VNStdFeature) and isinstance(m.vn_lin, RelaxedLinear):
+            m.vn_lin = m.vn_lin.project()
+        direction = getattr(m, "map_to_dir", None)
+        if isinstance(direction, RelaxedLinear) and direction.bias_relax is not None:
+            m.map_to_dir = RelaxedLinear.from_plain(direction.project(),
+                                                    **{**relax_kwargs, "relax_bias": False})
 
 
 def _check_points(points: torch.Tensor, k: int, who: str):
@@ -61,14 +83,16 @@ class VNPointNet(nn.Module):
     Args:
         num_classes: output classes (40 for ModelNet40).
         k: neighbours for the first edge features (k ≤ P required).
-        relaxed: build with every relaxable map relaxed (see the module docstring); kwargs for
-            RelaxedLinear (theta, relax_init, backend, ...) go in ``relax_kwargs``.
+        relaxed: build relaxed (see the module docstring); kwargs for RelaxedLinear (theta,
+            relax_init, backend, ...) go in ``relax_kwargs``.
+        relaxed_maps: "all" (every VN map) or "paper" (as the public code; module docstring).
         feature_transform: use the VN STN (the published model does).
         width: every VN channel count scaled by this (1 = published; smaller for quick CPU runs).
     """
 
     def __init__(self, num_classes: int = 40, k: int = 20, relaxed: bool = False, feature_transform: bool = True,
-                 dropout: float = 0.4, relax_kwargs: dict | None = None, width: float = 1.0):
+                 dropout: float = 0.4, relax_kwargs: dict | None = None, width: float = 1.0,
+                 relaxed_maps: str = "all"):
         super().__init__()
         _check_width(width)
         self.k, self.num_classes = k, num_classes
@@ -86,7 +110,7 @@ class VNPointNet(nn.Module):
             nn.Linear(512, 256), nn.Dropout(p=dropout), nn.BatchNorm1d(256), nn.ReLU(),
             nn.Linear(256, num_classes))
         if relaxed:
-            relax(self, **(relax_kwargs or {}))
+            _relax_vn_model(self, relaxed_maps, relax_kwargs)
 
     def features(self, points: torch.Tensor) -> torch.Tensor:
         """Invariant global features [B, 6·C] of points [B, P, 3] (C = 341 at width 1)."""
@@ -116,7 +140,7 @@ class VNDGCNN(nn.Module):
     """
 
     def __init__(self, num_classes: int = 40, k: int = 20, relaxed: bool = False, dropout: float = 0.5,
-                 relax_kwargs: dict | None = None, width: float = 1.0):
+                 relax_kwargs: dict | None = None, width: float = 1.0, relaxed_maps: str = "all"):
         super().__init__()
         _check_width(width)
         self.k, self.num_classes = k, num_classes
@@ -132,7 +156,7 @@ class VNDGCNN(nn.Module):
             nn.Linear(512, 256), nn.BatchNorm1d(256), nn.LeakyReLU(0.2), nn.Dropout(dropout),
             nn.Linear(256, num_classes))
         if relaxed:
-            relax(self, **(relax_kwargs or {}))
+            _relax_vn_model(self, relaxed_maps, relax_kwargs)
 
     def features(self, points: torch.Tensor) -> torch.Tensor:
         """Invariant global features [B, 12·C] of points [B, P, 3] (C = 341 at width 1)."""

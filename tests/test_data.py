@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from relaxeq_fast.data import (DATASETS, SHAPE_CLASSES, LabeledData, anisotropic_scale, jitter, load_dataset,
+from relaxeq_fast.data import (DATASETS, SHAPE_CLASSES, LabeledData, anisotropic_scale, isotropic_scale, jitter, load_dataset,
                                load_mnist_rot_amat, load_modelnet40_h5, load_modelnet40_txt, load_rotmnist5k,
                                make_shapes, point_dropout, random_rotate_images, random_rotations, rotate,
                                rotate_images, shift)
@@ -383,6 +383,19 @@ def test_anisotropic_scale_shift_jitter():
     assert out.shape == pts.shape and delta.abs().max() <= 0.05 + 1e-6
     assert (delta.abs() > 0.049).float().mean() > 0.2, "sigma = clip: about a third of the draws are clipped"
     assert torch.equal(out, jitter(pts, sigma=0.05, clip=0.05, generator=torch.Generator().manual_seed(5)))
+
+
+def test_isotropic_scale_commutes_with_rotations():
+    pts = torch.randn(64, 50, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    out = isotropic_scale(pts, generator=torch.Generator().manual_seed(6))
+    ratio = out / pts
+    assert torch.allclose(ratio, ratio[:, :1, :1].expand_as(ratio), rtol=1e-12), "one factor per cloud"
+    assert ratio.min() >= 0.8 and ratio.max() < 1.25 and ratio[:, 0, 0].std() > 0.05
+    R = random_rotations(64, "so3", torch.Generator().manual_seed(7), dtype=torch.float64)
+    rotated_then_scaled = isotropic_scale(pts @ R.transpose(1, 2), generator=torch.Generator().manual_seed(6))
+    assert torch.allclose(rotated_then_scaled, out @ R.transpose(1, 2), atol=1e-12)
+    with pytest.raises(ValueError, match="need 0 < low <= high"):
+        isotropic_scale(pts, low=1.3, high=1.2)
 
 
 def test_rotate_images_exact_cases():

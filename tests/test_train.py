@@ -22,8 +22,10 @@ TINY = ["--dataset", "shapes", "--n-train", "64", "--n-test", "28", "--num-point
         "--width", "0.2", "--batch-size", "16", "--epochs", "3", "--no-progress", "--threads", "1"]
 
 
-# cosine lr: a different lr every epoch, so a resume that lost the lr schedule's state shows
-FULL = ["--augment", "scale,shift,jitter", "--lr-schedule", "cosine"]
+# cosine lr: a different lr every epoch, so a resume that lost the lr schedule's state shows; θ from
+# the first step (the paper's per-epoch triangle holds θ = 0 through a 3-epoch run's first epoch)
+FULL = ["--augment", "scale,shift,jitter", "--lr-schedule", "cosine", "--theta-schedule", "hold_linear",
+        "--theta-unit", "step"]
 
 
 def _metrics(run_dir):
@@ -145,9 +147,9 @@ def test_non_finite_loss_stops_without_touching_the_checkpoint(tmp_path, monkeyp
     real = torch.nn.functional.cross_entropy
     calls = {"n": 0}
 
-    def poisoned(out, y):
+    def poisoned(out, y, **kwargs):
         calls["n"] += 1
-        loss = real(out, y)
+        loss = real(out, y, **kwargs)
         return loss * float("nan") if calls["n"] == 2 else loss
 
     monkeypatch.setattr(torch.nn.functional, "cross_entropy", poisoned)
@@ -199,6 +201,11 @@ def test_non_finite_loss_stops_without_touching_the_checkpoint(tmp_path, monkeyp
     (["--clip-grad-norm", "0"], "--clip-grad-norm must be a finite number > 0, got 0.0"),
     (["--threads", "0"], "--threads must be >= 1, got 0"),
     (["--n-train", "0"], "shapes: "),
+    (["--augment-rotated", "flip"], "--augment-rotated takes"),
+    (["--label-smoothing", "1"], "--label-smoothing must be in [0, 1), got 1.0"),
+    (["--val-fraction", "-0.5"], "--val-fraction must be in [0, 1), got -0.5"),
+    (["--val-fraction", "0.9"], "larger than the training set (6 samples after --val-fraction 0.9)"),
+    (["--relaxed-maps", "most"], "--relaxed-maps must be one of"),
 ])
 def test_bad_configuration_is_one_line_naming_the_cause(extra, cause, tmp_path, capsys):
     rc = T.main(TINY + ["--run-dir", str(tmp_path / "bad")] + extra)
@@ -235,6 +242,106 @@ def test_resume_into_a_directory_without_a_checkpoint(tmp_path, capsys):
     rc = T.main(["--resume", str(run_dir), "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err == [f"relaxeq-train: error: --resume {run_dir}: no checkpoint.pt there"]
+
+
+# The public code's setups (github StefanosPert/Equivariant_Optimization_CR, PCClassification/), written
+# out here from that code and the paper, not from our defaults.
+PUBLIC_CODE = {
+    "vn_pointnet": dict(optimizer="adam", lr=1e-3, weight_decay=1e-4, lr_schedule="step", lr_step=20, lr_gamma=0.7,
+                        batch_size=24, num_points=300, dropout=0.4, theta_schedule="triangle", theta_unit="epoch",
+                        lambda_ld=0.01, lambda_n=0.01, reduction="paper", theta_scaled_lambda=False,
+                        relax_init="zeros", relaxed_maps="paper", augment="scale,shift",
+                        augment_rotated="dropout,scale,shift", label_smoothing=0.0),
+    "vn_dgcnn": dict(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4, lr_schedule="cosine", batch_size=32,
+                     num_points=300, dropout=0.5, theta_schedule="triangle", theta_unit="epoch", lambda_ld=5e-4,
+                     lambda_n=5e-4, reduction="paper", theta_scaled_lambda=True, relax_init="default",
+                     relaxed_maps="paper", augment="scale,shift", augment_rotated="dropout,scale,shift",
+                     label_smoothing=0.2),
+}
+
+
+@pytest.mark.parametrize("model", sorted(PUBLIC_CODE))
+def test_print_config_is_the_public_codes_setup(model, capsys):
+    assert T.main(["--model", model, "--print-config", "--dataset", "modelnet40", "--data-root", "."]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert {k: printed[k] for k in PUBLIC_CODE[model]} == PUBLIC_CODE[model]
+    # every value can still be set on the command line
+    assert T.main(["--model", model, "--print-config", "--theta-schedule", "cosine", "--lambda-n", "0.5",
+                   "--no-theta-scaled-lambda", "--relaxed-maps", "all", "--augment-rotated", "none"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    # the embedded shapes differ by axis ratios: the anisotropic loader scale would change their class
+    assert (printed["augment"], printed["augment_rotated"]) == ("none", "none")
+    assert (printed["theta_schedule"], printed["lambda_n"], printed["theta_scaled_lambda"], printed["relaxed_maps"],
+            printed["augment_rotated"]) == ("cosine", 0.5, False, "all", "none")
+
+
+def test_print_config_refuses_a_bad_config(capsys):
+    assert T.main(["--print-config", "--relaxed-maps", "some"]) == 2
+    assert "--relaxed-maps must be one of" in capsys.readouterr().err
+
+
+def test_projected_accuracy_every_epoch_and_best_epoch_on_validation(tmp_path):
+    run_dir = str(tmp_path / "val")
+    summary = _run(TINY + FULL + ["--val-fraction", "0.25", "--run-dir", run_dir])
+    rows = [{k: float(v) for k, v in r.items()} for r in _metrics(run_dir)]
+    for r in rows:
+        for key in ("val_acc", "val_acc_projected", "test_acc", "test_acc_projected"):
+            assert 0 <= r[key] <= 1, key
+    # θ = 0 at the end: the model is its projection
+    assert rows[-1]["test_acc_projected"] == rows[-1]["test_acc"] == summary["test_acc_projected"]
+    # and before the end it is not (θ > 0 and W_r moved), in some epoch
+    assert rows[0]["projection_error"] > 1e-6
+    best = max(range(len(rows)), key=lambda i: (rows[i]["val_acc_projected"], -i))
+    assert summary["best_epoch"] == best + 1
+    assert summary["best_val_acc_projected"] == rows[best]["val_acc_projected"]
+    assert summary["best_test_acc_projected"] == rows[best]["test_acc_projected"]
+
+
+def test_validation_split_is_carved_from_training_data():
+    from relaxeq_fast.train.build import _load_data
+    cfg = T.TrainConfig(n_train=64, n_test=28, num_points=32, k=6, val_fraction=0.25).resolved()
+    train, val, test = _load_data(cfg)
+    full, _, _ = _load_data(dataclasses.replace(cfg, val_fraction=0.0))
+    assert len(train.y) == 48 and len(val.y) == 16 and len(full.y) == 64
+    # the training samples are a subset of the full training set, and none of them is held out
+    full_rows = {tuple(x.flatten().tolist()) for x in full.x}
+    train_rows = {tuple(x.flatten().tolist()) for x in train.x}
+    assert train_rows <= full_rows and len(train_rows) == 48
+    assert sorted(train.y.tolist() + val.y.tolist()) == sorted(full.y.tolist())
+    assert _load_data(cfg)[1].x.equal(val.x)  # seeded
+
+
+def test_paper_relaxed_maps(tmp_path):
+    from relaxeq_fast.models import VNPointNet
+    from relaxeq_fast.nn import RelaxedLinear
+    from relaxeq_fast.vn import VNStdFeature
+
+    def count(model):
+        rel = [m for m in model.modules() if isinstance(m, RelaxedLinear)]
+        dirs = [m.map_to_dir for m in model.modules() if isinstance(getattr(m, "map_to_dir", None), RelaxedLinear)]
+        std = [m for m in model.modules() if isinstance(m, VNStdFeature)]
+        return len(rel), sum(d.bias_relax is None for d in dirs), len(dirs), isinstance(std[0].vn_lin, RelaxedLinear)
+
+    n_all, nobias_all, n_dirs, std_all = count(VNPointNet(num_classes=5, k=4, relaxed=True, width=0.1))
+    n_paper, nobias_paper, n_dirs_paper, std_paper = count(
+        VNPointNet(num_classes=5, k=4, relaxed=True, width=0.1, relaxed_maps="paper"))
+    assert std_all and not std_paper and n_paper == n_all - 1
+    assert nobias_all == 0 and nobias_paper == n_dirs_paper == n_dirs > 0
+    with pytest.raises(ValueError, match="relaxed_maps must be one of"):
+        VNPointNet(num_classes=5, relaxed=True, relaxed_maps="most")
+
+
+def test_label_smoothing_reaches_the_loss(tmp_path, monkeypatch):
+    seen = []
+    real = torch.nn.functional.cross_entropy
+
+    def spy(out, y, **kwargs):
+        seen.append(kwargs.get("label_smoothing"))
+        return real(out, y, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", spy)
+    _run(TINY + ["--epochs", "1", "--n-train", "32", "--label-smoothing", "0.3", "--run-dir", str(tmp_path / "ls")])
+    assert seen and set(seen) == {0.3}
 
 
 def test_paper_setups_fill_only_what_is_unset():
@@ -319,6 +426,7 @@ def test_clip_grad_norm_bounds_the_point_dropout_blow_up(tmp_path):
     """Point dropout's exact duplicates make the relaxed weights' task gradient ~1e6× too large
     (see relaxeq_fast.train.build._augment_batch); clipping keeps the relaxation, and so R_LD, small."""
     args = TINY + ["--n-train", "32", "--epochs", "1", "--dropout", "0", "--augment", "dropout",
+                   "--augment-rotated", "none", "--theta-schedule", "hold_linear", "--theta-unit", "step",
                    "--dtype", "float64", "--optimizer", "sgd", "--lr", "1e-5"]
     _run(args + ["--run-dir", str(tmp_path / "raw")])
     _run(args + ["--run-dir", str(tmp_path / "clipped"), "--clip-grad-norm", "10"])

@@ -26,7 +26,7 @@ class LabeledData(NamedTuple):
 
 # Submodules import LabeledData from here, so they come after its definition.
 from . import augment, modelnet, rotmnist, shapes  # noqa: E402
-from .augment import (anisotropic_scale, jitter, point_dropout, random_rotate_images,  # noqa: E402
+from .augment import (anisotropic_scale, isotropic_scale, jitter, point_dropout, random_rotate_images,  # noqa: E402
                       random_rotations, rotate, rotate_images, shift)
 from .modelnet import load_modelnet40_h5, load_modelnet40_txt  # noqa: E402
 from .rotmnist import load_mnist_rot_amat, load_rotmnist5k  # noqa: E402
@@ -132,7 +132,7 @@ def load_dataset(name: str, root: str | None = None, *, num_points: int = 1024, 
     return _load_rotmnist(root, seed, n_train, n_test)
 
 
-__all__ = ["DATASETS", "LabeledData", "SHAPE_CLASSES", "anisotropic_scale", "augment", "jitter", "load_dataset",
+__all__ = ["DATASETS", "LabeledData", "SHAPE_CLASSES", "anisotropic_scale", "augment", "isotropic_scale", "jitter", "load_dataset",
            "load_mnist_rot_amat", "load_modelnet40_h5", "load_modelnet40_txt", "load_rotmnist5k", "make_shapes",
            "modelnet", "point_dropout", "random_rotate_images", "random_rotations", "rotate", "rotate_images",
            "rotmnist", "shapes", "shift"]

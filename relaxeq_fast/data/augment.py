@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ROTATION_KINDS", "anisotropic_scale", "jitter", "point_dropout", "random_rotate_images",
+__all__ = ["ROTATION_KINDS", "anisotropic_scale", "isotropic_scale", "jitter", "point_dropout", "random_rotate_images",
            "random_rotations", "rotate", "rotate_images", "shift"]
 
 ROTATION_KINDS = ("so3", "z", "aligned")
@@ -104,6 +104,16 @@ def anisotropic_scale(points: torch.Tensor, low: float = 2.0 / 3.0, high: float 
         raise ValueError(f"need 0 < low <= high, got low={low}, high={high}")
     scale = low + (high - low) * _draw(torch.rand, (points.shape[0], 1, 3), generator, points.device, points.dtype)
     return points * scale
+
+
+def isotropic_scale(points: torch.Tensor, low: float = 0.8, high: float = 1.25,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """Scale each cloud by one factor ~ U[low, high) (commutes with rotations)."""
+    _check_points(points)
+    if not 0 < low <= high:
+        raise ValueError(f"need 0 < low <= high, got low={low}, high={high}")
+    factor = low + (high - low) * _draw(torch.rand, (points.shape[0], 1, 1), generator, points.device, points.dtype)
+    return points * factor
 
 
 def shift(points: torch.Tensor, max_shift: float = 0.2, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -7,7 +7,12 @@ from torch import nn
 from .config import IMAGE_MODELS, ConfigError, TrainConfig, _augmentations, _fail
 
 def _augment_batch(x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
-    """The listed augmentations in a fixed order (dropout, scale, shift, jitter), then the rotation.
+    """``cfg.augment`` (the public code's loader: before the rotation), the rotation, then
+    ``cfg.augment_rotated`` (its training loop: after the rotation); each list in the fixed order
+    dropout, scale, shift, jitter.
+
+    Before the rotation, scale is anisotropic (each axis U[2/3, 3/2)) and shift U[-0.2, 0.2) per
+    coordinate; after it, scale is isotropic (U[0.8, 1.25)) and shift U[-0.1, 0.1).
 
     Point dropout duplicates points exactly; at a point whose k neighbours are all its copies every
     VN feature is rank 1, and VN batch norm then multiplies sideways changes — which only the relaxed
@@ -17,16 +22,26 @@ def _augment_batch(x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> t
     from ..data import augment
     if cfg.model in IMAGE_MODELS:
         return _rotate_images(x, cfg.train_rotation, gen)
-    chosen = set(_augmentations(cfg))
-    if "dropout" in chosen:
+    before = set(_augmentations(cfg.augment))
+    if "dropout" in before:
         x = augment.point_dropout(x, generator=gen)
-    if "scale" in chosen:
+    if "scale" in before:
         x = augment.anisotropic_scale(x, generator=gen)
-    if "shift" in chosen:
+    if "shift" in before:
         x = augment.shift(x, generator=gen)
-    if "jitter" in chosen:
+    if "jitter" in before:
         x = augment.jitter(x, generator=gen)
-    return augment.rotate(x, cfg.train_rotation, generator=gen)
+    x = augment.rotate(x, cfg.train_rotation, generator=gen)
+    after = set(_augmentations(cfg.augment_rotated))
+    if "dropout" in after:
+        x = augment.point_dropout(x, generator=gen)
+    if "scale" in after:
+        x = augment.isotropic_scale(x, generator=gen)
+    if "shift" in after:
+        x = augment.shift(x, max_shift=0.1, generator=gen)
+    if "jitter" in after:
+        x = augment.jitter(x, generator=gen)
+    return x
 
 
 def _rotate_images(x: torch.Tensor, rotation: str, gen: torch.Generator) -> torch.Tensor:
@@ -44,23 +59,39 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
                             dropout=cfg.dropout, relax_kwargs=relax_kwargs)
     cls = {"vn_pointnet": VNPointNet, "vn_dgcnn": VNDGCNN}[cfg.model]
     return cls(num_classes=num_classes, k=cfg.k, relaxed=not cfg.plain, relax_kwargs=relax_kwargs,
-               dropout=cfg.dropout, width=cfg.width)
+               dropout=cfg.dropout, width=cfg.width, relaxed_maps=cfg.relaxed_maps)
 
 
 def _load_data(cfg: TrainConfig):
-    from ..data import augment, load_dataset
+    """(train, validation or None, test): the validation split is the last ``val_fraction`` of a seeded
+    permutation of the training data; validation and test sets are rotated once, by seeded rotations
+    (every epoch sees the same sets), with --test-rotation."""
+    from ..data import load_dataset
     try:
         train, test = load_dataset(cfg.dataset, cfg.data_root, num_points=cfg.num_points, seed=cfg.seed,
                                    n_train=cfg.n_train, n_test=cfg.n_test)
     except (ValueError, FileNotFoundError, ImportError) as e:
         raise ConfigError(f"{cfg.dataset}: {str(e).splitlines()[0]}") from e
+    val = None
+    n_val = round(cfg.val_fraction * len(train.y))
+    if n_val:
+        perm = torch.randperm(len(train.y), generator=torch.Generator().manual_seed(cfg.seed + 104729))
+        keep, held = perm[:len(train.y) - n_val], perm[len(train.y) - n_val:]
+        val = train._replace(x=train.x[held], y=train.y[held])
+        train = train._replace(x=train.x[keep], y=train.y[keep])
     if cfg.batch_size > len(train.y):
-        _fail(f"--batch-size {cfg.batch_size} is larger than the training set ({len(train.y)} samples)")
-    # the test set is rotated once, by rotations fixed by the seed: every epoch sees the same test set
-    gen = torch.Generator().manual_seed(cfg.seed + 7919)
+        _fail(f"--batch-size {cfg.batch_size} is larger than the training set ({len(train.y)} samples"
+              + (f" after --val-fraction {cfg.val_fraction}" if n_val else "") + ")")
     dtype = getattr(torch, cfg.dtype)
+    val = None if val is None else _rotate_once(val, cfg, dtype, seed=cfg.seed + 7907)
+    return train._replace(x=train.x.to(dtype)), val, _rotate_once(test, cfg, dtype, seed=cfg.seed + 7919)
+
+
+def _rotate_once(data, cfg: TrainConfig, dtype, seed: int):
+    from ..data import augment
+    gen = torch.Generator().manual_seed(seed)
     if cfg.model in IMAGE_MODELS:
-        test_x = _rotate_images(test.x.to(dtype), cfg.test_rotation, gen)
+        x = _rotate_images(data.x.to(dtype), cfg.test_rotation, gen)
     else:
-        test_x = augment.rotate(test.x.to(dtype), cfg.test_rotation, generator=gen)
-    return train._replace(x=train.x.to(dtype)), test._replace(x=test_x.contiguous())
+        x = augment.rotate(data.x.to(dtype), cfg.test_rotation, generator=gen)
+    return data._replace(x=x.contiguous())

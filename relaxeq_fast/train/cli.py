@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from typing import Optional
 
@@ -11,8 +12,8 @@ import torch
 from .. import distributed as D
 from ..regularizer import REDUCTIONS
 from ..relaxation import SCHEDULES
-from .config import AUGMENTATIONS, MODELS, ROTATIONS, ConfigError, NonFiniteLossError, TrainConfig
-from .loop import train
+from .config import AUGMENTATIONS, MODELS, ROTATIONS, ConfigError, NonFiniteLossError, TrainConfig, validate
+from .loop import resolved_config, train
 from .report import format_summary
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,8 +33,14 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--dropout", type=float, default=None, help="head dropout (paper model: 0.4 / 0.5)")
     g.add_argument("--n-train", type=int, default=None, help="training samples (default: the dataset's)")
     g.add_argument("--n-test", type=int, default=None, help="test samples (default: the dataset's)")
-    g.add_argument("--augment", default=d.augment,
-                   help=f"comma list of {list(AUGMENTATIONS)} or 'none' (applied in that order, then the rotation)")
+    g.add_argument("--augment", default=None,
+                   help=f"before the rotation: comma list of {list(AUGMENTATIONS)} or 'none', applied in that order "
+                        "(scale: each axis U[2/3, 3/2); shift: U[-0.2, 0.2)) (paper setup: scale,shift)")
+    g.add_argument("--augment-rotated", default=None,
+                   help="after the rotation, the same names (scale: isotropic U[0.8, 1.25); shift: U[-0.1, 0.1)) "
+                        "(paper setup: dropout,scale,shift)")
+    g.add_argument("--val-fraction", type=float, default=d.val_fraction,
+                   help="hold out this fraction of the training set for validation (model selection: best epoch)")
     g = p.add_argument_group("optimisation (unset: the paper's setup for --model)")
     g.add_argument("--epochs", type=int, default=d.epochs)
     g.add_argument("--batch-size", type=int, default=None, help="global batch (paper: 24 / 32)")
@@ -44,16 +51,21 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-schedule", default=None, help="step, cosine or none")
     g.add_argument("--lr-step", type=int, default=d.lr_step, help="StepLR period in epochs")
     g.add_argument("--lr-gamma", type=float, default=d.lr_gamma, help="StepLR factor")
+    g.add_argument("--label-smoothing", type=float, default=None, help="cross-entropy label smoothing (VN-DGCNN: 0.2)")
     g = p.add_argument_group("relaxation")
     g.add_argument("--plain", action="store_true", help="train the unrelaxed equivariant model instead")
-    g.add_argument("--theta-schedule", default=d.theta_schedule, help=f"one of {sorted(SCHEDULES)}")
+    g.add_argument("--theta-schedule", default=None, help=f"one of {sorted(SCHEDULES)} (paper setup: triangle)")
     g.add_argument("--theta-max", type=float, default=d.theta_max)
-    g.add_argument("--theta-unit", default=d.theta_unit, help="step the θ schedule per 'step' or per 'epoch'")
-    g.add_argument("--lambda-ld", type=float, default=d.lambda_ld, help="weight of the Lie-derivative term")
-    g.add_argument("--lambda-n", type=float, default=d.lambda_n, help="weight of the norm term")
+    g.add_argument("--theta-unit", default=None, help="step the θ schedule per 'step' or per 'epoch' (paper: epoch)")
+    g.add_argument("--lambda-ld", type=float, default=None, help="weight of the Lie-derivative term")
+    g.add_argument("--lambda-n", type=float, default=None, help="weight of the norm term")
     g.add_argument("--reduction", default=d.reduction, help=f"one of {list(REDUCTIONS)}")
-    g.add_argument("--theta-scaled-lambda", action="store_true", help="scale the regulariser with θ")
-    g.add_argument("--relax-init", default=d.relax_init, help="zeros or default (nn.Linear init of W_r)")
+    g.add_argument("--theta-scaled-lambda", action=argparse.BooleanOptionalAction, default=None,
+                   help="scale the regulariser with θ (paper setup: VN-DGCNN yes, VN-PointNet no)")
+    g.add_argument("--relax-init", default=None, help="zeros or default (nn.Linear init of W_r)")
+    g.add_argument("--relaxed-maps", default=None,
+                   help="paper (VNStdFeature's last map not relaxed, direction maps without relaxation bias) "
+                        "or all")
     g.add_argument("--clip-grad-norm", type=float, default=None,
                    help="clip the gradient norm (advised with --augment dropout without jitter)")
     g = p.add_argument_group("run")
@@ -68,19 +80,32 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--stop-after", type=int, default=None, metavar="N",
                    help="stop after N epochs of this invocation (resumable), e.g. to split a long run")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--print-config", action="store_true",
+                   help="print the fully resolved configuration as JSON and exit (nothing is trained)")
     return p
 
 
-def parse_args(argv=None) -> tuple[TrainConfig, Optional[str], Optional[int]]:
+def _parse(argv=None):
     ns = _parser().parse_args(argv)
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in vars(ns).items() if k in fields}, progress=not ns.no_progress)
+    return cfg, ns
+
+
+def parse_args(argv=None) -> tuple[TrainConfig, Optional[str], Optional[int]]:
+    cfg, ns = _parse(argv)
     return cfg, ns.resume, ns.stop_after
 
 
 def main(argv=None) -> int:
-    cfg, resume, stop_after = parse_args(argv)
+    cfg, ns = _parse(argv)
+    resume, stop_after = ns.resume, ns.stop_after
     try:
+        if ns.print_config:
+            cfg = resolved_config(cfg, resume)
+            validate(cfg)
+            print(json.dumps(dataclasses.asdict(cfg), indent=2))
+            return 0
         summary = train(cfg, resume=resume, stop_after=stop_after)
         if D.rank() == 0:
             print(f"[relaxeq-train] {format_summary(summary)}")

@@ -41,6 +41,27 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return (correct[0] / correct[1]).item()
 
 
+def resolved_config(cfg: TrainConfig, resume: Optional[str] = None) -> TrainConfig:
+    """The configuration a run uses: ``cfg`` (or the resumed run's config.json) with the paper setup
+    of its model filled in where unset."""
+    if resume is not None:
+        if not os.path.isfile(os.path.join(resume, "config.json")):
+            _fail(f"--resume {resume}: no config.json there")
+        with open(os.path.join(resume, "config.json")) as f:
+            cfg = TrainConfig(**{**json.load(f), "run_dir": resume, "progress": cfg.progress})
+    return cfg.resolved()
+
+
+def best_epoch(history: list[dict]) -> dict:
+    """The epoch with the best projected validation accuracy (the first of ties) and its projected test
+    accuracy: model selection on the validation split, never on the test set. Empty without one."""
+    scored = [h for h in history if not math.isnan(h["val_acc_projected"])]
+    if not scored:
+        return {}
+    best = max(scored, key=lambda h: h["val_acc_projected"])  # max keeps the first of equal values
+    return dict(best_epoch=best["epoch"], best_val_acc_projected=best["val_acc_projected"],
+                best_test_acc_projected=best["test_acc_projected"])
+
 
 def _make_run_dir(cfg: TrainConfig) -> str:
     if cfg.run_dir:
@@ -68,19 +89,14 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
     resume: a run directory with checkpoint.pt; the config is read from its config.json.
     stop_after: stop after this many epochs of this call, as if interrupted (checkpoint kept).
     """
-    if resume is not None:
-        if not os.path.isfile(os.path.join(resume, "config.json")):
-            _fail(f"--resume {resume}: no config.json there")
-        with open(os.path.join(resume, "config.json")) as f:
-            cfg = TrainConfig(**{**json.load(f), "run_dir": resume, "progress": cfg.progress})
-    cfg = cfg.resolved()
+    cfg = resolved_config(cfg, resume)
     # before a process group or a device is made from the config (a bad --device would fail there)
     validate(cfg, D.world_size() if D.is_distributed() else int(os.environ.get("WORLD_SIZE", "1")))
     device = _setup_distributed(cfg)
     world, rank = D.world_size(), D.rank()
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // world))
     torch.manual_seed(cfg.seed)
-    train_set, test_set = _load_data(cfg)
+    train_set, val_set, test_set = _load_data(cfg)
 
     model = build_model(cfg, num_classes=len(train_set.class_names)).to(device, getattr(torch, cfg.dtype))
     D.sync_batch_norms(model)
@@ -122,7 +138,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                                   broadcast_buffers=False)
     local_batch = cfg.batch_size // world
-    val_x = test_set.x[:cfg.eval_batch_size].to(device)
+    probe_x = test_set.x[:cfg.eval_batch_size].to(device)  # for the projection error and the final check
     show = cfg.progress and rank == 0
     epochs_run = 0
     for epoch in range(start_epoch, cfg.epochs):
@@ -142,7 +158,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
             sl = slice(rank * local_batch, (rank + 1) * local_batch)
             x, y = xb[sl].to(device), train_set.y[idx][sl].to(device)
             out = net(x)
-            task = TF.cross_entropy(out, y)
+            task = TF.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)
             reg = task.new_zeros(())
             r_ld = r_n = 0.0
             if relaxed:
@@ -182,17 +198,27 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
         lr = opt.param_groups[0]["lr"]
         sched.step()
         n = max(steps_per_epoch, 1)
-        test_acc = evaluate(model, test_set.x, test_set.y, cfg.eval_batch_size, device)
-        proj_err = projection_error(model, val_x) if relaxed else 0.0
+        # the current model (θ as it is now) and its projection (θ := 0, W_r dropped) on every split
+        projected = project(copy.deepcopy(model)) if relaxed else model
+        accs = {}
+        for name, split in (("val", val_set), ("test", test_set)):
+            if split is None:
+                accs[f"{name}_acc"] = accs[f"{name}_acc_projected"] = float("nan")
+                continue
+            accs[f"{name}_acc"] = evaluate(model, split.x, split.y, cfg.eval_batch_size, device)
+            accs[f"{name}_acc_projected"] = evaluate(projected, split.x, split.y, cfg.eval_batch_size, device) \
+                if relaxed else accs[f"{name}_acc"]
+        test_acc = accs["test_acc"]
+        proj_err = projection_error(model, probe_x) if relaxed else 0.0
         row = dict(epoch=epoch + 1, step=global_step, lr=lr, theta=theta.theta if theta else 0.0,
                    train_loss=(sums[0] / n).item(), train_acc=(sums[4] / sums[5]).item(),
                    reg_loss=(sums[1] / n).item(), r_ld=(sums[2] / n).item(), r_n=(sums[3] / n).item(),
-                   test_acc=test_acc, projection_error=proj_err, epoch_seconds=time.perf_counter() - t0)
+                   **accs, projection_error=proj_err, epoch_seconds=time.perf_counter() - t0)
         history.append(row)
         epochs_run += 1
         if show:
-            print(f"  epoch {epoch + 1}: test acc {test_acc:.3f}, θ {row['theta']:.3f}, "
-                  f"projection error {proj_err:.2e}", file=sys.stderr)
+            print(f"  epoch {epoch + 1}: test acc {test_acc:.3f} (projected {accs['test_acc_projected']:.3f}), "
+                  f"θ {row['theta']:.3f}, projection error {proj_err:.2e}", file=sys.stderr)
         if rank == 0:
             save_checkpoint(ckpt_path, model, opt, sched, theta, data_gen, aug_gen, history=history,
                             epoch=epoch + 1, step=global_step, config=dataclasses.asdict(cfg))
@@ -202,15 +228,16 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
                          f"train {cfg.train_rotation} / test {cfg.test_rotation}")
 
     finished = len(history) == cfg.epochs
-    summary = dict(run_dir=run_dir, epochs_done=len(history), finished=finished, relaxed=relaxed)
+    summary = dict(run_dir=run_dir, epochs_done=len(history), finished=finished, relaxed=relaxed,
+                   num_classes=len(train_set.class_names))
     if finished:
         final = project(copy.deepcopy(model)).eval() if relaxed else copy.deepcopy(model).eval()
         n_layers = sum(1 for _ in relaxed_layers(model))
         summary.update(
             test_acc_projected=evaluate(final, test_set.x, test_set.y, cfg.eval_batch_size, device),
-            equivariance_error=_final_equivariance_error(final, val_x, cfg),
+            equivariance_error=_final_equivariance_error(final, probe_x, cfg),
             relaxed_layers=n_layers, theta_final=theta.theta if theta else 0.0,
-            seconds=sum(h["epoch_seconds"] for h in history))
+            seconds=sum(h["epoch_seconds"] for h in history), **best_epoch(history))
         if rank == 0:
             torch.save(dict(model=final.state_dict(), config=dataclasses.asdict(cfg),
                             class_names=train_set.class_names), os.path.join(run_dir, "model_projected.pt"))

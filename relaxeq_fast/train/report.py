@@ -35,6 +35,9 @@ def plot_history(history: list[dict], path: str, title: str = "") -> Optional[st
     ax = axes[0, 1]
     ax.plot(ep, [h["train_acc"] for h in history], "o-", label="train")
     ax.plot(ep, [h["test_acc"] for h in history], "s-", label="test (current θ)")
+    ax.plot(ep, [h.get("test_acc_projected", float("nan")) for h in history], "d--", label="test (projected)")
+    if any(h.get("val_acc_projected") == h.get("val_acc_projected") for h in history):  # not all NaN
+        ax.plot(ep, [h["val_acc_projected"] for h in history], "^:", label="validation (projected)")
     ax.set_ylim(0, 1), ax.set_title("accuracy"), ax.legend(fontsize=8)
     ax = axes[0, 2]
     ax.plot(ep, [h["theta"] for h in history], "o-", color="C3")

@@ -1,0 +1,398 @@
+"""relaxeq-study: a grid of ordinary relaxeq-train runs — seeds × learning rates × {relaxed, plain} ×
+optional ablation axes — run resumably, several at once, and aggregated into study.csv, study.md and
+study.png.
+
+    relaxeq-study --out studies/pointnet --seeds 0,1,2 --lrs 3e-4,1e-3,3e-3 --jobs 2 -- \\
+        --model vn_pointnet --dataset shapes --num-points 128 --k 10 --width 0.25 --epochs 30 --val-fraction 0.1
+    relaxeq-study --out studies/ablate --seeds 0,1,2 --lrs 1e-3 --methods relaxed \\
+        --axis theta_schedule=triangle,hold_linear --axis lambda_n=1e-2,1e-3 -- --epochs 30 ...
+
+Every run has its own directory under ``<out>/runs`` (named by method, lr, seed and axis values). Running
+the same command again skips finished runs, resumes interrupted ones (from their checkpoint) and does not
+repeat diverged ones. An axis that only concerns the relaxation (θ schedule, λ, init, relaxed maps, ...)
+is not crossed with the plain runs. A run *failed* if it diverged (non-finite loss) or its final
+projected test accuracy is below twice chance. Accuracies in the tables are the projected model's: at
+the last epoch, and at the epoch with the best projected validation accuracy (needs --val-fraction > 0
+in the training arguments; never selected on the test set).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from typing import Optional
+
+from .train.config import ConfigError, TrainConfig
+from .train.cli import parse_args
+
+METHODS = ("relaxed", "plain")
+# axes that change only the relaxed runs: a plain run is not repeated over them
+RELAXATION_AXES = ("theta_schedule", "theta_unit", "theta_max", "lambda_ld", "lambda_n", "reduction",
+                   "theta_scaled_lambda", "relax_init", "relaxed_maps")
+# settings a study sets itself, or that do not change a run's result
+NOT_AXES = ("seed", "lr", "plain", "run_dir", "runs_root", "progress", "threads", "device", "data_root")
+# ignored when checking that an existing run directory holds the intended run
+RUN_CONTROL = ("run_dir", "runs_root", "progress", "threads")
+STUDY_FIELDS = ("run", "method", "lr", "seed", "axes", "status", "failed", "test_acc_projected", "best_epoch",
+                "best_test_acc_projected", "best_val_acc_projected", "final_train_acc", "seconds", "run_dir")
+
+
+class StudyError(ValueError):
+    """A bad grid or study directory; the message is one line naming the cause."""
+
+
+@dataclass(frozen=True)
+class Run:
+    method: str
+    lr: float
+    seed: int
+    axes: tuple[tuple[str, str], ...]  # (config field, value as given)
+
+    @property
+    def name(self) -> str:
+        parts = [self.method, f"lr{self.lr:g}", f"s{self.seed}"] + [f"{k}={v}" for k, v in self.axes]
+        return "-".join(parts).replace("/", "_").replace(",", "+")
+
+    @property
+    def group(self) -> tuple:
+        """Runs that differ only in the seed."""
+        return (self.method, self.lr, self.axes)
+
+    def argv(self, common: list[str], run_dir: str, threads: int) -> list[str]:
+        out = list(common) + ["--seed", str(self.seed), "--lr", repr(self.lr), "--run-dir", run_dir,
+                              "--no-progress", "--threads", str(threads)]
+        if self.method == "plain":
+            out.append("--plain")
+        for key, value in self.axes:
+            flag = "--" + key.replace("_", "-")
+            if key == "theta_scaled_lambda":
+                out.append(flag if _truthy(value) else "--no-" + flag[2:])
+            else:
+                out += [flag, value]
+        return out
+
+
+def _truthy(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise StudyError(f"--axis theta_scaled_lambda takes true/false values, got {value!r}")
+
+
+def _split_list(text: str, what: str, cast):
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise StudyError(f"{what} is empty")
+    try:
+        return [cast(t) for t in items]
+    except ValueError:
+        raise StudyError(f"{what} must be a comma list of {cast.__name__} values, got {text!r}") from None
+
+
+def parse_axes(specs: list[str]) -> list[tuple[str, list[str]]]:
+    """['theta_schedule=triangle,hold_linear', ...] → [(field, values)], checked against TrainConfig."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    axes, seen = [], set()
+    for spec in specs:
+        name, sep, values = spec.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep:
+            raise StudyError(f"--axis {spec!r}: expected name=v1,v2,...")
+        if name not in fields or name in NOT_AXES:
+            allowed = sorted(fields - set(NOT_AXES))
+            raise StudyError(f"--axis {name!r} is not an ablation axis; one of {allowed}")
+        if name in seen:
+            raise StudyError(f"--axis {name} given twice")
+        seen.add(name)
+        values = [v.strip() for v in values.split(",") if v.strip()] if name not in ("augment", "augment_rotated") \
+            else [v.strip() for v in values.split(";") if v.strip()]  # augment values are comma lists: ';' separates
+        if not values:
+            raise StudyError(f"--axis {name} has no values")
+        if name == "theta_scaled_lambda":
+            for v in values:
+                _truthy(v)
+        axes.append((name, values))
+    return axes
+
+
+def make_grid(seeds: list[int], lrs: list[float], methods: list[str], axes) -> list[Run]:
+    for m in methods:
+        if m not in METHODS:
+            raise StudyError(f"--methods takes {list(METHODS)}, got {m!r}")
+    runs = []
+    for method in methods:
+        # plain runs ignore the relaxation axes
+        used = [(k, v) for k, v in axes if not (method == "plain" and k in RELAXATION_AXES)]
+        for combo in itertools.product(*[[(k, x) for x in v] for k, v in used]):
+            for lr in lrs:
+                for seed in seeds:
+                    runs.append(Run(method, lr, seed, tuple(combo)))
+    return runs
+
+
+def _intended_config(run: Run, common: list[str]) -> dict:
+    cfg, _, _ = parse_args(run.argv(common, "x", 1))
+    out = dataclasses.asdict(cfg.resolved())
+    return {k: v for k, v in out.items() if k not in RUN_CONTROL}
+
+
+def run_state(run_dir: str) -> str:
+    """'new', 'finished', 'diverged' or 'interrupted' (has a checkpoint to resume from)."""
+    if os.path.isfile(os.path.join(run_dir, "diverged.txt")):
+        return "diverged"
+    summary = os.path.join(run_dir, "summary.json")
+    if os.path.isfile(summary):
+        with open(summary) as f:
+            if json.load(f).get("finished"):
+                return "finished"
+    return "interrupted" if os.path.isfile(os.path.join(run_dir, "checkpoint.pt")) else "new"
+
+
+def check_run_dir(run: Run, run_dir: str, common: list[str]) -> None:
+    """A run directory that already holds a config must hold this run's."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        have = {k: v for k, v in json.load(f).items() if k not in RUN_CONTROL}
+    want = _intended_config(run, common)
+    diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+    if diff:
+        k = diff[0]
+        raise StudyError(f"{run_dir} holds a different run ({k}: {have.get(k)!r} there, {want.get(k)!r} wanted); "
+                         "use another --out or remove it")
+
+
+def _execute(run: Run, run_dir: str, common: list[str], threads: int) -> tuple[str, str]:
+    """Run (or resume) one training in a subprocess; returns (state, last error line)."""
+    state = run_state(run_dir)
+    if state in ("finished", "diverged"):
+        return state, ""
+    if state == "interrupted":
+        argv = ["--resume", run_dir, "--no-progress"]
+    else:
+        argv = run.argv(common, run_dir, threads)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    proc = subprocess.run([sys.executable, "-m", "relaxeq_fast.train", *argv], capture_output=True, text=True,
+                          env=env)
+    err = (proc.stderr.strip().splitlines() or [""])[-1]
+    if proc.returncode == 1 and "non-finite loss" in proc.stderr:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "diverged.txt"), "w") as f:
+            f.write(err + "\n")
+        return "diverged", err
+    if proc.returncode != 0:
+        raise StudyError(f"{run.name}: relaxeq-train exited {proc.returncode}: {err}")
+    return run_state(run_dir), ""
+
+
+def _read_run(run: Run, run_dir: str) -> dict:
+    state = run_state(run_dir)
+    row = dict(run=run.name, method=run.method, lr=run.lr, seed=run.seed,
+               axes=";".join(f"{k}={v}" for k, v in run.axes), status=state, run_dir=run_dir)
+    if state != "finished":
+        return {**row, "failed": state == "diverged"}
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        s = json.load(f)
+    with open(os.path.join(run_dir, "metrics.csv")) as f:
+        history = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+    chance = 1.0 / s["num_classes"]
+    row.update(test_acc_projected=s["test_acc_projected"], best_epoch=s.get("best_epoch"),
+               best_test_acc_projected=s.get("best_test_acc_projected"),
+               best_val_acc_projected=s.get("best_val_acc_projected"),
+               final_train_acc=history[-1]["train_acc"], seconds=s["seconds"],
+               failed=s["test_acc_projected"] < 2 * chance)
+    row["curve"] = [h["test_acc_projected"] for h in history]
+    return row
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n − 1; 0 for one value); NaN for none."""
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return float("nan"), float("nan")
+    m = sum(values) / len(values)
+    if len(values) == 1:
+        return m, 0.0
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """Per (method, lr, axes): runs, mean ± std of the final and of the best-epoch projected test accuracy
+    (finished runs), failure rate (diverged or below twice chance, over all runs)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["lr"], r["axes"]), []).append(r)
+    out = []
+    for (method, lr, axes), rs in sorted(groups.items(), key=lambda kv: (kv[0][2], kv[0][0] != "relaxed", kv[0][1])):
+        done = [r for r in rs if r["status"] == "finished"]
+        final = mean_std([r["test_acc_projected"] for r in done])
+        best = mean_std([r.get("best_test_acc_projected") for r in done])
+        out.append(dict(method=method, lr=lr, axes=axes, runs=len(rs), finished=len(done),
+                        final_mean=final[0], final_std=final[1], best_mean=best[0], best_std=best[1],
+                        failure_rate=sum(bool(r["failed"]) for r in rs) / len(rs),
+                        seeds=sorted(r["seed"] for r in rs)))
+    return out
+
+
+def _fmt(m: float, s: float) -> str:
+    return "—" if math.isnan(m) else f"{m:.3f} ± {s:.3f}"
+
+
+def write_outputs(out_dir: str, rows: list[dict], title: str) -> tuple[str, str, Optional[str]]:
+    """study.csv, study.md, study.png in out_dir; returns their paths (png None without matplotlib)."""
+    csv_path = os.path.join(out_dir, "study.csv")
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=STUDY_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in STUDY_FIELDS})
+    groups = aggregate(rows)
+    lines = [f"# {title}", "",
+             "Projected test accuracy, mean ± sample std over seeds: at the last epoch, and at the epoch with "
+             "the best projected validation accuracy. Failed: diverged or below twice chance.", "",
+             "| method | lr | axes | seeds | final acc | best-epoch acc | failed |", "|---|---|---|---|---|---|---|"]
+    for g in groups:
+        lines.append(f"| {g['method']} | {g['lr']:g} | {g['axes'] or '—'} | {g['finished']}/{g['runs']} "
+                     f"({','.join(map(str, g['seeds']))}) | {_fmt(g['final_mean'], g['final_std'])} | "
+                     f"{_fmt(g['best_mean'], g['best_std'])} | {g['failure_rate']:.0%} |")
+    md_path = os.path.join(out_dir, "study.md")
+    with open(md_path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return csv_path, md_path, _plot(out_dir, rows, groups, title)
+
+
+def _plot(out_dir: str, rows: list[dict], groups: list[dict], title: str) -> Optional[str]:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    lines: dict[tuple, list[dict]] = {}
+    for g in groups:
+        lines.setdefault((g["method"], g["axes"]), []).append(g)
+    for (method, axes), gs in lines.items():
+        gs = sorted(gs, key=lambda g: g["lr"])
+        label = method + (f" {axes}" if axes else "")
+        a1.errorbar([g["lr"] for g in gs], [g["final_mean"] for g in gs], yerr=[g["final_std"] for g in gs],
+                    marker="o" if method == "relaxed" else "s", capsize=3, label=label)
+    a1.set(xscale="log", xlabel="learning rate", ylabel="projected test accuracy (last epoch)",
+           title="accuracy against lr (mean ± std over seeds)")
+    curves: dict[tuple, list[list[float]]] = {}
+    for r in rows:
+        if r.get("curve"):
+            curves.setdefault((r["method"], r["lr"], r["axes"]), []).append(r["curve"])
+    for (method, lr, axes), cs in sorted(curves.items(), key=lambda kv: str(kv[0])):
+        n = min(len(c) for c in cs)
+        ms = [mean_std([c[i] for c in cs]) for i in range(n)]
+        ep = list(range(1, n + 1))
+        m = [x[0] for x in ms]
+        s = [x[1] for x in ms]
+        line, = a2.plot(ep, m, "-" if method == "relaxed" else "--",
+                        label=f"{method} lr {lr:g}" + (f" {axes}" if axes else ""))
+        a2.fill_between(ep, [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)], alpha=0.15,
+                        color=line.get_color())
+    a2.set(xlabel="epoch", ylabel="projected test accuracy", title="per epoch (mean ± std over seeds)")
+    for a in (a1, a2):
+        a.grid(alpha=0.3)
+        if a.get_legend_handles_labels()[0]:  # nothing to label when every run diverged
+            a.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "study.png")
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="relaxeq-study", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--out", required=True, help="study directory (runs/ and the study.* files)")
+    p.add_argument("--seeds", default="0,1,2", help="comma list of seeds")
+    p.add_argument("--lrs", default="1e-3", help="comma list of learning rates")
+    p.add_argument("--methods", default="relaxed,plain", help="comma list of relaxed, plain")
+    p.add_argument("--axis", action="append", default=[], metavar="NAME=V1,V2",
+                   help="an ablation axis over a relaxeq-train setting (repeatable; augment values separated by ';')")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once (each gets cores / jobs threads)")
+    p.add_argument("--title", default=None, help="title of study.md and study.png")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then relaxeq-train arguments common to every run")
+    return p
+
+
+def run_study(argv=None) -> dict:
+    a = _parser().parse_args(argv)
+    common = a.train_args[1:] if a.train_args[:1] == ["--"] else a.train_args
+    for bad in ("--seed", "--lr", "--plain", "--run-dir", "--resume", "--threads"):
+        if any(t == bad or t.startswith(bad + "=") for t in common):
+            raise StudyError(f"{bad} is set by the study per run; remove it from the relaxeq-train arguments")
+    seeds = _split_list(a.seeds, "--seeds", int)
+    lrs = _split_list(a.lrs, "--lrs", float)
+    methods = _split_list(a.methods, "--methods", str)
+    if not isinstance(a.jobs, int) or a.jobs < 1:
+        raise StudyError(f"--jobs must be >= 1, got {a.jobs}")
+    runs = make_grid(seeds, lrs, methods, parse_axes(a.axis))
+    try:  # the training arguments are checked once, before anything runs
+        from .train.config import validate
+        validate(parse_args(runs[0].argv(common, "x", 1))[0].resolved())
+    except ConfigError as e:
+        raise StudyError(f"training arguments: {e}") from None
+    run_root = os.path.join(a.out, "runs")
+    dirs = {r: os.path.join(run_root, r.name) for r in runs}
+    for r in runs:
+        check_run_dir(r, dirs[r], common)
+    os.makedirs(run_root, exist_ok=True)
+    threads = max(1, (os.cpu_count() or 1) // a.jobs)
+    todo = [r for r in runs if run_state(dirs[r]) not in ("finished", "diverged")]
+    print(f"[relaxeq-study] {len(runs)} runs, {len(runs) - len(todo)} already done; {len(todo)} to run, "
+          f"{a.jobs} at a time, {threads} thread(s) each", flush=True)
+    bar = None
+    if not a.no_progress and todo:
+        from tqdm import tqdm
+        bar = tqdm(total=len(todo), desc="study", file=sys.stderr, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=a.jobs) as pool:
+        futures = {pool.submit(_execute, r, dirs[r], common, threads): r for r in todo}
+        for fut in as_completed(futures):
+            r = futures[fut]
+            state, err = fut.result()
+            row = _read_run(r, dirs[r])
+            acc = f"projected test acc {row['test_acc_projected']:.3f}" if state == "finished" else err
+            line = f"[relaxeq-study] {r.name}: {state}, {acc} ({time.perf_counter() - t0:.0f} s)"
+            (bar.write(line) if bar else print(line, flush=True))
+            if bar:
+                bar.update(1)
+    if bar:
+        bar.close()
+    rows = [_read_run(r, dirs[r]) for r in runs]
+    title = a.title or f"relaxeq-study: {' '.join(common) or 'defaults'}"
+    paths = write_outputs(a.out, rows, title)
+    return dict(rows=rows, groups=aggregate(rows), paths=paths)
+
+
+def main(argv=None) -> int:
+    try:
+        result = run_study(argv)
+    except StudyError as e:
+        print(f"relaxeq-study: error: {e}", file=sys.stderr)
+        return 2
+    print(open(result["paths"][1]).read())
+    print("[relaxeq-study] " + ", ".join(p for p in result["paths"] if p))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
