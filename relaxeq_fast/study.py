@@ -130,12 +130,13 @@ def make_grid(seeds: list[int], lrs: list[float], methods: list[str], axes) -> l
         if m not in METHODS:
             raise StudyError(f"--methods takes {list(METHODS)}, got {m!r}")
     runs = []
-    for method in methods:
-        # plain runs ignore the relaxation axes
-        used = [(k, v) for k, v in axes if not (method == "plain" and k in RELAXATION_AXES)]
-        for combo in itertools.product(*[[(k, x) for x in v] for k, v in used]):
-            for lr in lrs:
-                for seed in seeds:
+    # seed-major: a study stopped part-way has whole seeds of every method and lr to compare
+    for seed in seeds:
+        for lr in lrs:
+            for method in methods:
+                # plain runs ignore the relaxation axes
+                used = [(k, v) for k, v in axes if not (method == "plain" and k in RELAXATION_AXES)]
+                for combo in itertools.product(*[[(k, x) for x in v] for k, v in used]):
                     runs.append(Run(method, lr, seed, tuple(combo)))
     return runs
 
