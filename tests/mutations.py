@@ -52,6 +52,13 @@ MUTATIONS = [
     Mutation("validate_after_device", "relaxeq_fast/train/loop.py",
              "    validate(cfg, D.world_size() if D.is_distributed() else int(os.environ.get(\"WORLD_SIZE\", \"1\")))\n",
              "", ("tests/test_train.py -k bad_configuration",), "a config is used before it is validated"),
+    Mutation("relax_lr_not_scaled", "relaxeq_fast/train/loop.py",
+             'relax_group["lr"] = scheduled_lr * theta.theta', 'relax_group["lr"] = scheduled_lr',
+             ("tests/test_train.py -k relax_lr",), "--relax-lr theta leaves the relaxation's lr unscaled"),
+    Mutation("relax_lr_not_restored", "relaxeq_fast/train/loop.py",
+             '                opt.step()\n                relax_group["lr"] = scheduled_lr\n',
+             '                opt.step()\n',
+             ("tests/test_train.py -k relax_lr",), "--relax-lr theta leaks θ into the lr schedule"),
     # ---- distributed helpers (tests/test_distributed.py) ----
     Mutation("moments_equal_weights", "relaxeq_fast/distributed.py",
              "global_mean = all_reduce(mean * (n / total))", "global_mean = all_reduce(mean * 0.5)",

@@ -115,6 +115,39 @@ def test_theta_used_by_every_step_is_the_schedules(unit, schedule, scaled, tmp_p
         [sched(steps_per_epoch * (e + 1) if unit == "step" else e + 1) for e in range(epochs)]
 
 
+def test_relax_lr_theta_scales_only_the_relaxation_step(tmp_path, monkeypatch):
+    """--relax-lr theta: in every step the relaxation parameters' group has lr × θ (θ of that step) and
+    the rest the scheduled lr; the lr schedule itself (metrics' lr column) is untouched."""
+    seen = []
+    real_step = torch.optim.Adam.step
+
+    def spy(self, *args, **kwargs):
+        names = [[id(p) for p in g["params"]] for g in self.param_groups]
+        seen.append(([g["lr"] for g in self.param_groups], names))
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    real_regs, thetas = loop.model_regularizers, []
+
+    def spy_regs(model):
+        thetas.append(float(next(relaxed_layers(model)).theta))
+        ids = {id(p) for m in relaxed_layers(model) for n, p in m.named_parameters() if n.endswith("_relax")}
+        spy_regs.relax_ids = ids
+        return real_regs(model)
+
+    monkeypatch.setattr(loop, "model_regularizers", spy_regs)
+    args = TINY + ["--epochs", "2", "--n-train", "48", "--theta-schedule", "hold_linear", "--theta-unit", "step",
+                   "--lr-schedule", "cosine"]
+    _run(args + ["--relax-lr", "theta", "--run-dir", str(tmp_path / "theta")])
+    assert len(seen) == len(thetas) == 6
+    for (lrs, ids), th in zip(seen, thetas):
+        assert len(lrs) == 2 and set(ids[1]) == spy_regs.relax_ids and not set(ids[0]) & spy_regs.relax_ids
+        assert lrs[1] == pytest.approx(lrs[0] * th, rel=1e-6)  # θ buffers are float32
+    assert len({th for th in thetas}) > 1
+    _run(args + ["--run-dir", str(tmp_path / "same")])
+    assert [r["lr"] for r in _metrics(str(tmp_path / "theta"))] == [r["lr"] for r in _metrics(str(tmp_path / "same"))]
+
+
 def test_projected_model_loads_into_the_plain_class(full_run):
     run_dir, summary = full_run
     saved = torch.load(os.path.join(run_dir, "model_projected.pt"), weights_only=False)
@@ -206,6 +239,7 @@ def test_non_finite_loss_stops_without_touching_the_checkpoint(tmp_path, monkeyp
     (["--val-fraction", "-0.5"], "--val-fraction must be in [0, 1), got -0.5"),
     (["--val-fraction", "0.9"], "larger than the training set (6 samples after --val-fraction 0.9)"),
     (["--relaxed-maps", "most"], "--relaxed-maps must be one of"),
+    (["--relax-lr", "half"], "--relax-lr must be 'same' or 'theta', got 'half'"),
 ])
 def test_bad_configuration_is_one_line_naming_the_cause(extra, cause, tmp_path, capsys):
     rc = T.main(TINY + ["--run-dir", str(tmp_path / "bad")] + extra)

@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--theta-scaled-lambda", action=argparse.BooleanOptionalAction, default=None,
                    help="scale the regulariser with θ (paper setup: VN-DGCNN yes, VN-PointNet no)")
     g.add_argument("--relax-init", default=None, help="zeros or default (nn.Linear init of W_r)")
+    g.add_argument("--relax-lr", default=d.relax_lr,
+                   help="lr of the relaxation parameters (W_r, b_r, B): 'same' as the rest, or 'theta' (× θ each step: "
+                        "what the θ factor does to plain SGD, which Adam's normalisation undoes)")
     g.add_argument("--relaxed-maps", default=None,
                    help="paper (VNStdFeature's last map not relaxed, direction maps without relaxation bias) "
                         "or all")

@@ -106,6 +106,7 @@ class TrainConfig:
     theta_scaled_lambda: Optional[bool] = None
     relax_init: Optional[str] = None
     relaxed_maps: Optional[str] = None
+    relax_lr: str = "same"
     clip_grad_norm: Optional[float] = None
     seed: int = 0
     device: str = "cpu"
@@ -179,6 +180,8 @@ def validate(cfg: TrainConfig, world: int = 1) -> None:
         v = getattr(cfg, name)
         if not (isinstance(v, (int, float)) and 0 <= v < 1):
             _fail(f"--{name.replace('_', '-')} must be in [0, 1), got {v!r}")
+    if cfg.relax_lr not in ("same", "theta"):
+        _fail(f"--relax-lr must be 'same' or 'theta', got {cfg.relax_lr!r}")
     if cfg.relaxed_maps not in RELAXED_MAPS:
         _fail(f"--relaxed-maps must be one of {list(RELAXED_MAPS)}, got {cfg.relaxed_maps!r}")
     if cfg.optimizer not in ("adam", "sgd"):

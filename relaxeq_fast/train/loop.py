@@ -41,6 +41,12 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return (correct[0] / correct[1]).item()
 
 
+def _relaxation_parameters(layer: nn.Module) -> list:
+    """W_r and b_r of a RelaxedLinear; B of a RelaxedR2Conv (every parameter the plain twin lacks)."""
+    plain = {k for k, _ in layer.project().named_parameters()}
+    return [p for k, p in layer.named_parameters() if k not in plain]
+
+
 def resolved_config(cfg: TrainConfig, resume: Optional[str] = None) -> TrainConfig:
     """The configuration a run uses: ``cfg`` (or the resumed run's config.json) with the paper setup
     of its model filled in where unset."""
@@ -102,10 +108,16 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
     D.sync_batch_norms(model)
     relaxed = not cfg.plain
     params = [p for p in model.parameters() if p.requires_grad]
+    # the relaxation's own parameters in a group of their own: --relax-lr theta scales their lr by θ
+    relax_ids = {id(p) for m in relaxed_layers(model) for p in _relaxation_parameters(m)}
+    groups = [{"params": [p for p in params if id(p) not in relax_ids]},
+              {"params": [p for p in params if id(p) in relax_ids]}]
+    groups = [g for g in groups if g["params"]]
     if cfg.optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    relax_group = opt.param_groups[-1] if relax_ids else None
     if cfg.lr_schedule == "step":
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
     elif cfg.lr_schedule == "cosine":
@@ -183,7 +195,15 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
             loss.backward()
             if cfg.clip_grad_norm is not None:
                 nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
-            opt.step()
+            if relax_group is not None and cfg.relax_lr == "theta":
+                # Adam normalises the gradient, so θ in θ·W_r does not slow W_r's updates: scale its
+                # step by θ here (the schedule's lr is put back, so the lr schedulers never see it)
+                scheduled_lr = relax_group["lr"]
+                relax_group["lr"] = scheduled_lr * theta.theta
+                opt.step()
+                relax_group["lr"] = scheduled_lr
+            else:
+                opt.step()
             sums += stats
             global_step += 1
             if theta is not None and cfg.theta_unit == "step":
