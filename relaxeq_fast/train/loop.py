@@ -41,6 +41,99 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return (correct[0] / correct[1]).item()
 
 
+PROGRESS_EVERY = 10  # steps between reads of the running numbers for the progress bar
+
+
+def train_step(net: nn.Module, model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, opt,
+               theta_buffer: Optional[torch.Tensor], relax_group: Optional[dict], theta_value: float) -> torch.Tensor:
+    """One optimisation step on a (local) batch x [B, ...], y [B]; returns, on the device and without
+    reading anything back to the host, float64 [6]: loss, regulariser, ΣR_LD, ΣR_N, correct, samples.
+
+    net is the model or its DDP wrapper. theta_buffer: the layers' θ (a 0-d tensor; None for a plain
+    model); theta_value: the same θ as a number, for --relax-lr theta's lr (the optimiser takes numbers).
+    """
+    out = net(x)
+    task = TF.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)
+    zero = task.detach().new_zeros(())
+    reg, r_ld, r_n = task.new_zeros(()), zero, zero
+    if theta_buffer is not None:
+        D.all_reduce_input_stats(model)
+        D.all_reduce_conv_defects(model)
+        terms = model_regularizers(model)
+        reg = combine_regularizers(terms, cfg.lambda_ld, cfg.lambda_n, cfg.reduction,
+                                   theta=theta_buffer if cfg.theta_scaled_lambda else None)
+        r_ld = sum(t.lie_derivative.detach() for t in terms)
+        r_n = sum(t.projection.detach() for t in terms)
+    loss = task + reg
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.clip_grad_norm is not None:
+        nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.clip_grad_norm)
+    if relax_group is not None and cfg.relax_lr == "theta":
+        # Adam normalises the gradient, so θ in θ·W_r does not slow W_r's updates: scale its step by θ
+        # here (the schedule's lr is put back, so the lr schedulers never see it)
+        scheduled_lr = relax_group["lr"]
+        relax_group["lr"] = scheduled_lr * theta_value
+        opt.step()
+        relax_group["lr"] = scheduled_lr
+    else:
+        opt.step()
+    correct = (out.detach().argmax(-1) == y).sum()
+    return torch.stack([loss.detach().double(), reg.detach().double(), r_ld.double(), r_n.double(),
+                        correct.double(), correct.new_tensor(len(y)).double()])
+
+
+class _EpochTally:
+    """The epoch's running sums of train_step's numbers, kept on the device; read (a host sync, and an
+    all-reduce across ranks) only at the progress-bar interval and at the end of the epoch.
+
+    The first step whose loss or regulariser is not finite is remembered on the device, so the read
+    that finds it can name it; the epoch's checkpoint is then never written.
+    """
+
+    NEVER = 2 ** 62
+
+    def __init__(self, device):
+        self.sums = torch.zeros(6, dtype=torch.float64, device=device)
+        self.first_bad = torch.full((), self.NEVER, dtype=torch.int64, device=device)
+        self.bad_values = torch.zeros(2, dtype=torch.float64, device=device)
+        self.steps = 0
+
+    def add(self, step: int, stats: torch.Tensor) -> None:
+        bad = ~torch.isfinite(stats[:4]).all()
+        new_bad = bad & (self.first_bad == self.NEVER)
+        self.first_bad = torch.where(new_bad, torch.full_like(self.first_bad, step), self.first_bad)
+        self.bad_values = torch.where(new_bad, stats[:2], self.bad_values)
+        self.sums += stats
+        self.steps += 1
+
+    def read(self, epoch: int, ckpt_path: str) -> dict:
+        """Mean loss / regulariser / R_LD / R_N per step and accuracy so far (over every rank);
+        NonFiniteLossError if a step so far was not finite."""
+        sums, first_bad = self.sums.clone(), self.first_bad.clone()
+        if D.is_distributed():
+            torch.distributed.all_reduce(sums)
+            torch.distributed.all_reduce(first_bad, op=torch.distributed.ReduceOp.MIN)
+            sums[:4] /= D.world_size()
+        bad = int(first_bad.item())
+        if bad != self.NEVER:
+            task_plus_reg, reg = self.bad_values.tolist()
+            raise NonFiniteLossError(
+                f"non-finite loss at epoch {epoch + 1}, step {bad + 1} (loss {task_plus_reg:.4g}, regulariser "
+                f"{reg:.4g}); lower --lr or the λs. {ckpt_path} still holds the last finite epoch")
+        n = max(self.steps, 1)
+        values = (sums / torch.tensor([n, n, n, n, 1, 1], dtype=sums.dtype, device=sums.device)).tolist()
+        return dict(train_loss=values[0], reg_loss=values[1], r_ld=values[2], r_n=values[3],
+                    train_acc=values[4] / max(values[5], 1))
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """CPU batch → device; from pinned memory without blocking the host on CUDA."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _relaxation_parameters(layer: nn.Module) -> list:
     """W_r and b_r of a RelaxedLinear; B of a RelaxedR2Conv (every parameter the plain twin lacks)."""
     plain = {k for k, _ in layer.project().named_parameters()}
@@ -150,6 +243,8 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                                   broadcast_buffers=False)
     local_batch = cfg.batch_size // world
+    # θ as the layers hold it (a buffer, set in place): the regulariser reads it without a host copy
+    theta_buffer = next(iter(relaxed_layers(model))).theta if relaxed else None
     probe_x = test_set.x[:cfg.eval_batch_size].to(device)  # for the projection error and the final check
     show = cfg.progress and rank == 0
     epochs_run = 0
@@ -159,7 +254,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
         t0 = time.perf_counter()
         model.train()
         perm = torch.randperm(len(train_set.y), generator=data_gen)
-        sums = torch.zeros(6, dtype=torch.float64)  # loss, reg, r_ld, r_n, correct, seen
+        tally = _EpochTally(device)
         bar = range(steps_per_epoch)
         if show:
             from tqdm import tqdm
@@ -168,56 +263,22 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
             idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             xb = _augment_batch(train_set.x[idx], cfg, aug_gen)  # the global batch, then this rank's slice
             sl = slice(rank * local_batch, (rank + 1) * local_batch)
-            x, y = xb[sl].to(device), train_set.y[idx][sl].to(device)
-            out = net(x)
-            task = TF.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)
-            reg = task.new_zeros(())
-            r_ld = r_n = 0.0
-            if relaxed:
-                D.all_reduce_input_stats(model)
-                D.all_reduce_conv_defects(model)
-                terms = model_regularizers(model)
-                th = theta.theta if cfg.theta_scaled_lambda else None
-                reg = combine_regularizers(terms, cfg.lambda_ld, cfg.lambda_n, cfg.reduction, theta=th)
-                r_ld = sum(t.lie_derivative.detach() for t in terms).item()
-                r_n = sum(t.projection.detach() for t in terms).item()
-            loss = task + reg
-            stats = torch.tensor([loss.item(), reg.item(), r_ld, r_n, (out.argmax(-1) == y).sum().item(), len(y)],
-                                 dtype=torch.float64)
-            if D.is_distributed():
-                torch.distributed.all_reduce(stats)
-                stats[:4] /= world
-            if not all(math.isfinite(v) for v in stats[:4].tolist()):
-                raise NonFiniteLossError(
-                    f"non-finite loss at epoch {epoch + 1}, step {step + 1} (task {task.item():.4g}, regulariser "
-                    f"{reg.item():.4g}); lower --lr or the λs. {ckpt_path} still holds the last finite epoch")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.clip_grad_norm is not None:
-                nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
-            if relax_group is not None and cfg.relax_lr == "theta":
-                # Adam normalises the gradient, so θ in θ·W_r does not slow W_r's updates: scale its
-                # step by θ here (the schedule's lr is put back, so the lr schedulers never see it)
-                scheduled_lr = relax_group["lr"]
-                relax_group["lr"] = scheduled_lr * theta.theta
-                opt.step()
-                relax_group["lr"] = scheduled_lr
-            else:
-                opt.step()
-            sums += stats
+            x, y = _to_device(xb[sl], device), _to_device(train_set.y[idx][sl], device)
+            tally.add(step, train_step(net, model, x, y, cfg, opt, theta_buffer, relax_group,
+                                       theta.theta if theta is not None else 0.0))
             global_step += 1
             if theta is not None and cfg.theta_unit == "step":
                 theta.step()
-            if show:
-                n = step + 1
-                bar.set_postfix(loss=f"{sums[0] / n:.3f}", acc=f"{sums[4] / sums[5]:.3f}",
-                                θ=f"{theta.theta if theta else 0:.3f}", R_LD=f"{sums[2] / n:.2e}",
-                                R_N=f"{sums[3] / n:.2e}", refresh=False)
+            if show and ((step + 1) % PROGRESS_EVERY == 0 or step + 1 == steps_per_epoch):
+                m = tally.read(epoch, ckpt_path)  # the only host reads of the step's numbers
+                bar.set_postfix(loss=f"{m['train_loss']:.3f}", acc=f"{m['train_acc']:.3f}",
+                                θ=f"{theta.theta if theta else 0:.3f}", R_LD=f"{m['r_ld']:.2e}",
+                                R_N=f"{m['r_n']:.2e}", refresh=False)
+        means = tally.read(epoch, ckpt_path)
         if theta is not None and cfg.theta_unit == "epoch":
             theta.step()
         lr = opt.param_groups[0]["lr"]
         sched.step()
-        n = max(steps_per_epoch, 1)
         # the current model (θ as it is now) and its projection (θ := 0, W_r dropped) on every split
         projected = project(copy.deepcopy(model)) if relaxed else model
         accs = {}
@@ -231,9 +292,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
         test_acc = accs["test_acc"]
         proj_err = projection_error(model, probe_x) if relaxed else 0.0
         row = dict(epoch=epoch + 1, step=global_step, lr=lr, theta=theta.theta if theta else 0.0,
-                   train_loss=(sums[0] / n).item(), train_acc=(sums[4] / sums[5]).item(),
-                   reg_loss=(sums[1] / n).item(), r_ld=(sums[2] / n).item(), r_n=(sums[3] / n).item(),
-                   **accs, projection_error=proj_err, epoch_seconds=time.perf_counter() - t0)
+                   **means, **accs, projection_error=proj_err, epoch_seconds=time.perf_counter() - t0)
         history.append(row)
         epochs_run += 1
         if show:
