@@ -14,12 +14,12 @@ import statistics
 import time
 
 import torch
-from tqdm import tqdm
 
 import relaxeq_fast
 from relaxeq_fast import VN, combine_regularizers, equivariance_error, project, use_backend
 from relaxeq_fast.relaxation import HoldThenLinearDecay, ThetaScheduler
 from relaxeq_fast.vn import model_regularizers
+from relaxeq_fast.progress import progress
 from relaxeq_fast.nn import RelaxedLinear
 
 
@@ -82,7 +82,7 @@ def relaxed_training(steps):
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     theta = ThetaScheduler(net, HoldThenLinearDecay(steps))  # θ exactly 0 after the last step
     print(f"\n[2] relaxed training: {steps} steps, θ held at 1 then decayed linearly to 0")
-    bar = tqdm(range(steps), ncols=100, mininterval=0.5)
+    bar = progress(range(steps), desc="relaxed training", log_every=10.0)
     for step in bar:
         task = (net(x) - y).square().mean()
         reg = combine_regularizers(model_regularizers(net), lambda_ld=1e-3, lambda_n=1e-4)

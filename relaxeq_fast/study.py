@@ -362,8 +362,9 @@ def run_study(argv=None) -> dict:
           f"{a.jobs} at a time, {threads} thread(s) each", flush=True)
     bar = None
     if not a.no_progress and todo:
-        from tqdm import tqdm
-        bar = tqdm(total=len(todo), desc="study", file=sys.stderr, dynamic_ncols=True)
+        from .progress import progress, stderr_is_terminal
+        # on a terminal an overall bar; in a log the per-run lines below already say it all
+        bar = progress(total=len(todo), desc="study") if stderr_is_terminal() else None
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=a.jobs) as pool:
         futures = {pool.submit(_execute, r, dirs[r], common, threads): r for r in todo}

@@ -11,7 +11,7 @@ OUT="${DEMO_RUNS:-runs/demo}"
 # small enough for minutes on 2 CPU cores: 128 points, k = 10, channels ×0.25
 COMMON=(--model vn_pointnet --dataset shapes --num-points 128 --k 10 --width 0.25
         --n-train 960 --n-test 320 --epochs 10 --train-rotation so3 --test-rotation so3)
-echo "[demo] 1/2 relaxed VN-PointNet (θ held at 1, then linearly to 0; projected at the end)"
+echo "[demo] 1/2 relaxed VN-PointNet (the paper's setup: θ per epoch on a triangle 0 -> 1 -> 0; projected at the end)"
 relaxeq-train "${COMMON[@]}" --run-dir "$OUT/relaxed" "$@"
 echo "[demo] 2/2 plain VN-PointNet (the same run without relaxation)"
 relaxeq-train "${COMMON[@]}" --run-dir "$OUT/plain" --plain "$@"
@@ -22,3 +22,5 @@ out = sys.argv[1]
 print(compare_runs([os.path.join(out, "relaxed"), os.path.join(out, "plain")], os.path.join(out, "comparison.png")))
 print(f"plots: {out}/relaxed/training.png, {out}/plain/training.png, {out}/comparison.png")
 PY
+echo "[demo] one seed is an anecdote: the multi-seed study (3 seeds x 3 learning rates, 30 epochs) is in"
+echo "       README.md, section 'Does relaxation help?', and studies/vn_pointnet_shapes/study.md"

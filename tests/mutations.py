@@ -69,6 +69,9 @@ MUTATIONS = [
              "        r_ld = sum(t.lie_derivative.detach() for t in terms)\n",
              "        r_ld = sum(t.lie_derivative.detach() for t in terms)\n        r_ld.item()\n",
              ("tests/test_train.py -k host",), "a .item() in the step (a host sync)"),
+    Mutation("progress_bar_in_logs", "relaxeq_fast/progress.py",
+             "    if stderr_is_terminal():\n", "    if True:\n",
+             ("tests/test_train.py -k log_file",), "tqdm frames written into a log file"),
     # ---- distributed helpers (tests/test_distributed.py) ----
     Mutation("moments_equal_weights", "relaxeq_fast/distributed.py",
              "global_mean = all_reduce(mean * (n / total))", "global_mean = all_reduce(mean * 0.5)",

@@ -195,6 +195,16 @@ def test_train_step_never_reads_a_tensor_back_to_the_host(model, extra):
     assert len(mode.reads) == 1
 
 
+def test_progress_in_a_log_file_is_lines_not_bar_frames(tmp_path, capsys):
+    """stderr not a terminal (pytest captures it): no carriage-return frames, one line per epoch."""
+    with_progress = [a for a in TINY if a != "--no-progress"]
+    _run(with_progress + ["--epochs", "2", "--n-train", "32", "--run-dir", str(tmp_path / "log")])
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert [line.split(":")[0].strip() for line in lines] == ["epoch 1", "epoch 2"], lines
+
+
 def test_projected_model_loads_into_the_plain_class(full_run):
     run_dir, summary = full_run
     saved = torch.load(os.path.join(run_dir, "model_projected.pt"), weights_only=False)

@@ -21,6 +21,7 @@ from ..vn import equivariance_error, model_regularizers, project, relaxed_layers
 from .build import _augment_batch, _load_data, build_model
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import IMAGE_MODELS, NonFiniteLossError, TrainConfig, _fail, validate
+from ..progress import progress
 from .report import _write_metrics, plot_history
 
 @torch.no_grad()
@@ -256,9 +257,8 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
         perm = torch.randperm(len(train_set.y), generator=data_gen)
         tally = _EpochTally(device)
         bar = range(steps_per_epoch)
-        if show:
-            from tqdm import tqdm
-            bar = tqdm(bar, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=True, dynamic_ncols=True, file=sys.stderr)
+        if show:  # a bar on a terminal; in a log file one line per epoch (below) and one per minute
+            bar = progress(bar, desc=f"epoch {epoch + 1}/{cfg.epochs}", log_every=60.0)
         for step in bar:
             idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             xb = _augment_batch(train_set.x[idx], cfg, aug_gen)  # the global batch, then this rank's slice
