@@ -72,6 +72,9 @@ MUTATIONS = [
     Mutation("progress_bar_in_logs", "relaxeq_fast/progress.py",
              "    if stderr_is_terminal():\n", "    if True:\n",
              ("tests/test_train.py -k log_file",), "tqdm frames written into a log file"),
+    Mutation("setup_stamp_ignores_sources", "scripts/setup.sh",
+             "    find csrc -type f -print0", "    find csrc -maxdepth 0 -type f -print0",
+             ("tests/test_setup_script.py",), "a changed .cpp does not rebuild"),
     # ---- distributed helpers (tests/test_distributed.py) ----
     Mutation("moments_equal_weights", "relaxeq_fast/distributed.py",
              "global_mean = all_reduce(mean * (n / total))", "global_mean = all_reduce(mean * 0.5)",
