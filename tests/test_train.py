@@ -205,6 +205,67 @@ def test_progress_in_a_log_file_is_lines_not_bar_frames(tmp_path, capsys):
     assert [line.split(":")[0].strip() for line in lines] == ["epoch 1", "epoch 2"], lines
 
 
+def _tree_digest(run_dir):
+    out = {}
+    for name in sorted(os.listdir(run_dir)):
+        with open(os.path.join(run_dir, name), "rb") as f:
+            out[name] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "not_a_checkpoint"])
+def test_broken_checkpoint_is_one_line_and_leaves_the_run_alone(damage, tmp_path, capsys):
+    run_dir = str(tmp_path / "run")
+    _run(TINY + ["--epochs", "2", "--n-train", "32", "--run-dir", run_dir, "--stop-after", "1"])
+    ckpt = os.path.join(run_dir, "checkpoint.pt")
+    with open(ckpt, "rb") as f:
+        data = f.read()
+    if damage == "truncated":
+        data = data[:len(data) // 2]
+    elif damage == "garbage":
+        data = b"\x00not a zip file" * 100
+    else:
+        buf = __import__("io").BytesIO()
+        torch.save({"model": {}}, buf)
+        data = buf.getvalue()
+    with open(ckpt, "wb") as f:
+        f.write(data)
+    before = _tree_digest(run_dir)
+    rc = T.main(["--resume", run_dir, "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith("relaxeq-train: error:") and f"{ckpt} cannot be read" in err[0], err[0]
+    assert _tree_digest(run_dir) == before
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    from relaxeq_fast.train import checkpoint
+    path = str(tmp_path / "checkpoint.pt")
+    checkpoint.atomic_save({"epoch": 1}, path)
+
+    def dies_half_way(obj, f):
+        with open(f, "wb") as out:
+            out.write(b"PK\x03\x04 half a zip")
+        raise KeyboardInterrupt  # a kill during the write
+
+    monkeypatch.setattr(checkpoint.torch, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.atomic_save({"epoch": 2}, path)
+    assert torch.load(path, weights_only=False) == {"epoch": 1}
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]  # no temporary left behind
+
+
+def test_resume_with_other_settings_names_them(tmp_path, capsys):
+    run_dir = str(tmp_path / "run")
+    _run(TINY + ["--epochs", "2", "--n-train", "32", "--run-dir", run_dir, "--stop-after", "1"])
+    rc = T.main(["--resume", run_dir, "--no-progress", "--lr", "0.5", "--lambda-n", "0.25"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert "lambda_n: 0.01 there, 0.25 asked" in err[0] and "lr: 0.001 there, 0.5 asked" in err[0], err[0]
+    # the same values as the run's are no conflict
+    assert T.main(["--resume", run_dir, "--no-progress", "--epochs", "2", "--width", "0.2"]) == 0
+
+
 def test_projected_model_loads_into_the_plain_class(full_run):
     run_dir, summary = full_run
     saved = torch.load(os.path.join(run_dir, "model_projected.pt"), weights_only=False)

@@ -11,11 +11,21 @@ from torch import nn
 from ..relaxation import ThetaScheduler
 
 
+class CheckpointError(ValueError):
+    """checkpoint.pt cannot be read (truncated, corrupt, not a checkpoint); one line naming the file."""
+
+
 def atomic_save(obj, path: str):
-    """torch.save through a temporary file and a rename: a crash never leaves a half-written file."""
+    """torch.save through a temporary file and a rename: a crash (or an error) during the write leaves
+    the previous file as it was and no temporary behind."""
     tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def save_checkpoint(path: str, model: nn.Module, optimizer, lr_schedule, theta: Optional[ThetaScheduler],
@@ -29,7 +39,15 @@ def save_checkpoint(path: str, model: nn.Module, optimizer, lr_schedule, theta: 
 def load_checkpoint(path: str, device, model: nn.Module, optimizer, lr_schedule, theta: Optional[ThetaScheduler],
                     data_gen: torch.Generator, aug_gen: torch.Generator) -> tuple[list, int, int]:
     """Restore the training state in place; returns (history, epochs done, optimisation steps done)."""
-    ck = torch.load(path, map_location=device, weights_only=False)
+    try:
+        ck = torch.load(path, map_location=device, weights_only=False)
+        keys = {"model", "optimizer", "lr_schedule", "theta", "data_gen", "aug_gen", "torch_rng", "history",
+                "epoch", "step"}
+        if not isinstance(ck, dict) or not keys <= set(ck):
+            raise ValueError("not a relaxeq-train checkpoint")
+    except Exception as e:  # torch.load raises many kinds (zip, pickle, EOF, runtime) for a broken file
+        raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                              "it is truncated or corrupt — the run directory was left as it is") from None
     model.load_state_dict(ck["model"])
     optimizer.load_state_dict(ck["optimizer"])
     lr_schedule.load_state_dict(ck["lr_schedule"])

@@ -13,6 +13,7 @@ from .. import distributed as D
 from ..regularizer import REDUCTIONS
 from ..relaxation import SCHEDULES
 from .config import AUGMENTATIONS, MODELS, ROTATIONS, ConfigError, NonFiniteLossError, TrainConfig, validate
+from .checkpoint import CheckpointError
 from .loop import resolved_config, train
 from .report import format_summary
 
@@ -113,9 +114,9 @@ def main(argv=None) -> int:
         if D.rank() == 0:
             print(f"[relaxeq-train] {format_summary(summary)}")
         return 0
-    except (ConfigError, NonFiniteLossError) as e:
+    except (ConfigError, CheckpointError, NonFiniteLossError) as e:
         print(f"relaxeq-train: error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, ConfigError) else 1
+        return 1 if isinstance(e, NonFiniteLossError) else 2
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -148,7 +148,17 @@ def resolved_config(cfg: TrainConfig, resume: Optional[str] = None) -> TrainConf
         if not os.path.isfile(os.path.join(resume, "config.json")):
             _fail(f"--resume {resume}: no config.json there")
         with open(os.path.join(resume, "config.json")) as f:
-            cfg = TrainConfig(**{**json.load(f), "run_dir": resume, "progress": cfg.progress})
+            saved = json.load(f)
+        # a setting given with --resume that differs from the run's would be silently ignored: refuse
+        defaults = dataclasses.asdict(TrainConfig())
+        asked = {k: v for k, v in dataclasses.asdict(cfg).items()
+                 if k not in ("run_dir", "progress", "threads") and v != defaults[k]}
+        differ = sorted(k for k, v in asked.items() if k in saved and saved[k] != v)
+        if differ:
+            _fail(f"--resume {resume}: the run was made with other settings ("
+                  + ", ".join(f"{k}: {saved[k]!r} there, {asked[k]!r} asked" for k in differ)
+                  + "); resume without them, or start a new run")
+        cfg = TrainConfig(**{**saved, "run_dir": resume, "progress": cfg.progress})
     return cfg.resolved()
 
 
