@@ -7,6 +7,7 @@ use. Native and Triton ops share the fake and autograd formulas defined here.
 """
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -450,6 +451,7 @@ if EXTENSION_LOADED:
                                lambda *a: torch.ops.relaxeq.vn_batch_norm_apply_backward(*a))
 
 
+@functools.cache  # the loaded build does not change within a process
 def native_build_info() -> dict:
     if not EXTENSION_LOADED:
         return {"cpu": False, "cuda": False, "error": str(EXTENSION_ERROR)}

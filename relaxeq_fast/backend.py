@@ -8,7 +8,9 @@ Backends:
               (the fallback to reference warns once)
 
 Precedence: the ``backend=`` argument, then the innermost ``use_backend(...)`` context, then the
-RELAXEQ_BACKEND environment variable, then "auto".
+process default — :func:`set_default_backend`, else the RELAXEQ_BACKEND environment variable as it was
+at the first op call — then "auto". Nothing here reads the environment or the build on every call:
+the default and each (device type, backend) resolution are worked out once and cached.
 """
 from __future__ import annotations
 
@@ -31,12 +33,26 @@ def _validate(name, source):
     return name
 
 
+_default: str | None = None  # the process default; None = not read from the environment yet
+_resolved: dict[tuple[str, str], str] = {}  # (device type, requested) -> concrete backend
+
+
+def set_default_backend(name: str | None) -> None:
+    """The backend of every op outside ``use_backend`` and without ``backend=``; None re-reads
+    RELAXEQ_BACKEND at the next op call."""
+    global _default
+    _default = None if name is None else _validate(name, "backend")
+
+
 def get_backend() -> str:
-    """The backend requested by context or environment (before resolution against a device)."""
+    """The backend requested by context or process default (before resolution against a device)."""
+    global _default
     stack = getattr(_local, "stack", None)
     if stack:
         return stack[-1]
-    return _validate(os.environ.get("RELAXEQ_BACKEND", "auto"), "RELAXEQ_BACKEND")
+    if _default is None:
+        _default = _validate(os.environ.get("RELAXEQ_BACKEND", "auto"), "RELAXEQ_BACKEND")
+    return _default
 
 
 @contextlib.contextmanager
@@ -64,7 +80,14 @@ def triton_interpreter() -> bool:
 def resolve_backend(device: torch.device, backend: str | None = None) -> str:
     """The concrete backend ("native" | "triton" | "reference") that will run on ``device``."""
     name = _validate(backend, "backend") if backend is not None else get_backend()
-    device = torch.device(device)
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    hit = _resolved.get((device_type, name))
+    if hit is None:
+        hit = _resolved[(device_type, name)] = _resolve(torch.device(device_type), name)
+    return hit
+
+
+def _resolve(device: torch.device, name: str) -> str:
     native_ok = _ops.EXTENSION_LOADED and (
         device.type in ("cpu", "meta") or (device.type == "cuda" and _ops.native_build_info()["cuda"]))
     triton_ok = triton_available() and (device.type == "cuda" or (device.type == "cpu" and triton_interpreter()))

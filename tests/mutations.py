@@ -84,6 +84,9 @@ MUTATIONS = [
     Mutation("checkpoint_shape_unchecked", "relaxeq_fast/train/checkpoint.py",
              "        if not isinstance(ck, dict) or not keys <= set(ck):\n", "        if False:\n",
              ("tests/test_train.py -k broken_checkpoint",), "a file that is not a checkpoint crashes with a KeyError"),
+    Mutation("backend_resolved_every_call", "relaxeq_fast/backend.py",
+             "    hit = _resolved.get((device_type, name))\n", "    hit = None\n",
+             ("tests/test_nn.py -k repeated",), "every op call resolves its backend again"),
     # ---- distributed helpers (tests/test_distributed.py) ----
     Mutation("moments_equal_weights", "relaxeq_fast/distributed.py",
              "global_mean = all_reduce(mean * (n / total))", "global_mean = all_reduce(mean * 0.5)",

@@ -3,6 +3,8 @@ import subprocess
 import sys
 import textwrap
 
+import os
+
 import pytest
 import torch
 
@@ -224,8 +226,56 @@ def test_backend_selection_is_explicit(monkeypatch):
     with use_backend("reference"):
         assert get_backend() == "reference" and resolve_backend("cpu") == "reference"
         assert resolve_backend("cpu", "native") == "native"
+    from relaxeq_fast import backend
+    monkeypatch.setattr(backend, "_default", None)  # as in a fresh process: the environment not read yet
     monkeypatch.setenv("RELAXEQ_BACKEND", "reference")
     assert resolve_backend("cpu") == "reference"
+    monkeypatch.setenv("RELAXEQ_BACKEND", "native")  # read once: a later change is not seen ...
+    assert resolve_backend("cpu") == "reference"
+    backend.set_default_backend("native")  # ... the setter is the way
+    assert resolve_backend("cpu") == "native"
+    backend.set_default_backend(None)  # re-read the environment
     monkeypatch.setenv("RELAXEQ_BACKEND", "bogus")
     with pytest.raises(ValueError, match="RELAXEQ_BACKEND must be one of"):
         resolve_backend("cpu")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        backend.set_default_backend("fast")
+    backend.set_default_backend(None)
+    monkeypatch.delenv("RELAXEQ_BACKEND")
+
+
+def test_op_calls_do_no_repeated_backend_or_build_work(monkeypatch):
+    """After the first call, an op call reads neither the environment nor the build information."""
+    from relaxeq_fast import _ops, backend, functional
+    x, M = torch.randn(10, 6), torch.randn(4, 6)
+    functional.relaxed_linear(x, M)  # the first calls may resolve and cache
+    backend.resolve_backend("cuda")  # a CUDA resolution consults the build (no GPU needed to ask)
+    calls = {"environ": 0, "build": 0}
+    real_get = os.environ.get
+
+    def counting_get(key, default=None):
+        if key.startswith(("RELAXEQ", "TRITON")):
+            calls["environ"] += 1
+        return real_get(key, default)
+
+    real_build = torch.ops.relaxeq.build_info
+    monkeypatch.setattr(backend.os.environ, "get", counting_get)
+
+    def counting_build():
+        calls["build"] += 1
+        return real_build()
+
+    monkeypatch.setattr(torch.ops.relaxeq, "build_info", counting_build)
+    for _ in range(5):
+        functional.relaxed_linear(x, M)
+        with use_backend("reference"):
+            functional.relaxed_linear(x, M)
+        backend.resolve_backend("cuda")
+    assert calls == {"environ": 0, "build": 0}
+    # the check can fail: with the caches emptied the same calls do the work again
+    monkeypatch.setattr(backend, "_resolved", {})
+    monkeypatch.setattr(backend, "_default", None)
+    _ops.native_build_info.cache_clear()
+    functional.relaxed_linear(x, M)
+    backend.resolve_backend("cuda")
+    assert calls["environ"] >= 1 and calls["build"] >= 1
