@@ -22,5 +22,5 @@ out = sys.argv[1]
 print(compare_runs([os.path.join(out, "relaxed"), os.path.join(out, "plain")], os.path.join(out, "comparison.png")))
 print(f"plots: {out}/relaxed/training.png, {out}/plain/training.png, {out}/comparison.png")
 PY
-echo "[demo] one seed is an anecdote: the multi-seed study (3 seeds x 3 learning rates, 30 epochs) is in"
-echo "       README.md, section 'Does relaxation help?', and studies/vn_pointnet_shapes/study.md"
+echo "[demo] one seed is an anecdote: the multi-seed study (3 seeds x 3 learning rates, 30 epochs) and its"
+echo "       command are in README.md, section 'Does relaxation help?'"
