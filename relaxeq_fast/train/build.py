@@ -22,24 +22,23 @@ def _augment_batch(x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> t
     from ..data import augment
     if cfg.model in IMAGE_MODELS:
         return _rotate_images(x, cfg.train_rotation, gen)
-    before = set(_augmentations(cfg.augment))
-    if "dropout" in before:
-        x = augment.point_dropout(x, generator=gen)
-    if "scale" in before:
-        x = augment.anisotropic_scale(x, generator=gen)
-    if "shift" in before:
-        x = augment.shift(x, generator=gen)
-    if "jitter" in before:
-        x = augment.jitter(x, generator=gen)
+    # the loader's (per-axis scale, larger shift), the rotation, then the training loop's
+    x = _apply_augmentations(x, cfg.augment, gen, scale=augment.anisotropic_scale, max_shift=0.2)
     x = augment.rotate(x, cfg.train_rotation, generator=gen)
-    after = set(_augmentations(cfg.augment_rotated))
-    if "dropout" in after:
+    return _apply_augmentations(x, cfg.augment_rotated, gen, scale=augment.isotropic_scale, max_shift=0.1)
+
+
+def _apply_augmentations(x: torch.Tensor, spec, gen: torch.Generator, scale, max_shift: float) -> torch.Tensor:
+    """The augmentations named in ``spec``, always in the order dropout, scale, shift, jitter."""
+    from ..data import augment
+    chosen = set(_augmentations(spec))
+    if "dropout" in chosen:
         x = augment.point_dropout(x, generator=gen)
-    if "scale" in after:
-        x = augment.isotropic_scale(x, generator=gen)
-    if "shift" in after:
-        x = augment.shift(x, max_shift=0.1, generator=gen)
-    if "jitter" in after:
+    if "scale" in chosen:
+        x = scale(x, generator=gen)
+    if "shift" in chosen:
+        x = augment.shift(x, max_shift=max_shift, generator=gen)
+    if "jitter" in chosen:
         x = augment.jitter(x, generator=gen)
     return x
 
