@@ -21,6 +21,7 @@ import argparse
 import csv
 import dataclasses
 import itertools
+import textwrap
 import json
 import math
 import os
@@ -43,7 +44,8 @@ NOT_AXES = ("seed", "lr", "plain", "run_dir", "runs_root", "progress", "threads"
 # ignored when checking that an existing run directory holds the intended run
 RUN_CONTROL = ("run_dir", "runs_root", "progress", "threads")
 STUDY_FIELDS = ("run", "method", "lr", "seed", "axes", "status", "failed", "test_acc_projected", "best_epoch",
-                "best_test_acc_projected", "best_val_acc_projected", "final_train_acc", "seconds", "run_dir")
+                "best_test_acc_projected", "val_acc_projected", "best_val_acc_projected", "mid_train_acc",
+                "final_train_acc", "seconds", "run_dir")
 
 
 class StudyError(ValueError):
@@ -211,6 +213,10 @@ def _read_run(run: Run, run_dir: str) -> dict:
     row.update(test_acc_projected=s["test_acc_projected"], best_epoch=s.get("best_epoch"),
                best_test_acc_projected=s.get("best_test_acc_projected"),
                best_val_acc_projected=s.get("best_val_acc_projected"),
+               val_acc_projected=history[-1].get("val_acc_projected", float("nan")),
+               # θ peaks at mid-training (triangle) or holds its peak until then (hold_linear): the epoch
+               # where the relaxation can help or hinder optimisation most
+               mid_train_acc=history[(len(history) - 1) // 2]["train_acc"],
                final_train_acc=history[-1]["train_acc"], seconds=s["seconds"],
                failed=s["test_acc_projected"] < 2 * chance)
     row["curve"] = [h["test_acc_projected"] for h in history]
@@ -229,8 +235,9 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
-    """Per (method, lr, axes): runs, mean ± std of the final and of the best-epoch projected test accuracy
-    (finished runs), failure rate (diverged or below twice chance, over all runs)."""
+    """Per (method, lr, axes): runs, mean ± std (finished runs) of the final and of the best-epoch projected
+    test accuracy, of the final projected validation accuracy (what settings are chosen on) and of the
+    training accuracy at mid-training; failure rate (diverged or below twice chance, over all runs)."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["method"], r["lr"], r["axes"]), []).append(r)
@@ -239,8 +246,11 @@ def aggregate(rows: list[dict]) -> list[dict]:
         done = [r for r in rs if r["status"] == "finished"]
         final = mean_std([r["test_acc_projected"] for r in done])
         best = mean_std([r.get("best_test_acc_projected") for r in done])
+        val = mean_std([r.get("val_acc_projected") for r in done])
+        mid = mean_std([r.get("mid_train_acc") for r in done])
         out.append(dict(method=method, lr=lr, axes=axes, runs=len(rs), finished=len(done),
                         final_mean=final[0], final_std=final[1], best_mean=best[0], best_std=best[1],
+                        val_mean=val[0], val_std=val[1], mid_train_mean=mid[0], mid_train_std=mid[1],
                         failure_rate=sum(bool(r["failed"]) for r in rs) / len(rs),
                         seeds=sorted(r["seed"] for r in rs)))
     return out
@@ -260,13 +270,17 @@ def write_outputs(out_dir: str, rows: list[dict], title: str) -> tuple[str, str,
             w.writerow({k: r.get(k, "") for k in STUDY_FIELDS})
     groups = aggregate(rows)
     lines = [f"# {title}", "",
-             "Projected test accuracy, mean ± sample std over seeds: at the last epoch, and at the epoch with "
-             "the best projected validation accuracy. Failed: diverged or below twice chance.", "",
-             "| method | lr | axes | seeds | final acc | best-epoch acc | failed |", "|---|---|---|---|---|---|---|"]
+             "Mean ± sample std over seeds. Projected test accuracy at the last epoch, and at the epoch with "
+             "the best projected validation accuracy; projected validation accuracy at the last epoch (what "
+             "settings are chosen on); training accuracy at mid-training (θ's peak). Failed: diverged or "
+             "below twice chance.", "",
+             "| method | lr | axes | seeds | final acc | best-epoch acc | final val acc | mid train acc | failed |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for g in groups:
         lines.append(f"| {g['method']} | {g['lr']:g} | {g['axes'] or '—'} | {g['finished']}/{g['runs']} "
                      f"({','.join(map(str, g['seeds']))}) | {_fmt(g['final_mean'], g['final_std'])} | "
-                     f"{_fmt(g['best_mean'], g['best_std'])} | {g['failure_rate']:.0%} |")
+                     f"{_fmt(g['best_mean'], g['best_std'])} | {_fmt(g['val_mean'], g['val_std'])} | "
+                     f"{_fmt(g['mid_train_mean'], g['mid_train_std'])} | {g['failure_rate']:.0%} |")
     md_path = os.path.join(out_dir, "study.md")
     with open(md_path, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -310,7 +324,7 @@ def _plot(out_dir: str, rows: list[dict], groups: list[dict], title: str) -> Opt
         a.grid(alpha=0.3)
         if a.get_legend_handles_labels()[0]:  # nothing to label when every run diverged
             a.legend(fontsize=7)
-    fig.suptitle(title)
+    fig.suptitle(textwrap.fill(title, 120), fontsize=10)
     fig.tight_layout()
     path = os.path.join(out_dir, "study.png")
     fig.savefig(path, dpi=90)

@@ -79,6 +79,17 @@ def test_aggregation_matches_statistics_module(tiny_study):
             line = next(x for x in md.splitlines() if x.startswith(f"| {method} | {float(lr):g} |"))
             assert f"{statistics.mean(accs):.3f} ± {statistics.stdev(accs):.3f}" in line
             assert f"{statistics.mean(best):.3f} ± {statistics.stdev(best):.3f}" in line
+            # the validation and mid-training columns come from each run's own metrics.csv
+            val, mid = [], []
+            for r in rows:
+                if r["method"] == method and r["lr"] == lr:
+                    with open(os.path.join(r["run_dir"], "metrics.csv")) as f:
+                        history = list(csv.DictReader(f))
+                    val.append(float(history[-1]["val_acc_projected"]))
+                    mid.append(float(history[(len(history) - 1) // 2]["train_acc"]))
+                    assert float(r["val_acc_projected"]) == val[-1] and float(r["mid_train_acc"]) == mid[-1]
+            assert f"{statistics.mean(val):.3f} ± {statistics.stdev(val):.3f}" in line
+            assert f"{statistics.mean(mid):.3f} ± {statistics.stdev(mid):.3f}" in line
 
 
 def test_second_invocation_skips_finished_runs(tiny_study, capsys):
@@ -95,14 +106,15 @@ def test_diverged_run_is_marked_failed_and_not_repeated(tmp_path, capsys):
     out = capsys.readouterr().out
     row = _rows(str(tmp_path))[0]
     assert (row["status"], row["failed"]) == ("diverged", "True"), row
-    assert "| plain | 1e+30 | — | 0/1 (0) | — | — | 100% |" in out
+    assert "| plain | 1e+30 | — | 0/1 (0) | — | — | — | — | 100% |" in out
     assert S.main(args) == 0 and "1 runs, 1 already done; 0 to run" in capsys.readouterr().out
 
 
 def test_aggregate_by_hand():
     def row(method, seed, acc, status="finished", failed=False, best=None):
         return dict(method=method, lr=1e-3, seed=seed, axes="", status=status, failed=failed,
-                    test_acc_projected=acc, best_test_acc_projected=best)
+                    test_acc_projected=acc, best_test_acc_projected=best,
+                    val_acc_projected=None if acc is None else acc - 0.1, mid_train_acc=best)
     rows = [row("relaxed", 0, 0.5, best=0.6), row("relaxed", 1, 0.7, best=0.8),
             row("relaxed", 2, None, status="diverged", failed=True),
             row("plain", 0, 0.1, failed=True, best=0.1), row("plain", 1, 0.4, best=0.5), row("plain", 2, 0.7, best=0.6)]
@@ -111,6 +123,8 @@ def test_aggregate_by_hand():
     assert (r["runs"], r["finished"], r["failure_rate"]) == (3, 2, pytest.approx(1 / 3))
     assert r["final_mean"] == pytest.approx(0.6) and r["final_std"] == pytest.approx(math.sqrt(0.02))
     assert r["best_mean"] == pytest.approx(0.7) and r["best_std"] == pytest.approx(math.sqrt(0.02))
+    assert r["val_mean"] == pytest.approx(0.5) and r["val_std"] == pytest.approx(math.sqrt(0.02))
+    assert r["mid_train_mean"] == pytest.approx(0.7)
     assert p["final_mean"] == pytest.approx(0.4) and p["final_std"] == pytest.approx(0.3)
     assert p["failure_rate"] == pytest.approx(1 / 3)
     assert S.mean_std([0.25]) == (0.25, 0.0)
