@@ -208,7 +208,7 @@ class RelaxedLinear(EquivariantLinear, RelaxedModule):
                                "first, or pass data_free=True")
         return relaxation_regularizers(self.weight_relax, self.bias_relax, self.irreps_in, self.irreps_out,
                                        None if data_free else self.last_stats,
-                                       rows=None if data_free else self.last_rows)
+                                       rows=None if data_free else self.last_rows, backend=self.backend)
 
     @classmethod
     def from_plain(cls, layer: EquivariantLinear, **kwargs) -> "RelaxedLinear":

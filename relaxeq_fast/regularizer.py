@@ -16,10 +16,12 @@ from typing import Iterable, NamedTuple, Optional
 
 import torch
 
+from . import _ops
+from .backend import resolve_backend
 from .functional import InputStats
-from .reps import Irreps
+from .reps import Irreps, irrep_generators
 
-__all__ = ["RegularizerTerms", "lie_derivative_matrices", "relaxation_regularizers",
+__all__ = ["RegularizerTerms", "lie_derivative_matrices", "relaxation_regularizers", "relaxation_regularizer_ref",
            "grouped_relaxation_regularizers", "combine_regularizers", "REDUCTIONS"]
 
 REDUCTIONS = ("paper", "sum", "mean")
@@ -44,7 +46,7 @@ def lie_derivative_matrices(W_r: torch.Tensor, irreps_in: Irreps, irreps_out: Ir
 
 def relaxation_regularizers(W_r: torch.Tensor, b_r: Optional[torch.Tensor], irreps_in: Irreps,
                             irreps_out: Irreps, stats: Optional[InputStats],
-                            rows: Optional[torch.Tensor] = None) -> RegularizerTerms:
+                            rows: Optional[torch.Tensor] = None, *, backend: Optional[str] = None) -> RegularizerTerms:
     """(R_LD, R_N) of one relaxed layer from its input statistics, or data-free when ``stats`` is None.
 
     W_r: [D_out, D_in]; b_r: [D_out] or None; stats.G: [D_in, D_in], stats.s: [D_in].
@@ -55,6 +57,11 @@ def relaxation_regularizers(W_r: torch.Tensor, b_r: Optional[torch.Tensor], irre
     rows: the N input rows x̂ [..., N, D_in] themselves, optional. With them the same sums are taken over the
     rows directly, Σ_n ‖C_k x̂_n − A_k b_r‖² and Σ_n ‖W_r x̂_n + b_r‖², in O(N D_in D_out) instead of the closed
     form's O(D_in² D_out): cheaper when N < D_in (pooled features entering wide layers).
+
+    backend: as for the layers ("auto" | "native" | "triton" | "reference"; None: the current default).
+    The native op ``relaxeq::relaxation_regularizer`` (one dispatch instead of dozens of small ops) runs
+    for "native", and for "triton" where the extension has kernels for the device (there is no Triton
+    kernel of its own); "reference" runs :func:`relaxation_regularizer_ref`.
     """
     if W_r.shape[-2:] != (irreps_out.dim, irreps_in.dim) or (stats is None and W_r.dim() != 2):
         raise ValueError(f"W_r must have shape [D_out, D_in] = [{irreps_out.dim}, {irreps_in.dim}], "
@@ -74,21 +81,40 @@ def relaxation_regularizers(W_r: torch.Tensor, b_r: Optional[torch.Tensor], irre
     if G.shape != (*lead, irreps_in.dim, irreps_in.dim) or s.shape != (*lead, irreps_in.dim):
         raise ValueError(f"stats must hold G: [{irreps_in.dim}, {irreps_in.dim}] and s: [{irreps_in.dim}], "
                          f"got G: {list(G.shape)}, s: {list(s.shape)} (were stats collected for this layer?)")
+    if rows is not None and rows.shape != (*lead, n, irreps_in.dim):
+        raise ValueError(f"rows must have shape {[*lead, n, irreps_in.dim]} (the N = {n} rows of the "
+                         f"statistics), got {list(rows.shape)}")
+    if len(lead) <= 1 and _native_op(G.device, backend):
+        stack = (lambda t: t[None]) if not lead else (lambda t: t)
+        r_ld, r_n = torch.ops.relaxeq.relaxation_regularizer(
+            stack(W_r), None if b_r is None else stack(b_r), stack(G.detach()), stack(s.detach()),
+            None if rows is None else stack(rows.detach()), n, _flat_irreps(irreps_in), _flat_irreps(irreps_out),
+            _generator_list(irreps_in, irreps_out, G.dtype, G.device))
+        return RegularizerTerms(r_ld if lead else r_ld[0], r_n if lead else r_n[0], n)
+    r_ld, r_n = relaxation_regularizer_ref(W_r, b_r, G, s, rows, n, irreps_in, irreps_out)
+    return RegularizerTerms(r_ld, r_n, n)
+
+
+def relaxation_regularizer_ref(W_r: torch.Tensor, b_r: Optional[torch.Tensor], G: torch.Tensor, s: torch.Tensor,
+                               rows: Optional[torch.Tensor], n: int, irreps_in: Irreps,
+                               irreps_out: Irreps) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R_LD, R_N) in pure PyTorch: the reference of ``relaxeq::relaxation_regularizer``.
+
+    W_r [..., D_out, D_in], b_r [..., D_out] or None, G [..., D_in, D_in], s [..., D_in] (n rows), rows
+    [..., n, D_in] or None: R_LD, R_N of shape [...] in G's dtype; gradients reach W_r and b_r only.
+    """
     W = W_r.to(G.dtype)
     C = lie_derivative_matrices(W, irreps_in, irreps_out)
     if rows is not None:
-        if rows.shape != (*lead, n, irreps_in.dim):
-            raise ValueError(f"rows must have shape {[*lead, n, irreps_in.dim]} (the N = {n} rows of the "
-                             f"statistics), got {list(rows.shape)}")
         Xt = rows.detach().to(G.dtype).transpose(-1, -2)  # [..., D_in, N]
         lie, out = C @ Xt, W @ Xt  # [3, ..., D_out, N], [..., D_out, N]
         if b_r is not None:
             b = b_r.to(G.dtype)
             lie = lie - irreps_out.apply_generators(b)[..., None]  # d/dt of the bias term: −A_k b_r
             out = out + b[..., None]
-        return RegularizerTerms((lie * lie).sum((0, -2, -1)), (out * out).sum((-2, -1)), n)
+        return (lie * lie).sum((0, -2, -1)), (out * out).sum((-2, -1))
     # ⟨XᵀX, G⟩ = Σ (X G) ∘ X for X = C_1..C_3 and for W_r.
-    G = G.detach()
+    G, s = G.detach(), s.detach()
     r_ld = _QuadraticForms.apply(C, G)[0].sum(0)
     r_n = _QuadraticForms.apply(W[None], G)[0][0]
     if b_r is not None:
@@ -97,11 +123,29 @@ def relaxation_regularizers(W_r: torch.Tensor, b_r: Optional[torch.Tensor], irre
         Cs = (C @ s[..., None]).squeeze(-1)  # [3, ..., D_out]
         r_ld = r_ld - 2 * (Ab * Cs).sum((0, -1)) + n * (Ab * Ab).sum((0, -1))
         r_n = r_n + 2 * (b * (W @ s[..., None]).squeeze(-1)).sum(-1) + n * (b * b).sum(-1)
-    return RegularizerTerms(r_ld, r_n, n)
+    return r_ld, r_n
+
+
+def _native_op(device: torch.device, backend: Optional[str]) -> bool:
+    name = resolve_backend(device, backend)
+    if name == "triton":  # no Triton kernel of its own: the native op where the build has the device
+        return _ops.EXTENSION_LOADED and (device.type == "cpu" or (
+            device.type == "cuda" and _ops.native_build_info()["cuda"]))
+    return name == "native"
+
+
+def _flat_irreps(irreps: Irreps) -> list[int]:
+    return [v for block in irreps.blocks for v in block]
+
+
+def _generator_list(irreps_in: Irreps, irreps_out: Irreps, dtype, device) -> list[torch.Tensor]:
+    max_l = max(l for _, l in irreps_in.blocks + irreps_out.blocks)
+    return [irrep_generators(l, dtype=dtype, device=device) for l in range(max_l + 1)]
 
 
 def grouped_relaxation_regularizers(W_rs: list, b_rs: list, irreps_in: Irreps, irreps_out: Irreps,
-                                    stats: list, rows: Optional[list] = None) -> RegularizerTerms:
+                                    stats: list, rows: Optional[list] = None, *,
+                                    backend: Optional[str] = None) -> RegularizerTerms:
     """Σ over L layers of their (R_LD, R_N), for layers that share irreps, dtype and N, in one batched
     evaluation: the regulariser is dozens of tiny ops per layer, whose count (not size) sets its cost.
 
@@ -115,7 +159,7 @@ def grouped_relaxation_regularizers(W_rs: list, b_rs: list, irreps_in: Irreps, i
     terms = relaxation_regularizers(torch.stack(W_rs), b, irreps_in, irreps_out,
                                     InputStats(torch.stack([st.G for st in stats]),
                                                torch.stack([st.s for st in stats]), n),
-                                    rows=None if rows is None else torch.stack(rows))
+                                    rows=None if rows is None else torch.stack(rows), backend=backend)
     return RegularizerTerms(terms.lie_derivative.sum(), terms.projection.sum(), n)
 
 

@@ -313,7 +313,7 @@ def model_regularizers(model: nn.Module, data_free: bool = False) -> list[Regula
         if type(m) is RelaxedLinear and m.last_stats is not None:
             G = m.last_stats.G
             key = (repr(m.irreps_in), repr(m.irreps_out), G.dtype, G.device, m.bias_relax is not None,
-                   m.last_stats.n)
+                   m.last_stats.n, m.backend)
             groups.setdefault(key, []).append(m)
         else:
             terms.append(m.regularizers())
@@ -325,7 +325,7 @@ def model_regularizers(model: nn.Module, data_free: bool = False) -> list[Regula
         terms.append(grouped_relaxation_regularizers(
             [m.weight_relax for m in group], [m.bias_relax for m in group], group[0].irreps_in,
             group[0].irreps_out, [m.last_stats for m in group],
-            rows=None if any(r is None for r in rows) else rows))
+            rows=None if any(r is None for r in rows) else rows, backend=group[0].backend))
     return terms
 
 

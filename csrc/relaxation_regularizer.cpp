@@ -1,0 +1,229 @@
+// relaxation_regularizer: R_LD and R_N of L same-shape relaxed layers in one op (DESIGN §1).
+//
+//   C_k  = W_r A_k,in − A_k,out W_r
+//   R_LD = Σ_k ⟨C_kᵀ C_k, G⟩ − 2 (A_k,out b_r)ᵀ C_k s + N ‖A_k,out b_r‖²
+//   R_N  = ⟨W_rᵀ W_r, G⟩ + 2 b_rᵀ W_r s + N ‖b_r‖²
+//
+// or, given the N input rows X themselves (cheaper when N < D_in), the same sums taken over the rows:
+// Σ_k ‖C_k Xᵀ − A_k b_r 1ᵀ‖² and ‖W_r Xᵀ + b_r 1ᵀ‖². The generators act by structure: per irrep block
+// (mul, l) one small matmul with that degree's [3, 2l+1, 2l+1] generators, never a dense [D, D] A_k.
+//
+// The algebra is written once here in ATen calls and registered for CPU and (in a CUDA build) CUDA, so
+// it lives in csrc/ rather than csrc/cpu + csrc/cuda: it is a few dozen tiny products per layer group,
+// whose cost on both devices is the number of dispatches from Python, which this op cuts to one; ATen
+// runs each call on its tensors' device and current stream. The pure-PyTorch reference is
+// relaxeq_fast.regularizer.relaxation_regularizer_ref.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+#include <c10/util/Optional.h>
+
+#include <array>
+#include <tuple>
+#include <vector>
+
+namespace relaxeq {
+namespace regularizer {
+namespace {
+
+// irreps as the flat list (mul_0, l_0, mul_1, l_1, ...); generators[l] is [3, 2l+1, 2l+1].
+int64_t irreps_dim(at::IntArrayRef irreps) {
+  int64_t d = 0;
+  for (size_t i = 0; i + 1 < irreps.size(); i += 2) d += irreps[i] * (2 * irreps[i + 1] + 1);
+  return d;
+}
+
+// Entry k of the result is A_k applied to the rows of x: x [..., D] -> [3, ..., D]. With per_k, x is
+// already [3, ..., D] and entry k is A_k applied to x[k] (the adjoint steps of the backward).
+at::Tensor apply_generators(const at::Tensor& x, at::IntArrayRef irreps, at::TensorList generators,
+                                   bool per_k) {
+  const auto lead = per_k ? x.sizes().slice(1, x.dim() - 2) : x.sizes().slice(0, x.dim() - 1);
+  std::vector<int64_t> out_shape{3};
+  out_shape.insert(out_shape.end(), lead.begin(), lead.end());
+  std::vector<at::Tensor> parts;
+  int64_t start = 0;
+  for (size_t i = 0; i + 1 < irreps.size(); i += 2) {
+    const int64_t mul = irreps[i], l = irreps[i + 1], d = 2 * l + 1, width = mul * d;
+    auto block_shape = out_shape;
+    block_shape.push_back(width);
+    if (l == 0) {
+      parts.push_back(at::zeros(block_shape, x.options()));
+    } else {
+      std::vector<int64_t> rows_shape(per_k ? std::vector<int64_t>{3} : std::vector<int64_t>{1});
+      rows_shape.insert(rows_shape.end(), lead.begin(), lead.end());
+      rows_shape.push_back(mul);
+      rows_shape.push_back(d);
+      auto xb = x.narrow(-1, start, width).reshape(rows_shape);  // [3 or 1, ..., mul, d]
+      std::vector<int64_t> gen_shape(rows_shape.size(), 1);
+      gen_shape[0] = 3;
+      gen_shape[gen_shape.size() - 2] = d;
+      gen_shape.back() = d;
+      auto At = generators[l].transpose(1, 2).reshape(gen_shape);  // [3, 1, ..., d, d]
+      parts.push_back(at::matmul(xb, At).reshape(block_shape));
+    }
+    start += width;
+  }
+  return parts.size() == 1 ? parts[0] : at::cat(parts, -1);
+}
+
+// C_k = W A_k,in − A_k,out W for W [..., D_out, D_in] -> [3, ..., D_out, D_in] (A skew: W A = −(A wᵢ)ᵢ).
+// per_k: W is [3, ..., D_out, D_in] and entry k uses only W[k].
+at::Tensor lie_derivative(const at::Tensor& W, at::IntArrayRef irreps_in, at::IntArrayRef irreps_out,
+                                 at::TensorList generators, bool per_k) {
+  return -apply_generators(W, irreps_in, generators, per_k) -
+         apply_generators(W.transpose(-1, -2), irreps_out, generators, per_k).transpose(-1, -2);
+}
+
+void check_args(const char* op, const at::Tensor& W, const std::optional<at::Tensor>& b,
+                       const at::Tensor& G, const at::Tensor& s, const std::optional<at::Tensor>& rows,
+                       int64_t n, at::IntArrayRef irreps_in, at::IntArrayRef irreps_out,
+                       at::TensorList generators) {
+  TORCH_CHECK(G.scalar_type() == at::kFloat || G.scalar_type() == at::kDouble, op,
+              ": G must be float32 or float64, got ", G.scalar_type());
+  TORCH_CHECK(irreps_in.size() % 2 == 0 && irreps_out.size() % 2 == 0, op,
+              ": irreps_in and irreps_out must be flat (mul, l) pairs");
+  int64_t max_l = -1;
+  for (auto irreps : {irreps_in, irreps_out})
+    for (size_t i = 0; i + 1 < irreps.size(); i += 2) {
+      TORCH_CHECK(irreps[i] > 0 && irreps[i + 1] >= 0, op, ": irreps blocks must be (mul > 0, l >= 0), got (",
+                  irreps[i], ", ", irreps[i + 1], ")");
+      max_l = std::max(max_l, irreps[i + 1]);
+    }
+  TORCH_CHECK(static_cast<int64_t>(generators.size()) > max_l, op, ": generators must hold the [3, 2l+1, 2l+1] "
+              "generators of every degree l up to ", max_l, ", got ", generators.size());
+  for (int64_t l = 0; l <= max_l; ++l)
+    TORCH_CHECK(generators[l].dim() == 3 && generators[l].size(0) == 3 && generators[l].size(1) == 2 * l + 1 &&
+                    generators[l].size(2) == 2 * l + 1 && generators[l].scalar_type() == G.scalar_type() &&
+                    generators[l].device() == G.device(),
+                op, ": generators[", l, "] must be [3, ", 2 * l + 1, ", ", 2 * l + 1, "] in G's dtype and device, got ",
+                generators[l].sizes(), " ", generators[l].scalar_type());
+  const int64_t d_in = irreps_dim(irreps_in), d_out = irreps_dim(irreps_out);
+  TORCH_CHECK(W.dim() == 3 && W.size(1) == d_out && W.size(2) == d_in, op,
+              ": W_r must be [L, D_out, D_in] = [L, ", d_out, ", ", d_in, "], got ", W.sizes());
+  const int64_t L = W.size(0);
+  TORCH_CHECK(G.dim() == 3 && G.size(0) == L && G.size(1) == d_in && G.size(2) == d_in, op,
+              ": G must be [L, D_in, D_in] = [", L, ", ", d_in, ", ", d_in, "], got ", G.sizes());
+  TORCH_CHECK(s.dim() == 2 && s.size(0) == L && s.size(1) == d_in && s.scalar_type() == G.scalar_type(), op,
+              ": s must be [L, D_in] = [", L, ", ", d_in, "] in G's dtype, got ", s.sizes(), " ", s.scalar_type());
+  TORCH_CHECK(n >= 0, op, ": n must be >= 0, got ", n);
+  for (const auto& t : {W, s}) TORCH_CHECK(t.device() == G.device(), op, ": W_r and s must be on G's device");
+  if (b.has_value())
+    TORCH_CHECK(b->dim() == 2 && b->size(0) == L && b->size(1) == d_out && b->scalar_type() == W.scalar_type() &&
+                    b->device() == G.device(),
+                op, ": b_r must be [L, D_out] = [", L, ", ", d_out, "] in W_r's dtype, got ", b->sizes());
+  if (rows.has_value())
+    TORCH_CHECK(rows->dim() == 3 && rows->size(0) == L && rows->size(1) == n && rows->size(2) == d_in &&
+                    rows->device() == G.device(),
+                op, ": rows must be [L, n, D_in] = [", L, ", ", n, ", ", d_in, "], got ", rows->sizes());
+}
+
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& W_r, const std::optional<at::Tensor>& b_r,
+                                                  const at::Tensor& G, const at::Tensor& s,
+                                                  const std::optional<at::Tensor>& rows, int64_t n,
+                                                  at::IntArrayRef irreps_in, at::IntArrayRef irreps_out,
+                                                  at::TensorList generators) {
+  check_args("relaxation_regularizer", W_r, b_r, G, s, rows, n, irreps_in, irreps_out, generators);
+  const auto W = W_r.to(G.scalar_type());
+  const auto C = lie_derivative(W, irreps_in, irreps_out, generators, false);  // [3, L, D_out, D_in]
+  at::Tensor r_ld, r_n;
+  if (rows.has_value()) {
+    const auto Xt = rows->to(G.scalar_type()).transpose(-1, -2);  // [L, D_in, n]
+    auto lie = at::matmul(C, Xt), out = at::matmul(W, Xt);
+    if (b_r.has_value()) {
+      const auto b = b_r->to(G.scalar_type());
+      lie = lie - apply_generators(b, irreps_out, generators, false).unsqueeze(-1);
+      out = out + b.unsqueeze(-1);
+    }
+    return {lie.square().sum({0, 2, 3}), out.square().sum({1, 2})};
+  }
+  r_ld = (at::matmul(C, G) * C).sum({0, 2, 3});
+  r_n = (at::matmul(W, G) * W).sum({1, 2});
+  if (b_r.has_value()) {
+    const auto b = b_r->to(G.scalar_type());
+    const auto Ab = apply_generators(b, irreps_out, generators, false);  // [3, L, D_out]
+    const auto Cs = at::matmul(C, s.unsqueeze(-1)).squeeze(-1);
+    r_ld = r_ld - 2 * (Ab * Cs).sum({0, 2}) + static_cast<double>(n) * Ab.square().sum({0, 2});
+    r_n = r_n + 2 * (b * at::matmul(W, s.unsqueeze(-1)).squeeze(-1)).sum(-1) +
+          static_cast<double>(n) * b.square().sum(-1);
+  }
+  return {r_ld, r_n};
+}
+
+// dW_r = Σ_k (P_k A_k,inᵀ − A_k,outᵀ P_k) · g_LD + 2 (W G + b sᵀ) · g_N with P_k = 2 (C_k G − A_k b sᵀ)
+// (= 2 Z_k X over rows, Z_k = C_k Xᵀ − A_k b 1ᵀ); db_r = 2 Σ_k A_k (C_k s − N A_k b) · g_LD + 2 (W s + N b) · g_N.
+std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_ld, const at::Tensor& grad_n,
+                                                   const at::Tensor& W_r, const std::optional<at::Tensor>& b_r,
+                                                   const at::Tensor& G, const at::Tensor& s,
+                                                   const std::optional<at::Tensor>& rows, int64_t n,
+                                                   at::IntArrayRef irreps_in, at::IntArrayRef irreps_out,
+                                                   at::TensorList generators, std::array<bool, 2> output_mask) {
+  const char* op = "relaxation_regularizer_backward";
+  check_args(op, W_r, b_r, G, s, rows, n, irreps_in, irreps_out, generators);
+  const int64_t L = W_r.size(0);
+  for (const auto& g : {grad_ld, grad_n})
+    TORCH_CHECK(g.dim() == 1 && g.size(0) == L && g.device() == G.device(), op,
+                ": grad_ld and grad_n must be [L] = [", L, "], got ", g.sizes());
+  const auto dt = G.scalar_type();
+  const auto W = W_r.to(dt);
+  const auto gl = grad_ld.to(dt), gn = grad_n.to(dt);
+  const auto C = lie_derivative(W, irreps_in, irreps_out, generators, false);
+  std::optional<at::Tensor> b, Ab;
+  if (b_r.has_value()) {
+    b = b_r->to(dt);
+    Ab = apply_generators(*b, irreps_out, generators, false);  // [3, L, D_out]
+  }
+  at::Tensor P, Pn, lie_sum, out_sum;  // P: dR_LD/dC per layer; Pn: dR_N/dW; *_sum: the bias gradients' vectors
+  if (rows.has_value()) {
+    const auto X = rows->to(dt);
+    const auto Xt = X.transpose(-1, -2);
+    auto Z = at::matmul(C, Xt), Zn = at::matmul(W, Xt);  // [3, L, D_out, n], [L, D_out, n]
+    if (b.has_value()) {
+      Z = Z - Ab->unsqueeze(-1);
+      Zn = Zn + b->unsqueeze(-1);
+    }
+    P = 2 * at::matmul(Z, X);
+    Pn = 2 * at::matmul(Zn, X);
+    lie_sum = Z.sum(-1);
+    out_sum = Zn.sum(-1);
+  } else {
+    P = at::matmul(C, G);
+    Pn = at::matmul(W, G);
+    if (b.has_value()) {
+      P = P - Ab->unsqueeze(-1) * s.unsqueeze(0).unsqueeze(-2);
+      Pn = Pn + b->unsqueeze(-1) * s.unsqueeze(-2);
+      lie_sum = at::matmul(C, s.unsqueeze(-1)).squeeze(-1) - static_cast<double>(n) * *Ab;
+      out_sum = at::matmul(W, s.unsqueeze(-1)).squeeze(-1) + static_cast<double>(n) * *b;
+    }
+    P = 2 * P;
+    Pn = 2 * Pn;
+  }
+  at::Tensor dW, db;
+  if (output_mask[0]) {
+    // dC = dW A_in − A_out dW, so dW = Σ_k P_k A_inᵀ − A_outᵀ P_k = −Σ_k (P_k A_in − A_out P_k).
+    const auto dW_ld = -lie_derivative(P, irreps_in, irreps_out, generators, true).sum(0);
+    dW = (dW_ld * gl.view({L, 1, 1}) + Pn * gn.view({L, 1, 1})).to(W_r.scalar_type());
+  }
+  if (output_mask[1] && b.has_value()) {
+    const auto db_ld = 2 * apply_generators(lie_sum, irreps_out, generators, true).sum(0);
+    db = (db_ld * gl.view({L, 1}) + 2 * out_sum * gn.view({L, 1})).to(b_r->scalar_type());
+  }
+  if (!dW.defined()) dW = at::empty({0}, W_r.options());
+  if (!db.defined()) db = at::empty({0}, W_r.options());
+  return {dW, db};
+}
+
+}  // namespace
+}  // namespace regularizer
+
+TORCH_LIBRARY_IMPL(relaxeq, CPU, m) {
+  m.impl("relaxation_regularizer", &regularizer::forward);
+  m.impl("relaxation_regularizer_backward", &regularizer::backward);
+}
+
+#ifdef RELAXEQ_WITH_CUDA
+TORCH_LIBRARY_IMPL(relaxeq, CUDA, m) {
+  m.impl("relaxation_regularizer", &regularizer::forward);
+  m.impl("relaxation_regularizer_backward", &regularizer::backward);
+}
+#endif
+
+}  // namespace relaxeq
