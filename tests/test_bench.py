@@ -127,3 +127,18 @@ def test_time_round_robin_times_only_the_second_half_of_a_pair():
     times = bench.time_round_robin({"bwd": pair}, repeats=3, warmup=1)
     assert seen == ["graph"] * 4 and len(times["bwd"]) == 3
     assert max(times["bwd"]) < 0.01  # the 20 ms setup is not in the timings
+
+
+def test_train_step_ops_per_step_sees_the_fused_regulariser():
+    """bench_train_step's op count (issue 12's dispatch target): deterministic, and the fused step dispatches
+    one relaxation_regularizer per layer group where the reference dispatches its small ops."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    try:
+        from bench_train_step import TINY, Step
+    finally:
+        sys.path.pop(0)
+    counts = {p: Step("VN-PointNet", p, **TINY).ops_per_step() for p in ("relaxed-fused", "relaxed-reference", "plain")}
+    assert Step("VN-PointNet", "plain", **TINY).ops_per_step() == counts["plain"]
+    assert counts["plain"] < counts["relaxed-fused"] < counts["relaxed-reference"] / 1.5, counts
