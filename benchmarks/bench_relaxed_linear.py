@@ -29,6 +29,7 @@ Run:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import math
@@ -43,6 +44,7 @@ import torch
 import torch.nn.functional as TF
 
 from relaxeq_fast import VN, combine_regularizers
+from relaxeq_fast.backend import cuda_fused_max_dim
 from relaxeq_fast.bench import (achieved_bandwidth, describe_machine, machine_info as harness_machine_info,
                                 median_iqr_ms, pedantic, resolve_device, result_suffix, roofline, run_once,
                                 target, time_round_robin, write_json)
@@ -782,46 +784,39 @@ OP_ROUTE_SIZES = ((144000, 9, 63), (144000, 63, 63), (7200, 63, 63), (7200, 126,
 
 def op_routes(device: torch.device, repeats: int = 20) -> dict:
     """The raw CUDA op, forward (y, G, s) and backward (dx, dM, dc), through each of its routes — the tiled
-    kernel and cuBLAS, forced with RELAXEQ_CUDA_FUSED_MAX_DIM — and through the Triton op; median ms per
-    call (CUDA events, L2 flushed), with the op's compulsory bytes / time. Sets the default switch."""
+    kernel and cuBLAS, forced with relaxeq_fast.backend.cuda_fused_max_dim — and through the Triton op; median
+    ms per call (CUDA events, L2 flushed), with the op's compulsory bytes / time. Sets the default switch."""
     from relaxeq_fast.triton_kernels import relaxed_linear as triton_rl
     meta = machine_info(device)
     rows = []
-    saved = os.environ.get("RELAXEQ_CUDA_FUSED_MAX_DIM")
-    try:
-        for n, d_in, d_out in OP_ROUTE_SIZES:
-            gen = torch.Generator().manual_seed(0)
-            x = torch.randn(n, d_in, generator=gen).to(device)
-            M = (torch.randn(d_out, d_in, generator=gen) / d_in ** 0.5).to(device)
-            c = torch.randn(d_out, generator=gen).to(device)
-            dy = torch.randn(n, d_out, generator=gen).to(device)
-            row = {"n": n, "d_in": d_in, "d_out": d_out, "median_ms": {}}
-            tri = triton_rl.op()
-            for route, max_dim in (("tiled", "100000"), ("cublas", "0"), ("triton", None)):
-                if max_dim is not None:
-                    os.environ["RELAXEQ_CUDA_FUSED_MAX_DIM"] = max_dim
-                fwd = (lambda: torch.ops.relaxeq.relaxed_linear(x, M, c, True)) if max_dim is not None else \
-                    (lambda: tri(x, M, c, True))
-                bwd = (lambda: torch.ops.relaxeq.relaxed_linear_backward(dy, x, M, [True, True, True])) \
-                    if max_dim is not None else None
-                fns = {f"{route} forward": fwd}
-                if bwd is not None:
-                    fns[f"{route} backward"] = bwd
-                for k, v in time_round_robin(fns, repeats, 3, device).items():
-                    row["median_ms"][k] = median_iqr_ms(v)[0]
-            for mode, fwd_only in (("forward", True), ("backward", False)):
-                fwd_bytes = op_bytes(n, d_in, "forward", d_out)
-                bytes_ = fwd_bytes if fwd_only else op_bytes(n, d_in, "full", d_out) - fwd_bytes
-                for k, v in row["median_ms"].items():
-                    if k.endswith(mode):
-                        row.setdefault("gb_per_s", {})[k] = bytes_ / (v / 1e3) / 1e9
-            rows.append(row)
-            print(f"{n}x{d_in}x{d_out}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in row["median_ms"].items()), flush=True)
-    finally:
-        if saved is None:
-            os.environ.pop("RELAXEQ_CUDA_FUSED_MAX_DIM", None)
-        else:
-            os.environ["RELAXEQ_CUDA_FUSED_MAX_DIM"] = saved
+    for n, d_in, d_out in OP_ROUTE_SIZES:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(n, d_in, generator=gen).to(device)
+        M = (torch.randn(d_out, d_in, generator=gen) / d_in ** 0.5).to(device)
+        c = torch.randn(d_out, generator=gen).to(device)
+        dy = torch.randn(n, d_out, generator=gen).to(device)
+        row = {"n": n, "d_in": d_in, "d_out": d_out, "median_ms": {}}
+        tri = triton_rl.op()
+        for route, max_dim in (("tiled", 100000), ("cublas", 0), ("triton", None)):
+            fwd = (lambda: torch.ops.relaxeq.relaxed_linear(x, M, c, True)) if max_dim is not None else \
+                (lambda: tri(x, M, c, True))
+            bwd = (lambda: torch.ops.relaxeq.relaxed_linear_backward(dy, x, M, [True, True, True])) \
+                if max_dim is not None else None
+            fns = {f"{route} forward": fwd}
+            if bwd is not None:
+                fns[f"{route} backward"] = bwd
+            with cuda_fused_max_dim(max_dim) if max_dim is not None else contextlib.nullcontext():
+                times = time_round_robin(fns, repeats, 3, device)
+            for k, v in times.items():
+                row["median_ms"][k] = median_iqr_ms(v)[0]
+        for mode, fwd_only in (("forward", True), ("backward", False)):
+            fwd_bytes = op_bytes(n, d_in, "forward", d_out)
+            bytes_ = fwd_bytes if fwd_only else op_bytes(n, d_in, "full", d_out) - fwd_bytes
+            for k, v in row["median_ms"].items():
+                if k.endswith(mode):
+                    row.setdefault("gb_per_s", {})[k] = bytes_ / (v / 1e3) / 1e9
+        rows.append(row)
+        print(f"{n}x{d_in}x{d_out}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in row["median_ms"].items()), flush=True)
     return {"meta": meta, "rows": rows}
 
 

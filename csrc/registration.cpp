@@ -4,7 +4,11 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <atomic>
+#include <cstdlib>
 #include <string>
+
+#include "relaxed_linear.h"
 
 #ifndef RELAXEQ_CUDA_ARCHS
 #define RELAXEQ_CUDA_ARCHS ""
@@ -29,6 +33,26 @@ std::string build_info() {
 #endif
   info += std::string("compiler=") + __VERSION__ + "\n";
   return info;
+}
+
+namespace {
+// Read once, at the first CUDA relaxed_linear call or setter call: no getenv per op call (and none racing
+// a thread that writes the environment). A CPU-only build keeps it too, so the setter always exists.
+std::atomic<int64_t>& fused_max_dim_setting() {
+  static std::atomic<int64_t> value{[] {
+    const char* env = std::getenv("RELAXEQ_CUDA_FUSED_MAX_DIM");
+    return env != nullptr ? static_cast<int64_t>(std::atoll(env)) : int64_t{128};
+  }()};
+  return value;
+}
+}  // namespace
+
+int64_t cuda_fused_max_dim() { return fused_max_dim_setting().load(std::memory_order_relaxed); }
+
+int64_t set_cuda_fused_max_dim(int64_t value) {
+  TORCH_CHECK(value >= -1, "cuda_fused_max_dim: value must be >= 0 (or -1 to only read it), got ", value);
+  if (value >= 0) return fused_max_dim_setting().exchange(value);
+  return cuda_fused_max_dim();
 }
 
 }  // namespace relaxeq
@@ -81,6 +105,9 @@ TORCH_LIBRARY(relaxeq, m) {
       " Tensor s, Tensor? rows, int n, int[] irreps_in, int[] irreps_out, Tensor[] generators,"
       " bool[2] output_mask) -> (Tensor dW_r, Tensor db_r)");
   m.def("build_info() -> str", &relaxeq::build_info);
+  // The widest layer the CUDA relaxed_linear sends to its tiled kernel (wider: cuBLAS). value >= 0 sets it and
+  // returns the previous one; -1 reads it. Starts from RELAXEQ_CUDA_FUSED_MAX_DIM (default 128).
+  m.def("cuda_fused_max_dim(int value=-1) -> int", &relaxeq::set_cuda_fused_max_dim);
 }
 
 // Importing relaxeq_fast._C loads this library and runs the registrars above;

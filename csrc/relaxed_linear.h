@@ -42,6 +42,9 @@ inline void check_relaxed_linear_backward_args(const at::Tensor& dy, const at::T
               x.device(), "), got ", dy.device());
 }
 
+// The CUDA route switch (csrc/registration.cpp holds it; torch.ops.relaxeq.cuda_fused_max_dim sets it).
+int64_t cuda_fused_max_dim();
+
 // Input statistics G = x^T x and s = sum_n x_n are accumulated in float32 or wider.
 inline at::ScalarType stats_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;

@@ -56,6 +56,22 @@ def get_backend() -> str:
 
 
 @contextlib.contextmanager
+def cuda_fused_max_dim(value: int):
+    """``with cuda_fused_max_dim(0): ...``: the CUDA relaxed_linear sends layers up to ``value`` wide to its
+    tiled kernel and wider ones to cuBLAS (0: always cuBLAS) inside the block. The process setting starts
+    from RELAXEQ_CUDA_FUSED_MAX_DIM (default 128), read once by the extension, not at every call."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"cuda_fused_max_dim: value must be an int >= 0, got {value!r}")
+    if not _ops.EXTENSION_LOADED:
+        raise RuntimeError(f"cuda_fused_max_dim: the extension is not loaded ({_ops.EXTENSION_ERROR})")
+    previous = torch.ops.relaxeq.cuda_fused_max_dim(value)
+    try:
+        yield
+    finally:
+        torch.ops.relaxeq.cuda_fused_max_dim(previous)
+
+
+@contextlib.contextmanager
 def use_backend(name: str):
     """``with use_backend("reference"): ...`` runs every relaxeq op inside on that backend."""
     _validate(name, "backend")

@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 import relaxeq_fast
 from relaxeq_fast import relaxed_linear, relaxed_linear_ref, use_backend
+from relaxeq_fast.backend import cuda_fused_max_dim
 from relaxeq_fast.reference import relaxed_linear_backward_ref
 
 from testing import CUDA_SKIP_REASON, DEVICES, assert_close_scaled, num_threads
@@ -54,13 +55,17 @@ def test_forward_matches_reference(device, dtype, n, d_in, d_out, bias):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_SKIP_REASON)
-@pytest.mark.parametrize("max_dim", ["0", "100000"], ids=["cublas", "tiled_kernel"])
+@pytest.mark.parametrize("max_dim", [0, 100000], ids=["cublas", "tiled_kernel"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n,d_in,d_out", [(7, 63, 63), (1031, 65, 17), (40000, 63, 63)])
-def test_cuda_routes_match_reference(monkeypatch, max_dim, dtype, n, d_in, d_out):
+def test_cuda_routes_match_reference(max_dim, dtype, n, d_in, d_out):
     """The CUDA op runs narrow layers through its tiled kernel and wide ones through cuBLAS
-    (RELAXEQ_CUDA_FUSED_MAX_DIM moves the switch): each route, forced, against float64."""
-    monkeypatch.setenv("RELAXEQ_CUDA_FUSED_MAX_DIM", max_dim)
+    (cuda_fused_max_dim moves the switch): each route, forced, against float64."""
+    with cuda_fused_max_dim(max_dim):
+        _check_cuda_route(dtype, n, d_in, d_out)
+
+
+def _check_cuda_route(dtype, n, d_in, d_out):
     x, M, c = make_inputs(n, d_in, d_out, dtype, "cuda")
     x.requires_grad_(); M.requires_grad_(); c.requires_grad_()
     y, G, s = torch.ops.relaxeq.relaxed_linear(x, M, c, True)

@@ -467,6 +467,15 @@ def test_triton_nondefault_momentum_and_eps(triton_vn, dtype, tols, mode, moment
 
 @needs_triton
 @pytest.mark.parametrize("dtype, tols", TOLS)
+@pytest.mark.parametrize("mode", MODES)
+def test_triton_norm_eps_zero(triton_vn, dtype, tols, mode):
+    # norm_eps = 0 (allowed): the tiles' masked lanes hold zero vectors, whose 0/0 must not reach the
+    # per-channel sums of the backward (it did: grad_mean and grad_invstd came out NaN).
+    run_and_compare("triton", TRITON_DEVICE, dtype, tols, 7, 5, mode, True, seed=3, norm_eps=0.0)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype, tols", TOLS)
 def test_triton_several_row_programs(triton_vn, monkeypatch, dtype, tols):
     # 8 rows per program: several partial statistics to combine, atomics across programs in the
     # backward, and (BLOCK_N = 8 in the interpreter) full and partial row chunks.

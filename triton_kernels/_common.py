@@ -1,8 +1,11 @@
-"""What every Triton op file shares: argument checks for the device, device occupancy, and the
-one-time registration of its custom ops."""
+"""What every Triton op file shares: argument checks for the device, launching on the input's device,
+determinism alerts, device occupancy, and the one-time registration of its custom ops."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import threading
+import warnings
 from typing import Callable
 
 import torch
@@ -26,6 +29,38 @@ def check_device(t: torch.Tensor, opname: str, kernel, module: str) -> None:
     if t.device.type == "cpu" and t.dtype == torch.bfloat16:
         raise TypeError(f"{opname}: x is bfloat16 on CPU; the Triton interpreter (numpy) has no bfloat16 "
                         "arithmetic: use float32/float64, or a CUDA tensor")
+
+
+def device_guard(device: torch.device):
+    """The context a launch runs in: ``device`` made current on CUDA, so the kernel runs on that GPU and
+    on its current stream (Triton launches on the current device's current stream); nothing on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def launches_on_input_device(kernel_body: Callable) -> Callable:
+    """Runs an op's kernel body under :func:`device_guard` of its first tensor argument (x, dy, grad_out:
+    the op checks that every other tensor is on the same device)."""
+    @functools.wraps(kernel_body)
+    def on_device(first: torch.Tensor, *args, **kwargs):
+        with device_guard(first.device):
+            return kernel_body(first, *args, **kwargs)
+    return on_device
+
+
+def alert_not_deterministic(caller: str) -> None:
+    """PyTorch's behaviour for an op without a deterministic implementation: under
+    ``torch.use_deterministic_algorithms(True)`` raise (or warn with ``warn_only=True``), else nothing."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return
+    msg = (f"{caller} does not have a deterministic implementation (partial sums are added with atomics), "
+           "but you set 'torch.use_deterministic_algorithms(True)'. Use the native backend "
+           "(relaxeq_fast.use_backend('native')), turn off determinism for this op, or pass warn_only=True")
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(msg, stacklevel=3)
+    else:
+        raise RuntimeError(msg)
 
 
 _sm_count_cache: dict = {}

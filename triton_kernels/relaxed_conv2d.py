@@ -29,7 +29,8 @@ import triton.language as tl
 
 from relaxeq_fast import _ops
 from relaxeq_fast.reference import stats_dtype
-from relaxeq_fast.triton_kernels._common import OpsRegistration, check_device
+from relaxeq_fast.triton_kernels._common import (OpsRegistration, alert_not_deterministic, check_device,
+                                                 launches_on_input_device)
 
 __all__ = ["op", "backward_op", "relaxed_conv2d_triton", "relaxed_conv2d_backward_triton"]
 
@@ -139,6 +140,7 @@ def _dot_precision(dtype: torch.dtype, device: torch.device) -> str:
     return "ieee"
 
 
+@launches_on_input_device
 def relaxed_conv2d_triton(x: torch.Tensor, M: torch.Tensor, c: Optional[torch.Tensor], D: Optional[torch.Tensor],
                           padding: int, need_S: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Kernel body of ``relaxeq::relaxed_conv2d_triton``: y = conv2d(x, M, c, padding) and, when D
@@ -172,6 +174,8 @@ def relaxed_conv2d_triton(x: torch.Tensor, M: torch.Tensor, c: Optional[torch.Te
     S = torch.zeros(D.shape if need_S else (1,), dtype=sdt, device=x.device)  # (1,): never used without NEED_S
     D_ = D if D is not None else M  # never dereferenced without HAS_D
     c_ = c if c is not None else M
+    if need_S:
+        alert_not_deterministic("relaxeq::relaxed_conv2d_triton with need_S (S)")
     _relaxed_conv2d_kernel[grid](
         x, M, c_, D_, y, partials, S,
         n_pix, x.shape[1], x.shape[2], x.shape[3], ho, wo, c_out, c_d, M.shape[2], padding,
@@ -185,6 +189,7 @@ def relaxed_conv2d_triton(x: torch.Tensor, M: torch.Tensor, c: Optional[torch.Te
     return y, partials.sum(), S if need_S else empty()
 
 
+@launches_on_input_device
 def relaxed_conv2d_backward_triton(dy: torch.Tensor, x: torch.Tensor, M: torch.Tensor, padding: int,
                                    output_mask: List[bool]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Kernel body of ``relaxeq::relaxed_conv2d_backward_triton``: the gradients of y (torch

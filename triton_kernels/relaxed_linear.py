@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 
 from relaxeq_fast import _ops
-from relaxeq_fast.triton_kernels._common import OpsRegistration, check_device, program_slots
+from relaxeq_fast.triton_kernels._common import (OpsRegistration, alert_not_deterministic, check_device,
+                                                 launches_on_input_device, program_slots)
 from relaxeq_fast.reference import stats_dtype
 
 __all__ = ["op", "backward_op", "relaxed_linear_triton", "relaxed_linear_backward_triton"]
@@ -217,6 +218,7 @@ def _launch(A: torch.Tensor, W: Optional[torch.Tensor], c: Optional[torch.Tensor
     )
 
 
+@launches_on_input_device
 def relaxed_linear_triton(x: torch.Tensor, M: torch.Tensor, c: Optional[torch.Tensor],
                           stats: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Kernel body of ``relaxeq::relaxed_linear_triton``: y = x Mᵀ + c and, when ``stats``,
@@ -237,6 +239,8 @@ def relaxed_linear_triton(x: torch.Tensor, M: torch.Tensor, c: Optional[torch.Te
         s = torch.empty((0,), dtype=sdt, device=x.device)
     if n == 0:
         return y, G, s
+    if stats:
+        alert_not_deterministic("relaxeq::relaxed_linear_triton with stats (G, s)")
     _launch(x, M, c, x, y, G if stats else None, s if stats else None, symmetric=True)
     if stats and d_in > 1:
         # The kernel filled the blocks on and above the diagonal only.
@@ -244,6 +248,7 @@ def relaxed_linear_triton(x: torch.Tensor, M: torch.Tensor, c: Optional[torch.Te
     return y, G, s
 
 
+@launches_on_input_device
 def relaxed_linear_backward_triton(dy: torch.Tensor, x: torch.Tensor, M: torch.Tensor,
                                    output_mask: List[bool]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Kernel body of ``relaxeq::relaxed_linear_backward_triton``: dx = dy M, dM = dyᵀ x,
@@ -261,6 +266,8 @@ def relaxed_linear_backward_triton(dy: torch.Tensor, x: torch.Tensor, M: torch.T
     dM_acc = torch.zeros((d_out, d_in) if need_dM else (0,), dtype=adt, device=x.device)
     dc_acc = torch.zeros((d_out,) if need_dc else (0,), dtype=adt, device=x.device)
     if n > 0 and (need_dx or need_dM or need_dc):
+        if need_dM or need_dc:
+            alert_not_deterministic("relaxeq::relaxed_linear_backward_triton (dM, dc)")
         _launch(dy, M.T if need_dx else None, None, x if need_dM else None,
                 dx if need_dx else None, dM_acc if need_dM else None, dc_acc if need_dc else None,
                 symmetric=False)

@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 
 from relaxeq_fast import _ops
-from relaxeq_fast.triton_kernels._common import OpsRegistration, check_device, program_slots
+from relaxeq_fast.triton_kernels._common import (OpsRegistration, alert_not_deterministic, check_device,
+                                                 launches_on_input_device, program_slots)
 from relaxeq_fast.reference import stats_dtype
 
 __all__ = ["stats_op", "apply_op", "backward_op", "vn_norm_stats_triton", "vn_batch_norm_apply_triton",
@@ -153,8 +154,9 @@ def _vn_backward_kernel(
         norm = length + norm_eps
         centred = norm - mu[None, :]
         scale = (centred * (inv * w)[None, :] + b[None, :]) / norm
-        # dL/dnb per vector; masked lanes have g = 0, so they add nothing to the sums.
-        g_nb = (g0 * a0 + g1 * a1 + g2 * a2) / norm
+        # dL/dnb per vector. Masked lanes (and zero vectors when norm_eps = 0) have norm 0 and g·a = 0:
+        # 0, not 0/0, so they add nothing to the sums.
+        g_nb = tl.where(norm > 0, (g0 * a0 + g1 * a1 + g2 * a2) / tl.where(norm > 0, norm, 1.0), 0.0)
         if DO_GX:
             nz = length > 0
             coef = tl.where(nz, g_nb * ((inv * w)[None, :] - scale) / tl.where(nz, length, 1.0), 0.0)
@@ -196,6 +198,7 @@ def _acc_dt(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+@launches_on_input_device
 def vn_norm_stats_triton(x: torch.Tensor, norm_eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """Kernel body of ``relaxeq::vn_norm_stats_triton``: per-channel mean and biased variance of
     ‖x_nc‖ + norm_eps over n, [C] each in ``stats_dtype(x.dtype)`` (NaN for N = 0)."""
@@ -225,6 +228,7 @@ def vn_norm_stats_triton(x: torch.Tensor, norm_eps: float) -> Tuple[torch.Tensor
     return mean, m2 / n
 
 
+@launches_on_input_device
 def vn_batch_norm_apply_triton(x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
                                weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                                norm_eps: float) -> torch.Tensor:
@@ -249,6 +253,7 @@ def vn_batch_norm_apply_triton(x: torch.Tensor, mean: torch.Tensor, invstd: torc
     return y
 
 
+@launches_on_input_device
 def vn_batch_norm_apply_backward_triton(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tensor,
                                         invstd: torch.Tensor, weight: Optional[torch.Tensor],
                                         bias: Optional[torch.Tensor], norm_eps: float, output_mask: List[bool]):
@@ -275,6 +280,8 @@ def vn_batch_norm_apply_backward_triton(grad_y: torch.Tensor, x: torch.Tensor, m
         c_blocks = triton.cdiv(c, block_c)
         rows_per_prog = _rows_per_program(n, c_blocks, block_n, x.device)
         grid = (triton.cdiv(n, rows_per_prog), c_blocks)
+        if need_sums:
+            alert_not_deterministic("relaxeq::vn_batch_norm_apply_backward_triton (per-channel sums)")
         _vn_backward_kernel[grid](
             grad_y, x, mean, invstd, weight if weight is not None else mean, bias if bias is not None else mean,
             gx if need_gx else s0, s0 if need_sums else mean, s1 if need_sums else mean,

@@ -20,6 +20,8 @@ kernel is decorated: TRITON_INTERPRET=1 must be set before this module is import
 """
 from __future__ import annotations
 
+import functools
+
 from typing import List, Tuple
 
 import torch
@@ -27,7 +29,7 @@ import triton
 import triton.language as tl
 
 from relaxeq_fast import _ops
-from relaxeq_fast.triton_kernels._common import OpsRegistration, check_device
+from relaxeq_fast.triton_kernels._common import OpsRegistration, check_device, launches_on_input_device
 
 __all__ = ["op", "backward_op", "vn_leaky_relu_triton", "vn_leaky_relu_backward_triton"]
 
@@ -161,14 +163,22 @@ def _compute_dtype(x: torch.Tensor):
     return tl.float64 if x.dtype == torch.float64 else tl.float32
 
 
+@functools.lru_cache(maxsize=64)
+def _float64_scalars(b: float, eps: float, device: torch.device) -> torch.Tensor:
+    # Made once per (b, eps, device): a host-to-device copy per call would sync the stream and could not
+    # be captured in a CUDA graph. Read-only.
+    return torch.tensor([b, eps], dtype=torch.float64, device=device)
+
+
 def _scalar_args(x: torch.Tensor, negative_slope: float, eps: float):
     """(scal_ptr, b_arg, eps_arg, SCALARS_IN_PTR): float64 scalars through a tensor, else plain floats."""
     b = 1.0 - negative_slope
     if x.dtype == torch.float64:
-        return torch.tensor([b, eps], dtype=torch.float64, device=x.device), b, eps, True
+        return _float64_scalars(b, eps, x.device), b, eps, True
     return x, b, eps, False  # x only fills the pointer slot; it is not read
 
 
+@launches_on_input_device
 def vn_leaky_relu_triton(x: torch.Tensor, d: torch.Tensor, negative_slope: float, eps: float) -> torch.Tensor:
     """Kernel body of ``relaxeq::vn_leaky_relu_triton``: x [N, C, 3], d [N, C, 3] or [N, 1, 3] → [N, C, 3]."""
     opname = "vn_leaky_relu (triton)"
@@ -188,6 +198,7 @@ def vn_leaky_relu_triton(x: torch.Tensor, d: torch.Tensor, negative_slope: float
     return out
 
 
+@launches_on_input_device
 def vn_leaky_relu_backward_triton(grad_out: torch.Tensor, x: torch.Tensor, d: torch.Tensor, negative_slope: float,
                                   eps: float, output_mask: List[bool]) -> Tuple[torch.Tensor, torch.Tensor]:
     """Kernel body of ``relaxeq::vn_leaky_relu_backward_triton``: grad_x like x, grad_d like d (summed

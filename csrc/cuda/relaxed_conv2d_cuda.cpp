@@ -86,6 +86,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> relaxed_conv2d_cuda(const at::Ten
     partial = at::zeros({cuda::relaxed_conv2d_num_blocks(p)}, x.options().dtype(sdt));
     p.partial = partial.data_ptr();
     if (need_S) {
+      at::globalContext().alertNotDeterministic("relaxeq::relaxed_conv2d (CUDA) with need_S (S summed with atomics)");
       S = at::zeros({p.c_d, p.c_in, p.k, p.k}, x.options().dtype(sdt));
       p.s = S.data_ptr();
     }

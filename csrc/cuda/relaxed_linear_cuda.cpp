@@ -8,8 +8,6 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-
 #include "../relaxed_linear.h"
 #include "glue_checks.h"
 #include "relaxed_linear_params.h"
@@ -51,11 +49,12 @@ void mirror_upper_(at::Tensor& g) {
 // wider ones are math-bound (about D/2 FLOP per byte), where cuBLAS's GEMMs run faster. Measured
 // on an H200 (bench_relaxed_linear.py --op-routes, forward + backward): 7200 rows, D = 63:
 // 0.046 ms tiled vs 0.122 cuBLAS; D = 126: 0.101 vs 0.118; D = 255: 0.281 vs 0.159; D = 1023:
-// 4.81 vs 1.38. RELAXEQ_CUDA_FUSED_MAX_DIM moves the switch (0: always cuBLAS); it is read per
-// call so benchmarks and tests can force either route.
+// 4.81 vs 1.38. torch.ops.relaxeq.cuda_fused_max_dim (RELAXEQ_CUDA_FUSED_MAX_DIM at start) moves the
+// switch (0: always cuBLAS). The tiled kernel sums G, s, dM and dc with atomics: under
+// torch.use_deterministic_algorithms(True) every layer takes the cuBLAS route, which has no atomics.
 bool use_fused_kernel(int64_t d_in, int64_t d_out) {
-  const char* env = std::getenv("RELAXEQ_CUDA_FUSED_MAX_DIM");
-  const int64_t max_dim = env != nullptr ? std::atoll(env) : 128;
+  if (at::globalContext().deterministicAlgorithms()) return false;
+  const int64_t max_dim = cuda_fused_max_dim();
   return d_in <= max_dim && d_out <= max_dim;
 }
 

@@ -134,6 +134,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vn_batch_
   auto gx = need_gx ? at::empty_like(x, at::MemoryFormat::Contiguous) : at::empty({0}, x.options());
   auto s0 = at::zeros({need_sums ? c : 0}, sopt), s1 = at::zeros({need_sums ? c : 0}, sopt);
   if (x.numel() > 0 && (need_gx || need_sums)) {
+    if (need_sums)
+      at::globalContext().alertNotDeterministic(
+          "relaxeq::vn_batch_norm_apply_backward (CUDA) (per-channel sums with atomics)");
     auto p = channel_params(x, mean, invstd, weight, bias, norm_eps);
     p.grad_y = gy.const_data_ptr();
     p.grad_x = need_gx ? gx.data_ptr() : nullptr;
