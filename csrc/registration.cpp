@@ -92,7 +92,7 @@ TORCH_LIBRARY(relaxeq, m) {
   m.def(
       "relaxed_conv2d_backward(Tensor dy, Tensor x, Tensor M, int padding, bool[3] output_mask)"
       " -> (Tensor dx, Tensor dM, Tensor dc)");
-  // R_LD and R_N of L same-shape relaxed layers (csrc/relaxation_regularizer.h) from their stacked
+  // R_LD and R_N of L same-shape relaxed layers (csrc/relaxation_regularizer.cpp) from their stacked
   // relaxation weights W_r [L, D_out, D_in], biases b_r [L, D_out] and detached input statistics
   // G [L, D_in, D_in], s [L, D_in] over n rows, or over the rows [L, n, D_in] themselves when given.
   // irreps_* are flat (mul, l) pairs; generators[l] is [3, 2l+1, 2l+1]. r_ld, r_n: [L] in G's dtype.

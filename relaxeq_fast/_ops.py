@@ -445,7 +445,7 @@ def register_vn_batch_norm_ops(stats_qualname: str, apply_qualname: str, backwar
 
 def check_relaxation_regularizer_args(W_r, b_r, G, s, rows, n, irreps_in, irreps_out, generators,
                                       op="relaxation_regularizer"):
-    """Argument checks of the fake kernels (mirrors csrc/relaxation_regularizer.h)."""
+    """Argument checks of the fake kernels (mirrors csrc/relaxation_regularizer.cpp)."""
     for name, t in (("W_r", W_r), ("G", G), ("s", s)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")

@@ -103,9 +103,14 @@ def resolve_backend(device: torch.device, backend: str | None = None) -> str:
     return hit
 
 
-def _resolve(device: torch.device, name: str) -> str:
-    native_ok = _ops.EXTENSION_LOADED and (
+def native_available(device: torch.device) -> bool:
+    """Whether the loaded extension has kernels for ``device``'s type."""
+    return _ops.EXTENSION_LOADED and (
         device.type in ("cpu", "meta") or (device.type == "cuda" and _ops.native_build_info()["cuda"]))
+
+
+def _resolve(device: torch.device, name: str) -> str:
+    native_ok = native_available(device)
     triton_ok = triton_available() and (device.type == "cuda" or (device.type == "cpu" and triton_interpreter()))
     if name == "native" and not native_ok:
         why = ("the extension is not loaded: " + str(_ops.EXTENSION_ERROR)) if not _ops.EXTENSION_LOADED \

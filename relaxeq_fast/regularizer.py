@@ -16,8 +16,7 @@ from typing import Iterable, NamedTuple, Optional
 
 import torch
 
-from . import _ops
-from .backend import resolve_backend
+from .backend import native_available, resolve_backend
 from .functional import InputStats
 from .reps import Irreps, irrep_generators
 
@@ -129,8 +128,7 @@ def relaxation_regularizer_ref(W_r: torch.Tensor, b_r: Optional[torch.Tensor], G
 def _native_op(device: torch.device, backend: Optional[str]) -> bool:
     name = resolve_backend(device, backend)
     if name == "triton":  # no Triton kernel of its own: the native op where the build has the device
-        return _ops.EXTENSION_LOADED and (device.type == "cpu" or (
-            device.type == "cuda" and _ops.native_build_info()["cuda"]))
+        return native_available(device)
     return name == "native"
 
 
