@@ -36,6 +36,9 @@ def _worker(rank: int, case: str, init_file: str, out_dir: str):
     torch.set_num_threads(1)
     try:
         torch.save(CASES[case](rank), os.path.join(out_dir, f"rank{rank}.pt"))
+        # no rank tears its gloo pairs down while the other is still using them (a rank that destroyed
+        # the group and exited first made its peer abort: 'terminate called without an active exception')
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -111,8 +111,15 @@ def test_continuous_constraint_general_group(G):
 def test_c6_interpolated_rotation_error_measured():
     """C_6 conv on a smooth field sampled on the grid and the same field rotated by 60° (evaluated
     analytically at rotated coordinates, no interpolation). At the centre pixel (g·y)(0) = ρ_out(g) y(0)
-    holds only up to the discretisation of the 5×5 kernel: measured relative error 0.088."""
-    torch.manual_seed(0)
+    holds only up to the discretisation of the 5×5 kernel.
+
+    The error is measured over the whole kernel space, not for one random kernel: the null-space solver
+    (an SVD) may return any orthonormal basis of each degenerate block, and which one depends on the
+    LAPACK build and the CPU, so one random kernel's error does too (0.088 on one machine, 0.315 on
+    another with the same seed). The RMS over the basis elements, sqrt(Σ_i ‖e_i‖² / Σ_i ‖ref_i‖²), is
+    the same for every orthonormal basis of the same space (a Frobenius norm), i.e. the expected error
+    of a kernel with iid weights.
+    """
     G = 6
     tin, tout = FieldType.trivial(G, 1), FieldType.irreps(G, [1]) + FieldType.regular(G, 1)
     conv = R2Conv(tin, tout, 5, bias=False).double()
@@ -127,18 +134,29 @@ def test_c6_interpolated_rotation_error_measured():
     th = 2 * math.pi / G
     x = f(X, Y)[None, None]
     xr = f(math.cos(th) * X + math.sin(th) * Y, -math.sin(th) * X + math.cos(th) * Y)[None, None]  # x(R^-1 p)
-    with torch.no_grad():
-        y, yr = conv(x), conv(xr)
-    # rotate y analytically is impossible; compare at the centre pixel region where both are sampled exactly:
-    # (g·y)(0) = ρ_out(g) y(0)
-    rho = tout.representation(th)
     centre = int(c)
-    lhs, rhs = yr[0, :, centre, centre], rho @ y[0, :, centre, centre]
-    err = ((lhs - rhs).norm() / rhs.norm()).item()
+
+    def rms_error(rho):
+        # rotating y analytically is impossible; compare at the centre pixel, where both are sampled
+        # exactly: (g·y)(0) = ρ_out(g) y(0)
+        err_sq = ref_sq = 0.0
+        for i in range(conv.n_basis):
+            with torch.no_grad():
+                conv.weight.zero_()
+                conv.weight[i] = 1.0
+                y, yr = conv(x), conv(xr)
+            lhs, rhs = yr[0, :, centre, centre], rho @ y[0, :, centre, centre]
+            err_sq += (lhs - rhs).square().sum().item()
+            ref_sq += rhs.square().sum().item()
+        return math.sqrt(err_sq / ref_sq)
+
+    err = rms_error(tout.representation(th))
     assert err < MEASURED_C6_BOUND, err
+    # non-vacuous: the same measurement against the wrong rotation (120°) breaks the bound (measured 0.282)
+    assert rms_error(tout.representation(2 * th)) > MEASURED_C6_BOUND
 
 
-MEASURED_C6_BOUND = 0.15  # measured bound: error measured 0.088 (C_6, k=5, field length scale ~6 px)
+MEASURED_C6_BOUND = 0.15  # measured bound: RMS error over the kernel space measured 0.107 (C_6, k=5, field length scale ~6 px)
 
 
 def test_basis_full_rank_and_cached():

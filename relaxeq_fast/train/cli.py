@@ -111,6 +111,10 @@ def main(argv=None) -> int:
             print(json.dumps(dataclasses.asdict(cfg), indent=2))
             return 0
         summary = train(cfg, resume=resume, stop_after=stop_after)
+        if D.is_distributed():
+            # a rank that tears the process group down while its peer still uses it makes the peer
+            # abort (gloo); only on success: a barrier on the error path could wait forever
+            torch.distributed.barrier()
         if D.rank() == 0:
             print(f"[relaxeq-train] {format_summary(summary)}")
         return 0
