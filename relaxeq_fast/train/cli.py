@@ -78,6 +78,11 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default=d.dtype, help="float32, or float64 (slow; for exact comparisons)")
     g.add_argument("--threads", type=int, default=None, help="torch threads (default: cores / processes)")
     g.add_argument("--backend", default=None, help="kernel backend: native, triton, reference, auto")
+    g.add_argument("--compile", nargs="?", const="auto", default=None, metavar="MODE",
+                   help="torch.compile the forward, loss and regulariser; MODE: auto (reduce-overhead, i.e. CUDA "
+                        "graphs, on CUDA; default on CPU), default, reduce-overhead, max-autotune. The first steps "
+                        "pay the compile time (about a minute on CPU). Experimental: with inductor, float32 "
+                        "gradients have been seen to differ from eager by more than rounding")
     g.add_argument("--run-dir", default=None, help="output directory (default: runs/<model>-<data>-...)")
     g.add_argument("--runs-root", default=d.runs_root, help="parent of the default run directory")
     g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR")

@@ -113,6 +113,7 @@ class TrainConfig:
     dtype: str = "float32"
     threads: Optional[int] = None
     backend: Optional[str] = None
+    compile: Optional[str] = None
     run_dir: Optional[str] = None
     runs_root: str = "runs"
     eval_batch_size: int = 64
@@ -126,6 +127,10 @@ class TrainConfig:
             if getattr(cfg, key) is None:
                 setattr(cfg, key, value)
         return cfg
+
+
+# 'auto': CUDA graphs on CUDA (the step is bound by launching small kernels), plain inductor on CPU
+COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def _fail(msg: str):
@@ -213,6 +218,11 @@ def validate(cfg: TrainConfig, world: int = 1) -> None:
         _fail(f"--clip-grad-norm must be a finite number > 0, got {cfg.clip_grad_norm!r}")
     if cfg.threads is not None and cfg.threads < 1:
         _fail(f"--threads must be >= 1, got {cfg.threads}")
+    if cfg.compile is not None:
+        if cfg.compile not in COMPILE_MODES:
+            _fail(f"--compile must be one of {list(COMPILE_MODES)}, got {cfg.compile!r}")
+        if world > 1:
+            _fail("--compile is single-process for now: under torchrun drop --compile")
 
 
 def _augmentations(spec: Optional[str]) -> list[str]:

@@ -45,13 +45,12 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 PROGRESS_EVERY = 10  # steps between reads of the running numbers for the progress bar
 
 
-def train_step(net: nn.Module, model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, opt,
-               theta_buffer: Optional[torch.Tensor], relax_group: Optional[dict], theta_value: float) -> torch.Tensor:
-    """One optimisation step on a (local) batch x [B, ...], y [B]; returns, on the device and without
-    reading anything back to the host, float64 [6]: loss, regulariser, ΣR_LD, ΣR_N, correct, samples.
+def forward_loss(net: nn.Module, model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
+                 theta_buffer: Optional[torch.Tensor]):
+    """The part of a step that ``--compile`` compiles: forward, task loss and regulariser.
 
-    net is the model or its DDP wrapper. theta_buffer: the layers' θ (a 0-d tensor; None for a plain
-    model); theta_value: the same θ as a number, for --relax-lr theta's lr (the optimiser takes numbers).
+    Returns (loss, regulariser, ΣR_LD, ΣR_N, number of correct predictions), all 0-d tensors on the device;
+    only loss carries gradient. θ is read from theta_buffer (a tensor), so a new θ is not a new graph.
     """
     out = net(x)
     task = TF.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)
@@ -65,7 +64,35 @@ def train_step(net: nn.Module, model: nn.Module, x: torch.Tensor, y: torch.Tenso
                                    theta=theta_buffer if cfg.theta_scaled_lambda else None)
         r_ld = sum(t.lie_derivative.detach() for t in terms)
         r_n = sum(t.projection.detach() for t in terms)
-    loss = task + reg
+    correct = (out.detach().argmax(-1) == y).sum()
+    return task + reg, reg.detach(), r_ld, r_n, correct
+
+
+def compiled_forward_loss(cfg: TrainConfig, device: torch.device, compiler: str = "inductor"):
+    """forward_loss under torch.compile with cfg.compile's mode ('auto': CUDA graphs on CUDA);
+    compiler: torch.compile's backend (tests use 'aot_eager' where only the tracing matters)."""
+    from ..backend import resolve_backend
+    # the backend caches are filled before tracing: a trace that fills them guards on their being
+    # empty, and the next call would recompile
+    resolve_backend(device)
+    resolve_backend(device, cfg.backend)
+    mode = cfg.compile if cfg.compile != "auto" else ("reduce-overhead" if device.type == "cuda" else "default")
+    if compiler != "inductor":
+        return torch.compile(forward_loss, backend=compiler, dynamic=False)
+    return torch.compile(forward_loss, mode=mode, dynamic=False)
+
+
+def train_step(net: nn.Module, model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, opt,
+               theta_buffer: Optional[torch.Tensor], relax_group: Optional[dict], theta_value: float,
+               forward_loss_fn=forward_loss) -> torch.Tensor:
+    """One optimisation step on a (local) batch x [B, ...], y [B]; returns, on the device and without
+    reading anything back to the host, float64 [6]: loss, regulariser, ΣR_LD, ΣR_N, correct, samples.
+
+    net is the model or its DDP wrapper. theta_buffer: the layers' θ (a 0-d tensor; None for a plain
+    model); theta_value: the same θ as a number, for --relax-lr theta's lr (the optimiser takes numbers).
+    forward_loss_fn: :func:`forward_loss` or its compiled form.
+    """
+    loss, reg, r_ld, r_n, correct = forward_loss_fn(net, model, x, y, cfg, theta_buffer)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.clip_grad_norm is not None:
@@ -79,8 +106,7 @@ def train_step(net: nn.Module, model: nn.Module, x: torch.Tensor, y: torch.Tenso
         relax_group["lr"] = scheduled_lr
     else:
         opt.step()
-    correct = (out.detach().argmax(-1) == y).sum()
-    return torch.stack([loss.detach().double(), reg.detach().double(), r_ld.double(), r_n.double(),
+    return torch.stack([loss.detach().double(), reg.double(), r_ld.double(), r_n.double(),
                         correct.double(), correct.new_tensor(len(y)).double()])
 
 
@@ -256,6 +282,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
     local_batch = cfg.batch_size // world
     # θ as the layers hold it (a buffer, set in place): the regulariser reads it without a host copy
     theta_buffer = next(iter(relaxed_layers(model))).theta if relaxed else None
+    step_forward = compiled_forward_loss(cfg, device) if cfg.compile else forward_loss
     probe_x = test_set.x[:cfg.eval_batch_size].to(device)  # for the projection error and the final check
     show = cfg.progress and rank == 0
     epochs_run = 0
@@ -275,7 +302,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
             sl = slice(rank * local_batch, (rank + 1) * local_batch)
             x, y = _to_device(xb[sl], device), _to_device(train_set.y[idx][sl], device)
             tally.add(step, train_step(net, model, x, y, cfg, opt, theta_buffer, relax_group,
-                                       theta.theta if theta is not None else 0.0))
+                                       theta.theta if theta is not None else 0.0, step_forward))
             global_step += 1
             if theta is not None and cfg.theta_unit == "step":
                 theta.step()
