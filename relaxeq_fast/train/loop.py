@@ -76,9 +76,9 @@ def compiled_forward_loss(cfg: TrainConfig, device: torch.device, compiler: str 
     # empty, and the next call would recompile
     resolve_backend(device)
     resolve_backend(device, cfg.backend)
-    mode = cfg.compile if cfg.compile != "auto" else ("reduce-overhead" if device.type == "cuda" else "default")
-    if compiler != "inductor":
+    if compiler != "inductor":  # modes are inductor's
         return torch.compile(forward_loss, backend=compiler, dynamic=False)
+    mode = cfg.compile if cfg.compile != "auto" else ("reduce-overhead" if device.type == "cuda" else "default")
     return torch.compile(forward_loss, mode=mode, dynamic=False)
 
 
