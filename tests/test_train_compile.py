@@ -39,9 +39,7 @@ def _loss_and_grads(fn, net, x, y, cfg, theta_buffer):
 
 
 # aot_eager: what is tested is the tracing (graph breaks, guards on θ, the regulariser's side state read
-# inside the graph); float32 on both sides, agreeing to rounding. Inductor's numerics are not tested yet:
-# on this tiny VN-PointNet its float32 gradients of the first layer differed from eager by up to 9 %
-# (float64: equal), while eager float32 is within 0.4 % of float64 — an open question, see --compile's help
+# inside the graph); float32 on both sides, agreeing to rounding. Inductor's numerics: see the test below
 @pytest.mark.parametrize("model, rtol, atol", [("vn_pointnet", 1e-4, 1e-5), ("steerable_cnn", 1e-4, 1e-5)])
 def test_compiled_forward_loss_matches_eager_and_theta_never_recompiles(model, rtol, atol):
     cfg, net, x, y = _setup(model)
@@ -72,7 +70,7 @@ def test_compiled_run_resumes_exactly_and_follows_eager(tmp_path, monkeypatch):
     """A whole tiny run with --compile, uninterrupted and split in two, against the same run in eager.
 
     Compiled with aot_eager, as above: what is tested is the trainer around the compiled step (θ updates,
-    state, resume); inductor's numerics are untested (see above)."""
+    state, resume); inductor's numerics are the next test's."""
     monkeypatch.setattr(loop, "compiled_forward_loss",
                         functools.partial(loop.compiled_forward_loss, compiler="aot_eager"))
     argv = TINY + FULL + ["--compile"]
@@ -95,6 +93,43 @@ def test_compiled_run_resumes_exactly_and_follows_eager(tmp_path, monkeypatch):
     got, want = _metrics(whole)[0], _metrics(eager)[0]
     for key in ("train_loss", "reg_loss", "r_ld", "r_n"):
         assert float(got[key]) == pytest.approx(float(want[key]), rel=1e-4), key
+
+
+def _relative_error(got, want):
+    """‖got − want‖ / ‖want‖ over all parameters' gradients at once: per parameter, a gradient near 0 (a bias
+    before a batch norm) makes the ratio meaningless."""
+    num = torch.sqrt(sum((g.double() - w).square().sum() for g, w in zip(got, want)))
+    return float(num / torch.sqrt(sum(w.square().sum() for w in want)))
+
+
+# Inductor reorders and fuses float32 arithmetic, so it cannot match eager bit for bit; the question is
+# whether it is as accurate. Both are measured against float64 eager. These tiny float32 models are
+# themselves ill-conditioned (eager float32 vs float64, whole gradient, at θ = 1 / 0.37 / 0: VN-PointNet
+# 0.24 % / 3 % / 1.8 %, steerable CNN 2.5e-6 / 3.9e-6 / 1 %, measured; the cause was not pinned down), so
+# inductor is held to no fixed rtol: it may be at most 1.5× as far from float64 as eager is (measured:
+# 0.3–1.03×), + 1e-4 for a case where eager happens to land very close
+@pytest.mark.parametrize("model", ["vn_pointnet", "steerable_cnn"])
+def test_inductor_is_as_accurate_as_eager_against_float64(model):
+    import copy
+    cfg, net, x, y = _setup(model)
+    net64 = copy.deepcopy(net).double()
+    layers, layers64 = list(relaxed_layers(net)), list(relaxed_layers(net64))
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = loop.compiled_forward_loss(cfg, torch.device("cpu"))
+    for theta in (1.0, 0.37, 0.0):
+        with torch.no_grad():
+            for m in layers + layers64:
+                m.theta.fill_(theta)
+        ref_vals, ref_grads = _loss_and_grads(loop.forward_loss, net64, x.double(), y, cfg, layers64[0].theta)
+        eager_vals, eager_grads = _loss_and_grads(loop.forward_loss, net, x, y, cfg, layers[0].theta)
+        got_vals, got_grads = _loss_and_grads(compiled, net, x, y, cfg, layers[0].theta)
+        eager_err = _relative_error(eager_grads, ref_grads)
+        got_err = _relative_error(got_grads, ref_grads)
+        assert got_err <= 1.5 * eager_err + 1e-4, (theta, got_err, eager_err)
+        for name, g, w in zip(("loss", "regulariser", "R_LD", "R_N"), got_vals, ref_vals):
+            torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-6, msg=lambda m: f"θ={theta} {name}: {m}")
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
 
 
 def test_compile_mode_and_torchrun_errors(capsys):
