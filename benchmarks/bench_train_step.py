@@ -13,7 +13,7 @@ Providers:
   relaxed-fused      relaxed=True, default backend (native C++ / CUDA kernels)
   relaxed-reference  the same model (same weights) under relaxeq_fast.use_backend("reference"), pure PyTorch
   relaxed-paper      VN models only: the same relaxed model (same weights) with every RelaxedLinear run the way
-                     the paper's code runs it (see PaperRelaxedLinear / paper_regularizers); the SteerableCNN has
+                     the paper's code runs it (benchmarks/paper_style.py); the SteerableCNN has
                      no model-level paper-style provider (its layer-level baseline is bench_relaxed_conv2d.py's
                      grid_sample provider)
   plain              relaxed=False, task loss only
@@ -26,7 +26,17 @@ reference / fused is reported next to issue #2's ≥ 2× target, for context.
 Ops per step: aten and relaxeq ops of one warm full step as a TorchDispatchMode sees them, i.e. the calls the
 host dispatches from Python and autograd (a native op's inner ATen calls are not counted: they run in C++).
 
+Compiled (--compile): each provider again with torch.compile of its forward + loss + regulariser (what
+relaxeq-train --compile compiles; mode default on CPU, reduce-overhead = CUDA graphs on CUDA; backward and
+Adam eager), timed in the same round robin as the eager providers. Compile time = the first step's wall time
+with inductor's caches empty minus a warm step's. Compiled ops per step: top-level aten / relaxeq ops in
+torch.profiler's record of one warm step (a TorchDispatchMode cannot count them: under one, dynamo runs the
+eager code), i.e. what the host dispatches outside the compiled kernels, the Adam step included. Targets
+(issue 12): CPU — compiled fused ≤ 1.15× compiled plain; CUDA — compiled fused ≤ 1.5× eager plain and
+≥ 3× faster than eager relaxed-paper; both — fused compile time ≤ 2× plain's.
+
     python benchmarks/bench_train_step.py             # width 0.25, P = 300 (about 4 min on 2 cores)
+    python benchmarks/bench_train_step.py --compile   # + every provider compiled (adds minutes of compiling)
     python benchmarks/bench_train_step.py --sweep     # + VN-PointNet at P ∈ {1024, 2048} and at 2× the width
     python benchmarks/bench_train_step.py --full      # the paper's sizes (width 1); slow on CPU
     python benchmarks/bench_train_step.py --device cuda --full --sweep --forward   # on a GPU
@@ -46,14 +56,13 @@ import torch
 import torch.nn.functional as F
 
 from relaxeq_fast import combine_regularizers, use_backend
+from relaxeq_fast.backend import fill_caches_before_compile
 from relaxeq_fast.models import SteerableCNN, VNDGCNN, VNPointNet
-from relaxeq_fast.nn import EquivariantLinear, RelaxedLinear
-from relaxeq_fast.regularizer import RegularizerTerms
-from relaxeq_fast.reps import VN
 from relaxeq_fast.vn import model_regularizers
 
+from paper_style import paper_regularizers, to_paper_style
 from relaxeq_fast.bench import (describe_machine, machine_info, median_iqr_ms, peak_memory_mib, resolve_device,
-                                result_suffix, synchronize, target, time_round_robin, write_json)
+                                result_suffix, synchronize, target, time_round_robin, verdict, write_json)
 
 try:
     import pytest
@@ -69,6 +78,10 @@ PROVIDERS = ("relaxed-fused", "relaxed-reference", "relaxed-paper", "plain")
 MODES = ("full", "forward", "backward")
 STEP_TARGETS = {"cpu": 1.25, "cuda": 2.0}  # eager, issue 12
 OPS_TARGET, MEMORY_TARGET, REF_CONTEXT, PAPER_TARGET = 1.5, 1.5, 2.0, 5.0
+# --compile (issue 12): compiled fused / compiled plain on CPU; on CUDA compiled fused / eager plain and
+# eager paper / compiled fused; compile time fused / plain everywhere
+COMPILED_STEP_TARGET_CPU, COMPILED_VS_EAGER_PLAIN_CUDA, COMPILED_PAPER_TARGET_CUDA = 1.15, 1.5, 3.0
+COMPILE_TIME_TARGET = 2.0
 
 
 def step_target(device: str) -> float:
@@ -87,73 +100,13 @@ def providers_for(model: str, providers=PROVIDERS) -> tuple:
     return tuple(p for p in providers if p != "relaxed-paper" or model in PAPER_MODELS)
 
 
-class PaperRelaxedLinear(EquivariantLinear):
-    """A model's RelaxedLinear, run the way the paper's public code runs its relaxed layers.
-
-    :func:`to_paper_style` swaps the class of every RelaxedLinear *instance* of one model to this one
-    (``m.__class__ = PaperRelaxedLinear``): parameters, buffers (θ) and irreps stay the objects they were,
-    so the model keeps its seed and weights, and no other model is affected. This class derives from
-    EquivariantLinear but not from RelaxedLinear / RelaxedModule, so
-
-    * VNLinearLeakyReLU's ``isinstance(..., RelaxedLinear)`` test fails and it runs map_to_feat and map_to_dir
-      as two separate calls (as the paper code does), not as one fused call;
-    * ``model_regularizers`` skips these layers: the loss uses :func:`paper_regularizers` instead.
-
-    forward: y = the equivariant map as the plain channel mixing (an nn.Linear over C on [..., 3, C], as vnn's
-    VNLinear; EquivariantLinear.forward for non-VN irreps) + θ · F.linear(x_flat, W_r, b_r), the dense
-    relaxation map; the detached flattened input x̂ [N, D_in] is stashed in ``paper_input`` for the regulariser.
-    Dense generator matrices A_k (input and output side, [3, D, D]) are built once, in :func:`to_paper_style`.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = self._flatten(x)
-        if isinstance(self.irreps_in, VN) and isinstance(self.irreps_out, VN) and self.bias is None:
-            y_eq = F.linear(x.transpose(-1, -2), self.weights[0]).transpose(-1, -2)  # [..., C_out, 3]
-        else:
-            y_eq = EquivariantLinear.forward(self, x)
-        relax = F.linear(xf, self.weight_relax, self.bias_relax)
-        if self.training:
-            self.paper_input = xf.detach().reshape(-1, self.irreps_in.dim)
-        return y_eq + self.theta * self._unflatten(relax)
-
-
-def to_paper_style(model: torch.nn.Module) -> List[PaperRelaxedLinear]:
-    """Swap every RelaxedLinear of ``model`` (in place) to :class:`PaperRelaxedLinear`; returns them in order."""
-    layers = []
-    for m in model.modules():
-        if type(m) is RelaxedLinear:
-            w = m.weight_relax
-            m.paper_A_in = m.irreps_in.generator_matrices(dtype=w.dtype, device=w.device)  # [3, D_in, D_in]
-            m.paper_A_out = m.irreps_out.generator_matrices(dtype=w.dtype, device=w.device)  # [3, D_out, D_out]
-            m.paper_input = None
-            m.__class__ = PaperRelaxedLinear
-            layers.append(m)
-    return layers
-
-
-def paper_regularizers(layers: List[PaperRelaxedLinear]) -> List[RegularizerTerms]:
-    """R_LD, R_N per layer the paper way: the relaxation map re-run on transformed stashed inputs x̂,
-    L_k = W_r (A_k,in x̂) − A_k,out (W_r x̂ + b_r) (the bias enters as −A_k b_r only), R_LD = Σ_k ‖L_k‖²,
-    R_N = ‖W_r x̂ + b_r‖²."""
-    terms = []
-    for m in layers:
-        xh = m.paper_input
-        r0 = F.linear(xh, m.weight_relax, m.bias_relax)
-        r_ld = 0
-        for k in range(3):
-            lie = F.linear(xh @ m.paper_A_in[k].T, m.weight_relax) - r0 @ m.paper_A_out[k].T
-            r_ld = r_ld + lie.square().sum()
-        terms.append(RegularizerTerms(r_ld, r0.square().sum(), xh.shape[0]))
-    return terms
-
-
 class Step:
     """One provider on one model configuration; ``run(mode)`` is one training step ("full") or its forward
     and loss only ("forward": autograd recording on, no backward, no optimiser)."""
 
     def __init__(self, model: str, provider: str, points: int = 300, width: float = 0.25,
                  batch: Optional[int] = None, k: Optional[int] = None, seed: int = 0, dtype=None,
-                 device: torch.device = torch.device("cpu")):
+                 device: torch.device = torch.device("cpu"), compile_mode: Optional[str] = None):
         if provider == "relaxed-paper" and model not in PAPER_MODELS:
             raise ValueError(f"relaxed-paper is implemented for {', '.join(PAPER_MODELS)} only, not {model}")
         dtype = dtype or DTYPE
@@ -176,6 +129,11 @@ class Step:
         self.x = x.to(self.device)
         self.y = torch.randint(0, kwargs["num_classes"], (batch,), generator=g).to(self.device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=LR)
+        self.compiled = compile_mode is not None
+        if self.compiled:
+            fill_caches_before_compile(self.device, self.backend)
+            # one shared code object for every Step: callers reset dynamo between models (recompile limit)
+            self.loss = torch.compile(self.loss, mode=compile_mode, dynamic=False)
 
     def loss(self) -> torch.Tensor:
         loss = F.cross_entropy(self.model(self.x), self.y)
@@ -241,6 +199,32 @@ class Step:
         with Count() as count:
             self.run()
         return count.n
+
+    def host_ops_per_step(self) -> int:
+        """Top-level aten / relaxeq ops in torch.profiler's record of one warm full step (for compiled steps;
+        see the module docstring)."""
+        from torch.profiler import ProfilerActivity, profile
+        self.run()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            self.run()
+        return top_level_ops(prof.events())
+
+    def compile_seconds(self) -> float:
+        """The first step's wall time, with inductor's caches empty (trace + compile of the forward and, at the
+        first backward, the backward), minus a warm step's."""
+        from torch._inductor.utils import fresh_cache
+        with fresh_cache():
+            synchronize(self.device)
+            t0 = time.perf_counter()
+            self.run()
+            synchronize(self.device)
+            first = time.perf_counter() - t0
+        self.run()
+        synchronize(self.device)
+        t0 = time.perf_counter()
+        self.run()
+        synchronize(self.device)
+        return first - (time.perf_counter() - t0)
 
     def peak_mib(self) -> float:
         """Peak memory of one warm full step above what is live before it; grads are cleared first, so the
@@ -318,23 +302,46 @@ def format_verify(res: Dict[str, dict]) -> str:
             f"width {VERIFY['width']:g}, random W_r, b_r (tolerance {VERIFY_TOL:g} relative): " + "; ".join(parts) + " — PASS")
 
 
+def compile_mode_for(device: torch.device) -> str:
+    """What relaxeq-train --compile picks: CUDA graphs on CUDA."""
+    return "reduce-overhead" if device.type == "cuda" else "default"
+
+
+COMPILED = "+compile"  # suffix of a compiled provider's key in the round robin
+
+
 def measure(model: str, points: int, width: float, providers, repeats: int, warmup: int, memory: bool,
-            device: torch.device, modes=("full",)) -> dict:
+            device: torch.device, modes=("full",), compiled: bool = False) -> dict:
     providers = providers_for(model, providers)
     impls = {p: Step(model, p, points=points, width=width, device=device) for p in providers}
     t0 = time.perf_counter()
     row = {"model": model, "points": None if model == "SteerableCNN" else points, "width": width,
            "batch": MODELS[model][1], "repeats": repeats, "device": str(device)}
+    compiled_impls = {}
+    if compiled:
+        torch._dynamo.reset()  # Step.loss's code object is shared by every Step: start each model afresh
+        for p in providers:  # one at a time, so each compile has the machine to itself
+            compiled_impls[p] = Step(model, p, points=points, width=width, device=device,
+                                     compile_mode=compile_mode_for(device))
+        row["compile_s"] = {p: c.compile_seconds() for p, c in compiled_impls.items()}
     for mode in modes:
-        times = time_round_robin({p: i.timed(mode) for p, i in impls.items()}, repeats, warmup, device=device)
+        fns = {p: i.timed(mode) for p, i in impls.items()}
+        if mode == "full":  # compiled beside eager, in the same rounds
+            fns.update({p + COMPILED: c.timed(mode) for p, c in compiled_impls.items()})
+        times = time_round_robin(fns, repeats, warmup, device=device)
         stats = {p: median_iqr_ms(ts) for p, ts in times.items()}
         key = "" if mode == "full" else f"{mode}_"
-        row[f"{key}median_ms"] = {p: s[0] for p, s in stats.items()}
-        row[f"{key}iqr_ms"] = {p: s[1] for p, s in stats.items()}
+        row[f"{key}median_ms"] = {p: s[0] for p, s in stats.items() if not p.endswith(COMPILED)}
+        row[f"{key}iqr_ms"] = {p: s[1] for p, s in stats.items() if not p.endswith(COMPILED)}
+        if mode == "full" and compiled_impls:
+            row["compiled_median_ms"] = {p[:-len(COMPILED)]: s[0] for p, s in stats.items() if p.endswith(COMPILED)}
+            row["compiled_iqr_ms"] = {p[:-len(COMPILED)]: s[1] for p, s in stats.items() if p.endswith(COMPILED)}
     row["peak_mib"] = {p: impls[p].peak_mib() for p in providers} if memory else {}
     row["ops_per_step"] = {p: impls[p].ops_per_step() for p in providers}
+    if compiled_impls:
+        row["compiled_ops_per_step"] = {p: c.host_ops_per_step() for p, c in compiled_impls.items()}
     row["wall_s"] = time.perf_counter() - t0
-    del impls
+    del impls, compiled_impls
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -363,12 +370,60 @@ def row_targets(row: dict) -> List[dict]:
     if mem:
         out.append(target("train_step", "fused / plain peak memory", case,
                           _ratio(mem.get("relaxed-fused"), mem.get("plain")), MEMORY_TARGET, "<=", device=dev))
+    out += compiled_targets(row)
     for mode, what in (("forward", "forward + loss"), ("backward", "backward + optimiser")):
         med_m = row.get(f"{mode}_median_ms")
         if med_m:
             out.append(target("train_step", f"fused / plain {what}", case,
                               _ratio(med_m.get("relaxed-fused"), med_m.get("plain")), None, mode=mode, device=dev))
     return [t for t in out if t["ratio"] is not None]
+
+
+def compiled_targets(row: dict) -> List[dict]:
+    cmed = row.get("compiled_median_ms")
+    if not cmed:
+        return []
+    med, dev, case, cs = row["median_ms"], row["device"], case_label(row), row["compile_s"]
+    fused, plain = cmed.get("relaxed-fused"), cmed.get("plain")
+    out = []
+    if dev.startswith("cuda"):
+        out.append(target("train_step", "fused compiled / plain eager step", case, _ratio(fused, med.get("plain")),
+                          COMPILED_VS_EAGER_PLAIN_CUDA, "<=", mode="compiled", device=dev))
+        out.append(target("train_step", "paper eager / fused compiled step", case,
+                          _ratio(med.get("relaxed-paper"), fused),
+                          COMPILED_PAPER_TARGET_CUDA if row["model"] in PAPER_MODELS else None, ">=",
+                          mode="compiled", device=dev,
+                          note="" if row["model"] in PAPER_MODELS else "no model-level paper-style provider"))
+    out.append(target("train_step", "fused / plain step, both compiled", case, _ratio(fused, plain),
+                      COMPILED_STEP_TARGET_CPU if dev == "cpu" else None, "<=", mode="compiled", device=dev))
+    out.append(target("train_step", "fused / plain compile time", case,
+                      _ratio(cs.get("relaxed-fused"), cs.get("plain")), COMPILE_TIME_TARGET, "<=",
+                      mode="compiled", device=dev))
+    cops = row.get("compiled_ops_per_step", {})
+    out.append(target("train_step", "fused / plain host ops per step, both compiled", case,
+                      _ratio(cops.get("relaxed-fused"), cops.get("plain")), None, mode="compiled", device=dev))
+    return out
+
+
+def format_compiled_row(row: dict) -> str:
+    """One markdown row of the compiled table: per provider ms, compile s, host ops; then the targets."""
+    cmed, ciqr, cs, cops = (row["compiled_median_ms"], row["compiled_iqr_ms"], row["compile_s"],
+                            row.get("compiled_ops_per_step", {}))
+    cells = [f"{cmed[p]:.0f} ± {ciqr[p]:.0f}" if p in cmed else "—" for p in PROVIDERS]
+    cells += [f"{cs[p]:.0f}" if p in cs else "—" for p in PROVIDERS]
+    cells += [str(cops[p]) if p in cops else "—" for p in PROVIDERS]
+    cells += [verdict(t) for t in compiled_targets(row)]
+    return f"| {case_label(row)} | " + " | ".join(cells) + " |"
+
+
+def compiled_table_header(device: str) -> str:
+    cuda = device.startswith("cuda")
+    ratios = (["fused compiled / plain eager step (≤ 1.5)", "paper eager / fused compiled step (≥ 3)",
+               "fused / plain step, both compiled"] if cuda else ["fused / plain step, both compiled (≤ 1.15)"])
+    ratios += ["fused / plain compile time (≤ 2)", "fused / plain host ops"]
+    heads = ([f"{p} compiled ms" for p in PROVIDERS] + [f"{p} compile s" for p in PROVIDERS]
+             + [f"{p} host ops" for p in PROVIDERS] + ratios)
+    return "| case | " + " | ".join(heads) + " |\n|---|" + "---:|" * len(heads)
 
 
 def _ratio(a, b):
@@ -448,6 +503,11 @@ def _is_op(e) -> bool:
     return e.name.startswith(("aten::", "relaxeq::"))
 
 
+def top_level_ops(events) -> int:
+    """Profiler op events whose parent is not an op: the ops the host dispatched itself."""
+    return sum(1 for e in events if _is_op(e) and (e.cpu_parent is None or not _is_op(e.cpu_parent)))
+
+
 def profile_step(model: str, provider: str, points: int, width: float, device: torch.device, top: int = 20) -> str:
     """torch.profiler of one warm full step: the op table (by self CPU time, or by self GPU time on CUDA) and
     a headline: wall time under the profiler, top-level ops dispatched, kernels launched, GPU busy time."""
@@ -464,7 +524,7 @@ def profile_step(model: str, provider: str, points: int, width: float, device: t
         synchronize(device)
     wall_ms = 1e3 * (time.perf_counter() - t0)
     events = prof.events()
-    n_ops = sum(1 for e in events if _is_op(e) and (e.cpu_parent is None or not _is_op(e.cpu_parent)))
+    n_ops = top_level_ops(events)
     head = f"{model} {provider}, {device}: one step under the profiler {wall_ms:.1f} ms wall, {n_ops} top-level ops"
     table_key = "self_cpu_time_total"
     if cuda:
@@ -522,6 +582,9 @@ def main(argv=None) -> int:
     parser.add_argument("--cnn-repeats", type=int, default=None, help="interleaved repeats for the CNN (default 15)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--compile", action="store_true",
+                        help="also every provider under torch.compile (forward + loss + regulariser): step time, "
+                             "compile time and host ops beside eager (minutes of compiling per model)")
     parser.add_argument("--profile", action="store_true",
                         help="only: torch.profiler of one step per model and provider (op table, op and kernel counts)")
     parser.add_argument("--out-dir", default=str(RESULTS_DIR))
@@ -548,7 +611,7 @@ def main(argv=None) -> int:
     print(table_header(str(device)), flush=True)
     modes = ("full",) + (("forward",) if args.forward else ()) + (("backward",) if args.backward else ())
     rows = [measure(m, points, width, PROVIDERS, cnn_reps if m == "SteerableCNN" else reps, args.warmup,
-                    not args.no_memory, device, modes) for m in models]
+                    not args.no_memory, device, modes, compiled=args.compile) for m in models]
     sweep_rows = []
     if args.sweep:
         print("\nsweep (VN-PointNet, relaxed-fused vs plain):", flush=True)
@@ -575,6 +638,11 @@ def main(argv=None) -> int:
         md += ["", "### scaling: VN-PointNet, relaxed-fused vs plain (3 repeats, no memory)", "",
                table_header(str(device))]
         md += [format_row(r) for r in rows if r["model"] == "VN-PointNet"] + [format_row(r) for r in sweep_rows]
+    if args.compile:
+        md += ["", f"### compiled: torch.compile(mode={compile_mode_for(device)!r}) of forward + loss + regulariser "
+               "(backward and Adam eager), timed in the same rounds as the eager table; compile time = first step "
+               "with empty inductor caches − a warm step; host ops = top-level ops in torch.profiler's record of "
+               "one step", "", compiled_table_header(str(device))] + [format_compiled_row(r) for r in rows]
     for mode, what in (("forward", "forward + loss only (no backward, no optimiser)"),
                        ("backward", "backward + optimiser step only (forward + loss run untimed before each)")):
         if mode not in modes:

@@ -103,6 +103,14 @@ def resolve_backend(device: torch.device, backend: str | None = None) -> str:
     return hit
 
 
+def fill_caches_before_compile(device: torch.device, backend: str | None = None) -> None:
+    """Resolve the backend for ``device`` now: a torch.compile trace that fills the resolution cache guards
+    on its being empty, and the next call would recompile."""
+    resolve_backend(device)
+    if backend is not None:
+        resolve_backend(device, backend)
+
+
 def native_available(device: torch.device) -> bool:
     """Whether the loaded extension has kernels for ``device``'s type."""
     return _ops.EXTENSION_LOADED and (

@@ -132,13 +132,47 @@ def test_time_round_robin_times_only_the_second_half_of_a_pair():
 def test_train_step_ops_per_step_sees_the_fused_regulariser():
     """bench_train_step's op count (issue 12's dispatch target): deterministic, and the fused step dispatches
     one relaxation_regularizer per layer group where the reference dispatches its small ops."""
+    B = _bench_train_step()
+    TINY, Step = B.TINY, B.Step
+    counts = {p: Step("VN-PointNet", p, **TINY).ops_per_step() for p in ("relaxed-fused", "relaxed-reference", "plain")}
+    assert Step("VN-PointNet", "plain", **TINY).ops_per_step() == counts["plain"]
+    assert counts["plain"] < counts["relaxed-fused"] < counts["relaxed-reference"] / 1.5, counts
+
+
+def _bench_train_step():
     import os
     import sys
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
     try:
-        from bench_train_step import TINY, Step
+        import bench_train_step
     finally:
         sys.path.pop(0)
-    counts = {p: Step("VN-PointNet", p, **TINY).ops_per_step() for p in ("relaxed-fused", "relaxed-reference", "plain")}
-    assert Step("VN-PointNet", "plain", **TINY).ops_per_step() == counts["plain"]
-    assert counts["plain"] < counts["relaxed-fused"] < counts["relaxed-reference"] / 1.5, counts
+    return bench_train_step
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_train_step_compiled_targets_by_hand(device):
+    """The compiled targets of issue 12 from one row's medians, computed by hand: on CPU compiled fused
+    against compiled plain (≤ 1.15); on CUDA compiled fused against eager plain (≤ 1.5) and eager paper
+    against compiled fused (≥ 3); compile time fused / plain (≤ 2) on both."""
+    B = _bench_train_step()
+    row = {"model": "VN-PointNet", "points": 300, "width": 0.25, "batch": 24, "device": device,
+           "median_ms": {"relaxed-fused": 50.0, "relaxed-paper": 120.0, "plain": 30.0},
+           "compiled_median_ms": {"relaxed-fused": 33.0, "relaxed-paper": 90.0, "plain": 30.0},
+           "compiled_iqr_ms": {"relaxed-fused": 1.0, "relaxed-paper": 2.0, "plain": 1.0},
+           "compile_s": {"relaxed-fused": 50.0, "relaxed-paper": 70.0, "plain": 20.0},
+           "compiled_ops_per_step": {"relaxed-fused": 900, "plain": 600}}
+    got = {t["label"]: (round(t["ratio"], 6), t["pass"]) for t in B.compiled_targets(row)}
+    want = {"fused / plain step, both compiled": (1.1, True if device == "cpu" else None),  # 33 / 30
+            "fused / plain compile time": (2.5, False),  # 50 / 20
+            "fused / plain host ops per step, both compiled": (1.5, None)}  # 900 / 600, reported only
+    if device == "cuda":
+        want["fused compiled / plain eager step"] = (1.1, True)  # 33 / 30 ≤ 1.5
+        want["paper eager / fused compiled step"] = (round(120 / 33, 6), True)  # 3.64 ≥ 3
+    assert got == want
+    assert all(t["mode"] == "compiled" and t["device"] == device for t in B.compiled_targets(row))
+    # the markdown row carries the same verdicts, in the header's column order
+    cells = B.format_compiled_row(row).strip("| ").split(" | ")
+    assert len(cells) == len(B.compiled_table_header(device).split("\n")[0].strip("| ").split(" | "))
+    assert "2.50 MISS (<= 2)" in cells and "33 ± 1" in cells
+    assert B.compiled_targets({k: v for k, v in row.items() if not k.startswith("compile")}) == []

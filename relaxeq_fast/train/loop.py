@@ -71,11 +71,8 @@ def forward_loss(net: nn.Module, model: nn.Module, x: torch.Tensor, y: torch.Ten
 def compiled_forward_loss(cfg: TrainConfig, device: torch.device, compiler: str = "inductor"):
     """forward_loss under torch.compile with cfg.compile's mode ('auto': CUDA graphs on CUDA);
     compiler: torch.compile's backend (tests use 'aot_eager' where only the tracing matters)."""
-    from ..backend import resolve_backend
-    # the backend caches are filled before tracing: a trace that fills them guards on their being
-    # empty, and the next call would recompile
-    resolve_backend(device)
-    resolve_backend(device, cfg.backend)
+    from ..backend import fill_caches_before_compile
+    fill_caches_before_compile(device, cfg.backend)
     if compiler != "inductor":  # modes are inductor's
         return torch.compile(forward_loss, backend=compiler, dynamic=False)
     mode = cfg.compile if cfg.compile != "auto" else ("reduce-overhead" if device.type == "cuda" else "default")
