@@ -241,7 +241,9 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
               {"params": [p for p in params if id(p) in relax_ids]}]
     groups = [g for g in groups if g["params"]]
     if cfg.optimizer == "adam":
-        opt = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # fused: one op per step instead of ~10 per parameter (the relaxed model has ~2× the parameters)
+        opt = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                               fused=device.type in ("cpu", "cuda"))
     else:
         opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     relax_group = opt.param_groups[-1] if relax_ids else None
