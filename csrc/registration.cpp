@@ -92,6 +92,13 @@ TORCH_LIBRARY(relaxeq, m) {
   m.def(
       "relaxed_conv2d_backward(Tensor dy, Tensor x, Tensor M, int padding, bool[3] output_mask)"
       " -> (Tensor dx, Tensor dM, Tensor dc)");
+  // A relaxed layer's effective parameters (csrc/relaxed_params.cpp): M = weight ⊗ I_d + θ weight_relax,
+  // c = bias + θ bias_relax (c is [0] when both are None); the backward gives no gradient to θ (a buffer).
+  m.def("relaxed_params(Tensor weight, Tensor weight_relax, Tensor? bias, Tensor? bias_relax, Tensor theta)"
+        " -> (Tensor M, Tensor c)");
+  m.def(
+      "relaxed_params_backward(Tensor grad_M, Tensor grad_c, Tensor weight, Tensor theta, bool[4] output_mask)"
+      " -> (Tensor grad_weight, Tensor grad_weight_relax, Tensor grad_bias, Tensor grad_bias_relax)");
   // R_LD and R_N of L same-shape relaxed layers (csrc/relaxation_regularizer.cpp) from their stacked
   // relaxation weights W_r [L, D_out, D_in], biases b_r [L, D_out] and detached input statistics
   // G [L, D_in, D_in], s [L, D_in] over n rows, or over the rows [L, n, D_in] themselves when given.

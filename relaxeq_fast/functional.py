@@ -7,10 +7,10 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import _ops
-from .backend import resolve_backend
-from .reference import relaxed_linear_ref, stats_dtype
+from .backend import resolve_backend, runs_native_composite
+from .reference import relaxed_linear_ref, relaxed_params_ref, stats_dtype
 
-__all__ = ["InputStats", "relaxed_conv2d", "relaxed_linear", "vn_batch_norm", "vn_leaky_relu"]
+__all__ = ["InputStats", "relaxed_conv2d", "relaxed_linear", "relaxed_params", "vn_batch_norm", "vn_leaky_relu"]
 
 
 class InputStats(NamedTuple):
@@ -58,6 +58,34 @@ def relaxed_linear(x: torch.Tensor, M: torch.Tensor, c: Optional[torch.Tensor] =
     if not stats:
         return y
     return y, InputStats(G, s, math.prod(lead))
+
+
+def relaxed_params(weight: torch.Tensor, weight_relax: torch.Tensor, bias: Optional[torch.Tensor],
+                   bias_relax: Optional[torch.Tensor], theta: torch.Tensor, *, backend: Optional[str] = None):
+    """A relaxed layer's effective parameters: ``M = weight ⊗ I_d + θ weight_relax``, ``c = bias + θ bias_relax``.
+
+    For layers whose equivariant map is one channel mixing repeated over a d-dimensional representation
+    (VN features: d = 3, scalars: d = 1). One op (``relaxeq::relaxed_params``, written once in ATen calls)
+    instead of the eye / kron / mul / add chain and its backward, per layer and step; θ gets no gradient.
+
+    Args:
+        weight: [C_out, C_in] equivariant channel mixing.
+        weight_relax: [C_out d, C_in d] relaxation matrix W_r.
+        bias: [C_out d] equivariant bias (zero outside scalar outputs) or None.
+        bias_relax: [C_out d] relaxation bias b_r or None.
+        theta: 0-d tensor (the layer's θ buffer), in weight's dtype and device.
+        backend: "native" and "triton" (where the extension has kernels for the device) run the op;
+            "reference" runs :func:`relaxeq_fast.reference.relaxed_params_ref`; None: the current default.
+
+    Returns:
+        M: [C_out d, C_in d]; c: [C_out d], or None when bias and bias_relax are both None.
+    """
+    _ops.check_relaxed_params_args(weight, weight_relax, bias, bias_relax, theta)
+    if runs_native_composite(weight.device, backend):
+        M, c = torch.ops.relaxeq.relaxed_params(weight, weight_relax, bias, bias_relax, theta)
+    else:
+        M, c = relaxed_params_ref(weight, weight_relax, bias, bias_relax, theta)
+    return M, (None if bias is None and bias_relax is None else c)
 
 
 def _check_vn_features(t, name, op):

@@ -80,14 +80,22 @@ class EquivariantLinear(nn.Module):
         if self.bias is not None:
             nn.init.uniform_(self.bias, -1 / math.sqrt(self.irreps_in.dim), 1 / math.sqrt(self.irreps_in.dim))
 
+    def single_block_dim(self) -> Optional[int]:
+        """d when W_eq is one channel mixing repeated over a d-dim representation, W_eq = weights[0] ⊗ I_d
+        (VN features: 3; scalars: 1); None for a layout of several blocks."""
+        w0 = self.weights[0]
+        if len(self.layout) == 1 and self.layout[0][1] == 0 and self.layout[0][3] == 0:
+            d = 2 * self.layout[0][0] + 1
+            if self.irreps_in.dim == w0.shape[1] * d and self.irreps_out.dim == w0.shape[0] * d:
+                return d
+        return None
+
     def equivariant_matrix(self) -> torch.Tensor:
         """W_eq: [D_out, D_in]."""
         w0 = self.weights[0]
-        if len(self.layout) == 1 and self.layout[0][1] == 0 and self.layout[0][3] == 0 \
-                and self.irreps_in.dim == w0.shape[1] * (2 * self.layout[0][0] + 1) \
-                and self.irreps_out.dim == w0.shape[0] * (2 * self.layout[0][0] + 1):
-            l = self.layout[0][0]
-            return torch.kron(w0, torch.eye(2 * l + 1, dtype=w0.dtype, device=w0.device))
+        d = self.single_block_dim()
+        if d is not None:
+            return torch.kron(w0, torch.eye(d, dtype=w0.dtype, device=w0.device))
         W = w0.new_zeros(self.irreps_out.dim, self.irreps_in.dim)
         for w, (l, os_, om, is_, im, _oi, _ii) in zip(self.weights, self.layout):
             d = 2 * l + 1
@@ -178,6 +186,9 @@ class RelaxedLinear(EquivariantLinear, RelaxedModule):
 
     def effective_params(self):
         """(M, c) = (W_eq + θ W_r, b_eq + θ b_r): [D_out, D_in], [D_out] or None."""
+        if self.single_block_dim() is not None:  # VN and scalar layers: one op, forward and backward
+            return F.relaxed_params(self.weights[0], self.weight_relax, self.equivariant_bias(), self.bias_relax,
+                                    self.theta, backend=self.backend)
         M = self.equivariant_matrix() + self.theta * self.weight_relax
         c = self.equivariant_bias()
         if self.bias_relax is not None:

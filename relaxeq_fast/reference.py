@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["relaxed_conv2d_ref", "relaxed_linear_ref", "relaxed_linear_backward_ref", "stats_dtype",
+__all__ = ["relaxed_conv2d_ref", "relaxed_linear_ref", "relaxed_linear_backward_ref", "relaxed_params_ref", "stats_dtype",
            "vn_batch_norm_ref", "vn_leaky_relu_ref"]
 
 
@@ -44,6 +44,25 @@ def relaxed_linear_backward_ref(dy: torch.Tensor, x: torch.Tensor, M: torch.Tens
     dM = dy.T @ x if output_mask[1] else empty
     dc = dy.sum(0) if output_mask[2] else empty
     return dx, dM, dc
+
+
+def relaxed_params_ref(weight: torch.Tensor, weight_relax: torch.Tensor, bias: Optional[torch.Tensor],
+                       bias_relax: Optional[torch.Tensor], theta: torch.Tensor):
+    """M = weight ⊗ I_d + θ weight_relax, c = bias + θ bias_relax (c: an empty [0] tensor when both are None).
+
+    weight: [C_out, C_in], weight_relax: [C_out d, C_in d], bias, bias_relax: [C_out d] or None, θ: 0-d
+    → M: [C_out d, C_in d], c: [C_out d] or [0].
+    """
+    d = weight_relax.shape[1] // weight.shape[1]
+    M = torch.kron(weight, torch.eye(d, dtype=weight.dtype, device=weight.device)) + theta * weight_relax
+    if bias is None and bias_relax is None:
+        return M, weight.new_empty((0,))
+    c = 0
+    if bias is not None:
+        c = c + bias
+    if bias_relax is not None:
+        c = c + theta * bias_relax
+    return M, c
 
 
 def vn_leaky_relu_ref(x: torch.Tensor, d: torch.Tensor, negative_slope: float, eps: float) -> torch.Tensor:

@@ -16,7 +16,7 @@ from typing import Iterable, NamedTuple, Optional
 
 import torch
 
-from .backend import native_available, resolve_backend
+from .backend import runs_native_composite
 from .functional import InputStats
 from .reps import Irreps, irrep_generators
 
@@ -83,7 +83,7 @@ def relaxation_regularizers(W_r: torch.Tensor, b_r: Optional[torch.Tensor], irre
     if rows is not None and rows.shape != (*lead, n, irreps_in.dim):
         raise ValueError(f"rows must have shape {[*lead, n, irreps_in.dim]} (the N = {n} rows of the "
                          f"statistics), got {list(rows.shape)}")
-    if len(lead) <= 1 and _native_op(G.device, backend):
+    if len(lead) <= 1 and runs_native_composite(G.device, backend):
         stack = (lambda t: t[None]) if not lead else (lambda t: t)
         r_ld, r_n = torch.ops.relaxeq.relaxation_regularizer(
             stack(W_r), None if b_r is None else stack(b_r), stack(G.detach()), stack(s.detach()),
@@ -123,13 +123,6 @@ def relaxation_regularizer_ref(W_r: torch.Tensor, b_r: Optional[torch.Tensor], G
         r_ld = r_ld - 2 * (Ab * Cs).sum((0, -1)) + n * (Ab * Ab).sum((0, -1))
         r_n = r_n + 2 * (b * (W @ s[..., None]).squeeze(-1)).sum(-1) + n * (b * b).sum(-1)
     return r_ld, r_n
-
-
-def _native_op(device: torch.device, backend: Optional[str]) -> bool:
-    name = resolve_backend(device, backend)
-    if name == "triton":  # no Triton kernel of its own: the native op where the build has the device
-        return native_available(device)
-    return name == "native"
 
 
 def _flat_irreps(irreps: Irreps) -> list[int]:

@@ -132,3 +132,25 @@ def conv2d_im2col_ref(x, M, c, D, padding: int, dy=None, dr: float = 0.0) -> dic
         if D is not None:
             out["dD"] = 2 * dr * out["S"]
     return out
+
+
+class RecordOps:
+    """Context manager: the names of the ops dispatched inside it (``aten.mm``, ``relaxeq.relaxed_linear``), in
+    order, as a TorchDispatchMode sees them (below autograd: a step's forward and backward ops)."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        recorder = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                recorder.ops.append(str(func.overloadpacket))
+                return func(*args, **(kwargs or {}))
+
+        self.ops = []
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)

@@ -1,0 +1,200 @@
+"""relaxeq::relaxed_params (M = weight ⊗ I_d + θ W_r, c = b + θ b_r in one op) against an independent float64
+reference written element by element (no kron, no relaxeq code), its gradients by autograd of that
+reference; gradcheck, opcheck, torch.compile, odd shapes, bad input, and the layers that use it."""
+import pytest
+import torch
+
+from relaxeq_fast import _ops, functional as F, use_backend
+from relaxeq_fast.models import VNPointNet
+from relaxeq_fast.nn import RelaxedLinear
+from relaxeq_fast.reference import relaxed_params_ref
+from relaxeq_fast.reps import VN, Irreps
+
+from testing import DEVICES, RecordOps
+
+pytestmark = pytest.mark.skipif(not _ops.EXTENSION_LOADED, reason="the native extension is not built")
+
+# float64: the op adds the same two numbers per entry as the reference (exact up to one rounding);
+# float32: one rounding of θ·W_r + w per entry
+RTOL = {torch.float64: 1e-14, torch.float32: 1e-6}
+
+
+def elementwise_ref(w, W_r, b, b_r, theta):
+    """M[o·d + a, i·d + a'] = w[o, i]·δ(a, a') + θ W_r[o·d + a, i·d + a'], entry by entry, float64."""
+    c_out, c_in = w.shape
+    d = W_r.shape[1] // c_in
+    M = torch.empty(W_r.shape, dtype=torch.float64)
+    for r in range(c_out * d):
+        for col in range(c_in * d):
+            eq = float(w[r // d, col // d]) if r % d == col % d else 0.0
+            M[r, col] = eq + float(theta) * float(W_r[r, col])
+    c = torch.zeros(c_out * d, dtype=torch.float64)
+    if b is not None:
+        c = c + b.double()
+    if b_r is not None:
+        c = c + float(theta) * b_r.double()
+    return M, c
+
+
+def make_inputs(c_out, c_in, d, bias, bias_relax, dtype, device, theta=0.37, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = lambda *shape: torch.randn(*shape, dtype=dtype, generator=g).to(device).requires_grad_()  # noqa: E731
+    w, W_r = t(c_out, c_in), t(c_out * d, c_in * d)
+    b = t(c_out * d) if bias else None
+    b_r = t(c_out * d) if bias_relax else None
+    return w, W_r, b, b_r, torch.tensor(theta, dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("bias,bias_relax", [(False, True), (True, True), (False, False), (True, False)],
+                         ids=["relax_bias", "both_biases", "no_bias", "eq_bias"])
+@pytest.mark.parametrize("c_out,c_in,d", [(4, 3, 3), (1, 5, 3), (6, 2, 1), (3, 3, 5)],
+                         ids=["vn", "one_out", "scalars", "d5"])
+@pytest.mark.parametrize("theta", [1.0, 0.37, 0.0])
+def test_values_and_gradients_match_elementwise_reference(c_out, c_in, d, bias, bias_relax, dtype, device, theta):
+    w, W_r, b, b_r, th = make_inputs(c_out, c_in, d, bias, bias_relax, dtype, device, theta)
+    M, c = F.relaxed_params(w, W_r, b, b_r, th, backend="native")
+    eM, ec = elementwise_ref(w.detach().cpu(), W_r.detach().cpu(), None if b is None else b.detach().cpu(),
+                             None if b_r is None else b_r.detach().cpu(), theta)
+    rtol = RTOL[dtype]
+    torch.testing.assert_close(M.double().cpu(), eM, rtol=rtol, atol=rtol)
+    assert (c is None) == (b is None and b_r is None)
+    if c is not None:
+        torch.testing.assert_close(c.double().cpu(), ec, rtol=rtol, atol=rtol)
+    # gradients of a random linear functional of (M, c), against autograd of the float64 reference
+    g = torch.Generator().manual_seed(1)
+    gM = torch.randn(M.shape, dtype=torch.float64, generator=g)
+    gc = torch.randn(c_out * d, dtype=torch.float64, generator=g)
+    inputs = [t for t in (w, W_r, b, b_r) if t is not None]
+    got = torch.autograd.grad((M * gM.to(M)).sum() + (0 if c is None else (c * gc.to(c)).sum()), inputs)
+    ref_inputs = [t.detach().cpu().double().requires_grad_() for t in inputs]
+    rw, rW, *rest = ref_inputs
+    rb = rest.pop(0) if b is not None else None
+    rbr = rest.pop(0) if b_r is not None else None
+    d_eye = torch.eye(d, dtype=torch.float64)
+    RM = (rw[:, None, :, None] * d_eye[None, :, None, :]).reshape(c_out * d, c_in * d) + theta * rW
+    Rc = (0 if rb is None else rb) + (0 if rbr is None else theta * rbr)
+    want = torch.autograd.grad((RM * gM).sum() + (0 if c is None else (Rc * gc).sum()), ref_inputs)
+    for name, a, e in zip(("weight", "weight_relax", "bias", "bias_relax"), got, want):
+        torch.testing.assert_close(a.double().cpu(), e, rtol=rtol, atol=rtol * 10, msg=lambda m: f"d{name}: {m}")
+
+
+def test_gradcheck_and_opcheck():
+    w, W_r, b, b_r, th = make_inputs(3, 2, 3, True, True, torch.float64, "cpu")
+    assert torch.autograd.gradcheck(lambda *a: torch.ops.relaxeq.relaxed_params(*a, th), (w, W_r, b, b_r))
+    for args in ((w, W_r, b, b_r, th), (w, W_r, None, b_r, th), (w, W_r, None, None, th)):
+        torch.library.opcheck(torch.ops.relaxeq.relaxed_params.default, args)
+    M, c = torch.ops.relaxeq.relaxed_params(w, W_r, b, b_r, th)
+    torch.library.opcheck(torch.ops.relaxeq.relaxed_params_backward.default,
+                          (torch.randn_like(M), torch.randn_like(c), w.detach(), th, [True, True, True, True]))
+
+
+def test_theta_gets_no_gradient_and_says_so():
+    w, W_r, b, b_r, th = make_inputs(2, 2, 3, False, True, torch.float64, "cpu")
+    th.requires_grad_()
+    M, _ = torch.ops.relaxeq.relaxed_params(w, W_r, b, b_r, th)
+    with pytest.raises(RuntimeError, match="theta has no gradient"):
+        M.sum().backward()
+
+
+def test_only_c_used_gives_zero_matrix_gradients():
+    w, W_r, b, b_r, th = make_inputs(2, 3, 3, True, True, torch.float64, "cpu")
+    _, c = torch.ops.relaxeq.relaxed_params(w, W_r, b, b_r, th)
+    gw, gW, gb, gbr = torch.autograd.grad(c.sum(), (w, W_r, b, b_r))
+    assert not gw.any() and not gW.any()
+    assert torch.equal(gb, torch.ones_like(gb)) and torch.allclose(gbr, th * torch.ones_like(gbr))
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    w, W_r, b, b_r, th = make_inputs(4, 3, 3, False, True, torch.float64, "cpu")
+
+    def loss(w, W_r, b_r):
+        M, c = torch.ops.relaxeq.relaxed_params(w, W_r, None, b_r, th)
+        return (M.square().sum() + c.square().sum()) * 0.5
+
+    eager = loss(w, W_r, b_r)
+    ge = torch.autograd.grad(eager, (w, W_r, b_r))
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)(w, W_r, b_r)
+    gc = torch.autograd.grad(compiled, (w, W_r, b_r))
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    for a, e in zip(gc, ge):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
+def test_non_contiguous_inputs():
+    w, W_r, b, b_r, th = make_inputs(3, 4, 3, True, True, torch.float64, "cpu")
+    wt = w.detach().T.contiguous().T  # same values, transposed strides
+    Wt = W_r.detach().T.contiguous().T
+    M, c = torch.ops.relaxeq.relaxed_params(wt, Wt, b.detach(), b_r.detach(), th)
+    eM, ec = relaxed_params_ref(w.detach(), W_r.detach(), b.detach(), b_r.detach(), th)
+    torch.testing.assert_close(M, eM, rtol=0, atol=1e-15)
+    torch.testing.assert_close(c, ec, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(w=lambda w: w[0]), "weight must be [C_out, C_in]"),
+    (dict(W=lambda W: W[:, :-1]), "weight_relax must be [C_out d, C_in d]"),
+    (dict(W=lambda W: W[:-1]), "weight_relax must be [C_out d, C_in d]"),
+    (dict(W=lambda W: W.float()), "weight_relax must have weight's dtype"),
+    (dict(th=lambda t: t.reshape(1)), "theta must be a 0-d tensor"),
+    (dict(th=lambda t: t.float()), "theta must be a 0-d tensor"),
+    (dict(b=lambda b: b[:-1]), "bias must be [C_out d]"),
+    (dict(br=lambda b: b[:-1]), "bias_relax must be [C_out d]"),
+])
+@pytest.mark.parametrize("entry", ["op", "functional"])
+def test_bad_input_names_the_argument(change, message, entry):
+    w, W_r, b, b_r, th = make_inputs(3, 2, 3, True, True, torch.float64, "cpu")
+    args = dict(w=w.detach(), W=W_r.detach(), b=b.detach(), br=b_r.detach(), th=th)
+    for k, f in change.items():
+        args[k] = f(args[k])
+    call = torch.ops.relaxeq.relaxed_params if entry == "op" else F.relaxed_params
+    with pytest.raises((RuntimeError, ValueError), match=message.replace("[", r"\[")):
+        call(args["w"], args["W"], args["b"], args["br"], args["th"])
+
+
+@pytest.mark.parametrize("irreps_in,irreps_out,uses_op", [
+    (VN(4), VN(3), True), (Irreps("3x0"), Irreps("2x0"), True), (Irreps("1x0+1x1"), Irreps("2x1"), False)],
+    ids=["vn", "scalars", "mixed_irreps"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_relaxed_linear_layer_same_with_and_without_the_op(irreps_in, irreps_out, uses_op, bias):
+    """RelaxedLinear.effective_params through the op (single-block layouts) equals the reference backend's
+    kron algebra, values and gradients; multi-block layouts keep the block algebra."""
+    torch.manual_seed(0)
+    layer = RelaxedLinear(irreps_in, irreps_out, bias=bias, relax_init="default", theta=0.6, dtype=torch.float64)
+    assert (layer.single_block_dim() is not None) == uses_op
+    results = {}
+    for backend in ("native", "reference"):
+        layer.zero_grad(set_to_none=True)
+        with use_backend(backend):
+            M, c = layer.effective_params()
+        loss = M.square().sum() + (0 if c is None else c.square().sum())
+        loss.backward()
+        results[backend] = (M.detach(), None if c is None else c.detach(),
+                            [p.grad.clone() for p in layer.parameters() if p.grad is not None])
+    (Mn, cn, gn), (Mr, cr, gr) = results["native"], results["reference"]
+    torch.testing.assert_close(Mn, Mr, rtol=1e-14, atol=1e-14)
+    assert (cn is None) == (cr is None) and (cn is None or torch.allclose(cn, cr, rtol=1e-14, atol=1e-14))
+    assert len(gn) == len(gr)
+    for a, e in zip(gn, gr):
+        torch.testing.assert_close(a, e, rtol=1e-13, atol=1e-13)
+
+
+def test_vn_pointnet_step_dispatches_fewer_ops():
+    """The parameter algebra was ~17 dispatched ops per relaxed layer and step (eye, kron, mul, add and their
+    backward); with the op it is one forward and one backward op per layer."""
+    torch.manual_seed(0)
+    net = VNPointNet(num_classes=4, k=4, width=0.125, relaxed=True).train()
+    x = torch.randn(2, 16, 3)
+    counts = {}
+    for backend in ("native", "reference"):
+        with use_backend(backend), RecordOps() as c:
+            net.zero_grad(set_to_none=True)
+            sum(m.effective_params()[0].sum() for m in net.modules() if isinstance(m, RelaxedLinear)).backward()
+        counts[backend] = c.ops
+    layers = sum(isinstance(m, RelaxedLinear) for m in net.modules())
+    assert counts["native"].count("relaxeq.relaxed_params") == layers
+    assert counts["native"].count("relaxeq.relaxed_params_backward") == layers
+    assert "aten.kron" not in counts["native"] and "aten.eye" not in counts["native"]
+    assert len(counts["reference"]) - len(counts["native"]) >= 10 * layers, (len(counts["reference"]),
+                                                                             len(counts["native"]), layers)
