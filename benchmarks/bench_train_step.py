@@ -311,17 +311,18 @@ COMPILED = "+compile"  # suffix of a compiled provider's key in the round robin
 
 
 def measure(model: str, points: int, width: float, providers, repeats: int, warmup: int, memory: bool,
-            device: torch.device, modes=("full",), compiled: bool = False) -> dict:
+            device: torch.device, modes=("full",), compiled: bool = False, k: Optional[int] = None) -> dict:
     providers = providers_for(model, providers)
-    impls = {p: Step(model, p, points=points, width=width, device=device) for p in providers}
+    impls = {p: Step(model, p, points=points, width=width, device=device, k=k) for p in providers}
     t0 = time.perf_counter()
     row = {"model": model, "points": None if model == "SteerableCNN" else points, "width": width,
-           "batch": MODELS[model][1], "repeats": repeats, "device": str(device)}
+           "batch": MODELS[model][1], "repeats": repeats, "device": str(device),
+           "k": None if model == "SteerableCNN" else (k or MODELS[model][2]["k"])}
     compiled_impls = {}
     if compiled:
         torch._dynamo.reset()  # Step.loss's code object is shared by every Step: start each model afresh
         for p in providers:  # one at a time, so each compile has the machine to itself
-            compiled_impls[p] = Step(model, p, points=points, width=width, device=device,
+            compiled_impls[p] = Step(model, p, points=points, width=width, device=device, k=k,
                                      compile_mode=compile_mode_for(device))
         row["compile_s"] = {p: c.compile_seconds() for p, c in compiled_impls.items()}
     for mode in modes:
@@ -351,7 +352,7 @@ def measure(model: str, points: int, width: float, providers, repeats: int, warm
 
 def case_label(row: dict) -> str:
     return (f"{row['model']} B={row['batch']}" + (f" P={row['points']}" if row["points"] else " 28×28")
-            + f" width {row['width']:g}")
+            + (f" k={row['k']}" if row.get("k") else "") + f" width {row['width']:g}")
 
 
 def row_targets(row: dict) -> List[dict]:
@@ -432,7 +433,8 @@ def _ratio(a, b):
 
 def format_row(row: dict) -> str:
     med, iqr, mem = row["median_ms"], row["iqr_ms"], row["peak_mib"]
-    size = f"B={row['batch']}" + (f", P={row['points']}" if row["points"] else ", 28×28") + f", width {row['width']:g}"
+    size = (f"B={row['batch']}" + (f", P={row['points']}" if row["points"] else ", 28×28")
+            + (f", k={row['k']}" if row.get("k") else "") + f", width {row['width']:g}")
     cells = [f"{med[p]:.0f} ± {iqr[p]:.0f}" if p in med else "—" for p in PROVIDERS]
     rf = _ratio(med.get("relaxed-reference"), med.get("relaxed-fused"))
     fp = _ratio(med.get("relaxed-fused"), med.get("plain"))
@@ -575,6 +577,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 2 repeats: checks the pipeline")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS))
+    parser.add_argument("--points", type=int, default=None, help="points per cloud for the VN models (default 300)")
+    parser.add_argument("--k", type=int, default=None, help="kNN neighbours for the VN models (default 20)")
     parser.add_argument("--forward", action="store_true", help="also time forward + loss alone (no backward)")
     parser.add_argument("--backward", action="store_true",
                         help="also time backward + optimiser step alone (forward + loss run untimed first)")
@@ -595,7 +599,7 @@ def main(argv=None) -> int:
         if m not in MODELS:
             raise SystemExit(f"--models: expected a subset of {','.join(MODELS)}, got {m!r}")
     width = 1.0 if args.full else 0.125 if args.quick else 0.25
-    points = 64 if args.quick else 300
+    points = args.points or (64 if args.quick else 300)
     reps = args.repeats or (2 if args.quick else 5)
     cnn_reps = args.cnn_repeats or (2 if args.quick else 15)
     if args.profile:
@@ -611,14 +615,15 @@ def main(argv=None) -> int:
     print(table_header(str(device)), flush=True)
     modes = ("full",) + (("forward",) if args.forward else ()) + (("backward",) if args.backward else ())
     rows = [measure(m, points, width, PROVIDERS, cnn_reps if m == "SteerableCNN" else reps, args.warmup,
-                    not args.no_memory, device, modes, compiled=args.compile) for m in models]
+                    not args.no_memory, device, modes, compiled=args.compile, k=args.k) for m in models]
     sweep_rows = []
     if args.sweep:
         print("\nsweep (VN-PointNet, relaxed-fused vs plain):", flush=True)
         for p, w in ((1024, width), (2048, width), (300, 2 * width), (1024, 2 * width)):
             sweep_rows.append(measure("VN-PointNet", p, w, ("relaxed-fused", "plain"), 3, 1, False, device))
     meta["wall_s"] = time.perf_counter() - start
-    name = "train_step" + ("_full" if args.full else "") + result_suffix(device, args.quick)
+    name = ("train_step" + ("_full" if args.full else "") + (f"_P{args.points}" if args.points else "")
+            + (f"_k{args.k}" if args.k else "") + result_suffix(device, args.quick))
     results = {"meta": meta, "verification": verify, "rows": rows, "sweep_rows": sweep_rows,
                "targets": [t for r in rows + sweep_rows for t in row_targets(r)]}
     out = Path(args.out_dir)
