@@ -508,6 +508,14 @@ def make_relaxation_regularizer_backward(backward_op):
     return backward
 
 
+def register_relaxation_regularizer_op(qualname: str, backward_qualname: str, backward_op):
+    """Fake kernels and autograd for one backend's relaxation_regularizer (native or Triton)."""
+    torch.library.register_fake(qualname)(_relaxation_regularizer_fake)
+    torch.library.register_fake(backward_qualname)(_relaxation_regularizer_backward_fake)
+    torch.library.register_autograd(qualname, make_relaxation_regularizer_backward(backward_op),
+                                    setup_context=_relaxation_regularizer_setup_context)
+
+
 # ---------------------------------------------------------------------------------------------
 # relaxed_params: weight [C_out, C_in], weight_relax [C_out d, C_in d], bias / bias_relax [C_out d] or None,
 # theta 0-d -> M [C_out d, C_in d], c [C_out d] ([0] without biases)
@@ -589,12 +597,8 @@ if EXTENSION_LOADED:
     register_vn_batch_norm_ops("relaxeq::vn_norm_stats", "relaxeq::vn_batch_norm_apply",
                                "relaxeq::vn_batch_norm_apply_backward",
                                lambda *a: torch.ops.relaxeq.vn_batch_norm_apply_backward(*a))
-    torch.library.register_fake("relaxeq::relaxation_regularizer")(_relaxation_regularizer_fake)
-    torch.library.register_fake("relaxeq::relaxation_regularizer_backward")(_relaxation_regularizer_backward_fake)
-    torch.library.register_autograd(
-        "relaxeq::relaxation_regularizer",
-        make_relaxation_regularizer_backward(lambda *a: torch.ops.relaxeq.relaxation_regularizer_backward(*a)),
-        setup_context=_relaxation_regularizer_setup_context)
+    register_relaxation_regularizer_op("relaxeq::relaxation_regularizer", "relaxeq::relaxation_regularizer_backward",
+                                       lambda *a: torch.ops.relaxeq.relaxation_regularizer_backward(*a))
     torch.library.register_fake("relaxeq::relaxed_params")(_relaxed_params_fake)
     torch.library.register_fake("relaxeq::relaxed_params_backward")(_relaxed_params_backward_fake)
     torch.library.register_autograd(

@@ -112,9 +112,9 @@ def fill_caches_before_compile(device: torch.device, backend: str | None = None)
 
 
 def runs_native_composite(device: torch.device, backend: str | None = None) -> bool:
-    """Whether an op written once in ATen calls (relaxation_regularizer, relaxed_params: no Triton kernel
-    of their own) runs natively: for backend "native", and for "triton" where the extension has kernels
-    for the device; otherwise its pure-PyTorch reference runs."""
+    """Whether an op written once in ATen calls without a Triton kernel of its own (relaxed_params) runs
+    natively: for backend "native", and for "triton" where the extension has kernels for the device;
+    otherwise its pure-PyTorch reference runs."""
     name = resolve_backend(device, backend)
     if name == "triton":
         return native_available(device)

@@ -16,7 +16,7 @@ from typing import Iterable, NamedTuple, Optional
 
 import torch
 
-from .backend import runs_native_composite
+from .backend import resolve_backend
 from .functional import InputStats
 from .reps import Irreps, irrep_generators
 
@@ -59,8 +59,8 @@ def relaxation_regularizers(W_r: torch.Tensor, b_r: Optional[torch.Tensor], irre
 
     backend: as for the layers ("auto" | "native" | "triton" | "reference"; None: the current default).
     The native op ``relaxeq::relaxation_regularizer`` (one dispatch instead of dozens of small ops) runs
-    for "native", and for "triton" where the extension has kernels for the device (there is no Triton
-    kernel of its own); "reference" runs :func:`relaxation_regularizer_ref`.
+    for "native", its Triton twin ``relaxeq::relaxation_regularizer_triton`` for "triton", and
+    "reference" runs :func:`relaxation_regularizer_ref`.
     """
     if W_r.shape[-2:] != (irreps_out.dim, irreps_in.dim) or (stats is None and W_r.dim() != 2):
         raise ValueError(f"W_r must have shape [D_out, D_in] = [{irreps_out.dim}, {irreps_in.dim}], "
@@ -83,9 +83,10 @@ def relaxation_regularizers(W_r: torch.Tensor, b_r: Optional[torch.Tensor], irre
     if rows is not None and rows.shape != (*lead, n, irreps_in.dim):
         raise ValueError(f"rows must have shape {[*lead, n, irreps_in.dim]} (the N = {n} rows of the "
                          f"statistics), got {list(rows.shape)}")
-    if len(lead) <= 1 and runs_native_composite(G.device, backend):
+    op = _regularizer_op(G.device, backend) if len(lead) <= 1 else None
+    if op is not None:
         stack = (lambda t: t[None]) if not lead else (lambda t: t)
-        r_ld, r_n = torch.ops.relaxeq.relaxation_regularizer(
+        r_ld, r_n = op(
             stack(W_r), None if b_r is None else stack(b_r), stack(G.detach()), stack(s.detach()),
             None if rows is None else stack(rows.detach()), n, _flat_irreps(irreps_in), _flat_irreps(irreps_out),
             _generator_list(irreps_in, irreps_out, G.dtype, G.device))
@@ -123,6 +124,17 @@ def relaxation_regularizer_ref(W_r: torch.Tensor, b_r: Optional[torch.Tensor], G
         r_ld = r_ld - 2 * (Ab * Cs).sum((0, -1)) + n * (Ab * Ab).sum((0, -1))
         r_n = r_n + 2 * (b * (W @ s[..., None]).squeeze(-1)).sum(-1) + n * (b * b).sum(-1)
     return r_ld, r_n
+
+
+def _regularizer_op(device: torch.device, backend: Optional[str]):
+    """The relaxation_regularizer op for the resolved backend, or None for the reference."""
+    name = resolve_backend(device, backend)
+    if name == "triton":
+        from .triton_kernels import relaxation_regularizer as triton_regularizer
+        return triton_regularizer.op()
+    if name == "native":
+        return torch.ops.relaxeq.relaxation_regularizer
+    return None
 
 
 def _flat_irreps(irreps: Irreps) -> list[int]:
