@@ -51,7 +51,11 @@ stage "relaxed_linear op alone: tiled kernel vs cuBLAS vs Triton"
 timeout 60 "$PY" benchmarks/bench_relaxed_linear.py --device cuda --op-routes --out-dir "$R" | tail -14
 pack
 stage "train step at the paper's sizes on the GPU"
-timeout 100 "$PY" benchmarks/bench_train_step.py --device cuda --full --forward --backward --sweep --out-dir "$R" $Q | tail -40
+timeout 100 "$PY" benchmarks/bench_train_step.py --device cuda --full --forward --backward --out-dir "$R" $Q | tail -40
+pack
+stage "train step compiled (CUDA graphs) beside eager, VN-PointNet at the paper's size (issue 12's GPU targets)"
+timeout 150 "$PY" benchmarks/bench_train_step.py --device cuda --full --models VN-PointNet --compile --no-memory \
+  --out-dir "$R" $Q | tail -12
 pack
 stage "relaxed_linear op on the GPU"
 timeout 90 "$PY" benchmarks/bench_relaxed_linear.py --device cuda --budget 0.5 --min-repeats 20 --warmup 3 \
