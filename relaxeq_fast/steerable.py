@@ -42,9 +42,10 @@ solved exactly (null space by SVD):
 This allows every frequency alias m_out − m_in ± tN automatically. The resulting continuous
 kernels are exactly equivariant; sampled on the grid they satisfy the constraint exactly for any
 group element that permutes pixels (multiples of π/2, i.e. all of C_N when N | 4, and the π/2
-subgroup when 4 | N). The sampled atoms of each block pair are orthonormalised with an SVD
-(dropping grid aliases, relative tolerance 1e-8); blocks of different field pairs have disjoint
-support, so the full basis is orthonormal.
+subgroup when 4 | N). The sampled atoms of each block pair span a space (an SVD finds its rank,
+dropping grid aliases, relative tolerance 1e-8) whose basis is chosen canonically (the eigenvectors
+of a fixed generic diagonal operator compressed to the space), so it does not depend on the thread count or the LAPACK
+build; blocks of different field pairs have disjoint support, so the full basis is orthonormal.
 """
 from __future__ import annotations
 
@@ -309,8 +310,27 @@ def _block_basis(group, fout: Field, fin: Field, k: int, max_frequency):
     A = _eval_atoms(atoms, _grid_points(k)).reshape(len(atoms), -1)
     U, S, Vh = torch.linalg.svd(A, full_matrices=False)
     rank = int((S > 1e-8 * S[0]).sum()) if S.numel() and S[0] > 0 else 0
-    mix = U[:, :rank].T / S[:rank, None]
-    return Vh[:rank].reshape(rank, do, di, k, k).contiguous(), mix
+    samples = _canonical_basis(Vh[:rank])
+    # samples = mix @ A: mix = samples A⁺ with A⁺ = V S⁻¹ Uᵀ on the rank
+    mix = (samples @ Vh[:rank].T / S[:rank]) @ U[:, :rank].T
+    return samples.reshape(rank, do, di, k, k).contiguous(), mix
+
+
+def _canonical_basis(V: torch.Tensor) -> torch.Tensor:
+    """The orthonormal basis [r, n] of the row space of V [r, n] (orthonormal rows) that depends on the
+    space alone: the eigenvectors of a fixed generic diagonal operator D compressed to the space
+    (V D Vᵀ, distinct eigenvalues), signed so each has a positive product with a fixed generic vector.
+
+    An SVD returns any orthonormal basis of a degenerate singular subspace, and which one depended on
+    the thread count (0.77 apart at 1 vs 2 threads): a seed then gave different models in different
+    processes. This basis is a function of the space, which rounding moves by ~1e-15 only.
+    """
+    r, n = V.shape
+    gen = torch.Generator().manual_seed(n)  # the CPU generator's stream is the same on every machine
+    diagonal, reference = torch.rand(n, generator=gen, dtype=V.dtype), torch.randn(n, generator=gen, dtype=V.dtype)
+    _, W = torch.linalg.eigh((V * diagonal) @ V.T)
+    Q = W.T @ V
+    return Q * torch.sign(Q @ reference)[:, None]
 
 
 def _check_field_input(x, ftype: "FieldType", who: str, name: str = "x"):
