@@ -105,12 +105,13 @@ TORCH_LIBRARY(relaxeq, m) {
   // irreps_* are flat (mul, l) pairs; generators[l] is [3, 2l+1, 2l+1]. r_ld, r_n: [L] in G's dtype.
   m.def(
       "relaxation_regularizer(Tensor W_r, Tensor? b_r, Tensor G, Tensor s, Tensor? rows, int n, int[] irreps_in,"
-      " int[] irreps_out, Tensor[] generators) -> (Tensor r_ld, Tensor r_n)");
-  // Gradients w.r.t. W_r and b_r for the upstream [L] gradients of r_ld and r_n (the statistics carry none).
+      " int[] irreps_out, Tensor[] generators) -> (Tensor r_ld, Tensor r_n, Tensor grad_W_ld, Tensor grad_W_n,"
+      " Tensor grad_b_ld, Tensor grad_b_n)");
+  // Gradients w.r.t. W_r and b_r for the upstream [L] gradients of r_ld and r_n: the forward's per-layer
+  // unit gradients (grad_*: products the values needed anyway) scaled and summed; the statistics carry none.
   m.def(
-      "relaxation_regularizer_backward(Tensor grad_ld, Tensor grad_n, Tensor W_r, Tensor? b_r, Tensor G,"
-      " Tensor s, Tensor? rows, int n, int[] irreps_in, int[] irreps_out, Tensor[] generators,"
-      " bool[2] output_mask) -> (Tensor dW_r, Tensor db_r)");
+      "relaxation_regularizer_backward(Tensor grad_ld, Tensor grad_n, Tensor W_r, Tensor grad_W_ld,"
+      " Tensor grad_W_n, Tensor grad_b_ld, Tensor grad_b_n, bool[2] output_mask) -> (Tensor dW_r, Tensor db_r)");
   m.def("build_info() -> str", &relaxeq::build_info);
   // The widest layer the CUDA relaxed_linear sends to its tiled kernel (wider: cuBLAS). value >= 0 sets it and
   // returns the previous one; -1 reads it. Starts from RELAXEQ_CUDA_FUSED_MAX_DIM (default 128).

@@ -116,96 +116,99 @@ void check_args(const char* op, const at::Tensor& W, const std::optional<at::Ten
                 op, ": rows must be [L, n, D_in] = [", L, ", ", n, ", ", d_in, "], got ", rows->sizes());
 }
 
-std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& W_r, const std::optional<at::Tensor>& b_r,
-                                                  const at::Tensor& G, const at::Tensor& s,
-                                                  const std::optional<at::Tensor>& rows, int64_t n,
-                                                  at::IntArrayRef irreps_in, at::IntArrayRef irreps_out,
-                                                  at::TensorList generators) {
+// R_LD, R_N and their gradients w.r.t. W_r and b_r for unit upstream gradients, per layer. The gradients
+// are products the values need anyway (C_k G and W G, or Z_k = C_k Xᵀ − A_k b 1ᵀ over rows), so the forward
+// returns them and the backward only scales them by the upstream [L] gradients (recomputing them there
+// cost as much as the forward again: D_out·D_in² per product):
+//   dR_LD/dW = Σ_k (P_k A_k,inᵀ − A_k,outᵀ P_k),  P_k = 2 (C_k G − A_k b sᵀ)   (rows: 2 Z_k X)
+//   dR_N/dW  = 2 (W G + b sᵀ)                                                  (rows: 2 (W Xᵀ + b 1ᵀ) X)
+//   dR_LD/db = −2 Σ_k A_kᵀ (C_k s − n A_k b),  dR_N/db = 2 (W s + n b)           (rows: the row sums of Z)
+// grad_b_* are [0] without b_r.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
+    const at::Tensor& W_r, const std::optional<at::Tensor>& b_r, const at::Tensor& G, const at::Tensor& s,
+    const std::optional<at::Tensor>& rows, int64_t n, at::IntArrayRef irreps_in, at::IntArrayRef irreps_out,
+    at::TensorList generators) {
   check_args("relaxation_regularizer", W_r, b_r, G, s, rows, n, irreps_in, irreps_out, generators);
-  const auto W = W_r.to(G.scalar_type());
-  const auto C = lie_derivative(W, irreps_in, irreps_out, generators, false);  // [3, L, D_out, D_in]
-  at::Tensor r_ld, r_n;
-  if (rows.has_value()) {
-    const auto Xt = rows->to(G.scalar_type()).transpose(-1, -2);  // [L, D_in, n]
-    auto lie = at::matmul(C, Xt), out = at::matmul(W, Xt);
-    if (b_r.has_value()) {
-      const auto b = b_r->to(G.scalar_type());
-      lie = lie - apply_generators(b, irreps_out, generators, false).unsqueeze(-1);
-      out = out + b.unsqueeze(-1);
-    }
-    return {lie.square().sum({0, 2, 3}), out.square().sum({1, 2})};
-  }
-  r_ld = (at::matmul(C, G) * C).sum({0, 2, 3});
-  r_n = (at::matmul(W, G) * W).sum({1, 2});
-  if (b_r.has_value()) {
-    const auto b = b_r->to(G.scalar_type());
-    const auto Ab = apply_generators(b, irreps_out, generators, false);  // [3, L, D_out]
-    const auto Cs = at::matmul(C, s.unsqueeze(-1)).squeeze(-1);
-    r_ld = r_ld - 2 * (Ab * Cs).sum({0, 2}) + static_cast<double>(n) * Ab.square().sum({0, 2});
-    r_n = r_n + 2 * (b * at::matmul(W, s.unsqueeze(-1)).squeeze(-1)).sum(-1) +
-          static_cast<double>(n) * b.square().sum(-1);
-  }
-  return {r_ld, r_n};
-}
-
-// dW_r = Σ_k (P_k A_k,inᵀ − A_k,outᵀ P_k) · g_LD + 2 (W G + b sᵀ) · g_N with P_k = 2 (C_k G − A_k b sᵀ)
-// (= 2 Z_k X over rows, Z_k = C_k Xᵀ − A_k b 1ᵀ); db_r = 2 Σ_k A_k (C_k s − N A_k b) · g_LD + 2 (W s + N b) · g_N.
-std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_ld, const at::Tensor& grad_n,
-                                                   const at::Tensor& W_r, const std::optional<at::Tensor>& b_r,
-                                                   const at::Tensor& G, const at::Tensor& s,
-                                                   const std::optional<at::Tensor>& rows, int64_t n,
-                                                   at::IntArrayRef irreps_in, at::IntArrayRef irreps_out,
-                                                   at::TensorList generators, std::array<bool, 2> output_mask) {
-  const char* op = "relaxation_regularizer_backward";
-  check_args(op, W_r, b_r, G, s, rows, n, irreps_in, irreps_out, generators);
-  const int64_t L = W_r.size(0);
-  for (const auto& g : {grad_ld, grad_n})
-    TORCH_CHECK(g.dim() == 1 && g.size(0) == L && g.device() == G.device(), op,
-                ": grad_ld and grad_n must be [L] = [", L, "], got ", g.sizes());
   const auto dt = G.scalar_type();
   const auto W = W_r.to(dt);
-  const auto gl = grad_ld.to(dt), gn = grad_n.to(dt);
-  const auto C = lie_derivative(W, irreps_in, irreps_out, generators, false);
+  const auto C = lie_derivative(W, irreps_in, irreps_out, generators, false);  // [3, L, D_out, D_in]
   std::optional<at::Tensor> b, Ab;
   if (b_r.has_value()) {
     b = b_r->to(dt);
     Ab = apply_generators(*b, irreps_out, generators, false);  // [3, L, D_out]
   }
-  at::Tensor P, Pn, lie_sum, out_sum;  // P: dR_LD/dC per layer; Pn: dR_N/dW; *_sum: the bias gradients' vectors
+  at::Tensor r_ld, r_n, P, Pn, lie_sum, out_sum;  // P, Pn: halves of dR/dC, dR/dW; *_sum: the bias gradients' vectors
   if (rows.has_value()) {
     const auto X = rows->to(dt);
-    const auto Xt = X.transpose(-1, -2);
+    const auto Xt = X.transpose(-1, -2);  // [L, D_in, n]
     auto Z = at::matmul(C, Xt), Zn = at::matmul(W, Xt);  // [3, L, D_out, n], [L, D_out, n]
     if (b.has_value()) {
       Z = Z - Ab->unsqueeze(-1);
       Zn = Zn + b->unsqueeze(-1);
     }
-    P = 2 * at::matmul(Z, X);
-    Pn = 2 * at::matmul(Zn, X);
-    lie_sum = Z.sum(-1);
-    out_sum = Zn.sum(-1);
+    r_ld = Z.square().sum({0, 2, 3});
+    r_n = Zn.square().sum({1, 2});
+    P = at::matmul(Z, X);
+    Pn = at::matmul(Zn, X);
+    if (b.has_value()) {
+      lie_sum = Z.sum(-1);
+      out_sum = Zn.sum(-1);
+    }
   } else {
     P = at::matmul(C, G);
     Pn = at::matmul(W, G);
+    r_ld = (P * C).sum({0, 2, 3});
+    r_n = (Pn * W).sum({1, 2});
     if (b.has_value()) {
+      const auto Cs = at::matmul(C, s.unsqueeze(-1)).squeeze(-1);  // [3, L, D_out]
+      const auto Ws = at::matmul(W, s.unsqueeze(-1)).squeeze(-1);
+      r_ld = r_ld - 2 * (*Ab * Cs).sum({0, 2}) + static_cast<double>(n) * Ab->square().sum({0, 2});
+      r_n = r_n + 2 * (*b * Ws).sum(-1) + static_cast<double>(n) * b->square().sum(-1);
       P = P - Ab->unsqueeze(-1) * s.unsqueeze(0).unsqueeze(-2);
       Pn = Pn + b->unsqueeze(-1) * s.unsqueeze(-2);
-      lie_sum = at::matmul(C, s.unsqueeze(-1)).squeeze(-1) - static_cast<double>(n) * *Ab;
-      out_sum = at::matmul(W, s.unsqueeze(-1)).squeeze(-1) + static_cast<double>(n) * *b;
+      lie_sum = Cs - static_cast<double>(n) * *Ab;
+      out_sum = Ws + static_cast<double>(n) * *b;
     }
-    P = 2 * P;
-    Pn = 2 * Pn;
   }
+  // dC = dW A_in − A_out dW, so dW = Σ_k P_k A_inᵀ − A_outᵀ P_k = −Σ_k (P_k A_in − A_out P_k) (A skew)
+  auto grad_W_ld = -2 * lie_derivative(P, irreps_in, irreps_out, generators, true).sum(0);
+  auto grad_W_n = 2 * Pn;
+  at::Tensor grad_b_ld, grad_b_n;
+  if (b.has_value()) {
+    grad_b_ld = 2 * apply_generators(lie_sum, irreps_out, generators, true).sum(0);
+    grad_b_n = 2 * out_sum;
+  } else {
+    grad_b_ld = at::empty({0}, G.options());
+    grad_b_n = at::empty({0}, G.options());
+  }
+  return {r_ld, r_n, grad_W_ld, grad_W_n, grad_b_ld, grad_b_n};
+}
+
+// dW_r, db_r for the upstream [L] gradients: the forward's unit gradients, scaled and summed.
+std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_ld, const at::Tensor& grad_n, const at::Tensor& W_r,
+                                            const at::Tensor& grad_W_ld, const at::Tensor& grad_W_n,
+                                            const at::Tensor& grad_b_ld, const at::Tensor& grad_b_n,
+                                            std::array<bool, 2> output_mask) {
+  const char* op = "relaxation_regularizer_backward";
+  TORCH_CHECK(W_r.dim() == 3, op, ": W_r must be [L, D_out, D_in], got ", W_r.sizes());
+  const int64_t L = W_r.size(0);
+  for (const auto& g : {grad_ld, grad_n})
+    TORCH_CHECK(g.dim() == 1 && g.size(0) == L && g.device() == W_r.device(), op,
+                ": grad_ld and grad_n must be [L] = [", L, "] on W_r's device, got ", g.sizes());
+  for (const auto& g : {grad_W_ld, grad_W_n})
+    TORCH_CHECK(g.sizes() == W_r.sizes() && g.device() == W_r.device(), op,
+                ": grad_W_ld and grad_W_n must have W_r's shape ", W_r.sizes(), ", got ", g.sizes());
+  const bool has_b = grad_b_ld.numel() > 0;
+  if (has_b)
+    for (const auto& g : {grad_b_ld, grad_b_n})
+      TORCH_CHECK(g.dim() == 2 && g.size(0) == L && g.size(1) == W_r.size(1) && g.device() == W_r.device(), op,
+                  ": grad_b_ld and grad_b_n must be [L, D_out] = [", L, ", ", W_r.size(1), "] (or [0]), got ",
+                  g.sizes());
+  const auto dt = grad_W_ld.scalar_type();
+  const auto gl = grad_ld.to(dt), gn = grad_n.to(dt);
   at::Tensor dW, db;
-  if (output_mask[0]) {
-    // dC = dW A_in − A_out dW, so dW = Σ_k P_k A_inᵀ − A_outᵀ P_k = −Σ_k (P_k A_in − A_out P_k).
-    const auto dW_ld = -lie_derivative(P, irreps_in, irreps_out, generators, true).sum(0);
-    dW = (dW_ld * gl.view({L, 1, 1}) + Pn * gn.view({L, 1, 1})).to(W_r.scalar_type());
-  }
-  if (output_mask[1] && b.has_value()) {
-    const auto db_ld = 2 * apply_generators(lie_sum, irreps_out, generators, true).sum(0);
-    db = (db_ld * gl.view({L, 1}) + 2 * out_sum * gn.view({L, 1})).to(b_r->scalar_type());
-  }
+  if (output_mask[0]) dW = (grad_W_ld * gl.view({L, 1, 1}) + grad_W_n * gn.view({L, 1, 1})).to(W_r.scalar_type());
+  if (output_mask[1] && has_b) db = (grad_b_ld * gl.view({L, 1}) + grad_b_n * gn.view({L, 1})).to(W_r.scalar_type());
   if (!dW.defined()) dW = at::empty({0}, W_r.options());
   if (!db.defined()) db = at::empty({0}, W_r.options());
   return {dW, db};

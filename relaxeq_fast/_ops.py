@@ -474,36 +474,41 @@ def check_relaxation_regularizer_args(W_r, b_r, G, s, rows, n, irreps_in, irreps
 
 def _relaxation_regularizer_fake(W_r, b_r, G, s, rows, n, irreps_in, irreps_out, generators):
     check_relaxation_regularizer_args(W_r, b_r, G, s, rows, n, irreps_in, irreps_out, generators)
-    return G.new_empty((W_r.shape[0],)), G.new_empty((W_r.shape[0],))
+    L = W_r.shape[0]
+    grad_b = (L, W_r.shape[1]) if b_r is not None else (0,)
+    return (G.new_empty((L,)), G.new_empty((L,)), G.new_empty(W_r.shape), G.new_empty(W_r.shape),
+            G.new_empty(grad_b), G.new_empty(grad_b))
 
 
-def _relaxation_regularizer_backward_fake(grad_ld, grad_n, W_r, b_r, G, s, rows, n, irreps_in, irreps_out,
-                                          generators, output_mask):
-    check_relaxation_regularizer_args(W_r, b_r, G, s, rows, n, irreps_in, irreps_out, generators,
-                                      op="relaxation_regularizer_backward")
+def _relaxation_regularizer_backward_fake(grad_ld, grad_n, W_r, grad_W_ld, grad_W_n, grad_b_ld, grad_b_n,
+                                          output_mask):
     return (W_r.new_empty(W_r.shape if output_mask[0] else (0,)),
-            W_r.new_empty(b_r.shape if output_mask[1] and b_r is not None else (0,)))
+            W_r.new_empty(grad_b_ld.shape if output_mask[1] and grad_b_ld.numel() else (0,)))
 
 
 def _relaxation_regularizer_setup_context(ctx, inputs, output):
-    W_r, b_r, G, s, rows, n, irreps_in, irreps_out, generators = inputs
-    ctx.save_for_backward(W_r, b_r, G, s, rows, *generators)
-    ctx.n, ctx.irreps_in, ctx.irreps_out = n, irreps_in, irreps_out
+    W_r, b_r = inputs[0], inputs[1]
+    _r_ld, _r_n, *unit_grads = output
+    ctx.mark_non_differentiable(*unit_grads)
+    ctx.set_materialize_grads(False)  # no zero tensors for the unit gradients' (unused) gradients
+    ctx.save_for_backward(W_r, *unit_grads)
+    ctx.has_bias = b_r is not None
+    ctx.n_generators = len(inputs[8])
 
 
 def make_relaxation_regularizer_backward(backward_op):
-    """Gradients reach W_r and b_r only: G, s and the rows are statistics of the detached input."""
-    def backward(ctx, grad_ld, grad_n):
-        W_r, b_r, G, s, rows, *generators = ctx.saved_tensors
-        mask = [ctx.needs_input_grad[0], b_r is not None and ctx.needs_input_grad[1]]
-        none_for_the_rest = (None,) * 6 + ([None] * len(generators),)  # the structure of the inputs
+    """Gradients reach W_r and b_r only (G, s and the rows are statistics of the detached input): the
+    forward's unit gradients scaled by the upstream ones."""
+    def backward(ctx, grad_ld, grad_n, *_unit_grad_grads):
+        W_r, *unit_grads = ctx.saved_tensors
+        mask = [ctx.needs_input_grad[0], ctx.has_bias and ctx.needs_input_grad[1]]
+        none_for_the_rest = (None,) * 6 + ([None] * ctx.n_generators,)  # the structure of the inputs
         if not any(mask):
             return (None, None) + none_for_the_rest
         L = W_r.shape[0]
-        grad_ld = G.new_zeros(L) if grad_ld is None else grad_ld
-        grad_n = G.new_zeros(L) if grad_n is None else grad_n
-        dW, db = backward_op(grad_ld, grad_n, W_r, b_r, G, s, rows, ctx.n, ctx.irreps_in, ctx.irreps_out,
-                             generators, mask)
+        grad_ld = unit_grads[0].new_zeros(L) if grad_ld is None else grad_ld
+        grad_n = unit_grads[0].new_zeros(L) if grad_n is None else grad_n
+        dW, db = backward_op(grad_ld, grad_n, W_r, *unit_grads, mask)
         return (dW if mask[0] else None, db if mask[1] else None) + none_for_the_rest
     return backward
 

@@ -86,7 +86,7 @@ def relaxation_regularizers(W_r: torch.Tensor, b_r: Optional[torch.Tensor], irre
     op = _regularizer_op(G.device, backend) if len(lead) <= 1 else None
     if op is not None:
         stack = (lambda t: t[None]) if not lead else (lambda t: t)
-        r_ld, r_n = op(
+        r_ld, r_n, *_unit_grads = op(
             stack(W_r), None if b_r is None else stack(b_r), stack(G.detach()), stack(s.detach()),
             None if rows is None else stack(rows.detach()), n, _flat_irreps(irreps_in), _flat_irreps(irreps_out),
             _generator_list(irreps_in, irreps_out, G.dtype, G.device))

@@ -26,6 +26,7 @@ RTOL = {torch.float64: 1e-10, torch.float32: 2e-5}
 
 
 def call(op, W, b, G, s, rows, n, rin, rout):
+    """All six outputs: R_LD, R_N and the four unit gradients the backward scales."""
     return op(W, b, G, s, rows, n, _flat_irreps(rin), _flat_irreps(rout),
               _generator_list(rin, rout, G.dtype, G.device))
 
@@ -42,7 +43,7 @@ def op():
 @pytest.mark.parametrize("rin,rout", REP_PAIRS, ids=IDS)
 def test_values_and_gradients_match_dense_reference(op, rin, rout, L, n, bias, use_rows, dtype):
     W, b, X, G, s = make_inputs(rin, rout, L, n, bias, dtype, DEVICE)
-    r_ld, r_n = call(op, W, b, G, s, X if use_rows else None, n, rin, rout)
+    r_ld, r_n = call(op, W, b, G, s, X if use_rows else None, n, rin, rout)[:2]
     e_ld, e_n = dense_ref(W.detach().cpu(), None if b is None else b.detach().cpu(), X.cpu(), rin, rout)
     rtol = RTOL[dtype]
     assert r_ld.dtype == r_n.dtype == G.dtype
@@ -66,7 +67,7 @@ def test_equivariant_relaxation_weights_give_zero_lie_derivative(op, rin, rout):
     torch.manual_seed(0)
     W = EquivariantLinear(rin, rout, bias=False, dtype=torch.float64).equivariant_matrix().detach()
     _, _, X, G, s = make_inputs(rin, rout, 1, 6, False, torch.float64, DEVICE)
-    r_ld, r_n = call(op, W[None].to(DEVICE), None, G, s, None, 6, rin, rout)
+    r_ld, r_n = call(op, W[None].to(DEVICE), None, G, s, None, 6, rin, rout)[:2]
     assert abs(float(r_ld[0])) < 1e-10 * float(r_n[0]) and float(r_n[0]) > 0
 
 
@@ -77,9 +78,12 @@ def test_gradcheck_and_opcheck(op, use_rows):
     W, b, X, G, s = make_inputs(rin, rout, 1, 3, True, torch.float64, DEVICE)
     rows = X if use_rows else None
     gens = _generator_list(rin, rout, G.dtype, G.device)
-    fn = lambda W, b: op(W, b, G, s, rows, 3, _flat_irreps(rin), _flat_irreps(rout), gens)  # noqa: E731
+    fn = lambda W, b: op(W, b, G, s, rows, 3, _flat_irreps(rin), _flat_irreps(rout), gens)[:2]  # noqa: E731
     assert torch.autograd.gradcheck(fn, (W, b))
-    torch.library.opcheck(op, (W, b, G, s, rows, 3, _flat_irreps(rin), _flat_irreps(rout), gens))
+    args = (W, b, G, s, rows, 3, _flat_irreps(rin), _flat_irreps(rout), gens)
+    torch.library.opcheck(op, args)
+    torch.library.opcheck(triton_reg.backward_op(), (torch.rand(1, dtype=torch.float64), torch.rand(1, dtype=torch.float64),
+                                                     W.detach(), *op(*args)[2:], [True, True]))
 
 
 def test_matches_native_op_and_repeats_bit_for_bit(op):

@@ -17,7 +17,9 @@ or over the rows X: Σ_k ‖C_k Xᵀ − A_k b 1ᵀ‖², ‖W Xᵀ + b 1ᵀ‖�
   a sum of squares after subtracting a per-row vector (the rows path). Per-row partial sums are written
   out and summed by the host: no atomics, so the op is deterministic.
 
-Vectors (C s, A b and the bias terms) are a few small torch ops on the host. Arithmetic is in G's dtype
+The forward also returns the per-layer gradients for unit upstream gradients (they are the products the
+values need anyway), so the backward only scales them. Vectors (C s, A b and the bias terms) are a few small
+torch ops on the host. Arithmetic is in G's dtype
 (float32 or float64); float32 tl.dot runs in IEEE precision (no TF32) so the regulariser keeps float32
 accuracy. CPU tensors run only under the Triton interpreter (TRITON_INTERPRET=1 before import).
 """
@@ -39,10 +41,10 @@ FORWARD_NAME = "relaxeq::relaxation_regularizer_triton"
 BACKWARD_NAME = "relaxeq::relaxation_regularizer_backward_triton"
 # The native schemas (csrc/registration.cpp), minus the op name.
 _FORWARD_SCHEMA = ("(Tensor W_r, Tensor? b_r, Tensor G, Tensor s, Tensor? rows, int n, int[] irreps_in,"
-                   " int[] irreps_out, Tensor[] generators) -> (Tensor r_ld, Tensor r_n)")
-_BACKWARD_SCHEMA = ("(Tensor grad_ld, Tensor grad_n, Tensor W_r, Tensor? b_r, Tensor G, Tensor s, Tensor? rows,"
-                    " int n, int[] irreps_in, int[] irreps_out, Tensor[] generators, bool[2] output_mask)"
-                    " -> (Tensor dW_r, Tensor db_r)")
+                   " int[] irreps_out, Tensor[] generators) -> (Tensor r_ld, Tensor r_n, Tensor grad_W_ld,"
+                   " Tensor grad_W_n, Tensor grad_b_ld, Tensor grad_b_n)")
+_BACKWARD_SCHEMA = ("(Tensor grad_ld, Tensor grad_n, Tensor W_r, Tensor grad_W_ld, Tensor grad_W_n, Tensor grad_b_ld,"
+                    " Tensor grad_b_n, bool[2] output_mask) -> (Tensor dW_r, Tensor db_r)")
 GEN = 7  # generators padded to 7 × 7: l ≤ 3
 
 
@@ -219,65 +221,25 @@ def _apply_to_vectors(v: torch.Tensor, irreps, gens: torch.Tensor, per_k: bool =
 @launches_on_input_device
 def relaxation_regularizer_triton(W_r: torch.Tensor, b_r: Optional[torch.Tensor], G: torch.Tensor, s: torch.Tensor,
                                   rows: Optional[torch.Tensor], n: int, irreps_in: List[int], irreps_out: List[int],
-                                  generators: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Kernel body of ``relaxeq::relaxation_regularizer_triton``: (R_LD, R_N), each [L] in G's dtype."""
+                                  generators: List[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+    """Kernel body of ``relaxeq::relaxation_regularizer_triton``: (R_LD, R_N) [L] in G's dtype, and the per-layer
+    unit gradients the backward scales (see the native op): dR_LD/dW, dR_N/dW [L, D_out, D_in], dR_LD/db,
+    dR_N/db [L, D_out] ([0] without b_r).
+
+    dR_LD/dW = Σ_k (P_k A_inᵀ − A_outᵀ P_k), P_k = 2 (C_k G − A_k b sᵀ); dR_N/dW = 2 (W G + b sᵀ) (over rows:
+    2 Z_k X, 2 Z_n X); dR_LD/db = −2 Σ_k A_kᵀ (C_k s − n A_k b), dR_N/db = 2 (W s + n b)."""
     opname = "relaxation_regularizer (triton)"
     _ops.check_relaxation_regularizer_args(W_r, b_r, G, s, rows, n, irreps_in, irreps_out, generators, op=opname)
     check_device(G, opname, _bmm_kernel, "relaxeq_fast.triton_kernels.relaxation_regularizer")
     dt = G.dtype
     W = W_r.detach().to(dt)
     L = W.shape[0]
-    gens = _gen_table(generators, transpose=False)
+    gens, gens_t = _gen_table(generators, transpose=False), _gen_table(generators, transpose=True)
     C = _lie(W, irreps_in, irreps_out, gens, per_k=False, sum_k=False)  # [3, L, O, I]
     Cj = C.view(3 * L, *W.shape[1:])
     b = None if b_r is None else b_r.detach().to(dt)
     Ab = None if b is None else _apply_to_vectors(b, irreps_out, gens)  # [3, L, O]
-    if rows is not None:
-        Xt = rows.detach().to(dt).transpose(-1, -2)  # [L, I, n]
-        zeros = W.new_zeros((3 * L, W.shape[1]))
-        vec_ld = zeros if Ab is None else Ab.reshape(3 * L, -1)
-        vec_n = zeros[:L] if b is None else -b
-        _, red_ld = _bmm(Cj, Xt, store=False, reduce=2, vec=vec_ld)
-        _, red_n = _bmm(W, Xt, store=False, reduce=2, vec=vec_n)
-        return red_ld.view(3, L, -1).sum((0, 2)), red_n.sum(-1)
-    _, red_ld = _bmm(Cj, G, store=False, reduce=1, Q=Cj)
-    _, red_n = _bmm(W, G, store=False, reduce=1, Q=W)
-    r_ld, r_n = red_ld.view(3, L, -1).sum((0, 2)), red_n.sum(-1)
-    if b is not None:
-        Cs = (C @ s.unsqueeze(-1)).squeeze(-1)  # [3, L, O]
-        r_ld = r_ld - 2 * (Ab * Cs).sum((0, 2)) + n * Ab.square().sum((0, 2))
-        r_n = r_n + 2 * (b * (W @ s.unsqueeze(-1)).squeeze(-1)).sum(-1) + n * b.square().sum(-1)
-    return r_ld, r_n
-
-
-@launches_on_input_device
-def relaxation_regularizer_backward_triton(grad_ld: torch.Tensor, grad_n: torch.Tensor, W_r: torch.Tensor,
-                                           b_r: Optional[torch.Tensor], G: torch.Tensor, s: torch.Tensor,
-                                           rows: Optional[torch.Tensor], n: int, irreps_in: List[int],
-                                           irreps_out: List[int], generators: List[torch.Tensor],
-                                           output_mask: List[bool]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Kernel body of ``relaxeq::relaxation_regularizer_backward_triton``: (dW_r, db_r) for the [L] upstream
-    gradients, each an empty [0] tensor where ``output_mask`` is False (or b_r is None).
-
-    dW = Σ_k (P_k A_inᵀ − A_outᵀ P_k) g_LD + P_n g_N with P_k = 2 (C_k G − A_k b sᵀ), P_n = 2 (W G + b sᵀ)
-    (over rows: 2 Z_k X, 2 Z_n X); db = −2 Σ_k A_kᵀ (C_k s − n A_k b) g_LD + 2 (W s + n b) g_N."""
-    opname = "relaxation_regularizer_backward (triton)"
-    _ops.check_relaxation_regularizer_args(W_r, b_r, G, s, rows, n, irreps_in, irreps_out, generators, op=opname)
-    check_device(G, opname, _bmm_kernel, "relaxeq_fast.triton_kernels.relaxation_regularizer")
-    if len(output_mask) != 2:
-        raise ValueError(f"{opname}: output_mask must have 2 entries, got {len(output_mask)}")
-    L = W_r.shape[0]
-    for name, g in (("grad_ld", grad_ld), ("grad_n", grad_n)):
-        if g.dim() != 1 or g.shape[0] != L:
-            raise ValueError(f"{opname}: {name} must be [L] = [{L}], got {list(g.shape)}")
-    dt = G.dtype
-    W = W_r.detach().to(dt)
-    gl, gn = grad_ld.to(dt), grad_n.to(dt)
-    gens, gens_t = _gen_table(generators, transpose=False), _gen_table(generators, transpose=True)
-    C = _lie(W, irreps_in, irreps_out, gens, per_k=False, sum_k=False)
-    Cj = C.view(3 * L, *W.shape[1:])
-    b = None if b_r is None else b_r.detach().to(dt)
-    Ab = None if b is None else _apply_to_vectors(b, irreps_out, gens)
+    lie_sum = out_sum = None
     if rows is not None:
         X = rows.detach().to(dt)
         Z, _ = _bmm(Cj, X.transpose(-1, -2))  # [3L, O, n]
@@ -285,31 +247,60 @@ def relaxation_regularizer_backward_triton(grad_ld: torch.Tensor, grad_n: torch.
         if b is not None:
             Z = Z - Ab.reshape(3 * L, -1, 1)
             Zn = Zn + b.unsqueeze(-1)
+            lie_sum, out_sum = Z.sum(-1).view(3, L, -1), Zn.sum(-1)
+        r_ld, r_n = Z.square().view(3, L, -1).sum((0, 2)), Zn.square().sum((1, 2))
         P, _ = _bmm(Z, X)
         Pn, _ = _bmm(Zn, X)
-        P, Pn = 2 * P.view(3, L, *W.shape[1:]), 2 * Pn
-        lie_sum, out_sum = Z.sum(-1).view(3, L, -1), Zn.sum(-1)
-    else:
-        P, _ = _bmm(Cj, G)
-        Pn, _ = _bmm(W, G)
         P = P.view(3, L, *W.shape[1:])
-        lie_sum = out_sum = None
+    else:
+        # the products, and the quadratic forms ⟨C G, C⟩, ⟨W G, W⟩ reduced in the same programs
+        P, red_ld = _bmm(Cj, G, store=True, reduce=1, Q=Cj)
+        Pn, red_n = _bmm(W, G, store=True, reduce=1, Q=W)
+        P = P.view(3, L, *W.shape[1:])
+        r_ld, r_n = red_ld.view(3, L, -1).sum((0, 2)), red_n.sum(-1)
         if b is not None:
+            Cs = (C @ s.unsqueeze(-1)).squeeze(-1)  # [3, L, O]
+            Ws = (W @ s.unsqueeze(-1)).squeeze(-1)
+            r_ld = r_ld - 2 * (Ab * Cs).sum((0, 2)) + n * Ab.square().sum((0, 2))
+            r_n = r_n + 2 * (b * Ws).sum(-1) + n * b.square().sum(-1)
             P = P - Ab.unsqueeze(-1) * s.unsqueeze(-2)
             Pn = Pn + b.unsqueeze(-1) * s.unsqueeze(-2)
-            lie_sum = (C @ s.unsqueeze(-1)).squeeze(-1) - n * Ab
-            out_sum = (W @ s.unsqueeze(-1)).squeeze(-1) + n * b
-        P, Pn = 2 * P, 2 * Pn
-    dW = db = None
-    if output_mask[0]:
-        dW_ld = _lie(P, irreps_in, irreps_out, gens_t, per_k=True, sum_k=True)  # Σ_k P_k A_inᵀ − A_outᵀ P_k
-        dW = (dW_ld * gl.view(L, 1, 1) + Pn * gn.view(L, 1, 1)).to(W_r.dtype)
-    if output_mask[1] and b is not None:
+            lie_sum, out_sum = Cs - n * Ab, Ws + n * b
+    grad_W_ld = 2 * _lie(P, irreps_in, irreps_out, gens_t, per_k=True, sum_k=True)  # Σ_k P_k A_inᵀ − A_outᵀ P_k
+    grad_W_n = 2 * Pn
+    if b is None:
+        grad_b_ld, grad_b_n = W.new_empty((0,)), W.new_empty((0,))
+    else:
         # −2 Σ_k A_kᵀ lie_sum_k: the per-k adjoint action on vectors, summed
-        db_ld = -2 * _apply_to_vectors(lie_sum, irreps_out, gens_t, per_k=True, sum_k=True)
-        db = (db_ld * gl.view(L, 1) + 2 * out_sum * gn.view(L, 1)).to(b_r.dtype)
-    empty = W_r.new_empty((0,))
-    return (empty if dW is None else dW), (empty if db is None else db)
+        grad_b_ld = -2 * _apply_to_vectors(lie_sum, irreps_out, gens_t, per_k=True, sum_k=True)
+        grad_b_n = 2 * out_sum
+    return r_ld, r_n, grad_W_ld, grad_W_n, grad_b_ld, grad_b_n
+
+
+@launches_on_input_device
+def relaxation_regularizer_backward_triton(grad_ld: torch.Tensor, grad_n: torch.Tensor, W_r: torch.Tensor,
+                                           grad_W_ld: torch.Tensor, grad_W_n: torch.Tensor, grad_b_ld: torch.Tensor,
+                                           grad_b_n: torch.Tensor, output_mask: List[bool]
+                                           ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Kernel body of ``relaxeq::relaxation_regularizer_backward_triton``: the forward's unit gradients scaled by
+    the upstream [L] gradients (elementwise: no kernel of its own); [0] where ``output_mask`` is False."""
+    opname = "relaxation_regularizer_backward (triton)"
+    if len(output_mask) != 2:
+        raise ValueError(f"{opname}: output_mask must have 2 entries, got {len(output_mask)}")
+    L = W_r.shape[0]
+    for name, g in (("grad_ld", grad_ld), ("grad_n", grad_n)):
+        if g.dim() != 1 or g.shape[0] != L:
+            raise ValueError(f"{opname}: {name} must be [L] = [{L}], got {list(g.shape)}")
+    for name, g in (("grad_W_ld", grad_W_ld), ("grad_W_n", grad_W_n)):
+        if g.shape != W_r.shape:
+            raise ValueError(f"{opname}: {name} must have W_r's shape {list(W_r.shape)}, got {list(g.shape)}")
+    dt = grad_W_ld.dtype
+    gl, gn = grad_ld.to(dt), grad_n.to(dt)
+    dW = ((grad_W_ld * gl.view(L, 1, 1) + grad_W_n * gn.view(L, 1, 1)).to(W_r.dtype) if output_mask[0]
+          else W_r.new_empty((0,)))
+    db = ((grad_b_ld * gl.view(L, 1) + grad_b_n * gn.view(L, 1)).to(W_r.dtype)
+          if output_mask[1] and grad_b_ld.numel() else W_r.new_empty((0,)))
+    return dW, db
 
 
 def _define_ops():
