@@ -1,0 +1,374 @@
+"""R2Conv, the equivariance defect operator of a free kernel, and RelaxedR2Conv (K_eq + θB)."""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..functional import relaxed_conv2d
+from ..nn import RelaxedModule
+from ..regularizer import RegularizerTerms
+from .basis import _block_layout, _check_k, _grid_points, _jmax, _polar, _psi
+from .fields import FieldType, _DT, _check_field_input, _check_types, _field_lie, _rot2
+
+__all__ = ["R2Conv", "RelaxedR2Conv", "apply_defect", "defect_matrices", "kernel_defect",
+           "spatial_rotation_generator", "spatial_rotation_operator"]
+
+
+class R2Conv(nn.Module):
+    """Steerable convolution x [B, in_type.dim, H, W] -> [B, out_type.dim, H', W'].
+
+    Parameters: ``weight`` [n_basis] (coefficients, in ``kernel_basis`` order); ``bias`` [n_bias] or
+    None. The kernel [out_dim, in_dim, k, k] equals ``einsum('b,boikl->oikl', weight, kernel_basis(...))``
+    but is expanded per (out kind, in kind) pair of fields (:func:`_block_layout`: one einsum per kind
+    pair, never the dense basis, whose size grows as fields⁴); the block bases are non-persistent
+    buffers ``block_basis_<i>`` with their index buffers.
+
+    Bias: one scalar per trivial output field, and one scalar per regular output field shared by
+    its N channels (both equivariant); irrep fields (incl. the 1-dim sign rep) get no bias.
+
+    Init: the basis is orthonormal, so with w ~ N(0, σ²) the kernel has E‖K‖² = σ² n_basis, i.e.
+    on average σ² n_basis / out_dim per output channel. σ² = out_dim / n_basis makes the output
+    variance ≈ the input variance for unit-variance i.i.d. inputs (no ReLU gain). Bias starts at 0.
+
+    Eval-mode cache: when not training and autograd is off (or the weight needs no grad), the
+    expanded kernel is cached, keyed on the weight/bias/basis ``_version`` and storage; ``train()``
+    clears it.
+    """
+
+    def __init__(self, in_type: FieldType, out_type: FieldType, kernel_size: int,
+                 padding: Optional[int] = None, bias: bool = True, max_frequency: Optional[int] = None,
+                 device=None, dtype=None):
+        super().__init__()
+        k = _check_k(kernel_size)
+        _check_types(in_type, out_type)
+        if padding is not None and (isinstance(padding, bool) or not isinstance(padding, int) or padding < 0):
+            raise ValueError(f"padding must be an int >= 0 (or None for kernel_size // 2), got {padding!r}")
+        self.in_type, self.out_type, self.kernel_size = in_type, out_type, k
+        self.max_frequency = max_frequency
+        self.padding = k // 2 if padding is None else padding
+        dtype = dtype or torch.get_default_dtype()
+        self._constants = self._float64_constants()
+        for name, t in self._constants.items():
+            t = None if t is None else t.to(device, dtype if t.is_floating_point() else t.dtype).clone()
+            self.register_buffer(name, t, persistent=False)
+        n = self.n_basis
+        std = math.sqrt(out_type.dim / n) if n > 0 else 0.0
+        self.weight = nn.Parameter(torch.randn(n, device=device, dtype=dtype) * std)
+        if bias and self.bias_map is not None:
+            self.bias = nn.Parameter(torch.zeros(self.bias_map.shape[1], device=device, dtype=dtype))
+        else:
+            self.bias_map = None
+            self.register_parameter("bias", None)
+        self._cache = None
+
+    def _float64_constants(self) -> dict:
+        """The fixed float64 tensors behind the non-persistent buffers (name -> tensor or None)."""
+        # bias expansion: bias_map [out_dim, n_bias], out_bias = bias_map @ bias
+        cols = []
+        for f, o, d in zip(self.out_type.fields, self.out_type.offsets(), self.out_type.dims):
+            if f[0] in ("trivial", "regular"):
+                col = torch.zeros(self.out_type.dim, dtype=_DT)
+                col[o:o + d] = 1.0
+                cols.append(col)
+        n_basis, groups = _block_layout(self.in_type, self.out_type, self.kernel_size, self.max_frequency)
+        self._n_basis, self._n_groups = n_basis, len(groups)
+        self._single_block = len(groups) == 1 and torch.equal(groups[0][2], torch.arange(self.out_type.dim)) \
+            and torch.equal(groups[0][3], torch.arange(self.in_type.dim))
+        out = {"bias_map": torch.stack(cols, dim=1) if cols else None}
+        for i, (samples, gather, out_ch, in_ch) in enumerate(groups):
+            out.update({f"block_basis_{i}": samples, f"block_gather_{i}": gather, f"block_out_{i}": out_ch,
+                        f"block_in_{i}": in_ch})
+        return out
+
+    def _load_constants(self):
+        # Rebuilt from float64 on every dtype/device change: ``.double()`` of a float32 layer gets the
+        # exact float64 basis, not a float32-rounded one (the C_N defect is exact only on the former).
+        for name, t in self._constants.items():
+            old = getattr(self, name)
+            if old is not None:
+                setattr(self, name, t.to(old.device, old.dtype).clone())
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self._load_constants()
+        self._cache = None
+        return out
+
+    @property
+    def n_basis(self) -> int:
+        return self._n_basis
+
+    def train(self, mode: bool = True):
+        self._cache = None
+        return super().train(mode)
+
+    def _key(self):
+        ts = [self.weight] + [getattr(self, f"block_basis_{i}") for i in range(self._n_groups)] \
+            + ([self.bias] if self.bias is not None else [])
+        return tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in ts)
+
+    def expand(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(kernel [out_dim, in_dim, k, k], bias [out_dim] or None)."""
+        O, I, k = self.out_type.dim, self.in_type.dim, self.kernel_size
+        blocks = []
+        for i in range(self._n_groups):
+            samples, gather = getattr(self, f"block_basis_{i}"), getattr(self, f"block_gather_{i}")
+            out_ch, in_ch = getattr(self, f"block_out_{i}"), getattr(self, f"block_in_{i}")
+            blk = torch.einsum("pqb,boikl->poqikl", self.weight[gather], samples)
+            blocks.append((blk.reshape(out_ch.numel(), in_ch.numel(), k, k), out_ch, in_ch))
+        if self._single_block:
+            kernel = blocks[0][0]  # one kind pair in field order (e.g. regular → regular): no scatter
+        else:
+            kernel = self.weight.new_zeros(O, I, k, k)
+            for blk, out_ch, in_ch in blocks:
+                kernel = kernel.index_put((out_ch[:, None], in_ch[None, :]), blk)
+        b = self.bias_map @ self.bias if self.bias is not None else None
+        return kernel, b
+
+    def _check_input(self, x: torch.Tensor):
+        _check_field_input(x, self.in_type, type(self).__name__)
+
+    def _kernel(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``expand()``, served from the eval-mode cache when that is valid."""
+        cacheable = not self.training and not (torch.is_grad_enabled() and self.weight.requires_grad)
+        if not cacheable:
+            return self.expand()
+        key = self._key()
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, self.expand())
+        return self._cache[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        kernel, b = self._kernel()
+        return F.conv2d(x, kernel, b, padding=self.padding)
+
+    def extra_repr(self) -> str:
+        return (f"in_dim={self.in_type.dim}, out_dim={self.out_type.dim}, kernel_size={self.kernel_size}, "
+                f"padding={self.padding}, n_basis={self.n_basis}, group={self.in_type.group}")
+
+
+# ---- the equivariance defect of a free kernel --------------------------------------------------------
+#
+# Spatial operators act on a kernel flattened over its k×k pixels (row-major, as ``_grid_points``):
+# (S_t B)(p) = B(R_t^{-1} p) is the spatial part of rotating B by t, and Ṡ = d/dt S_t at t = 0.
+# Off the quarter turns these need values of B between pixels, so B is read as a continuous function
+# by a fixed hybrid interpolation:
+#   * its least-squares projection onto the smooth family {ψ_j(φ) g_r(ρ)} — the Gaussian rings ×
+#     circular harmonics that every equivariant kernel of this module is built from (full column rank
+#     on the grid for k = 3…9: measured σ_min ≈ 0.91) — is rotated / differentiated exactly, in
+#     closed form (∂_φ of cos jφ is −j sin jφ). So the defect of any kernel in the span of
+#     ``kernel_basis`` is exactly 0 (up to rounding) for every C_N and for SO(2);
+#   * the residual (what the smooth family cannot represent: grid-scale detail) is interpolated by
+#     Gaussian RBFs centred on the pixels (σ = 0.6 px, an invertible Gram matrix) and rotated /
+#     differentiated exactly as that interpolant. So a non-smooth B is still penalised.
+_RBF_SIGMA = 0.6
+
+
+def _smooth_family(k: int, points: torch.Tensor, d_phi: bool = False) -> torch.Tensor:
+    """[P, n_f]: the scalar family ψ_j(φ) g_r(ρ), r = 0…(k−1)/2, j ≤ 2r (or its ∂_φ) at points [P, 2]."""
+    rho, phi, at_origin = _polar(points)
+    cols = [_psi(r, j, rho, phi, at_origin, d_phi) for r in range((k - 1) // 2 + 1) for j in range(_jmax(r, None) + 1)]
+    return torch.cat(cols).T
+
+
+def _rbf(k: int, points: torch.Tensor, d_t: bool = False) -> torch.Tensor:
+    """[P, k²]: Gaussian RBFs centred on the pixels at points [P, 2]; with ``d_t`` the derivative of
+    φ_p(R_t^{-1} x) at t = 0, which is (p_x y − p_y x) φ_p(x) / σ²."""
+    c = _grid_points(k)
+    pts = points.to(_DT)
+    diff = pts[:, None, :] - c[None, :, :]
+    phi = torch.exp(-(diff * diff).sum(-1) / (2 * _RBF_SIGMA ** 2))
+    if not d_t:
+        return phi
+    cross = c[None, :, 0] * pts[:, None, 1] - c[None, :, 1] * pts[:, None, 0]
+    return cross * phi / _RBF_SIGMA ** 2
+
+
+def _hybrid(k: int, smooth_at: torch.Tensor, rbf_at: torch.Tensor) -> torch.Tensor:
+    """Operator [k², k²]: smooth part through ``smooth_at`` [k², n_f], residual through ``rbf_at`` [k², k²]."""
+    grid = _grid_points(k)
+    E = _smooth_family(k, grid)
+    E_pinv = torch.linalg.pinv(E)
+    residual = torch.eye(k * k, dtype=_DT) - E @ E_pinv
+    return smooth_at @ E_pinv + rbf_at @ torch.linalg.solve(_rbf(k, grid), residual)
+
+
+@functools.lru_cache(maxsize=None)
+def spatial_rotation_operator(kernel_size: int, angle: float) -> torch.Tensor:
+    """S [k², k²] float64 with (S vec B)(p) = B(R_angle^{-1} p): an exact pixel permutation (rot90)
+    for multiples of π/2, the hybrid interpolation of the section comment otherwise. Cached."""
+    k = _check_k(kernel_size)
+    quarter = angle / (math.pi / 2)
+    if abs(quarter - round(quarter)) < 1e-12:
+        eye = torch.eye(k * k, dtype=_DT).reshape(k * k, k, k)
+        return torch.rot90(eye, round(quarter) % 4, dims=(-2, -1)).reshape(k * k, k * k).T.contiguous()
+    pts = _grid_points(k) @ _rot2(-angle).T  # R^{-1} p
+    return _hybrid(k, _smooth_family(k, pts), _rbf(k, pts))
+
+
+@functools.lru_cache(maxsize=None)
+def spatial_rotation_generator(kernel_size: int) -> torch.Tensor:
+    """Ṡ [k², k²] float64 = d/dt S_t at t = 0 (the infinitesimal rotation of a kernel's pixels):
+    −∂_φ exactly on the smooth family, the RBF interpolant's derivative on the residual. Cached."""
+    k = _check_k(kernel_size)
+    grid = _grid_points(k)
+    return _hybrid(k, -_smooth_family(k, grid, d_phi=True), _rbf(k, grid, d_t=True))
+
+
+def _lie_generator(ftype: FieldType) -> torch.Tensor:
+    """dρ(1) [dim, dim] for an SO(2) field type (block-diagonal m J per irrep, 0 per trivial field)."""
+    if ftype.dim == 0:
+        return torch.zeros(0, 0, dtype=_DT)
+    return torch.block_diag(*[_field_lie(f) for f in ftype.fields])
+
+
+@functools.lru_cache(maxsize=None)
+def defect_matrices(in_type: FieldType, out_type: FieldType, kernel_size: int):
+    """(A_out [O, O], A_in [I, I], S [k², k²]) float64 defining the defect operator D (see RelaxedR2Conv):
+    C_N: A = ρ(2π/N), S = spatial_rotation_operator(k, 2π/N); SO(2): A = dρ, S = spatial_rotation_generator(k)."""
+    k = _check_k(kernel_size)
+    _check_types(in_type, out_type)
+    G = in_type.group
+    if G is None:
+        return _lie_generator(out_type), _lie_generator(in_type), spatial_rotation_generator(k)
+    g = 2 * math.pi / G
+    return out_type.representation(g), in_type.representation(g), spatial_rotation_operator(k, g)
+
+
+def apply_defect(B: torch.Tensor, A_out: torch.Tensor, A_in: torch.Tensor, S: torch.Tensor,
+                 group: Optional[int]) -> torch.Tensor:
+    """D(B) for B [O, I, k, k] (or [..., O, I, k, k]) from :func:`defect_matrices` (in B's dtype):
+    C_N: A_out (S B) A_inᵀ − B;   SO(2): A_out B − B A_in + S B   (S acting on the pixels)."""
+    k = B.shape[-1]
+    SB = (B.flatten(-2) @ S.T).unflatten(-1, (k, k))
+    if group is None:
+        return (torch.einsum("op,...pihw->...oihw", A_out, B) - torch.einsum("...oqhw,qi->...oihw", B, A_in) + SB)
+    return torch.einsum("op,...pqhw,iq->...oihw", A_out, SB, A_in) - B
+
+
+def kernel_defect(B: torch.Tensor, in_type: FieldType, out_type: FieldType) -> torch.Tensor:
+    """The equivariance defect D(B) [out_dim, in_dim, k, k] of a free kernel B (same shape).
+
+    C_N: D(B) = ρ_out(g) B(R_g^{-1} ·) ρ_in(g)^{-1} − B with g = 2π/N (0 iff B commutes with the
+    generator, i.e. with all of C_N); SO(2): D(B) = d/dt [ρ_out(t) B(R_t^{-1} ·) ρ_in(t)^{-1}] at t = 0.
+    """
+    if B.dim() != 4 or B.shape[:2] != (out_type.dim, in_type.dim) or B.shape[2] != B.shape[3]:
+        raise ValueError(f"B must have shape [out_dim = {out_type.dim}, in_dim = {in_type.dim}, k, k], "
+                         f"got {list(B.shape)}")
+    mats = defect_matrices(in_type, out_type, B.shape[-1])
+    return apply_defect(B, *(m.to(B.device, B.dtype) for m in mats), in_type.group)
+
+
+class RelaxedR2Conv(R2Conv, RelaxedModule):
+    """Steerable convolution plus a relaxation branch: kernel ``K_eq + θ B`` with B a free kernel.
+
+    ``y = conv2d(x, K_eq + θ B, b_eq)`` — one convolution. θ is a buffer (``set_theta``); at θ = 0 the
+    layer computes exactly the equivariant R2Conv, and :meth:`project` returns that R2Conv (same
+    coefficients and bias). There is no relaxation bias: a constant bias is a 1×1 kernel on a
+    constant-1 input, and the equivariant bias already covers the trivial / regular outputs.
+
+    Defect operator (a fixed linear map on kernels under the group generator; see
+    :func:`kernel_defect`): for C_N the rotation by g = 2π/N, ``D(B) = ρ_out(g) S_g B ρ_in(g)^{-1} − B``,
+    with S_g an exact pixel permutation for N ∈ {1, 2, 4} and the hybrid interpolation of
+    :func:`spatial_rotation_operator` otherwise; for SO(2) the infinitesimal rotation,
+    ``D(B) = dρ_out B − B dρ_in + Ṡ B`` with Ṡ the exact derivative of the same interpolant. For every
+    group, D vanishes (to rounding) on the span of ``kernel_basis``.
+
+    Regularisers (:meth:`regularizers`), as RegularizerTerms(lie_derivative, projection, n):
+      * mode "data" (default): R_LD = Σ conv2d(x̂, D(B))² over the last training forward's detached
+        input x̂ — computed by ``functional.relaxed_conv2d`` in the same pass as the output (the
+        defect responses are extra output channels reduced to a scalar, never stored). n = B·H'·W'.
+      * mode "weight" (also ``data_free=True``): R_LD = ‖D(B)‖², n = 1.
+      * R_N (the analogue of the VN layer's ‖W_r x̂ + b_r‖², the size of the θ-branch) is ‖B‖² in both
+        modes: a data-mode ‖conv(x̂, B)‖² would need its own reduction, and the fused op returns one
+        scalar; ‖B‖² bounds it (Young: ‖conv(x̂, B)‖ ≤ ‖B‖₁‖x̂‖) at no cost.
+
+    Args: as R2Conv, plus ``relax_init`` ("zeros": B = 0, the relaxed layer starts equivariant;
+    "default": uniform ±1/√(in_dim·k²)), ``theta``, ``track_defect`` (compute R_LD in training
+    forwards), ``backend`` (for ``relaxed_conv2d``).
+    """
+
+    def __init__(self, in_type: FieldType, out_type: FieldType, kernel_size: int, padding: Optional[int] = None,
+                 bias: bool = True, max_frequency: Optional[int] = None, relax_init: str = "zeros",
+                 theta: float = 1.0, track_defect: bool = True, backend: Optional[str] = None,
+                 device=None, dtype=None):
+        if relax_init not in ("zeros", "default"):
+            raise ValueError(f"relax_init must be 'zeros' or 'default', got {relax_init!r}")
+        super().__init__(in_type, out_type, kernel_size, padding, bias, max_frequency, device=device, dtype=dtype)
+        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+        self.relax_init, self.track_defect, self.backend = relax_init, track_defect, backend
+        k = self.kernel_size
+        self.weight_relax = nn.Parameter(torch.empty(out_type.dim, in_type.dim, k, k, **factory))
+        self.register_buffer("theta", torch.tensor(float(theta), **factory))
+        self.last_defect: Optional[Tuple[torch.Tensor, int]] = None  # (r, rows) of the last training forward
+        self.reset_relaxation()
+
+    def _float64_constants(self) -> dict:
+        A_out, A_in, S = defect_matrices(self.in_type, self.out_type, self.kernel_size)
+        return {**super()._float64_constants(), "defect_out": A_out, "defect_in": A_in, "defect_spatial": S}
+
+    def __getstate__(self):
+        # the last defect is part of this step's autograd graph: not copied (deepcopy, pickle)
+        return {**super().__getstate__(), "last_defect": None}
+
+    def reset_relaxation(self):
+        if self.relax_init == "zeros":
+            nn.init.zeros_(self.weight_relax)
+        else:
+            bound = 1 / math.sqrt(self.in_type.dim * self.kernel_size ** 2)
+            nn.init.uniform_(self.weight_relax, -bound, bound)
+
+    def defect(self) -> torch.Tensor:
+        """D(B) [out_dim, in_dim, k, k] (differentiable in B)."""
+        return apply_defect(self.weight_relax, self.defect_out, self.defect_in, self.defect_spatial,
+                            self.in_type.group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        kernel, b = self._kernel()
+        M = kernel + self.theta * self.weight_relax
+        if self.training and self.track_defect:
+            y, r = relaxed_conv2d(x, M, b, self.defect(), self.padding, backend=self.backend)
+            self.last_defect = (r, y.shape[0] * y.shape[2] * y.shape[3])
+            return y
+        return relaxed_conv2d(x, M, b, padding=self.padding, backend=self.backend)
+
+    def regularizers(self, mode: str = "data", data_free: bool = False) -> RegularizerTerms:
+        """(R_LD, R_N, n); see the class docstring. ``data_free=True`` means mode "weight"."""
+        if mode not in ("data", "weight"):
+            raise ValueError(f"mode must be 'data' or 'weight', got {mode!r}")
+        B = self.weight_relax.to(torch.promote_types(self.weight_relax.dtype, torch.float32))
+        r_n = (B * B).sum()
+        if data_free or mode == "weight":
+            Dw = self.defect()
+            return RegularizerTerms((Dw * Dw).sum().to(B.dtype), r_n, 1)
+        if self.last_defect is None:
+            raise RuntimeError("no data-mode defect: run a forward pass in training mode with track_defect=True "
+                               "first, or use mode='weight'")
+        r, rows = self.last_defect
+        return RegularizerTerms(r, r_n.to(r.dtype), rows)
+
+    @classmethod
+    def from_plain(cls, layer: R2Conv, **kwargs) -> "RelaxedR2Conv":
+        """A relaxed twin of ``layer`` with its coefficients (outputs unchanged at θ = 0 or B = 0)."""
+        out = cls(layer.in_type, layer.out_type, layer.kernel_size, layer.padding, bias=layer.bias is not None,
+                  max_frequency=layer.max_frequency, device=layer.weight.device, dtype=layer.weight.dtype, **kwargs)
+        out.load_state_dict(layer.state_dict(), strict=False)
+        return out.train(layer.training)
+
+    def project(self) -> R2Conv:
+        """θ := 0 and B removed: the plain R2Conv with the same coefficients and bias."""
+        plain = R2Conv(self.in_type, self.out_type, self.kernel_size, self.padding, bias=self.bias is not None,
+                       max_frequency=self.max_frequency, device=self.weight.device, dtype=self.weight.dtype)
+        plain.load_state_dict({k: v for k, v in self.state_dict().items()
+                               if not k.startswith(("weight_relax", "theta"))})
+        return plain.train(self.training)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", theta={float(self.theta):g}, backend={self.backend or 'auto'}"
