@@ -37,6 +37,62 @@ def warn_missing_extension_once():
             RuntimeWarning, stacklevel=3)
 
 
+
+# ---------------------------------------------------------------------------------------------
+# Autocast (torch.autocast): PyTorch's lists decide, per op, the dtype its inputs are cast to.
+# relaxed_linear / relaxed_conv2d are "lower precision" ops like F.linear / F.conv2d: x, M, c, D go to the
+# autocast dtype (their statistics G, s, r, S still come out in float32). The VN batch norm and leaky ReLU,
+# the regulariser and the parameter algebra are "fp32" ops like the norms: norms, divisions and quadratic
+# forms lose too much in bfloat16's 8 mantissa bits, so their inputs go to float32. As in PyTorch, float64
+# tensors are never cast, and the op runs with autocast excluded (its own casts are recorded by autograd,
+# so gradients reach float32 parameters in float32).
+AUTOCAST_LOWER, AUTOCAST_FP32 = "lower", "fp32"
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+_autocast_libs = {}
+
+
+def _autocast_cast(value, dtype):
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.dtype in _AUTOCAST_ELIGIBLE and value.dtype != dtype else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_autocast_cast(v, dtype) for v in value)
+    return value
+
+
+def autocast_inputs(policy: str, device_type: str, *values):
+    """``values`` as an op's autocast rule casts them while autocast is on for ``device_type`` (else
+    unchanged): the functional layer applies the rule before its own checks and on the reference backend,
+    so every backend follows it."""
+    if not torch.is_autocast_enabled(device_type):
+        return values
+    return _autocast_cast(values, torch.get_autocast_dtype(device_type) if policy == AUTOCAST_LOWER
+                          else torch.float32)
+
+
+def register_autocast(qualname: str, policy: str):
+    """The autocast rule of one op (native or Triton) on CPU and CUDA: ``policy`` is AUTOCAST_LOWER (inputs
+    to ``torch.get_autocast_dtype(device)``, read at call time) or AUTOCAST_FP32 (inputs to float32)."""
+    if policy not in (AUTOCAST_LOWER, AUTOCAST_FP32):
+        raise ValueError(f"policy must be {AUTOCAST_LOWER!r} or {AUTOCAST_FP32!r}, got {policy!r}")
+    op = torch._library.utils.lookup_op(qualname)
+    namespace, name = qualname.split("::")
+    lib = _autocast_libs.setdefault(namespace, torch.library.Library(namespace, "IMPL"))
+    for device_type in _AUTOCAST_DEVICES:
+        key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+        key = getattr(torch._C.DispatchKey, key_name)
+
+        def autocast_kernel(*args, _device_type=device_type, _key=key):
+            dtype = torch.get_autocast_dtype(_device_type) if policy == AUTOCAST_LOWER else torch.float32
+            with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(_key)):
+                return op(*_autocast_cast(args, dtype))
+
+        # the Python dispatcher (torch.compile, export) reads py_kernels; eager calls reach the library kernel
+        if op.has_kernel_for_dispatch_key(key):
+            op.py_kernels.pop(key, None)
+        op.py_impl(key)(autocast_kernel)
+        lib.impl(name, lambda _keyset, *args, _kernel=autocast_kernel: _kernel(*args), key_name, with_keyset=True)
+
 def _check_matches_x(t, name, x, op):
     if t.dtype != x.dtype:
         raise TypeError(f"{op}: {name} must have the dtype of x ({x.dtype}), got {t.dtype}")
@@ -118,6 +174,7 @@ def register_relaxed_linear_op(qualname: str, backward_qualname: str, backward_o
     torch.library.register_fake(qualname)(_relaxed_linear_fake)
     torch.library.register_fake(backward_qualname)(_relaxed_linear_backward_fake)
     torch.library.register_autograd(qualname, make_backward(backward_op), setup_context=_setup_context)
+    register_autocast(qualname, AUTOCAST_LOWER)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,6 +290,7 @@ def register_relaxed_conv2d_op(qualname: str, backward_qualname: str, backward_o
     torch.library.register_fake(backward_qualname)(_relaxed_conv2d_backward_fake)
     torch.library.register_autograd(qualname, make_relaxed_conv2d_backward(backward_op),
                                     setup_context=_relaxed_conv2d_setup_context)
+    register_autocast(qualname, AUTOCAST_LOWER)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,6 +361,10 @@ def register_vn_leaky_relu_op(qualname: str, backward_qualname: str, backward_op
     torch.library.register_fake(backward_qualname)(_vn_leaky_relu_backward_fake)
     torch.library.register_autograd(qualname, make_vn_leaky_relu_backward(backward_op),
                                     setup_context=_vn_leaky_relu_setup_context)
+    register_autocast(qualname, AUTOCAST_FP32)
+
+
+# ---------------------------------------------------------------------------------------------
 # Vector-Neuron batch norm: vn_norm_stats, vn_batch_norm_apply (+ backward). Mirrors
 # csrc/vn_batch_norm.h; shared by the functional layer, the Triton ops and the fake kernels.
 
@@ -437,6 +499,8 @@ def register_vn_batch_norm_ops(stats_qualname: str, apply_qualname: str, backwar
                                     setup_context=_vn_norm_stats_setup_context)
     torch.library.register_autograd(apply_qualname, make_vn_batch_norm_apply_backward(backward_op),
                                     setup_context=_vn_apply_setup_context)
+    register_autocast(stats_qualname, AUTOCAST_FP32)
+    register_autocast(apply_qualname, AUTOCAST_FP32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -519,6 +583,7 @@ def register_relaxation_regularizer_op(qualname: str, backward_qualname: str, ba
     torch.library.register_fake(backward_qualname)(_relaxation_regularizer_backward_fake)
     torch.library.register_autograd(qualname, make_relaxation_regularizer_backward(backward_op),
                                     setup_context=_relaxation_regularizer_setup_context)
+    register_autocast(qualname, AUTOCAST_FP32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -610,6 +675,7 @@ if EXTENSION_LOADED:
         "relaxeq::relaxed_params",
         make_relaxed_params_backward(lambda *a: torch.ops.relaxeq.relaxed_params_backward(*a)),
         setup_context=_relaxed_params_setup_context)
+    register_autocast("relaxeq::relaxed_params", AUTOCAST_FP32)
 
 
 @functools.cache  # the loaded build does not change within a process

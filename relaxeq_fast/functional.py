@@ -49,6 +49,7 @@ def relaxed_linear(x: torch.Tensor, M: torch.Tensor, c: Optional[torch.Tensor] =
         raise TypeError(f"relaxed_linear: x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() < 1:
         raise ValueError("relaxed_linear: x must have shape [..., D_in], got a 0-d tensor")
+    x, M, c = _ops.autocast_inputs(_ops.AUTOCAST_LOWER, x.device.type, x, M, c)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
     _ops.check_relaxed_linear_args(x2, M, c)
@@ -80,6 +81,9 @@ def relaxed_params(weight: torch.Tensor, weight_relax: torch.Tensor, bias: Optio
     Returns:
         M: [C_out d, C_in d]; c: [C_out d], or None when bias and bias_relax are both None.
     """
+    if isinstance(weight, torch.Tensor):
+        weight, weight_relax, bias, bias_relax, theta = _ops.autocast_inputs(
+            _ops.AUTOCAST_FP32, weight.device.type, weight, weight_relax, bias, bias_relax, theta)
     _ops.check_relaxed_params_args(weight, weight_relax, bias, bias_relax, theta)
     if runs_native_composite(weight.device, backend):
         M, c = torch.ops.relaxeq.relaxed_params(weight, weight_relax, bias, bias_relax, theta)
@@ -125,6 +129,7 @@ def vn_leaky_relu(x: torch.Tensor, d: torch.Tensor, negative_slope: float = 0.2,
     op = "vn_leaky_relu"
     _check_vn_features(x, "x", op)
     _check_vn_features(d, "d", op)
+    x, d = _ops.autocast_inputs(_ops.AUTOCAST_FP32, x.device.type, x, d)
     if d.shape[:-2] != x.shape[:-2] or d.shape[-2] not in (1, x.shape[-2]):
         raise ValueError(f"{op}: d must have shape [..., C, 3] or [..., 1, 3] matching x {list(x.shape)}, "
                          f"got {list(d.shape)}")
@@ -186,6 +191,9 @@ def vn_batch_norm(x: torch.Tensor, running_mean: Optional[torch.Tensor], running
     """
     op = "vn_batch_norm"
     _check_vn_features(x, "x", op)
+    # float32 buffers stay the same objects (the running statistics are updated in place)
+    x, running_mean, running_var, weight, bias = _ops.autocast_inputs(
+        _ops.AUTOCAST_FP32, x.device.type, x, running_mean, running_var, weight, bias)
     c = x.shape[-2]
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
         if t is not None and tuple(t.shape) != (c,):
@@ -263,6 +271,8 @@ def relaxed_conv2d(x: torch.Tensor, M: torch.Tensor, c: Optional[torch.Tensor] =
         y: [B, C_out, H + 2 padding − k + 1, W + 2 padding − k + 1]; and r: [] (float32, float64 for
         float64 x) when D is given.
     """
+    if isinstance(x, torch.Tensor):
+        x, M, c, D = _ops.autocast_inputs(_ops.AUTOCAST_LOWER, x.device.type, x, M, c, D)
     _ops.check_relaxed_conv2d_args(x, M, c, D, padding)
     # The ops also return S (the weight gradient of the defect responses, dr/dD = 2 S): internal to
     # their autograd formula, not part of this API, and computed only when D's gradient can be asked for.

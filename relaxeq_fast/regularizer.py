@@ -16,6 +16,7 @@ from typing import Iterable, NamedTuple, Optional
 
 import torch
 
+from . import _ops
 from .backend import resolve_backend
 from .functional import InputStats
 from .reps import Irreps, irrep_generators
@@ -76,6 +77,7 @@ def relaxation_regularizers(W_r: torch.Tensor, b_r: Optional[torch.Tensor], irre
             r_ld, r_n = r_ld + (Ab * Ab).sum(), r_n + (b * b).sum()
         return RegularizerTerms(r_ld, r_n, 1)
     G, s, n = stats
+    W_r, b_r, G, s, rows = _ops.autocast_inputs(_ops.AUTOCAST_FP32, G.device.type, W_r, b_r, G, s, rows)
     lead = W_r.shape[:-2]
     if G.shape != (*lead, irreps_in.dim, irreps_in.dim) or s.shape != (*lead, irreps_in.dim):
         raise ValueError(f"stats must hold G: [{irreps_in.dim}, {irreps_in.dim}] and s: [{irreps_in.dim}], "

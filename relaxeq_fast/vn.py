@@ -203,12 +203,17 @@ def knn_indices(points: torch.Tensor, k: int, chunk: int = 256) -> torch.Tensor:
     P = points.shape[1]
     if not isinstance(k, int) or k < 1 or k > P:
         raise ValueError(f"knn_indices: k must be an int in [1, P] = [1, {P}] (points per cloud), got {k!r}")
-    sq = (points * points).sum(-1)  # [B, P]
-    out = []
-    for start in range(0, P, chunk):
-        q = points[:, start:start + chunk]
-        dist = sq[:, start:start + chunk, None] - 2 * q @ points.transpose(1, 2) + sq[:, None, :]
-        out.append(dist.topk(k, dim=-1, largest=False).indices)
+    # in float32 under autocast too: bfloat16 distances (3 digits) reorder near neighbours, which changes the
+    # graph and so the whole gradient
+    with torch.autocast(points.device.type, enabled=False):
+        if points.dtype in (torch.float16, torch.bfloat16):
+            points = points.float()
+        sq = (points * points).sum(-1)  # [B, P]
+        out = []
+        for start in range(0, P, chunk):
+            q = points[:, start:start + chunk]
+            dist = sq[:, start:start + chunk, None] - 2 * q @ points.transpose(1, 2) + sq[:, None, :]
+            out.append(dist.topk(k, dim=-1, largest=False).indices)
     return torch.cat(out, 1)
 
 

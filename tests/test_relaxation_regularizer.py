@@ -3,6 +3,8 @@ float64 reference: the sums over rows Σ_k Σ_n ‖C_k x_n − A_k b‖², Σ_n 
 differentiated by autograd. Plus gradcheck, opcheck, torch.compile, odd shapes and bad input."""
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from relaxeq_fast import VN, Irreps, InputStats, use_backend
 from relaxeq_fast import _ops
@@ -11,7 +13,7 @@ from relaxeq_fast.regularizer import (_flat_irreps, _generator_list, relaxation_
                                       relaxation_regularizers)
 from relaxeq_fast.vn import model_regularizers, set_theta
 
-from testing import DEVICES, RecordOps, assert_close_scaled
+from testing import DEVICES, WRITABLE_LAYOUTS, RecordOps, assert_close_scaled, contiguous64, layouts, with_layout
 
 pytestmark = pytest.mark.skipif(not _ops.EXTENSION_LOADED, reason="the native extension is not built")
 
@@ -78,6 +80,52 @@ def test_values_and_gradients_match_dense_reference(rin, rout, L, bias, use_rows
     assert_close_scaled(W.grad.cpu(), Wd.grad, tol, "dW_r")
     if bias:
         assert_close_scaled(b.grad.cpu(), bd.grad, tol, "db_r")
+
+
+# Property test of the native op (torch.ops.relaxeq.relaxation_regularizer and its backward op, checked to run):
+# tiny representations (VN(1..3), scalars, irreps with l up to 3), L = 1..4 layers, n = 0..7 rows, both dtypes
+# (tolerances: RTOL), bias or not, closed form or rows, and W_r, b_r, the rows, G, s and the generators each in
+# a drawn memory layout (testing.LAYOUTS; W_r, b_r and the rows may be broadcast along any dim -- G and s are
+# then formed from the broadcast rows' values; G, s and the generators keep their values, so never broadcast).
+# Against the float64 dense reference on contiguous copies of the rows.
+REPS = [VN(1), VN(2), VN(3), Irreps("1x0"), Irreps("2x0+1x1"), Irreps("1x1+1x2"), Irreps("1x0+1x1+1x3")]
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(rin=st.sampled_from(REPS), rout=st.sampled_from(REPS), L=st.integers(1, 4), n=st.integers(0, 7),
+       bias=st.booleans(), use_rows=st.booleans(), dtype=st.sampled_from([torch.float64, torch.float32]),
+       layout_W=layouts((0, 1, 2)), layout_b=layouts((0, 1)), layout_X=layouts((0, 1, 2)),
+       layout_G=layouts(allowed=WRITABLE_LAYOUTS), layout_s=layouts(allowed=WRITABLE_LAYOUTS),
+       layout_gens=layouts(allowed=WRITABLE_LAYOUTS), seed=st.integers(0, 2 ** 16))
+def test_hypothesis_strided_inputs_match_dense_reference(rin, rout, L, n, bias, use_rows, dtype, layout_W, layout_b,
+                                                         layout_X, layout_G, layout_s, layout_gens, seed):
+    W, b, X, _, _ = make_inputs(rin, rout, L, n, bias, dtype, "cpu", seed)
+    W = with_layout(W, *layout_W).requires_grad_()
+    b = with_layout(b, *layout_b).requires_grad_() if bias else None
+    X = with_layout(X, *layout_X)
+    Xs = X.contiguous()  # the statistics' dtype is the dtype of the rows for float32 and float64
+    G = with_layout(Xs.mT @ Xs, *layout_G)
+    s = with_layout(Xs.sum(1), *layout_s)
+    gens = [with_layout(g, *layout_gens) for g in _generator_list(rin, rout, G.dtype, G.device)]
+    w_ld = torch.linspace(0.5, 1.5, L, dtype=torch.float64)  # distinct upstream weights per layer and term
+    w_n = torch.linspace(2.0, 0.7, L, dtype=torch.float64)
+    with RecordOps() as ops:
+        r_ld, r_n = torch.ops.relaxeq.relaxation_regularizer(W, b, G, s, X if use_rows else None, n,
+                                                             _flat_irreps(rin), _flat_irreps(rout), gens)[:2]
+        grads = torch.autograd.grad((r_ld.double() * w_ld).sum() + (r_n.double() * w_n).sum(),
+                                    [t for t in (W, b) if t is not None])
+    assert "relaxeq.relaxation_regularizer" in ops.ops and "relaxeq.relaxation_regularizer_backward" in ops.ops
+    Wd = contiguous64(W).requires_grad_()
+    bd = contiguous64(b).requires_grad_() if bias else None
+    e_ld, e_n = dense_ref(Wd, bd, contiguous64(X), rin, rout)
+    want = torch.autograd.grad((e_ld * w_ld).sum() + (e_n * w_n).sum(), [t for t in (Wd, bd) if t is not None])
+    tol = RTOL[dtype]
+    assert r_ld.shape == r_n.shape == (L,) and r_ld.dtype == G.dtype
+    assert_close_scaled(r_ld, e_ld, tol, "R_LD")
+    assert_close_scaled(r_n, e_n, tol, "R_N")
+    for name, leaf, g, e in zip(("dW_r", "db_r"), (W, b), grads, want):
+        assert g.shape == leaf.shape and g.dtype == dtype, f"{name}: {tuple(g.shape)} {g.dtype}"
+        assert_close_scaled(g, e, tol, name)
 
 
 @pytest.mark.parametrize("rin,rout", REP_PAIRS[:2], ids=IDS[:2])

@@ -258,11 +258,11 @@ HALF_TOLS = {torch.float16: 2e-3, torch.bfloat16: 2e-2}
 HALF_SHAPES = [shape for shape in SHAPES[1:] if shape[0] < 10000]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="float16/bfloat16 kernels are GPU-only; no CUDA GPU here")
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("n,d_in,d_out", HALF_SHAPES)
-def test_half_precision_cuda(dtype, n, d_in, d_out):
-    x, M, c = make_inputs(n, d_in, d_out, dtype, "cuda")
+def test_half_precision(dtype, n, d_in, d_out, device):
+    x, M, c = make_inputs(n, d_in, d_out, dtype, device)
     x.requires_grad_(); M.requires_grad_()
     y, G, s = torch.ops.relaxeq.relaxed_linear(x, M, c, True)
     assert G.dtype == torch.float32 and s.dtype == torch.float32
@@ -310,8 +310,8 @@ BAD_CALLS = [
         torch.randn(2, 4), torch.randn(3, 4), torch.randn(4), True)),
     ("c must have the dtype of x", lambda: torch.ops.relaxeq.relaxed_linear(
         torch.randn(2, 4), torch.randn(3, 4), torch.randn(3, dtype=torch.float64), True)),
-    ("x must be float32 or float64 on CPU", lambda: torch.ops.relaxeq.relaxed_linear(
-        torch.randn(2, 4, dtype=torch.float16), torch.randn(3, 4, dtype=torch.float16), None, True)),
+    ("x must be float32, float64, bfloat16 or float16 on CPU", lambda: torch.ops.relaxeq.relaxed_linear(
+        torch.ones(2, 4, dtype=torch.int32), torch.ones(3, 4, dtype=torch.int32), None, True)),
     ("dy must have shape [N, D_out]", lambda: torch.ops.relaxeq.relaxed_linear_backward(
         torch.randn(2, 2), torch.randn(2, 4), torch.randn(3, 4), [True, True, True])),
     # through the functional layer (checks before dispatch, so device mismatches name the argument too)

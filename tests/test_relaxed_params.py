@@ -3,6 +3,8 @@ reference written element by element (no kron, no relaxeq code), its gradients b
 reference; gradcheck, opcheck, torch.compile, odd shapes, bad input, and the layers that use it."""
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from relaxeq_fast import _ops, functional as F, use_backend
 from relaxeq_fast.models import VNPointNet
@@ -10,7 +12,7 @@ from relaxeq_fast.nn import RelaxedLinear
 from relaxeq_fast.reference import relaxed_params_ref
 from relaxeq_fast.reps import VN, Irreps
 
-from testing import DEVICES, RecordOps
+from testing import DEVICES, RecordOps, assert_close_scaled, contiguous64, layouts, with_layout
 
 pytestmark = pytest.mark.skipif(not _ops.EXTENSION_LOADED, reason="the native extension is not built")
 
@@ -78,6 +80,59 @@ def test_values_and_gradients_match_elementwise_reference(c_out, c_in, d, bias, 
     want = torch.autograd.grad((RM * gM).sum() + (0 if c is None else (Rc * gc).sum()), ref_inputs)
     for name, a, e in zip(("weight", "weight_relax", "bias", "bias_relax"), got, want):
         torch.testing.assert_close(a.double().cpu(), e, rtol=rtol, atol=rtol * 10, msg=lambda m: f"d{name}: {m}")
+
+
+def elementwise_grads(gM, gc, c_out, c_in, d, theta):
+    """Gradients of <M, gM> + <c, gc> entry by entry, float64: d weight[o, i] = Σ_a gM[o·d + a, i·d + a],
+    d weight_relax = θ gM, d bias = gc, d bias_relax = θ gc."""
+    gw = torch.empty(c_out, c_in, dtype=torch.float64)
+    for o in range(c_out):
+        for i in range(c_in):
+            gw[o, i] = sum(float(gM[o * d + a, i * d + a]) for a in range(d))
+    return gw, float(theta) * gM, gc, float(theta) * gc
+
+
+# Property test of the native op (torch.ops.relaxeq.relaxed_params and its backward op, checked to run): tiny
+# shapes (C_out, C_in, d from 1 to 5), both dtypes (tolerances: RTOL; gradients 10x: d weight sums d entries),
+# every combination of the two biases, θ from {0, 0.37, 1, -1.5}, and weight, weight_relax, the biases (each
+# may be broadcast along any dim) and θ (a 0-d view at a storage offset) each in a drawn memory layout
+# (testing.LAYOUTS). Against the entry-by-entry float64 reference on contiguous copies.
+@settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(c_out=st.integers(1, 5), c_in=st.integers(1, 5), d=st.integers(1, 5), bias=st.booleans(),
+       bias_relax=st.booleans(), dtype=st.sampled_from([torch.float64, torch.float32]),
+       theta=st.sampled_from([0.0, 0.37, 1.0, -1.5]), layout_w=layouts((0, 1)), layout_W=layouts((0, 1)),
+       layout_b=layouts(), layout_br=layouts(), layout_theta=layouts(allowed=("contiguous", "sliced")),
+       seed=st.integers(0, 2 ** 16))
+def test_hypothesis_strided_inputs_match_elementwise_reference(c_out, c_in, d, bias, bias_relax, dtype, theta,
+                                                               layout_w, layout_W, layout_b, layout_br, layout_theta,
+                                                               seed):
+    w, W_r, b, b_r, th = make_inputs(c_out, c_in, d, bias, bias_relax, dtype, "cpu", theta, seed)
+    w, W_r = with_layout(w, *layout_w).requires_grad_(), with_layout(W_r, *layout_W).requires_grad_()
+    b = None if b is None else with_layout(b, *layout_b).requires_grad_()
+    b_r = None if b_r is None else with_layout(b_r, *layout_br).requires_grad_()
+    th = with_layout(th, *layout_theta)
+    g = torch.Generator().manual_seed(seed + 1)
+    gM = torch.randn(c_out * d, c_in * d, dtype=torch.float64, generator=g)
+    gc = torch.randn(c_out * d, dtype=torch.float64, generator=g)
+    has_c = bias or bias_relax
+    leaves = [t for t in (w, W_r, b, b_r) if t is not None]
+    with RecordOps() as ops:
+        M, c = torch.ops.relaxeq.relaxed_params(w, W_r, b, b_r, th)
+        grads = torch.autograd.grad((M * gM.to(dtype)).sum() + ((c * gc.to(dtype)).sum() if has_c else 0), leaves)
+    assert "relaxeq.relaxed_params" in ops.ops and "relaxeq.relaxed_params_backward" in ops.ops, ops.ops
+    eM, ec = elementwise_ref(*map(contiguous64, (w, W_r, b, b_r)), float(th))
+    rtol = RTOL[dtype]
+    assert M.shape == W_r.shape and M.dtype == dtype
+    assert_close_scaled(M, eM, rtol, "M")
+    assert c.shape == ((c_out * d,) if has_c else (0,))
+    if has_c:
+        assert_close_scaled(c, ec, rtol, "c")
+    gw, gW, gb, gbr = elementwise_grads(gM.to(dtype).double(), gc.to(dtype).double(), c_out, c_in, d, float(th))
+    want = [gw, gW] + ([gb] if bias else []) + ([gbr] if bias_relax else [])
+    names = ["weight", "weight_relax"] + (["bias"] if bias else []) + (["bias_relax"] if bias_relax else [])
+    for name, leaf, got, e in zip(names, leaves, grads, want):
+        assert got.shape == leaf.shape, f"d{name}: shape {tuple(got.shape)} != the input's {tuple(leaf.shape)}"
+        assert_close_scaled(got, e, 10 * rtol, f"d{name}")
 
 
 def test_gradcheck_and_opcheck():

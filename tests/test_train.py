@@ -195,6 +195,42 @@ def test_train_step_never_reads_a_tensor_back_to_the_host(model, extra):
     assert len(mode.reads) == 1
 
 
+def test_amp_step_runs_the_relaxed_maps_in_bfloat16_without_host_reads():
+    """--amp bf16 on CPU: the relaxed linear maps run in bfloat16 (their statistics and the regulariser in
+    float32), the parameters stay float32, the step stays free of host reads, and its loss is within
+    bfloat16 rounding of the float32 step's (measured 3.1e-2 relative at this tiny size; bound 6e-2)."""
+    from testing import RecordOps
+    losses = {}
+    for amp in (None, "bf16"):
+        torch.manual_seed(0)
+        cfg = T.TrainConfig(model="vn_pointnet", dataset="shapes", num_points=32, k=6, width=0.25, batch_size=8,
+                            amp=amp).resolved()
+        net = T.build_model(cfg, num_classes=5)
+        gen = torch.Generator().manual_seed(0)
+        x, y = torch.randn(8, 32, 3, generator=gen), torch.randint(0, 5, (8,), generator=gen)
+        opt = torch.optim.Adam(net.parameters(), fused=True)
+        theta_buffer = relaxed_layers(net).__next__().theta
+        with _HostReads() as mode, RecordOps() as record:
+            stats = loop.train_step(net, net, x, y, cfg, opt, theta_buffer, None, 1.0)
+        assert mode.reads == [], "host reads in the step:\n" + "\n---\n".join(mode.reads)
+        assert record.first_output_dtypes["relaxeq.relaxed_linear"] == ({torch.bfloat16} if amp else {torch.float32})
+        assert record.first_output_dtypes["relaxeq.relaxation_regularizer"] == {torch.float32}
+        assert all(p.dtype == torch.float32 for p in net.parameters())
+        losses[amp] = stats[0].item()
+    assert abs(losses["bf16"] - losses[None]) <= 6e-2 * abs(losses[None]), losses
+    assert losses["bf16"] != losses[None]  # non-vacuous: the bf16 step did compute something else
+
+
+def test_amp_run_trains_and_resumes(tmp_path):
+    run = str(tmp_path / "amp")
+    _run(TINY + ["--amp", "--epochs", "2", "--stop-after", "1", "--run-dir", run])
+    _run(["--resume", run, "--no-progress"])
+    rows = _metrics(run)
+    assert len(rows) == 2 and all(math.isfinite(float(r["train_loss"])) for r in rows)
+    with open(os.path.join(run, "config.json")) as f:
+        assert json.load(f)["amp"] == "bf16"
+
+
 def test_progress_in_a_log_file_is_lines_not_bar_frames(tmp_path, capsys):
     """stderr not a terminal (pytest captures it): no carriage-return frames, one line per epoch."""
     with_progress = [a for a in TINY if a != "--no-progress"]
@@ -358,6 +394,9 @@ def test_non_finite_loss_stops_without_touching_the_checkpoint(tmp_path, monkeyp
     (["--val-fraction", "0.9"], "larger than the training set (6 samples after --val-fraction 0.9)"),
     (["--relaxed-maps", "most"], "--relaxed-maps must be one of"),
     (["--relax-lr", "half"], "--relax-lr must be 'same' or 'theta', got 'half'"),
+    (["--amp", "fp8"], "--amp must be one of ['bf16', 'fp16'], got 'fp8'"),
+    (["--amp", "fp16"], "--amp fp16 needs --device cuda"),
+    (["--amp", "--dtype", "float64"], "--amp needs --dtype float32"),
 ])
 def test_bad_configuration_is_one_line_naming_the_cause(extra, cause, tmp_path, capsys):
     rc = T.main(TINY + ["--run-dir", str(tmp_path / "bad")] + extra)

@@ -5,16 +5,19 @@ reference relaxeq_fast.reference.vn_batch_norm_ref (its autograd gives the refer
 Triton tests run through the interpreter on machines without a GPU (TRITON_INTERPRET=1 is set by
 conftest.py before anything imports the kernel module); their shapes are kept tiny.
 """
+import math
 import os
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import relaxeq_fast
 from relaxeq_fast import functional
 from relaxeq_fast.reference import vn_batch_norm_ref
 
-from testing import DEVICES, assert_close_scaled, num_threads
+from testing import DEVICES, WRITABLE_LAYOUTS, RecordOps, assert_close_scaled, layouts, num_threads, with_layout
 
 needs_native = pytest.mark.skipif(not relaxeq_fast.build_info()["extension_loaded"],
                                   reason="relaxeq_fast._C is not built")
@@ -62,6 +65,15 @@ def _mode_args(mode, rm, rv):
     return rm, rv, training
 
 
+def check_against(got, ref, same_dtype_ref, dtype, tol, name):
+    """assert_close_scaled against the float64 reference `ref`; below float64, no tighter than 4x the error of
+    torch's own evaluation of the reference in the input dtype (`same_dtype_ref`): see TOLS."""
+    if dtype != torch.float64 and ref.numel():
+        floor = (same_dtype_ref.double() - ref.double()).abs().max().item()
+        tol = max(tol, 4 * floor / max(1.0, ref.abs().max().item()))
+    assert_close_scaled(got, ref, tol, name)
+
+
 def run_and_compare(backend, device, dtype, tols, n, c, mode, affine, seed=0, x=None, momentum=0.1, eps=1e-5,
                     norm_eps=1e-6):
     """Forward, running stats and gradients (x, weight, bias) of the functional on ``backend``
@@ -95,10 +107,7 @@ def run_and_compare(backend, device, dtype, tols, n, c, mode, affine, seed=0, x=
     yd, grads_d = reference(lambda t: t.to(dtype).clone(), rm_d, rv_d)
 
     def check(got, ref, same_dtype_ref, tol, name):
-        if dtype != torch.float64 and ref.numel():
-            floor = (same_dtype_ref.double() - ref.double()).abs().max().item()
-            tol = max(tol, 4 * floor / max(1.0, ref.abs().max().item()))
-        assert_close_scaled(got, ref, tol, name)
+        check_against(got, ref, same_dtype_ref, dtype, tol, name)
 
     assert torch.isfinite(y).all()
     check(y, yr, yd, tols["y"], "y")
@@ -165,6 +174,64 @@ def test_native_nondefault_momentum_and_eps(device, dtype, tols, mode, momentum,
     params = {"momentum": momentum, "eps": eps, "norm_eps": norm_eps}
     assert_params_matter(300, 5, mode, params, seed=21)
     run_and_compare("native", device, dtype, tols, 300, 5, mode, True, seed=21, **params)
+
+
+# Property test of the native CPU ops (vn_norm_stats, vn_batch_norm_apply and its backward op, checked to
+# run) through functional.vn_batch_norm: tiny shapes (one or two leading dims, size 1 and odd sizes, C up to
+# 9), both dtypes (tolerances: TOLS, with check_against's floor for badly conditioned float32 batches), every
+# mode, affine or not, non-default momentum / eps / norm_eps drawn too, and x, weight, bias and the running
+# stats each in a drawn memory layout (testing.LAYOUTS; x broadcast along channels or xyz only -- rows all
+# equal would make the variance 0; running stats, updated in place, never broadcast). With one leading dim
+# the ops get x's strides as they are (the reshape to [N, C, 3] is a view). Against the float64 reference on
+# contiguous copies.
+@needs_native
+@settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(lead=st.lists(st.integers(1, 5), min_size=1, max_size=2), c=st.integers(1, 9),
+       dtype_tols=st.sampled_from([(p.values[0], p.values[1]) for p in TOLS]), mode=st.sampled_from(MODES),
+       affine=st.booleans(), momentum=st.sampled_from([0.1, 0.5]), eps=st.sampled_from([1e-5, 1e-2]),
+       norm_eps=st.sampled_from([1e-6, 0.25]), layout_x=layouts((-2, -1)), layout_w=layouts(), layout_b=layouts(),
+       layout_rm=layouts(allowed=WRITABLE_LAYOUTS), layout_rv=layouts(allowed=WRITABLE_LAYOUTS),
+       seed=st.integers(0, 2 ** 16))
+def test_hypothesis_native_strided_inputs_match_reference(lead, c, dtype_tols, mode, affine, momentum, eps, norm_eps,
+                                                          layout_x, layout_w, layout_b, layout_rm, layout_rv, seed):
+    dtype, tols = dtype_tols
+    training = mode != "eval"
+    if training and math.prod(lead) < 2:
+        lead = [2] + lead[1:]  # batch statistics need two rows
+    x, w, b, rm, rv = make_inputs(0, c, dtype, "cpu", affine, seed, lead=lead)
+    x = with_layout(x, *layout_x)
+    w = None if w is None else with_layout(w, *layout_w)
+    b = None if b is None else with_layout(b, *layout_b)
+    running = mode != "train_batch"
+    rm_d = with_layout(rm, *layout_rm) if running else None
+    rv_d = with_layout(rv, *layout_rv) if running else None
+    leaves = [t.requires_grad_() for t in (x, w, b) if t is not None]
+    gy = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    with RecordOps() as ops:
+        y = functional.vn_batch_norm(x, rm_d, rv_d, w, b, training, momentum, eps, norm_eps, backend="native")
+        grads = torch.autograd.grad(y, leaves, gy.to(dtype))
+    expected_ops = ["relaxeq.vn_batch_norm_apply", "relaxeq.vn_batch_norm_apply_backward"]
+    assert all(op in ops.ops for op in expected_ops + ["relaxeq.vn_norm_stats"] * training), ops.ops
+
+    def reference(ref_dtype):
+        """y, the gradients and the running stats by vn_batch_norm_ref on contiguous [N, C, 3] copies."""
+        ls = [t.detach().to(ref_dtype).contiguous().requires_grad_() for t in leaves]
+        wr, br = (ls[1], ls[2]) if affine else (None, None)
+        rm_r, rv_r = (rm.to(ref_dtype).clone(), rv.to(ref_dtype).clone()) if running else (None, None)
+        yr = vn_batch_norm_ref(ls[0].reshape(-1, c, 3), rm_r, rv_r, wr, br, training, momentum, eps, norm_eps)
+        yr = yr.reshape(x.shape)
+        return yr, torch.autograd.grad(yr, ls, gy.to(ref_dtype)), rm_r, rv_r
+
+    yr, grads_r, rm_r, rv_r = reference(torch.float64)
+    yd, grads_d, rm_dd, rv_dd = reference(dtype)
+    assert y.shape == x.shape and y.dtype == dtype
+    check_against(y, yr, yd, dtype, tols["y"], "y")
+    for name, leaf, g, gr, gd in zip(("grad_x", "grad_weight", "grad_bias"), leaves, grads, grads_r, grads_d):
+        assert g.shape == leaf.shape, f"{name}: shape {tuple(g.shape)} != the input's {tuple(leaf.shape)}"
+        check_against(g, gr, gd, dtype, tols["grad"], name)
+    if running:
+        check_against(rm_d, rm_r, rm_dd, dtype, tols["stats"], "running_mean")
+        check_against(rv_d, rv_r, rv_dd, dtype, tols["stats"], "running_var")
 
 
 @needs_native

@@ -9,13 +9,16 @@ import os
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import relaxeq_fast
 from relaxeq_fast import functional, random_rotation
 from relaxeq_fast.backend import triton_available
 from relaxeq_fast.reference import vn_leaky_relu_ref
 
-from testing import CUDA_SKIP_REASON, DEVICES, assert_close_scaled, has_cuda, num_threads
+from testing import (CUDA_SKIP_REASON, DEVICES, RecordOps, assert_close_scaled, contiguous64, has_cuda, layouts,
+                     num_threads, with_layout)
 
 _native_built = relaxeq_fast.build_info()["extension_loaded"]
 needs_native = pytest.mark.skipif(not _native_built, reason="relaxeq_fast._C is not built")
@@ -305,6 +308,46 @@ def test_non_contiguous_inputs(backend, device, shared):
     outf = functional.vn_leaky_relu(xf, df, SLOPE, EPS, backend=backend)
     assert outf.shape == xf.shape
     assert_close_scaled(outf, ref64(xf.reshape(6, c, 3), df.reshape(6, -1, 3)).reshape(xf.shape), 1e-12, "functional")
+
+
+# Property test of the native CPU op (torch.ops.relaxeq.vn_leaky_relu and its backward op, checked to run):
+# tiny shapes (N = 0 and 1 included, odd C), both dtypes (tolerances: DTYPES), shared or per-channel d,
+# slopes and eps other than the defaults, and x, d and grad_out each in a drawn memory layout
+# (testing.LAYOUTS: transposed xyz, permuted, NaN-gapped slices, broadcast along rows, channels or xyz --
+# for a per-channel d, a broadcast along channels is a shared direction written out). Against the float64
+# reference on contiguous copies; the backward op is also called directly with the strided grad_out
+# (autograd hands the op a contiguous one).
+@needs_native
+@settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(0, 5), c=st.integers(1, 9), shared=st.booleans(),
+       dtype_tols=st.sampled_from([(p.values[0], p.values[1], p.values[2]) for p in DTYPES]),
+       slope=st.sampled_from([0.0, 0.2, 0.37, 0.9]), eps=st.sampled_from([1e-6, 1e-2]),
+       layout_x=layouts((0, 1, 2)), layout_d=layouts((0, 1, 2)), layout_g=layouts((0, 1, 2)),
+       seed=st.integers(0, 2 ** 16))
+def test_hypothesis_native_strided_inputs_match_reference(n, c, shared, dtype_tols, slope, eps, layout_x, layout_d,
+                                                          layout_g, seed):
+    dtype, tol, gtol = dtype_tols
+    x, d = make_inputs(n, c, shared, dtype, "cpu", seed=seed)
+    x, d = with_layout(x, *layout_x), with_layout(d, *layout_d)
+    grad_out = torch.randn(n, c, 3, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    grad_out = with_layout(grad_out.to(dtype), *layout_g)
+    x.requires_grad_()
+    d.requires_grad_()
+    with RecordOps() as ops:
+        out = _native_op()(x, d, slope, eps)
+        gx, gd = torch.autograd.grad(out, (x, d), grad_out)
+    assert "relaxeq.vn_leaky_relu" in ops.ops and "relaxeq.vn_leaky_relu_backward" in ops.ops, ops.ops
+    x64, d64 = contiguous64(x).requires_grad_(), contiguous64(d).requires_grad_()
+    want = vn_leaky_relu_ref(x64, d64, slope, eps)
+    gx_ref, gd_ref = torch.autograd.grad(want, (x64, d64), contiguous64(grad_out))
+    assert out.shape == x.shape and out.dtype == dtype
+    assert_close_scaled(out, want, tol, "out")
+    assert gx.shape == x.shape and gd.shape == d.shape, "gradients must have the inputs' shapes"
+    assert_close_scaled(gx, gx_ref, gtol, "grad_x")
+    assert_close_scaled(gd, gd_ref, gtol, "grad_d")
+    gx2, gd2 = _native_backward_op()(grad_out, x.detach(), d.detach(), slope, eps, [True, True])
+    assert_close_scaled(gx2, gx_ref, gtol, "grad_x (backward op, strided grad_out)")
+    assert_close_scaled(gd2, gd_ref, gtol, "grad_d (backward op, strided grad_out)")
 
 
 def _well_separated(n, c, shared, seed):

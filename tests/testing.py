@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from hypothesis import strategies as st
 
 
 def has_cuda() -> bool:
@@ -76,6 +77,55 @@ def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, rtol: floa
     assert err.max().item() <= rtol * scale, f"{name}: max abs err {err.max().item():.3e} > {rtol:.1e} * {scale:.3e}"
 
 
+# Memory layouts for the property tests (hypothesis) of the ops' non-contiguous inputs. with_layout(t, layout,
+# dim) returns a tensor with t's values (for "expanded": t's first slice along dim, repeated) in that layout;
+# an op's result on it must equal the reference on a contiguous copy of it.
+#   contiguous  a plain copy
+#   transposed  the last two dims swapped, made contiguous, swapped back (.mT): the rows are strided
+#   permuted    every dim reversed, made contiguous, put back: no dim has stride 1 where it should
+#   sliced      every other entry, in every dim, of a buffer twice as large that holds NaN in between (a
+#               kernel that steps by the wrong stride reads NaN); for a 0-d tensor, one entry of a 3-vector
+#               at storage offset 1
+#   expanded    a broadcast view: stride 0 along dim (where the op allows repeated values there)
+# "transposed" and "permuted" of a tensor with fewer than 2 dims are "sliced".
+LAYOUTS = ("contiguous", "transposed", "permuted", "sliced", "expanded")
+WRITABLE_LAYOUTS = ("contiguous", "transposed", "permuted", "sliced")  # for tensors updated in place
+
+
+def layouts(expand_dims=(0,), allowed=LAYOUTS):
+    """Hypothesis strategy: (layout, dim) arguments of with_layout; dim, the one expanded, from expand_dims."""
+    return st.tuples(st.sampled_from(allowed), st.sampled_from(expand_dims))
+
+
+def with_layout(t: torch.Tensor, layout: str, dim: int = 0) -> torch.Tensor:
+    """t (detached) in the memory layout `layout` (see LAYOUTS), with the same values except for "expanded"."""
+    t = t.detach()
+    if layout == "contiguous":
+        return t.clone()
+    if layout == "expanded":
+        if t.dim() == 0 or t.shape[dim] == 0:
+            return t.clone()
+        return t.narrow(dim, 0, 1).expand(t.shape)
+    if layout == "transposed" and t.dim() >= 2:
+        return t.mT.contiguous().mT
+    if layout == "permuted" and t.dim() >= 2:
+        order = list(range(t.dim()))[::-1]
+        return t.permute(order).contiguous().permute(order)  # reversing twice is the identity
+    if t.dim() == 0:
+        buffer = torch.full((3,), float("nan"), dtype=t.dtype, device=t.device)
+        buffer[1] = t
+        return buffer[1]
+    buffer = torch.full([2 * n for n in t.shape], float("nan"), dtype=t.dtype, device=t.device)
+    view = buffer[(slice(None, None, 2),) * t.dim()]
+    view.copy_(t)
+    return view
+
+
+def contiguous64(t):
+    """A detached, contiguous float64 copy for the reference (None stays None)."""
+    return None if t is None else t.detach().to(torch.float64).contiguous()
+
+
 def record_need_S(monkeypatch) -> list:
     """Make relaxeq_fast.functional.relaxed_conv2d log, in the returned list, the need_S it passes to
     the op of whichever backend."""
@@ -136,7 +186,8 @@ def conv2d_im2col_ref(x, M, c, D, padding: int, dy=None, dr: float = 0.0) -> dic
 
 class RecordOps:
     """Context manager: the names of the ops dispatched inside it (``aten.mm``, ``relaxeq.relaxed_linear``), in
-    order, as a TorchDispatchMode sees them (below autograd: a step's forward and backward ops)."""
+    order, as a TorchDispatchMode sees them (below autograd: a step's forward and backward ops), and per op name
+    the dtypes of its first output (``first_output_dtypes``)."""
 
     def __enter__(self):
         from torch.utils._python_dispatch import TorchDispatchMode
@@ -144,10 +195,15 @@ class RecordOps:
 
         class _Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                recorder.ops.append(str(func.overloadpacket))
-                return func(*args, **(kwargs or {}))
+                name = str(func.overloadpacket)
+                recorder.ops.append(name)
+                out = func(*args, **(kwargs or {}))
+                first = out[0] if isinstance(out, (tuple, list)) and out else out
+                if isinstance(first, torch.Tensor):
+                    recorder.first_output_dtypes.setdefault(name, set()).add(first.dtype)
+                return out
 
-        self.ops = []
+        self.ops, self.first_output_dtypes = [], {}
         self._mode = _Mode()
         self._mode.__enter__()
         return self

@@ -13,6 +13,7 @@
 // Backward (gradients of y only): relaxed_conv2d_backward_aten (../relaxed_conv2d.h), shared with CUDA.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -40,6 +41,7 @@ template <typename T>
 double split_epilogue(const at::Tensor& out, at::Tensor& y, const std::optional<at::Tensor>& c, int64_t c_out) {
   const int64_t batch = out.size(0), c_all = out.size(1), plane = out.size(2) * out.size(3);
   const int64_t c_d = c_all - c_out;
+  using acc_t = at::opmath_type<T>;
   const T* src = out.const_data_ptr<T>();
   T* dst = y.data_ptr<T>();
   const at::Tensor cc = c.has_value() ? c->contiguous() : at::Tensor();
@@ -52,12 +54,12 @@ double split_epilogue(const at::Tensor& out, at::Tensor& y, const std::optional<
       const T* s = src + p * plane;
       if (ch < c_out) {
         T* d = dst + (b * c_out + ch) * plane;
-        const T add = bias != nullptr ? bias[ch] : T(0);
-        for (int64_t i = 0; i < plane; ++i) d[i] = s[i] + add;
+        const acc_t add = bias != nullptr ? static_cast<acc_t>(bias[ch]) : acc_t(0);
+        for (int64_t i = 0; i < plane; ++i) d[i] = static_cast<T>(static_cast<acc_t>(s[i]) + add);
       } else {
-        // T accumulators vectorise; one plane is short enough (H' W' terms) for T = float.
-        T acc = T(0);
-        for (int64_t i = 0; i < plane; ++i) acc += s[i] * s[i];
+        // acc_t (float for float and the half types) vectorises; one plane is short enough (H' W' terms).
+        acc_t acc = acc_t(0);
+        for (int64_t i = 0; i < plane; ++i) acc += static_cast<acc_t>(s[i]) * static_cast<acc_t>(s[i]);
         partial[static_cast<size_t>(b * c_d + (ch - c_out))] = static_cast<double>(acc);
       }
     }
@@ -77,7 +79,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> relaxed_conv2d_cpu(const at::Tens
   // worker threads' ATen calls out of it.
   const auto x = x_in.detach(), M = M_in.detach();
   const auto c = detached(c_in), D = detached(D_in);
-  check_cpu(x, op, "x");
+  check_cpu(x, op, "x", /*reduced_ok=*/true);
   const auto sdt = stats_dtype(x.scalar_type());
   if (!D.has_value()) {
     return {conv(x, M, c, padding).contiguous(), at::empty({0}, x.options().dtype(sdt)),
@@ -87,14 +89,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> relaxed_conv2d_cpu(const at::Tens
   const auto out = conv(x, at::cat({M, *D}, 0), std::nullopt, padding).contiguous();
   auto y = at::empty({out.size(0), c_out, out.size(2), out.size(3)}, x.options());
   double r = 0.0;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "relaxed_conv2d_cpu",
-                             [&] { r = split_epilogue<scalar_t>(out, y, c, c_out); });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "relaxed_conv2d_cpu",
+                                  [&] { r = split_epilogue<scalar_t>(out, y, c, c_out); });
   const auto r_t = at::scalar_tensor(r, x.options().dtype(sdt));
   if (!need_S) return {y, r_t, at::empty({0}, x.options().dtype(sdt))};
   // S = sum_positions z (x) patch: the weight gradient of z, taken while z (the defect planes of
-  // `out`) is live. On CPU x is float32 or float64, so the stats dtype is the dtype of x.
-  const auto z = out.narrow(1, c_out, D->size(0));
-  auto S = std::get<1>(at::convolution_backward(z, x, *D, std::nullopt, /*stride=*/{1, 1},
+  // `out`) is live; in the stats dtype (float32 for the half types: a sum over every position).
+  const auto z = out.narrow(1, c_out, D->size(0)).to(sdt);
+  auto S = std::get<1>(at::convolution_backward(z, x.to(sdt), D->to(sdt), std::nullopt, /*stride=*/{1, 1},
                                                 /*padding=*/{padding, padding}, /*dilation=*/{1, 1},
                                                 /*transposed=*/false, /*output_padding=*/{0, 0}, /*groups=*/1,
                                                 {false, true, false}));
@@ -108,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> relaxed_conv2d_backward_cpu(const
   const char* op = "relaxed_conv2d_backward";
   check_relaxed_conv2d_backward_args(dy_in, x_in, M_in, padding);
   const auto dy = dy_in.detach(), x = x_in.detach(), M = M_in.detach();
-  check_cpu(x, op, "x");
+  check_cpu(x, op, "x", /*reduced_ok=*/true);
   return relaxed_conv2d_backward_aten(dy, x, M, padding, output_mask);
 }
 

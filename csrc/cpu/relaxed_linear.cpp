@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "../relaxed_linear.h"
+#include "cpu_checks.h"
 
 namespace relaxeq {
 namespace {
@@ -29,8 +30,11 @@ int64_t rows_per_chunk(int64_t n_cols, int64_t elem_size) {
 constexpr int64_t kWideColumns = 256;
 constexpr int64_t kCacheResidentBytes = 8 << 20;
 
+// Half types always: one GEMM accumulates in float32 inside, where chunk partials would round to the half
+// type once per chunk.
 bool use_whole_matrix_path(const at::Tensor& x, int64_t d_out) {
-  return std::max(x.size(1), d_out) >= kWideColumns || x.numel() * x.element_size() <= kCacheResidentBytes;
+  return is_reduced_float(x.scalar_type()) || std::max(x.size(1), d_out) >= kWideColumns ||
+         x.numel() * x.element_size() <= kCacheResidentBytes;
 }
 
 // Width of the column blocks of the upper-triangular Gram update; below two
@@ -57,12 +61,6 @@ void accumulate_gram(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b, 
 // symmetric in the last bit, and the regulariser algebra assumes G = G^T.
 at::Tensor mirror_upper(const at::Tensor& g) { return at::triu(g) + at::triu(g, 1).t(); }
 
-void check_cpu(const at::Tensor& x, const char* name) {
-  TORCH_CHECK(x.device().is_cpu(), "relaxed_linear (CPU): ", name, " must be a CPU tensor, got ", x.device());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "relaxed_linear (CPU): ", name, " must be float32 or float64 on CPU, got ", x.scalar_type());
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> relaxed_linear_cpu(const at::Tensor& x_in, const at::Tensor& M_in,
                                                                   const std::optional<at::Tensor>& c_in,
                                                                   bool stats) {
@@ -71,8 +69,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> relaxed_linear_cpu(const at::Tens
   // ATen calls (which do not inherit this thread's dispatch state) out of it.
   const auto x = x_in.detach(), M = M_in.detach();
   const std::optional<at::Tensor> c = c_in.has_value() ? std::optional<at::Tensor>(c_in->detach()) : std::nullopt;
-  check_cpu(x, "x");
-  check_cpu(M, "M");
+  check_cpu(x, "relaxed_linear", "x", /*reduced_ok=*/true);
+  check_cpu(M, "relaxed_linear", "M", /*reduced_ok=*/true);
   const int64_t n = x.size(0), d_in = x.size(1), d_out = M.size(0);
   const auto sdt = stats_dtype(x.scalar_type());
   auto y = at::empty({n, d_out}, x.options());
@@ -142,9 +140,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> relaxed_linear_backward_cpu(const
                                                                            std::array<bool, 3> output_mask) {
   check_relaxed_linear_backward_args(dy_in, x_in, M_in);
   const auto dy = dy_in.detach(), x = x_in.detach(), M = M_in.detach();
-  check_cpu(dy, "dy");
-  check_cpu(x, "x");
-  check_cpu(M, "M");
+  check_cpu(dy, "relaxed_linear_backward", "dy", /*reduced_ok=*/true);
+  check_cpu(x, "relaxed_linear_backward", "x", /*reduced_ok=*/true);
+  check_cpu(M, "relaxed_linear_backward", "M", /*reduced_ok=*/true);
   const bool need_dx = output_mask[0], need_dM = output_mask[1], need_dc = output_mask[2];
   const int64_t n = x.size(0), d_in = x.size(1), d_out = M.size(0);
   auto dx = need_dx ? at::empty({n, d_in}, x.options()) : at::empty({0}, x.options());

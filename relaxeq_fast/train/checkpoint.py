@@ -29,15 +29,17 @@ def atomic_save(obj, path: str):
 
 
 def save_checkpoint(path: str, model: nn.Module, optimizer, lr_schedule, theta: Optional[ThetaScheduler],
-                    data_gen: torch.Generator, aug_gen: torch.Generator, **extra) -> None:
-    """The training state plus ``extra`` (history, epoch, step, config), written atomically."""
+                    data_gen: torch.Generator, aug_gen: torch.Generator, scaler=None, **extra) -> None:
+    """The training state plus ``extra`` (history, epoch, step, config), written atomically. scaler: the
+    --amp fp16 grad scaler (its scale is state: a resumed run continues with it)."""
     atomic_save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), lr_schedule=lr_schedule.state_dict(),
                      theta=theta.state_dict() if theta else None, data_gen=data_gen.get_state(),
-                     aug_gen=aug_gen.get_state(), torch_rng=torch.get_rng_state(), **extra), path)
+                     aug_gen=aug_gen.get_state(), torch_rng=torch.get_rng_state(),
+                     scaler=scaler.state_dict() if scaler is not None else None, **extra), path)
 
 
 def load_checkpoint(path: str, device, model: nn.Module, optimizer, lr_schedule, theta: Optional[ThetaScheduler],
-                    data_gen: torch.Generator, aug_gen: torch.Generator) -> tuple[list, int, int]:
+                    data_gen: torch.Generator, aug_gen: torch.Generator, scaler=None) -> tuple[list, int, int]:
     """Restore the training state in place; returns (history, epochs done, optimisation steps done)."""
     try:
         ck = torch.load(path, map_location=device, weights_only=False)
@@ -56,4 +58,6 @@ def load_checkpoint(path: str, device, model: nn.Module, optimizer, lr_schedule,
     data_gen.set_state(ck["data_gen"])
     aug_gen.set_state(ck["aug_gen"])
     torch.set_rng_state(ck["torch_rng"])
+    if scaler is not None and ck.get("scaler") is not None:
+        scaler.load_state_dict(ck["scaler"])
     return ck["history"], ck["epoch"], ck["step"]

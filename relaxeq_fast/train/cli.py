@@ -83,6 +83,11 @@ def _parser() -> argparse.ArgumentParser:
                         "graphs, on CUDA; default on CPU), default, reduce-overhead, max-autotune. The first steps "
                         "pay the compile time (about a minute on CPU). float32 results differ from eager by "
                         "rounding (tested: as close to float64 as eager's); CUDA graphs are untested on a GPU")
+    g.add_argument("--amp", nargs="?", const="bf16", default=None, metavar="DTYPE",
+                   help="mixed precision: the training step under torch.autocast with DTYPE bf16 (default; CPU or "
+                        "CUDA) or fp16 (CUDA, with a grad scaler); relaxed linear / conv maps run in DTYPE, their "
+                        "statistics, the regulariser, the VN norms and nonlinearities in float32; parameters, "
+                        "optimiser and evaluation stay float32. CUDA untested on a GPU")
     g.add_argument("--run-dir", default=None, help="output directory (default: runs/<model>-<data>-...)")
     g.add_argument("--runs-root", default=d.runs_root, help="parent of the default run directory")
     g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR")

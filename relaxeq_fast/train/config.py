@@ -114,6 +114,7 @@ class TrainConfig:
     threads: Optional[int] = None
     backend: Optional[str] = None
     compile: Optional[str] = None
+    amp: Optional[str] = None
     run_dir: Optional[str] = None
     runs_root: str = "runs"
     eval_batch_size: int = 64
@@ -131,6 +132,8 @@ class TrainConfig:
 
 # 'auto': CUDA graphs on CUDA (the step is bound by launching small kernels), plain inductor on CPU
 COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# --amp: the autocast dtype of the training step (the parameters, the optimiser and evaluation stay float32)
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _fail(msg: str):
@@ -218,6 +221,14 @@ def validate(cfg: TrainConfig, world: int = 1) -> None:
         _fail(f"--clip-grad-norm must be a finite number > 0, got {cfg.clip_grad_norm!r}")
     if cfg.threads is not None and cfg.threads < 1:
         _fail(f"--threads must be >= 1, got {cfg.threads}")
+    if cfg.amp is not None:
+        if cfg.amp not in AMP_DTYPES:
+            _fail(f"--amp must be one of {list(AMP_DTYPES)}, got {cfg.amp!r}")
+        if cfg.dtype != "float32":
+            _fail(f"--amp needs --dtype float32 (autocast never lowers float64), got --dtype {cfg.dtype}")
+        if cfg.amp == "fp16" and not cfg.device.startswith("cuda"):
+            _fail("--amp fp16 needs --device cuda (float16 training needs a grad scaler, a CUDA recipe); "
+                  "on CPU use --amp bf16")
     if cfg.compile is not None:
         if cfg.compile not in COMPILE_MODES:
             _fail(f"--compile must be one of {list(COMPILE_MODES)}, got {cfg.compile!r}")

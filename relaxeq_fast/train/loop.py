@@ -20,7 +20,7 @@ from ..relaxation import ThetaScheduler, make_schedule, projection_error
 from ..vn import equivariance_error, model_regularizers, project, relaxed_layers
 from .build import _augment_batch, _load_data, build_model
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import IMAGE_MODELS, NonFiniteLossError, TrainConfig, _fail, validate
+from .config import AMP_DTYPES, IMAGE_MODELS, NonFiniteLossError, TrainConfig, _fail, validate
 from ..progress import progress
 from .report import _write_metrics, plot_history
 
@@ -81,28 +81,36 @@ def compiled_forward_loss(cfg: TrainConfig, device: torch.device, compiler: str 
 
 def train_step(net: nn.Module, model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, opt,
                theta_buffer: Optional[torch.Tensor], relax_group: Optional[dict], theta_value: float,
-               forward_loss_fn=forward_loss) -> torch.Tensor:
+               forward_loss_fn=forward_loss, scaler: Optional[torch.amp.GradScaler] = None) -> torch.Tensor:
     """One optimisation step on a (local) batch x [B, ...], y [B]; returns, on the device and without
     reading anything back to the host, float64 [6]: loss, regulariser, ΣR_LD, ΣR_N, correct, samples.
 
     net is the model or its DDP wrapper. theta_buffer: the layers' θ (a 0-d tensor; None for a plain
     model); theta_value: the same θ as a number, for --relax-lr theta's lr (the optimiser takes numbers).
-    forward_loss_fn: :func:`forward_loss` or its compiled form.
+    forward_loss_fn: :func:`forward_loss` or its compiled form. cfg.amp: the forward and the loss run under
+    torch.autocast in that dtype; scaler: the float16 grad scaler (its step skips a step with non-finite
+    gradients without a host read when the optimiser is fused).
     """
-    loss, reg, r_ld, r_n, correct = forward_loss_fn(net, model, x, y, cfg, theta_buffer)
+    with torch.autocast(x.device.type, dtype=AMP_DTYPES.get(cfg.amp), enabled=cfg.amp is not None):
+        loss, reg, r_ld, r_n, correct = forward_loss_fn(net, model, x, y, cfg, theta_buffer)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    (scaler.scale(loss) if scaler is not None else loss).backward()
     if cfg.clip_grad_norm is not None:
+        if scaler is not None:
+            scaler.unscale_(opt)
         nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.clip_grad_norm)
+    step = (lambda: scaler.step(opt)) if scaler is not None else opt.step
     if relax_group is not None and cfg.relax_lr == "theta":
         # Adam normalises the gradient, so θ in θ·W_r does not slow W_r's updates: scale its step by θ
         # here (the schedule's lr is put back, so the lr schedulers never see it)
         scheduled_lr = relax_group["lr"]
         relax_group["lr"] = scheduled_lr * theta_value
-        opt.step()
+        step()
         relax_group["lr"] = scheduled_lr
     else:
-        opt.step()
+        step()
+    if scaler is not None:
+        scaler.update()
     return torch.stack([loss.detach().double(), reg.double(), r_ld.double(), r_n.double(),
                         correct.double(), correct.new_tensor(len(y)).double()])
 
@@ -257,6 +265,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
     total = cfg.epochs * steps_per_epoch if cfg.theta_unit == "step" else cfg.epochs
     theta = ThetaScheduler(model, make_schedule(cfg.theta_schedule, total, theta_max=cfg.theta_max)) \
         if relaxed else None
+    scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
     data_gen = torch.Generator().manual_seed(cfg.seed + 1)
     aug_gen = torch.Generator().manual_seed(cfg.seed + 2)
     history: list[dict] = []
@@ -268,7 +277,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
         if not os.path.isfile(ckpt_path):
             _fail(f"--resume {resume}: no checkpoint.pt there")
         history, start_epoch, global_step = load_checkpoint(ckpt_path, device, model, opt, sched, theta,
-                                                            data_gen, aug_gen)
+                                                            data_gen, aug_gen, scaler)
     if rank == 0:
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "config.json"), "w") as f:
@@ -301,7 +310,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
             sl = slice(rank * local_batch, (rank + 1) * local_batch)
             x, y = _to_device(xb[sl], device), _to_device(train_set.y[idx][sl], device)
             tally.add(step, train_step(net, model, x, y, cfg, opt, theta_buffer, relax_group,
-                                       theta.theta if theta is not None else 0.0, step_forward))
+                                       theta.theta if theta is not None else 0.0, step_forward, scaler))
             global_step += 1
             if theta is not None and cfg.theta_unit == "step":
                 theta.step()
@@ -335,7 +344,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
             print(f"  epoch {epoch + 1}: test acc {test_acc:.3f} (projected {accs['test_acc_projected']:.3f}), "
                   f"θ {row['theta']:.3f}, projection error {proj_err:.2e}", file=sys.stderr)
         if rank == 0:
-            save_checkpoint(ckpt_path, model, opt, sched, theta, data_gen, aug_gen, history=history,
+            save_checkpoint(ckpt_path, model, opt, sched, theta, data_gen, aug_gen, scaler, history=history,
                             epoch=epoch + 1, step=global_step, config=dataclasses.asdict(cfg))
             _write_metrics(os.path.join(run_dir, "metrics.csv"), history)
             plot_history(history, os.path.join(run_dir, "training.png"),
