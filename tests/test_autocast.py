@@ -7,6 +7,8 @@ ops: half inputs go to float32, and the result equals the op on float32 inputs o
 Float64 is never cast. A relaxed VN-PointNet step (forward, regulariser, backward) under CPU bfloat16
 autocast lands within a measured tolerance of float32, and its relaxed layers did run in bfloat16.
 """
+import functools
+
 import pytest
 import torch
 
@@ -16,7 +18,7 @@ from relaxeq_fast.models import VNPointNet
 from relaxeq_fast.reference import relaxed_linear_ref
 from relaxeq_fast.regularizer import _flat_irreps, _generator_list, combine_regularizers
 from relaxeq_fast.vn import VNBatchNorm, model_regularizers, set_theta
-from testing import RecordOps, assert_close_scaled, conv2d_im2col_ref
+from testing import DEVICES, RecordOps, assert_close_scaled, conv2d_im2col_ref
 
 pytestmark = pytest.mark.skipif(not relaxeq_fast.build_info()["extension_loaded"],
                                 reason="relaxeq_fast._C is not built")
@@ -30,55 +32,61 @@ Y_RTOL = {torch.bfloat16: 8e-3, torch.float16: 1e-3}
 STATS_RTOL = 1e-5
 
 
-def _rand(*shape, gen, dtype=torch.float32):
-    return torch.randn(*shape, generator=gen, dtype=dtype)
+def _rand(*shape, gen, dtype=torch.float32, device="cpu"):
+    return torch.randn(*shape, generator=gen, dtype=dtype).to(device)
+
+
+_rand_on = _rand
 
 
 def _as_f64(t):
-    return None if t is None else t.detach().double()
+    return None if t is None else t.detach().cpu().double()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("half", HALF_TYPES)
 @pytest.mark.parametrize("bias", [True, False])
-def test_relaxed_linear_runs_in_the_autocast_dtype_with_float32_statistics(half, bias):
+def test_relaxed_linear_runs_in_the_autocast_dtype_with_float32_statistics(half, bias, device):
     gen = torch.Generator().manual_seed(0)
-    x, M = _rand(37, 11, gen=gen).requires_grad_(), _rand(6, 11, gen=gen).requires_grad_()
-    c = _rand(6, gen=gen).requires_grad_() if bias else None
-    with torch.autocast("cpu", dtype=half):
+    x, M = _rand(37, 11, gen=gen, device=device).requires_grad_(), _rand(6, 11, gen=gen, device=device).requires_grad_()
+    c = _rand(6, gen=gen, device=device).requires_grad_() if bias else None
+    with torch.autocast(device, dtype=half):
         y, G, s = ops.relaxed_linear(x, M, c, True)
     assert (y.dtype, G.dtype, s.dtype) == (half, torch.float32, torch.float32)
     rounded = [None if t is None else _as_f64(t.to(half)) for t in (x, M, c)]
     y_ref, G_ref, s_ref = relaxed_linear_ref(*rounded, True)
-    assert_close_scaled(y.double(), y_ref, Y_RTOL[half], "y")
-    assert_close_scaled(G.double(), G_ref, STATS_RTOL, "G")
-    assert_close_scaled(s.double(), s_ref, STATS_RTOL, "s")
+    assert_close_scaled(y.double().cpu(), y_ref, Y_RTOL[half], "y")
+    assert_close_scaled(G.double().cpu(), G_ref, STATS_RTOL, "G")
+    assert_close_scaled(s.double().cpu(), s_ref, STATS_RTOL, "s")
     # gradients reach the float32 leaves in float32 (through autocast's casts)
-    dy = _rand(37, 6, gen=gen)
+    dy = _rand(37, 6, gen=gen, device=device)
     y.backward(dy.to(half))
     assert x.grad.dtype == M.grad.dtype == torch.float32
     dy_r = _as_f64(dy.to(half))
-    assert_close_scaled(x.grad.double(), dy_r @ rounded[1], Y_RTOL[half], "dx")
-    assert_close_scaled(M.grad.double(), dy_r.T @ rounded[0], Y_RTOL[half], "dM")
+    assert_close_scaled(x.grad.double().cpu(), dy_r @ rounded[1], Y_RTOL[half], "dx")
+    assert_close_scaled(M.grad.double().cpu(), dy_r.T @ rounded[0], Y_RTOL[half], "dM")
     if bias:
-        assert_close_scaled(c.grad.double(), dy_r.sum(0), Y_RTOL[half], "dc")
+        assert_close_scaled(c.grad.double().cpu(), dy_r.sum(0), Y_RTOL[half], "dc")
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("half", HALF_TYPES)
-def test_relaxed_conv2d_runs_in_the_autocast_dtype_with_float32_statistics(half):
+def test_relaxed_conv2d_runs_in_the_autocast_dtype_with_float32_statistics(half, device):
     gen = torch.Generator().manual_seed(1)
-    x, M, c, D = _rand(2, 3, 7, 7, gen=gen), _rand(4, 3, 3, 3, gen=gen), _rand(4, gen=gen), _rand(5, 3, 3, 3, gen=gen)
-    with torch.autocast("cpu", dtype=half):
+    x, M, c, D = (_rand(*shape, gen=gen, device=device) for shape in ((2, 3, 7, 7), (4, 3, 3, 3), (4,), (5, 3, 3, 3)))
+    with torch.autocast(device, dtype=half):
         y, r, S = ops.relaxed_conv2d(x, M, c, D, 1, True)
     assert (y.dtype, r.dtype, S.dtype) == (half, torch.float32, torch.float32)
     ref = conv2d_im2col_ref(*(t.to(half) for t in (x, M, c, D)), 1)
-    assert_close_scaled(y.double(), ref["y"], Y_RTOL[half], "y")
+    assert_close_scaled(y.double().cpu(), ref["y"], Y_RTOL[half], "y")
     # r and S: float32 sums of products of the half conv output z (rounded once to the half type)
-    assert_close_scaled(r.double().reshape(1), ref["r"].reshape(1), 2 * Y_RTOL[half], "r")
-    assert_close_scaled(S.double(), ref["S"], Y_RTOL[half], "S")
+    assert_close_scaled(r.double().cpu().reshape(1), ref["r"].reshape(1), 2 * Y_RTOL[half], "r")
+    assert_close_scaled(S.double().cpu(), ref["S"], Y_RTOL[half], "S")
 
 
-def _fp32_op_calls(dtype, gen):
+def _fp32_op_calls(dtype, gen, device="cpu"):
     """(name, op, args) of every fp32-rule op on small valid inputs of ``dtype``."""
+    _rand = functools.partial(_rand_on, device=device)
     x, d = _rand(5, 4, 3, gen=gen, dtype=dtype), _rand(5, 4, 3, gen=gen, dtype=dtype)
     mean, invstd = _rand(4, gen=gen, dtype=dtype).abs(), _rand(4, gen=gen, dtype=dtype).abs() + 0.5
     weight, bias = _rand(4, gen=gen, dtype=dtype), _rand(4, gen=gen, dtype=dtype)
@@ -86,7 +94,7 @@ def _fp32_op_calls(dtype, gen):
     W, b = _rand(2, 3, 6, gen=gen, dtype=dtype), _rand(2, 3, gen=gen, dtype=dtype)  # 2 layers VN(2) → VN(1)
     rows = _rand(2, 7, 6, gen=gen)  # the statistics are float32 (relaxed_linear's G, s) under autocast too
     G, s = rows.transpose(1, 2) @ rows, rows.sum(1)
-    gens = _generator_list(rin, rout, torch.float32, "cpu")
+    gens = _generator_list(rin, rout, torch.float32, device)
     w_eq, w_relax = _rand(3, 2, gen=gen, dtype=dtype), _rand(9, 6, gen=gen, dtype=dtype)
     b_eq, b_relax = _rand(9, gen=gen, dtype=dtype), _rand(9, gen=gen, dtype=dtype)
     return [
@@ -95,16 +103,17 @@ def _fp32_op_calls(dtype, gen):
         ("vn_batch_norm_apply", ops.vn_batch_norm_apply, (x, mean, invstd, weight, bias, 1e-6)),
         ("relaxation_regularizer", ops.relaxation_regularizer,
          (W, b, G, s, None, 7, _flat_irreps(rin), _flat_irreps(rout), gens)),
-        ("relaxed_params", ops.relaxed_params, (w_eq, w_relax, b_eq, b_relax, torch.tensor(0.3, dtype=dtype))),
+        ("relaxed_params", ops.relaxed_params, (w_eq, w_relax, b_eq, b_relax, torch.tensor(0.3, dtype=dtype, device=device))),
     ]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("half", HALF_TYPES)
-def test_fp32_ops_compute_in_float32(half):
+def test_fp32_ops_compute_in_float32(half, device):
     gen = torch.Generator().manual_seed(2)
-    half_calls = _fp32_op_calls(half, gen)
+    half_calls = _fp32_op_calls(half, gen, device)
     for name, op, args in half_calls:
-        with torch.autocast("cpu", dtype=half), RecordOps() as record:
+        with torch.autocast(device, dtype=half), RecordOps() as record:
             out = op(*args)
         upcast = [a.float() if isinstance(a, torch.Tensor) and a.dtype == half else a for a in args]
         expected = op(*upcast)  # outside autocast: float32 kernels on the same (exactly upcast) values
