@@ -150,5 +150,5 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy"],
     extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis", "triton"],
-                    "plots": ["matplotlib", "tqdm"], "data": ["h5py", "mlxtend==0.25.0"]},
+                    "plots": ["matplotlib", "tqdm"], "data": ["h5py", "mlxtend==0.25.0"], "e3nn": ["e3nn>=0.5"]},
 )

@@ -49,7 +49,7 @@ class EquivariantLinear(nn.Module):
     """Equivariant linear map between representations: ``W_eq = ⊕_l (W_l ⊗ I_{2l+1})`` placed by block.
 
     For VN features (``VN(C_in) -> VN(C_out)``) this is ``W ⊗ I_3``: channel mixing of 3-vectors.
-    A bias is allowed on scalar (l = 0) outputs only.
+    A bias is allowed on invariant scalar outputs only (l = 0, not odd parity).
 
     Shapes: x [..., *irreps_in.feature_shape] → y [..., *irreps_out.feature_shape]
     (e.g. [B, N, C_in, 3] → [B, N, C_out, 3] for VN, [..., D_in] → [..., D_out] for irreps).
@@ -65,7 +65,8 @@ class EquivariantLinear(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.weights = nn.ParameterList(
             [nn.Parameter(torch.empty(om, im, **factory)) for (_l, _os, om, _is, im, _oi, _ii) in self.layout])
-        self.n_scalar_out = sum(m for m, l in self.irreps_out.blocks if l == 0)
+        self.n_scalar_out = sum(m for i, (m, _l) in enumerate(self.irreps_out.blocks)
+                                if self.irreps_out.is_invariant(i))
         self.bias = nn.Parameter(torch.empty(self.n_scalar_out, **factory)) if bias and self.n_scalar_out else None
         self.reset_parameters()
 
@@ -107,8 +108,8 @@ class EquivariantLinear(nn.Module):
         if self.bias is None:
             return None
         parts, k = [], 0
-        for start, stop, m, l in self.irreps_out.slices():
-            if l == 0:
+        for i, (start, stop, m, _l) in enumerate(self.irreps_out.slices()):
+            if self.irreps_out.is_invariant(i):
                 parts.append(self.bias[k:k + m])
                 k += m
             else:

@@ -22,6 +22,8 @@ __all__ = ["Irreps", "VN", "so3_generators", "irrep_generators", "rotation_to_ax
            "random_rotation"]
 
 MAX_L = 3
+_PARITIES = {None: None, "e": 1, 1: 1, "o": -1, -1: -1}
+_PARITY_NAMES = {None: "", 1: "e", -1: "o"}
 
 
 def so3_generators(dtype=torch.float64, device=None) -> torch.Tensor:
@@ -124,25 +126,36 @@ class Irreps:
         feature_shape: shape of one feature as the layers take it ((D,) here; (C, 3) for VN)
     """
 
-    def __init__(self, spec: str | Iterable[tuple[int, int]]):
+    def __init__(self, spec: str | Iterable[tuple]):
         blocks = self._parse(spec) if isinstance(spec, str) else [tuple(b) for b in spec]
+        parsed = []
         for b in blocks:
-            if len(b) != 2 or not all(isinstance(v, int) for v in b) or b[0] < 0 or not 0 <= b[1] <= MAX_L:
-                raise ValueError(f"irreps blocks must be (mul >= 0, l in [0, {MAX_L}]), got {b!r}")
-        self.blocks: tuple[tuple[int, int], ...] = tuple((m, l) for m, l in blocks if m > 0)
+            if len(b) not in (2, 3) or not all(isinstance(v, int) for v in b[:2]) or b[0] < 0 or not 0 <= b[1] <= MAX_L:
+                raise ValueError(f"irreps blocks must be (mul >= 0, l in [0, {MAX_L}]) or (mul, l, parity), got {b!r}"
+                                 + (" (l > 3: the generators are tabulated up to l = 3)"
+                                    if len(b) in (2, 3) and isinstance(b[1], int) and b[1] > MAX_L else ""))
+            parity = _PARITIES.get(b[2] if len(b) == 3 else None, "bad")
+            if parity == "bad":
+                raise ValueError(f"an irreps block's parity must be 'e' / 1, 'o' / -1 or None, got {b[2]!r} in {b!r}")
+            parsed.append((b[0], b[1], parity))
+        self.blocks: tuple[tuple[int, int], ...] = tuple((m, l) for m, l, _p in parsed if m > 0)
+        # O(3) parity per block: +1 (e), −1 (o), or None (an SO(3) irrep: "1", VN features). Linear maps
+        # connect blocks of equal l whose parities do not differ; the Lie algebra (the regulariser) sees l only.
+        self.parities: tuple = tuple(p for m, _l, p in parsed if m > 0)
         self.dim = sum(m * (2 * l + 1) for m, l in self.blocks)
         if self.dim == 0:
             raise ValueError(f"irreps must have a positive dimension, got {spec!r}")
 
     @staticmethod
-    def _parse(spec: str) -> list[tuple[int, int]]:
+    def _parse(spec: str) -> list[tuple]:
         out = []
         for term in spec.replace(" ", "").split("+"):
             mul, _, l = term.rpartition("x")
             try:
-                out.append((int(mul) if mul else 1, int(l.rstrip("eo"))))
+                out.append((int(mul) if mul else 1, int(l.rstrip("eo")), l[-1] if l[-1:] in ("e", "o") else None))
             except ValueError:
-                raise ValueError(f"cannot parse irreps term {term!r} in {spec!r} (expected e.g. '4x0+2x1')")
+                raise ValueError(f"cannot parse irreps term {term!r} in {spec!r} (expected e.g. '4x0+2x1' or "
+                                 "'4x0e+2x1o')")
         return out
 
     @property
@@ -150,13 +163,19 @@ class Irreps:
         return (self.dim,)
 
     def __eq__(self, other):
-        return isinstance(other, Irreps) and self.blocks == other.blocks and type(self) is type(other)
+        return (isinstance(other, Irreps) and self.blocks == other.blocks and self.parities == other.parities
+                and type(self) is type(other))
 
     def __hash__(self):
-        return hash((type(self).__name__, self.blocks))
+        return hash((type(self).__name__, self.blocks, self.parities))
 
     def __repr__(self):
-        return "Irreps(\"" + " + ".join(f"{m}x{l}" for m, l in self.blocks) + "\")"
+        return "Irreps(\"" + " + ".join(f"{m}x{l}{_PARITY_NAMES[p]}" for (m, l), p in zip(self.blocks, self.parities)) \
+            + "\")"
+
+    def is_invariant(self, block: int) -> bool:
+        """Whether block ``block`` holds invariant scalars (l = 0, not odd parity): where a bias may sit."""
+        return self.blocks[block][1] == 0 and self.parities[block] != -1
 
     def slices(self) -> list[tuple[int, int, int, int]]:
         """(start, stop, mul, l) of each block in the flattened vector."""
@@ -212,7 +231,8 @@ class Irreps:
         return (flat @ self.rotation_matrix(R).to(x.dtype).T).reshape(x.shape)
 
     def equivariant_layout(self, other: "Irreps") -> list[tuple[int, int, int, int, int, int, int]]:
-        """Blocks that an equivariant linear map ``self -> other`` can connect (Schur: same l).
+        """Blocks that an equivariant linear map ``self -> other`` can connect (Schur: same l, and the same
+        parity where both blocks have one).
 
         Returns (l, out_start, out_mul, in_start, in_mul, out_block_index, in_block_index) for every
         pair of an output block and an input block of equal degree.
@@ -220,7 +240,8 @@ class Irreps:
         pairs = []
         for oi, (os_, _, om, ol) in enumerate(other.slices()):
             for ii, (is_, _, im, il) in enumerate(self.slices()):
-                if ol == il:
+                po, pi = other.parities[oi], self.parities[ii]
+                if ol == il and (po is None or pi is None or po == pi):
                     pairs.append((ol, os_, om, is_, im, oi, ii))
         return pairs
 

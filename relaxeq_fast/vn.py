@@ -396,6 +396,9 @@ def _as_vn_batchnorm(m) -> VNBatchNorm:
 
 
 def _convert_public(m: nn.Module) -> Optional[nn.Module]:
+    from .interop_e3nn import from_e3nn_linear, is_e3nn_linear
+    if is_e3nn_linear(m):
+        return from_e3nn_linear(m)
     children = dict(m.named_children())
     names = set(children)
     slope = getattr(m, "negative_slope", None)
@@ -444,7 +447,9 @@ def swap(model: nn.Module) -> nn.Module:
     Recognised: VNLinear (``map_to_feat``), VNBatchNorm (``bn``), VNLeakyReLU (``map_to_dir`` +
     ``negative_slope``), VNMaxPool (``map_to_dir`` only), VNLinearLeakyReLU (``map_to_feat``,
     ``map_to_dir``, optional ``batchnorm``, ``negative_slope``), VNStdFeature (``vn1``, ``vn2``,
-    ``vn_lin``, without frame normalisation). Follow with :func:`relax` to train relaxed.
+    ``vn_lin``, without frame normalisation), and e3nn's ``o3.Linear`` (→ EquivariantLinear, identical outputs;
+    :func:`relaxeq_fast.interop_e3nn.to_e3nn` converts a projected model back). Follow with :func:`relax` to
+    train relaxed.
     Modifies and returns ``model`` (or the replacement when ``model`` itself is recognised).
     """
     return _convert_modules(model, _convert_public)

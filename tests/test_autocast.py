@@ -103,7 +103,8 @@ def _fp32_op_calls(dtype, gen, device="cpu"):
         ("vn_batch_norm_apply", ops.vn_batch_norm_apply, (x, mean, invstd, weight, bias, 1e-6)),
         ("relaxation_regularizer", ops.relaxation_regularizer,
          (W, b, G, s, None, 7, _flat_irreps(rin), _flat_irreps(rout), gens)),
-        ("relaxed_params", ops.relaxed_params, (w_eq, w_relax, b_eq, b_relax, torch.tensor(0.3, dtype=dtype, device=device))),
+        ("relaxed_params", ops.relaxed_params,
+         (w_eq, w_relax, b_eq, b_relax, torch.tensor(0.3, dtype=dtype, device=device))),
     ]
 
 
