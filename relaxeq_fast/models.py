@@ -14,13 +14,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .egnn import EGNN  # noqa: F401  (re-exported: relaxeq_fast.models.EGNN)
 from .nn import RelaxedLinear
 from .vn import (VNBatchNorm, VNLinear, VNLinearLeakyReLU, VNStdFeature, graph_feature, graph_feature_cross,
                  relax, vn_mean_pool)
 
 RELAXED_MAPS = ("all", "paper")
 
-__all__ = ["VNPointNet", "VNSTNkd", "VNDGCNN", "SteerableCNN"]
+__all__ = ["VNPointNet", "VNSTNkd", "VNDGCNN", "SteerableCNN", "EGNN"]
 
 
 def _channels(published: int, width: float) -> int:

@@ -1,0 +1,93 @@
+"""A relaxed E(n)-equivariant graph network for N-body dynamics (Satorras et al. 2021, the velocity variant).
+
+Per layer, on a fully connected system of n particles (positions x_i, velocities v_i, node features h_i,
+edge attributes a_ij = q_i q_j):
+
+    m_ij = φ_e(h_i, h_j, |x_i − x_j|², a_ij)
+    agg_i = 1/(n − 1) Σ_j (x_i − x_j) φ_x(m_ij)                   (a translation-invariant vector)
+    v_i ← Lin([agg_i, φ_v(h_i) v_i])                               (the vector channels: VN(2) → VN(1))
+    x_i ← x_i + v_i,   h_i ← h_i + φ_h(h_i, Σ_j m_ij)
+
+``Lin`` is an :class:`~relaxeq_fast.nn.EquivariantLinear` ``VN(2) → VN(1)`` with weights (1, 1) at
+initialisation — then the layer is exactly EGNN's ``v_i ← φ_v(h_i) v_i + agg_i`` — and, with ``relaxed=True``,
+a :class:`~relaxeq_fast.nn.RelaxedLinear` that adds θ (W_r [agg_i; φ_v(h_i) v_i] + b_r), W_r [3, 6], b_r [3]:
+the relaxation acts on the vector channels of the velocity update (rotations are broken, translations are
+not: every relaxed input is a difference or a velocity). Its regulariser is the closed-form R_LD, R_N of any
+relaxed VN layer (:func:`relaxeq_fast.vn.model_regularizers`); :func:`relaxeq_fast.vn.project` gives the
+exactly E(3)-equivariant EGNN.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .nn import EquivariantLinear, RelaxedLinear
+from .reps import VN
+
+__all__ = ["EGNN", "EGNNLayer"]
+
+
+def _mlp(d_in: int, hidden: int, d_out: int, last_act: bool = True) -> nn.Sequential:
+    layers = [nn.Linear(d_in, hidden), nn.SiLU(), nn.Linear(hidden, d_out)]
+    return nn.Sequential(*layers, nn.SiLU()) if last_act else nn.Sequential(*layers)
+
+
+class EGNNLayer(nn.Module):
+    """One EGNN-vel layer (see the module docstring). h [B, n, H], x, v [B, n, 3], edge_attr [B, n, n, 1]
+    → (h, x, v) of the same shapes."""
+
+    def __init__(self, hidden: int, relaxed: bool = False, **relax_kwargs):
+        super().__init__()
+        self.edge_mlp = _mlp(2 * hidden + 2, hidden, hidden)
+        self.coord_mlp = _mlp(hidden, hidden, 1, last_act=False)
+        self.vel_mlp = _mlp(hidden, hidden, 1, last_act=False)
+        self.node_mlp = _mlp(2 * hidden, hidden, hidden, last_act=False)
+        with torch.no_grad():  # small coordinate steps at the start, as EGNN (xavier gain 0.001 there)
+            self.coord_mlp[-1].weight.mul_(1e-3)
+            self.coord_mlp[-1].bias.zero_()
+        self.vector_map = (RelaxedLinear(VN(2), VN(1), bias=False, **relax_kwargs) if relaxed
+                           else EquivariantLinear(VN(2), VN(1), bias=False))
+        with torch.no_grad():
+            self.vector_map.weights[0].fill_(1.0)  # exactly EGNN's v ← φ_v(h) v + agg
+
+    def forward(self, h: torch.Tensor, x: torch.Tensor, v: torch.Tensor, edge_attr: torch.Tensor):
+        n = x.shape[-2]
+        diff = x[..., :, None, :] - x[..., None, :, :]  # [B, n, n, 3]: x_i − x_j
+        radial = diff.square().sum(-1, keepdim=True)
+        pair = torch.cat([h[..., :, None, :].expand(-1, -1, n, -1), h[..., None, :, :].expand(-1, n, -1, -1),
+                          radial, edge_attr], -1)
+        not_self = 1.0 - torch.eye(n, dtype=x.dtype, device=x.device)[..., None]  # no message i → i
+        m = self.edge_mlp(pair) * not_self
+        agg = (diff * self.coord_mlp(m)).sum(-2) / max(n - 1, 1)
+        vectors = torch.stack([agg, self.vel_mlp(h) * v], -2)  # [B, n, 2, 3]: VN(2) channels
+        v = self.vector_map(vectors)[..., 0, :]
+        x = x + v
+        h = h + self.node_mlp(torch.cat([h, m.sum(-2)], -1))
+        return h, x, v
+
+
+class EGNN(nn.Module):
+    """EGNN-vel for N-body prediction: (loc, vel [B, n, 3], charges [B, n, 1]) → predicted positions [B, n, 3].
+
+    Node features start from the speeds |v_i|, edge attributes are q_i q_j; ``n_layers`` layers of width
+    ``hidden`` (the EGNN paper: 4 × 64). ``relaxed=True`` relaxes every layer's vector map (module docstring);
+    relax_kwargs go to :class:`~relaxeq_fast.nn.RelaxedLinear` (theta, relax_init, ...).
+    """
+
+    def __init__(self, hidden: int = 64, n_layers: int = 4, relaxed: bool = False, **relax_kwargs):
+        super().__init__()
+        if not isinstance(hidden, int) or hidden < 1 or not isinstance(n_layers, int) or n_layers < 1:
+            raise ValueError(f"EGNN: hidden and n_layers must be positive ints, got {hidden!r}, {n_layers!r}")
+        self.embedding = nn.Linear(1, hidden)
+        self.layers = nn.ModuleList([EGNNLayer(hidden, relaxed, **relax_kwargs) for _ in range(n_layers)])
+
+    def forward(self, loc: torch.Tensor, vel: torch.Tensor, charges: torch.Tensor) -> torch.Tensor:
+        if loc.dim() != 3 or loc.shape[-1] != 3 or vel.shape != loc.shape or charges.shape != (*loc.shape[:2], 1):
+            raise ValueError(f"EGNN: loc and vel must be [B, n, 3] and charges [B, n, 1], got "
+                             f"{list(loc.shape)}, {list(vel.shape)}, {list(charges.shape)}")
+        h = self.embedding(vel.norm(dim=-1, keepdim=True))
+        edge_attr = charges[..., :, None, :] * charges[..., None, :, :]
+        x, v = loc, vel
+        for layer in self.layers:
+            h, x, v = layer(h, x, v, edge_attr)
+        return x

@@ -1,0 +1,130 @@
+"""The relaxed E(n)-GNN (relaxeq_fast.egnn): the layer against the EGNN-vel equations written out here, E(3)
+equivariance at θ = 0 and after projection (float64), broken by a random relaxation, its regulariser, and
+a few training steps on N-body trajectories."""
+import pytest
+import torch
+
+from relaxeq_fast.data import nbody
+from relaxeq_fast.egnn import EGNN
+from relaxeq_fast.nn import RelaxedLinear
+from relaxeq_fast.regularizer import combine_regularizers
+from relaxeq_fast.reps import random_rotation
+from relaxeq_fast.vn import model_regularizers, project, set_theta
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+DT = torch.float64
+
+
+def _inputs(B=3, n=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.where(torch.rand(B, n, 1, generator=g) < 0.5, -1.0, 1.0).to(DT)
+    return torch.randn(B, n, 3, generator=g, dtype=DT), torch.randn(B, n, 3, generator=g, dtype=DT), q
+
+
+def _randomise_relaxation(model, std=0.3):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("_relax"):
+                p.normal_(std=std)
+            if name.endswith("coord_mlp.2.weight"):  # larger coordinate steps than the init: a sharper test
+                p.normal_(std=0.3)
+
+
+def _e3_error(model, loc, vel, q, seed=1):
+    R = random_rotation(generator=torch.Generator().manual_seed(seed), dtype=DT)
+    t = torch.tensor([0.4, -2.0, 1.1], dtype=DT)
+    with torch.no_grad():
+        out = model(loc, vel, q)
+        moved = model(loc @ R.T + t, vel @ R.T, q)
+    return ((moved - (out @ R.T + t)).abs().max() / out.abs().max()).item()
+
+
+def test_layer_is_the_egnn_vel_update():
+    """The plain layer against the EGNN-vel equations written out with its sub-networks (not its forward)."""
+    torch.manual_seed(0)
+    model = EGNN(hidden=8, n_layers=1).to(DT)
+    layer = model.layers[0]
+    loc, vel, q = _inputs()
+    h = model.embedding(vel.norm(dim=-1, keepdim=True))
+    B, n = loc.shape[:2]
+    x_new = torch.empty_like(loc)
+    for b in range(B):
+        for i in range(n):
+            agg, msum = torch.zeros(3, dtype=DT), torch.zeros(8, dtype=DT)
+            for j in range(n):
+                if j == i:
+                    continue
+                d = loc[b, i] - loc[b, j]
+                m = layer.edge_mlp(torch.cat([h[b, i], h[b, j], d.square().sum()[None], q[b, i] * q[b, j]]))
+                agg = agg + d * layer.coord_mlp(m)
+                msum = msum + m
+            v_new = layer.vel_mlp(h[b, i]) * vel[b, i] + agg / (n - 1)
+            x_new[b, i] = loc[b, i] + v_new
+    assert (model(loc, vel, q) - x_new).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("relaxed", [False, True])
+def test_e3_equivariant_at_theta_zero_and_after_projection(relaxed):
+    torch.manual_seed(1)
+    model = EGNN(hidden=16, n_layers=3, relaxed=relaxed).to(DT)
+    _randomise_relaxation(model)
+    loc, vel, q = _inputs()
+    if relaxed:
+        set_theta(model, 1.0)
+        broken = _e3_error(model, loc, vel, q)
+        assert broken > 1e-3, broken  # a random relaxation breaks rotation equivariance
+        set_theta(model, 0.0)
+    assert _e3_error(model, loc, vel, q) < 1e-10
+    if relaxed:
+        with torch.no_grad():
+            at_zero = model(loc, vel, q)
+        plain = project(model)
+        assert not any(isinstance(m, RelaxedLinear) for m in plain.modules())
+        assert (plain(loc, vel, q) - at_zero).abs().max() < 1e-12
+        assert _e3_error(plain, loc, vel, q) < 1e-10
+
+
+def test_regulariser_vanishes_for_an_equivariant_relaxation():
+    torch.manual_seed(2)
+    model = EGNN(hidden=8, n_layers=2, relaxed=True).to(DT)
+    set_theta(model, 1.0)
+    loc, vel, q = _inputs()
+    with torch.no_grad():
+        for layer in model.layers:
+            w = torch.randn(1, 2, dtype=DT)
+            layer.vector_map.weight_relax.copy_(torch.kron(w, torch.eye(3, dtype=DT)))  # W_r = w ⊗ I₃
+            layer.vector_map.bias_relax.zero_()
+    model.train()(loc, vel, q)
+    terms = model_regularizers(model)
+    assert terms and all(t.lie_derivative.abs() < 1e-20 for t in terms)  # same-shape layers: one grouped term
+    _randomise_relaxation(model)
+    model(loc, vel, q)
+    assert all(t.lie_derivative > 1e-3 for t in model_regularizers(model))
+
+
+def test_a_few_training_steps_reduce_the_nbody_error():
+    loc, vel, charges, _ = nbody.simulate(64, 0)  # the task's frames: 30 → 40
+    x_in, v_in, x_out = (t.float() for t in (loc[:, nbody.INPUT_FRAME], vel[:, nbody.INPUT_FRAME],
+                                             loc[:, nbody.TARGET_FRAME]))
+    q = charges[..., None].float()
+    torch.manual_seed(3)
+    model = EGNN(hidden=16, n_layers=2, relaxed=True)
+    set_theta(model, 1.0)
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
+    losses = []
+    for _ in range(30):
+        loss = torch.nn.functional.mse_loss(model(x_in, v_in, q), x_out)
+        reg = combine_regularizers(model_regularizers(model), lambda_ld=1e-2, lambda_n=1e-3)
+        opt.zero_grad()
+        (loss + reg).backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses[::5]
+
+
+def test_bad_inputs_name_the_shapes():
+    model = EGNN(hidden=4, n_layers=1)
+    with pytest.raises(ValueError, match="charges \\[B, n, 1\\]"):
+        model(torch.randn(2, 5, 3), torch.randn(2, 5, 3), torch.randn(2, 5))
+    with pytest.raises(ValueError, match="positive ints"):
+        EGNN(hidden=0)
