@@ -10,10 +10,11 @@ e3nn = pytest.importorskip("e3nn", reason="e3nn is an optional extra (pip instal
 from e3nn import o3  # noqa: E402
 from e3nn.util.test import assert_equivariant  # noqa: E402
 
-from relaxeq_fast import Irreps  # noqa: E402
+from relaxeq_fast import Irreps, use_backend  # noqa: E402
 from relaxeq_fast.interop_e3nn import from_e3nn_linear, irreps_from_e3nn, to_e3nn, to_e3nn_linear  # noqa: E402
 from relaxeq_fast.nn import EquivariantLinear, RelaxedLinear  # noqa: E402
 from relaxeq_fast.vn import model_regularizers, project, relax, set_theta, swap  # noqa: E402
+from testing import assert_close_scaled  # noqa: E402
 
 DT = torch.float64
 # (irreps_in, irreps_out, o3.Linear options): parities, multiplicities, repeated irreps, 0o outputs (no bias
@@ -108,3 +109,45 @@ def test_errors_name_the_cause():
         from_e3nn_linear(torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match="project a relaxed model first"):
         to_e3nn_linear(relax(EquivariantLinear(Irreps("1x0e"), Irreps("1x0e"))))
+
+
+def _e3nn_generators(irreps):
+    """[3, D, D]: e3nn's own Lie-algebra generators (o3.so3_generators, in e3nn's basis) of an e3nn Irreps."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(DT)  # e3nn builds them in the default dtype (float32: 1e-7 off)
+    try:
+        gens = {ir.l: o3.so3_generators(ir.l) for _mul, ir in irreps}
+    finally:
+        torch.set_default_dtype(default)
+    blocks = [torch.kron(torch.eye(mul, dtype=DT), gens[ir.l][k]) for k in range(3) for mul, ir in irreps]
+    per_k = len(irreps)
+    return torch.stack([torch.block_diag(*blocks[k * per_k:(k + 1) * per_k]) for k in range(3)])
+
+
+def test_closed_form_r_ld_equals_the_lie_derivative_under_e3nn_generators():
+    """θ² R_LD (ours, closed form) = Σ_k ‖J_f(x) A_in,k x − A_out,k f(x)‖² with e3nn's generators, by jvp, on a
+    relaxed layer converted from e3nn up to l = 3: our irreps basis is e3nn's (a different basis, or a
+    different generator convention beyond an orthogonal mixing of k, would not match)."""
+    lin = _random_linear("2x0e+1x1o+1x2e+1x3o", "1x0e+2x1o+1x2e+2x3o", {}, 3)
+    layer = relax(from_e3nn_linear(lin))
+    set_theta(layer, 0.7)
+    with torch.no_grad():
+        layer.weight_relax.normal_(std=0.2)
+        layer.bias_relax.normal_(std=0.2)
+    x = torch.randn(40, lin.irreps_in.dim, dtype=DT, generator=torch.Generator().manual_seed(4)) + 0.3
+    A_in, A_out = _e3nn_generators(lin.irreps_in), _e3nn_generators(lin.irreps_out)
+    with use_backend("reference"):  # jvp needs forward-mode AD: the pure-PyTorch path has it
+        layer.train()(x)
+        terms = layer.regularizers()
+        total = 0.0
+        for k in range(3):
+            fx, jv = torch.func.jvp(layer, (x,), (x @ A_in[k].T,))
+            total = total + (jv - fx @ A_out[k].T).square().sum()
+        # non-vacuous: the same generators in another basis of the l = 3 block (m order reversed) disagree
+        flip = torch.eye(lin.irreps_out.dim, dtype=DT)
+        flip[-7:, -7:] = flip[-7:, -7:].flip(0)
+        other = sum((jv - fx @ (flip @ A_out[k] @ flip).T).square().sum()
+                    for k, (fx, jv) in enumerate(torch.func.jvp(layer, (x,), (x @ A_in[k].T,)) for k in range(3)))
+    assert terms.lie_derivative.item() > 1e-3
+    assert_close_scaled(0.7 ** 2 * terms.lie_derivative, total, 1e-10, "θ² R_LD vs e3nn-generator jvp")
+    assert abs(other - total) > 1e-3 * total
