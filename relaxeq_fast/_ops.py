@@ -37,7 +37,6 @@ def warn_missing_extension_once():
             RuntimeWarning, stacklevel=3)
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Autocast (torch.autocast): PyTorch's lists decide, per op, the dtype its inputs are cast to.
 # relaxed_linear / relaxed_conv2d are "lower precision" ops like F.linear / F.conv2d: x, M, c, D go to the
@@ -60,14 +59,18 @@ def _autocast_cast(value, dtype):
     return value
 
 
+def _autocast_dtype(policy: str, device_type: str) -> torch.dtype:
+    """The dtype an op of ``policy`` casts its inputs to (the autocast dtype is read at call time)."""
+    return torch.get_autocast_dtype(device_type) if policy == AUTOCAST_LOWER else torch.float32
+
+
 def autocast_inputs(policy: str, device_type: str, *values):
     """``values`` as an op's autocast rule casts them while autocast is on for ``device_type`` (else
     unchanged): the functional layer applies the rule before its own checks and on the reference backend,
     so every backend follows it."""
     if not torch.is_autocast_enabled(device_type):
         return values
-    return _autocast_cast(values, torch.get_autocast_dtype(device_type) if policy == AUTOCAST_LOWER
-                          else torch.float32)
+    return _autocast_cast(values, _autocast_dtype(policy, device_type))
 
 
 def register_autocast(qualname: str, policy: str):
@@ -77,15 +80,16 @@ def register_autocast(qualname: str, policy: str):
         raise ValueError(f"policy must be {AUTOCAST_LOWER!r} or {AUTOCAST_FP32!r}, got {policy!r}")
     op = torch._library.utils.lookup_op(qualname)
     namespace, name = qualname.split("::")
-    lib = _autocast_libs.setdefault(namespace, torch.library.Library(namespace, "IMPL"))
+    if namespace not in _autocast_libs:  # one library per namespace, kept alive: it holds the registrations
+        _autocast_libs[namespace] = torch.library.Library(namespace, "IMPL")
+    lib = _autocast_libs[namespace]
     for device_type in _AUTOCAST_DEVICES:
         key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
         key = getattr(torch._C.DispatchKey, key_name)
 
         def autocast_kernel(*args, _device_type=device_type, _key=key):
-            dtype = torch.get_autocast_dtype(_device_type) if policy == AUTOCAST_LOWER else torch.float32
             with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(_key)):
-                return op(*_autocast_cast(args, dtype))
+                return op(*_autocast_cast(args, _autocast_dtype(policy, _device_type)))
 
         # the Python dispatcher (torch.compile, export) reads py_kernels; eager calls reach the library kernel
         if op.has_kernel_for_dispatch_key(key):

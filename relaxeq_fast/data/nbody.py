@@ -43,23 +43,26 @@ class NBodyData(NamedTuple):
     target: torch.Tensor
 
 
+def _pairs(loc: torch.Tensor, charges: torch.Tensor):
+    """(x_i − x_j [..., n, n, 3], |x_i − x_j| clamped away from 0 [..., n, n], q_i q_j [..., n, n])."""
+    diff = loc[..., :, None, :] - loc[..., None, :, :]
+    return diff, diff.norm(dim=-1).clamp_min(1e-12), charges[..., :, None] * charges[..., None, :]
+
+
 def coulomb_forces(loc: torch.Tensor, charges: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
     """F [..., n, 3] = strength Σ_{j≠i} q_i q_j (x_i − x_j) / |x_i − x_j|³ for loc [..., n, 3], charges [..., n]."""
-    diff = loc[..., :, None, :] - loc[..., None, :, :]  # [..., n, n, 3]: x_i − x_j
-    dist = diff.norm(dim=-1)
+    diff, dist, qq = _pairs(loc, charges)
     eye = torch.eye(loc.shape[-2], dtype=torch.bool, device=loc.device)
-    inv_cube = torch.where(eye, torch.zeros_like(dist), dist.clamp_min(1e-12) ** -3)
-    qq = charges[..., :, None] * charges[..., None, :]
+    inv_cube = torch.where(eye, torch.zeros_like(dist), dist ** -3)
     return strength * ((qq * inv_cube)[..., None] * diff).sum(-2)
 
 
 def energy(loc: torch.Tensor, vel: torch.Tensor, charges: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
     """Total energy [...]: Σ |v_i|²/2 + strength Σ_{i<j} q_i q_j / |x_i − x_j| (unit masses)."""
     kinetic = 0.5 * vel.square().sum((-1, -2))
-    dist = (loc[..., :, None, :] - loc[..., None, :, :]).norm(dim=-1)
+    _diff, dist, qq = _pairs(loc, charges)
     upper = torch.triu(torch.ones(dist.shape[-2:], dtype=torch.bool, device=loc.device), 1)
-    qq = charges[..., :, None] * charges[..., None, :]
-    return kinetic + strength * torch.where(upper, qq / dist.clamp_min(1e-12), torch.zeros_like(dist)).sum((-1, -2))
+    return kinetic + strength * torch.where(upper, qq / dist, torch.zeros_like(dist)).sum((-1, -2))
 
 
 def simulate(n_sims: int, seed: int, n_particles: int = 5, n_frames: int = TARGET_FRAME + 1,
