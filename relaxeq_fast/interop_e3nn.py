@@ -106,6 +106,9 @@ def to_e3nn_linear(layer: EquivariantLinear):
     if type(layer) is not EquivariantLinear:
         raise TypeError(f"to_e3nn_linear: layer must be an EquivariantLinear (project a relaxed model first), got "
                         f"{type(layer).__name__}")
+    if any(irreps.feature_shape != (irreps.dim,) for irreps in (layer.irreps_in, layer.irreps_out)):
+        raise ValueError(f"to_e3nn_linear: {layer} takes VN features [..., C, 3]; an e3nn Linear takes flattened "
+                         "[..., D] features, so it would not be a drop-in replacement")
     ref = layer.weights[0]
     reached = {oi for *_rest, oi, _ii in layer.layout}
     # e3nn 0.6's einsum optimiser fails on an output block that no path reaches (tried: torch 2.14)
@@ -140,12 +143,7 @@ def to_e3nn(model: nn.Module) -> nn.Module:
     """Every EquivariantLinear in ``model`` (a projected model: no RelaxedLinear left) replaced by the
     equivalent e3nn ``o3.Linear``; modifies and returns ``model`` (or the replacement)."""
     from .nn import RelaxedLinear
+    from .vn import _convert_modules
     if any(isinstance(m, RelaxedLinear) for m in model.modules()):
         raise ValueError("to_e3nn: the model still holds RelaxedLinear layers: project() it first")
-    if type(model) is EquivariantLinear:
-        return to_e3nn_linear(model)
-    for name, child in list(model.named_children()):
-        replaced = to_e3nn(child)
-        if replaced is not child:
-            setattr(model, name, replaced)
-    return model
+    return _convert_modules(model, lambda m: to_e3nn_linear(m) if type(m) is EquivariantLinear else None)

@@ -10,7 +10,7 @@ e3nn = pytest.importorskip("e3nn", reason="e3nn is an optional extra (pip instal
 from e3nn import o3  # noqa: E402
 from e3nn.util.test import assert_equivariant  # noqa: E402
 
-from relaxeq_fast import Irreps, use_backend  # noqa: E402
+from relaxeq_fast import VN, Irreps, use_backend  # noqa: E402
 from relaxeq_fast.interop_e3nn import from_e3nn_linear, irreps_from_e3nn, to_e3nn, to_e3nn_linear  # noqa: E402
 from relaxeq_fast.nn import EquivariantLinear, RelaxedLinear  # noqa: E402
 from relaxeq_fast.vn import model_regularizers, project, relax, set_theta, swap  # noqa: E402
@@ -109,6 +109,8 @@ def test_errors_name_the_cause():
         from_e3nn_linear(torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match="project a relaxed model first"):
         to_e3nn_linear(relax(EquivariantLinear(Irreps("1x0e"), Irreps("1x0e"))))
+    with pytest.raises(ValueError, match="VN features"):  # [..., C, 3] in, not e3nn's flattened [..., D]
+        to_e3nn_linear(EquivariantLinear(VN(2), VN(3)))
 
 
 def _e3nn_generators(irreps):
