@@ -36,9 +36,6 @@ def _rand(*shape, gen, dtype=torch.float32, device="cpu"):
     return torch.randn(*shape, generator=gen, dtype=dtype).to(device)
 
 
-_rand_on = _rand
-
-
 def _as_f64(t):
     return None if t is None else t.detach().cpu().double()
 
@@ -86,17 +83,17 @@ def test_relaxed_conv2d_runs_in_the_autocast_dtype_with_float32_statistics(half,
 
 def _fp32_op_calls(dtype, gen, device="cpu"):
     """(name, op, args) of every fp32-rule op on small valid inputs of ``dtype``."""
-    _rand = functools.partial(_rand_on, device=device)
-    x, d = _rand(5, 4, 3, gen=gen, dtype=dtype), _rand(5, 4, 3, gen=gen, dtype=dtype)
-    mean, invstd = _rand(4, gen=gen, dtype=dtype).abs(), _rand(4, gen=gen, dtype=dtype).abs() + 0.5
-    weight, bias = _rand(4, gen=gen, dtype=dtype), _rand(4, gen=gen, dtype=dtype)
+    rand = functools.partial(_rand, gen=gen, device=device)
+    x, d = rand(5, 4, 3, dtype=dtype), rand(5, 4, 3, dtype=dtype)
+    mean, invstd = rand(4, dtype=dtype).abs(), rand(4, dtype=dtype).abs() + 0.5
+    weight, bias = rand(4, dtype=dtype), rand(4, dtype=dtype)
     rin, rout = VN(2), VN(1)
-    W, b = _rand(2, 3, 6, gen=gen, dtype=dtype), _rand(2, 3, gen=gen, dtype=dtype)  # 2 layers VN(2) → VN(1)
-    rows = _rand(2, 7, 6, gen=gen)  # the statistics are float32 (relaxed_linear's G, s) under autocast too
+    W, b = rand(2, 3, 6, dtype=dtype), rand(2, 3, dtype=dtype)  # 2 layers VN(2) → VN(1)
+    rows = rand(2, 7, 6)  # the statistics are float32 (relaxed_linear's G, s) under autocast too
     G, s = rows.transpose(1, 2) @ rows, rows.sum(1)
     gens = _generator_list(rin, rout, torch.float32, device)
-    w_eq, w_relax = _rand(3, 2, gen=gen, dtype=dtype), _rand(9, 6, gen=gen, dtype=dtype)
-    b_eq, b_relax = _rand(9, gen=gen, dtype=dtype), _rand(9, gen=gen, dtype=dtype)
+    w_eq, w_relax = rand(3, 2, dtype=dtype), rand(9, 6, dtype=dtype)
+    b_eq, b_relax = rand(9, dtype=dtype), rand(9, dtype=dtype)
     return [
         ("vn_leaky_relu", ops.vn_leaky_relu, (x, d, 0.1, 1e-6)),
         ("vn_norm_stats", ops.vn_norm_stats, (x, 1e-6)),
