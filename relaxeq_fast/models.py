@@ -15,13 +15,14 @@ import torch
 from torch import nn
 
 from .egnn import EGNN  # noqa: F401  (re-exported: relaxeq_fast.models.EGNN)
+from .segnn import SEGNN  # noqa: F401  (re-exported; imports e3nn only when built)
 from .nn import RelaxedLinear
 from .vn import (VNBatchNorm, VNLinear, VNLinearLeakyReLU, VNStdFeature, graph_feature, graph_feature_cross,
                  relax, vn_mean_pool)
 
 RELAXED_MAPS = ("all", "paper")
 
-__all__ = ["VNPointNet", "VNSTNkd", "VNDGCNN", "SteerableCNN", "EGNN"]
+__all__ = ["VNPointNet", "VNSTNkd", "VNDGCNN", "SteerableCNN", "EGNN", "SEGNN"]
 
 
 def _channels(published: int, width: float) -> int:

@@ -132,9 +132,12 @@ class ThetaScheduler:
 
 
 @torch.no_grad()
-def projection_error(model: nn.Module, inputs: torch.Tensor) -> float:
+def projection_error(model: nn.Module, inputs) -> float:
     """‖f_θ(x) − f_projected(x)‖ / ‖f_projected(x)‖ on ``inputs``: how far the relaxed model is from
     the equivariant model it will be projected to (0 at θ = 0).
+
+    inputs: the model's input tensor, or a tuple of its positional arguments (e.g. an N-body model's
+    (positions, velocities, charges)).
 
     Both are evaluated in eval mode (running batch-norm statistics, no updates); the model is left as it
     was, training flag included.
@@ -144,8 +147,9 @@ def projection_error(model: nn.Module, inputs: torch.Tensor) -> float:
     model.eval()
     try:
         projected = project(copy.deepcopy(model))
-        ref = projected(inputs)
-        out = model(inputs)
+        args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+        ref = projected(*args)
+        out = model(*args)
     finally:
         model.train(was_training)
     return ((out - ref).norm() / ref.norm().clamp_min(torch.finfo(ref.dtype).tiny)).item()

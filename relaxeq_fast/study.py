@@ -11,9 +11,10 @@ Every run has its own directory under ``<out>/runs`` (named by method, lr, seed 
 the same command again skips finished runs, resumes interrupted ones (from their checkpoint) and does not
 repeat diverged ones. An axis that only concerns the relaxation (θ schedule, λ, init, relaxed maps, ...)
 is not crossed with the plain runs. A run *failed* if it diverged (non-finite loss) or its final
-projected test accuracy is below twice chance. Accuracies in the tables are the projected model's: at
-the last epoch, and at the epoch with the best projected validation accuracy (needs --val-fraction > 0
-in the training arguments; never selected on the test set).
+projected test accuracy is below twice chance (N-body: its test MSE is no better than predicting that nothing
+moves). Accuracies (MSEs) in the tables are the projected model's: at the last epoch, and at the epoch with
+the best projected validation score (needs --val-fraction > 0 in the training arguments, or a dataset with
+its own validation split such as nbody; never selected on the test set).
 """
 from __future__ import annotations
 
@@ -43,9 +44,17 @@ RELAXATION_AXES = ("theta_schedule", "theta_unit", "theta_max", "lambda_ld", "la
 NOT_AXES = ("seed", "lr", "plain", "run_dir", "runs_root", "progress", "threads", "device", "data_root")
 # ignored when checking that an existing run directory holds the intended run
 RUN_CONTROL = ("run_dir", "runs_root", "progress", "threads")
-STUDY_FIELDS = ("run", "method", "lr", "seed", "axes", "status", "failed", "test_acc_projected", "best_epoch",
-                "best_test_acc_projected", "val_acc_projected", "best_val_acc_projected", "mid_train_acc",
-                "final_train_acc", "seconds", "run_dir")
+
+
+def study_fields(metric: str = "acc") -> tuple[str, ...]:
+    """study.csv's columns when the runs report ``metric`` ("acc" or "mse")."""
+    m = metric
+    return ("run", "method", "lr", "seed", "axes", "status", "failed", f"test_{m}_projected", "best_epoch",
+            f"best_test_{m}_projected", f"val_{m}_projected", f"best_val_{m}_projected", f"mid_train_{m}",
+            f"final_train_{m}", "seconds", "run_dir")
+
+
+METRIC_LABELS = {"acc": "accuracy", "mse": "MSE"}
 
 
 class StudyError(ValueError):
@@ -209,18 +218,31 @@ def _read_run(run: Run, run_dir: str) -> dict:
         s = json.load(f)
     with open(os.path.join(run_dir, "metrics.csv")) as f:
         history = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
-    chance = 1.0 / s["num_classes"]
-    row.update(test_acc_projected=s["test_acc_projected"], best_epoch=s.get("best_epoch"),
-               best_test_acc_projected=s.get("best_test_acc_projected"),
-               best_val_acc_projected=s.get("best_val_acc_projected"),
-               val_acc_projected=history[-1].get("val_acc_projected", float("nan")),
-               # θ peaks at mid-training (triangle) or holds its peak until then (hold_linear): the epoch
-               # where the relaxation can help or hinder optimisation most
-               mid_train_acc=history[(len(history) - 1) // 2]["train_acc"],
-               final_train_acc=history[-1]["train_acc"], seconds=s["seconds"],
-               failed=s["test_acc_projected"] < 2 * chance)
-    row["curve"] = [h["test_acc_projected"] for h in history]
+    m = s.get("metric", "acc")  # runs made before regression existed are classifiers
+    test = s[f"test_{m}_projected"]
+    if m == "acc":
+        failed = test < 2 / s["num_classes"]  # below twice chance
+    else:  # no better than predicting that nothing moves (or not finite)
+        failed = not test < s.get("test_mse_static", math.inf)
+    row.update({"metric": m, f"test_{m}_projected": test, "best_epoch": s.get("best_epoch"),
+                f"best_test_{m}_projected": s.get(f"best_test_{m}_projected"),
+                f"best_val_{m}_projected": s.get(f"best_val_{m}_projected"),
+                f"val_{m}_projected": history[-1].get(f"val_{m}_projected", float("nan")),
+                # θ peaks at mid-training (triangle) or holds its peak until then (hold_linear): the epoch
+                # where the relaxation can help or hinder optimisation most
+                f"mid_train_{m}": history[(len(history) - 1) // 2][f"train_{m}"],
+                f"final_train_{m}": history[-1][f"train_{m}"], "seconds": s["seconds"], "failed": failed})
+    row["curve"] = [h[f"test_{m}_projected"] for h in history]
     return row
+
+
+def study_metric(rows: list[dict]) -> str:
+    """The metric of a study's finished runs ("acc" when none has finished); mixed metrics are refused."""
+    found = {r["metric"] for r in rows if "metric" in r}
+    if len(found) > 1:
+        raise StudyError(f"the runs report different metrics {sorted(found)}: classifiers and N-body regressors "
+                         "do not go in one study")
+    return found.pop() if found else "acc"
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -236,18 +258,19 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def aggregate(rows: list[dict]) -> list[dict]:
     """Per (method, lr, axes): runs, mean ± std (finished runs) of the final and of the best-epoch projected
-    test accuracy, of the final projected validation accuracy (what settings are chosen on) and of the
-    training accuracy at mid-training; failure rate (diverged or below twice chance, over all runs)."""
+    test metric (accuracy or MSE), of the final projected validation metric (what settings are chosen on) and
+    of the training metric at mid-training; failure rate (diverged or failed, over all runs)."""
+    m = study_metric(rows)
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["method"], r["lr"], r["axes"]), []).append(r)
     out = []
     for (method, lr, axes), rs in sorted(groups.items(), key=lambda kv: (kv[0][2], kv[0][0] != "relaxed", kv[0][1])):
         done = [r for r in rs if r["status"] == "finished"]
-        final = mean_std([r["test_acc_projected"] for r in done])
-        best = mean_std([r.get("best_test_acc_projected") for r in done])
-        val = mean_std([r.get("val_acc_projected") for r in done])
-        mid = mean_std([r.get("mid_train_acc") for r in done])
+        final = mean_std([r[f"test_{m}_projected"] for r in done])
+        best = mean_std([r.get(f"best_test_{m}_projected") for r in done])
+        val = mean_std([r.get(f"val_{m}_projected") for r in done])
+        mid = mean_std([r.get(f"mid_train_{m}") for r in done])
         out.append(dict(method=method, lr=lr, axes=axes, runs=len(rs), finished=len(done),
                         final_mean=final[0], final_std=final[1], best_mean=best[0], best_std=best[1],
                         val_mean=val[0], val_std=val[1], mid_train_mean=mid[0], mid_train_std=mid[1],
@@ -256,31 +279,37 @@ def aggregate(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _fmt(m: float, s: float) -> str:
-    return "—" if math.isnan(m) else f"{m:.3f} ± {s:.3f}"
+def _fmt(m: float, s: float, metric: str = "acc") -> str:
+    if math.isnan(m):
+        return "—"
+    return f"{m:.3f} ± {s:.3f}" if metric == "acc" else f"{m:.3e} ± {s:.1e}"
 
 
 def write_outputs(out_dir: str, rows: list[dict], title: str) -> tuple[str, str, Optional[str]]:
     """study.csv, study.md, study.png in out_dir; returns their paths (png None without matplotlib)."""
+    m = study_metric(rows)
+    fields = study_fields(m)
     csv_path = os.path.join(out_dir, "study.csv")
     with open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=STUDY_FIELDS, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow({k: r.get(k, "") for k in STUDY_FIELDS})
+            w.writerow({k: r.get(k, "") for k in fields})
     groups = aggregate(rows)
+    name = METRIC_LABELS[m]
+    failed = "below twice chance" if m == "acc" else "no better than predicting that nothing moves"
     lines = [f"# {title}", "",
-             "Mean ± sample std over seeds. Projected test accuracy at the last epoch, and at the epoch with "
-             "the best projected validation accuracy; projected validation accuracy at the last epoch (what "
-             "settings are chosen on); training accuracy at mid-training (θ's peak). Failed: diverged or "
-             "below twice chance.", "",
-             "| method | lr | axes | seeds | final acc | best-epoch acc | final val acc | mid train acc | failed |",
+             f"Mean ± sample std over seeds. Projected test {name} at the last epoch, and at the epoch with "
+             f"the best projected validation {name}; projected validation {name} at the last epoch (what "
+             f"settings are chosen on); training {name} at mid-training (θ's peak). Failed: diverged or "
+             f"{failed}.", "",
+             f"| method | lr | axes | seeds | final {m} | best-epoch {m} | final val {m} | mid train {m} | failed |",
              "|---|---|---|---|---|---|---|---|---|"]
     for g in groups:
         lines.append(f"| {g['method']} | {g['lr']:g} | {g['axes'] or '—'} | {g['finished']}/{g['runs']} "
-                     f"({','.join(map(str, g['seeds']))}) | {_fmt(g['final_mean'], g['final_std'])} | "
-                     f"{_fmt(g['best_mean'], g['best_std'])} | {_fmt(g['val_mean'], g['val_std'])} | "
-                     f"{_fmt(g['mid_train_mean'], g['mid_train_std'])} | {g['failure_rate']:.0%} |")
+                     f"({','.join(map(str, g['seeds']))}) | {_fmt(g['final_mean'], g['final_std'], m)} | "
+                     f"{_fmt(g['best_mean'], g['best_std'], m)} | {_fmt(g['val_mean'], g['val_std'], m)} | "
+                     f"{_fmt(g['mid_train_mean'], g['mid_train_std'], m)} | {g['failure_rate']:.0%} |")
     md_path = os.path.join(out_dir, "study.md")
     with open(md_path, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -303,8 +332,9 @@ def _plot(out_dir: str, rows: list[dict], groups: list[dict], title: str) -> Opt
         label = method + (f" {axes}" if axes else "")
         a1.errorbar([g["lr"] for g in gs], [g["final_mean"] for g in gs], yerr=[g["final_std"] for g in gs],
                     marker="o" if method == "relaxed" else "s", capsize=3, label=label)
-    a1.set(xscale="log", xlabel="learning rate", ylabel="projected test accuracy (last epoch)",
-           title="accuracy against lr (mean ± std over seeds)")
+    name = METRIC_LABELS[study_metric(rows)]
+    a1.set(xscale="log", xlabel="learning rate", ylabel=f"projected test {name} (last epoch)",
+           title=f"{name} against lr (mean ± std over seeds)")
     curves: dict[tuple, list[list[float]]] = {}
     for r in rows:
         if r.get("curve"):
@@ -319,7 +349,9 @@ def _plot(out_dir: str, rows: list[dict], groups: list[dict], title: str) -> Opt
                         label=f"{method} lr {lr:g}" + (f" {axes}" if axes else ""))
         a2.fill_between(ep, [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)], alpha=0.15,
                         color=line.get_color())
-    a2.set(xlabel="epoch", ylabel="projected test accuracy", title="per epoch (mean ± std over seeds)")
+    a2.set(xlabel="epoch", ylabel=f"projected test {name}", title="per epoch (mean ± std over seeds)")
+    if name == "MSE":
+        a1.set_yscale("log"), a2.set_yscale("log")
     for a in (a1, a2):
         a.grid(alpha=0.3)
         if a.get_legend_handles_labels()[0]:  # nothing to label when every run diverged
@@ -386,8 +418,12 @@ def run_study(argv=None) -> dict:
             r = futures[fut]
             state, err = fut.result()
             row = _read_run(r, dirs[r])
-            acc = f"projected test acc {row['test_acc_projected']:.3f}" if state == "finished" else err
-            line = f"[relaxeq-study] {r.name}: {state}, {acc} ({time.perf_counter() - t0:.0f} s)"
+            if state == "finished":
+                m = row["metric"]
+                score = f"projected test {m} {_fmt(row[f'test_{m}_projected'], 0.0, m).split(' ±')[0]}"
+            else:
+                score = err
+            line = f"[relaxeq-study] {r.name}: {state}, {score} ({time.perf_counter() - t0:.0f} s)"
             (bar.write(line) if bar else print(line, flush=True))
             if bar:
                 bar.update(1)

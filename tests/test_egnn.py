@@ -8,17 +8,12 @@ from relaxeq_fast.data import nbody
 from relaxeq_fast.egnn import EGNN
 from relaxeq_fast.nn import RelaxedLinear
 from relaxeq_fast.regularizer import combine_regularizers
-from relaxeq_fast.reps import random_rotation
+from testing import e3_error, nbody_inputs
 from relaxeq_fast.vn import model_regularizers, project, set_theta
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 DT = torch.float64
 
-
-def _inputs(B=3, n=5, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.where(torch.rand(B, n, 1, generator=g) < 0.5, -1.0, 1.0).to(DT)
-    return torch.randn(B, n, 3, generator=g, dtype=DT), torch.randn(B, n, 3, generator=g, dtype=DT), q
 
 
 def _randomise_relaxation(model, std=0.3):
@@ -30,21 +25,13 @@ def _randomise_relaxation(model, std=0.3):
                 p.normal_(std=0.3)
 
 
-def _e3_error(model, loc, vel, q, seed=1):
-    R = random_rotation(generator=torch.Generator().manual_seed(seed), dtype=DT)
-    t = torch.tensor([0.4, -2.0, 1.1], dtype=DT)
-    with torch.no_grad():
-        out = model(loc, vel, q)
-        moved = model(loc @ R.T + t, vel @ R.T, q)
-    return ((moved - (out @ R.T + t)).abs().max() / out.abs().max()).item()
-
 
 def test_layer_is_the_egnn_vel_update():
     """The plain layer against the EGNN-vel equations written out with its sub-networks (not its forward)."""
     torch.manual_seed(0)
     model = EGNN(hidden=8, n_layers=1).to(DT)
     layer = model.layers[0]
-    loc, vel, q = _inputs()
+    loc, vel, q = nbody_inputs()
     h = model.embedding(vel.norm(dim=-1, keepdim=True))
     B, n = loc.shape[:2]
     x_new = torch.empty_like(loc)
@@ -68,27 +55,27 @@ def test_e3_equivariant_at_theta_zero_and_after_projection(relaxed):
     torch.manual_seed(1)
     model = EGNN(hidden=16, n_layers=3, relaxed=relaxed).to(DT)
     _randomise_relaxation(model)
-    loc, vel, q = _inputs()
+    loc, vel, q = nbody_inputs()
     if relaxed:
         set_theta(model, 1.0)
-        broken = _e3_error(model, loc, vel, q)
+        broken = e3_error(model, loc, vel, q)
         assert broken > 1e-3, broken  # a random relaxation breaks rotation equivariance
         set_theta(model, 0.0)
-    assert _e3_error(model, loc, vel, q) < 1e-10
+    assert e3_error(model, loc, vel, q) < 1e-10
     if relaxed:
         with torch.no_grad():
             at_zero = model(loc, vel, q)
         plain = project(model)
         assert not any(isinstance(m, RelaxedLinear) for m in plain.modules())
         assert (plain(loc, vel, q) - at_zero).abs().max() < 1e-12
-        assert _e3_error(plain, loc, vel, q) < 1e-10
+        assert e3_error(plain, loc, vel, q) < 1e-10
 
 
 def test_regulariser_vanishes_for_an_equivariant_relaxation():
     torch.manual_seed(2)
     model = EGNN(hidden=8, n_layers=2, relaxed=True).to(DT)
     set_theta(model, 1.0)
-    loc, vel, q = _inputs()
+    loc, vel, q = nbody_inputs()
     with torch.no_grad():
         for layer in model.layers:
             w = torch.randn(1, 2, dtype=DT)

@@ -210,3 +210,23 @@ class RecordOps:
 
     def __exit__(self, *exc):
         return self._mode.__exit__(*exc)
+
+
+def nbody_inputs(B=3, n=5, seed=0, dtype=torch.float64):
+    """Random N-body inputs: loc, vel [B, n, 3] ~ N(0, 1), charges [B, n, 1] = ±1."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.where(torch.rand(B, n, 1, generator=g) < 0.5, -1.0, 1.0).to(dtype)
+    return torch.randn(B, n, 3, generator=g, dtype=dtype), torch.randn(B, n, 3, generator=g, dtype=dtype), q
+
+
+def e3_error(model, loc, vel, q, seed=1, improper=False):
+    """max |f(R x + t, R v) − (R f(x, v) + t)| / max |f(x, v)| for a position predictor f, one random rotation R
+    (−R: an improper one, for O(3)) and a fixed translation t."""
+    from relaxeq_fast.reps import random_rotation
+    R = random_rotation(generator=torch.Generator().manual_seed(seed), dtype=loc.dtype)
+    R = -R if improper else R
+    t = torch.tensor([0.4, -2.0, 1.1], dtype=loc.dtype)
+    with torch.no_grad():
+        out = model(loc, vel, q)
+        moved = model(loc @ R.T + t, vel @ R.T, q)
+    return ((moved - (out @ R.T + t)).abs().max() / out.abs().max()).item()

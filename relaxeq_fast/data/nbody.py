@@ -127,6 +127,14 @@ def make_split(n: int, seed: int) -> NBodyData:
                      loc[:, TARGET_FRAME].to(f32))
 
 
+def cache_path(seed: int = 0, cache_dir: Optional[str] = None) -> str:
+    """Where :func:`load_nbody` keeps the splits of ``seed``: a file named by every generation parameter."""
+    cache_dir = os.path.expanduser(cache_dir or os.path.join("~", ".cache", "relaxeq_fast", "nbody"))
+    key = hashlib.sha256(json.dumps({"seed": seed, "sizes": SIZES, "frames": [INPUT_FRAME, TARGET_FRAME],
+                                     "steps_per_frame": STEPS_PER_FRAME, "version": 1}).encode()).hexdigest()[:16]
+    return os.path.join(cache_dir, f"charged5_{key}.pt")
+
+
 def load_nbody(seed: int = 0, n_train: Optional[int] = None, n_val: Optional[int] = None,
                n_test: Optional[int] = None, cache_dir: Optional[str] = None) -> tuple[NBodyData, NBodyData, NBodyData]:
     """(train, val, test) of the charged N-body task (sizes default to 3000 / 2000 / 2000), generated on first
@@ -135,16 +143,13 @@ def load_nbody(seed: int = 0, n_train: Optional[int] = None, n_val: Optional[int
     for name, n in sizes.items():
         if n is not None and not (isinstance(n, int) and 1 <= n <= SIZES[name]):
             raise ValueError(f"load_nbody: n_{name} must be an int in [1, {SIZES[name]}], got {n!r}")
-    cache_dir = os.path.expanduser(cache_dir or os.path.join("~", ".cache", "relaxeq_fast", "nbody"))
-    key = hashlib.sha256(json.dumps({"seed": seed, "sizes": SIZES, "frames": [INPUT_FRAME, TARGET_FRAME],
-                                     "steps_per_frame": STEPS_PER_FRAME, "version": 1}).encode()).hexdigest()[:16]
-    path = os.path.join(cache_dir, f"charged5_{key}.pt")
+    path = cache_path(seed, cache_dir)
     if os.path.isfile(path):
         splits = torch.load(path, weights_only=True)
     else:
         seeds = _split_seeds(seed)
         splits = {name: make_split(SIZES[name], seeds[name])._asdict() for name in SIZES}
-        os.makedirs(cache_dir, exist_ok=True)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.tmp{os.getpid()}"
         torch.save(splits, tmp)
         os.replace(tmp, path)  # atomic: a concurrent reader sees the whole file or none

@@ -1,9 +1,11 @@
-"""Train an equivariant classifier by constraint relaxation from the command line.
+"""Train an equivariant classifier (or N-body regressor) by constraint relaxation from the command line.
 
     relaxeq-train --model vn_pointnet --dataset shapes --epochs 8            # relaxed (the default)
     relaxeq-train --model vn_pointnet --dataset shapes --epochs 8 --plain    # the unrelaxed baseline
     relaxeq-train --dataset modelnet40 --data-root ~/data/modelnet40_ply_hdf5_2048 --train-rotation z
     relaxeq-train --model steerable_cnn --dataset rotmnist --epochs 20        # C_8 steerable CNN on RotMNIST-5k
+    relaxeq-train --model egnn --dataset nbody --epochs 100                   # relaxed E(n)-GNN, charged N-body (MSE)
+    relaxeq-train --model segnn --dataset nbody --epochs 100                  # relaxed SEGNN (needs e3nn)
     relaxeq-train --resume runs/<run>                                         # continue an interrupted run
     torchrun --nproc-per-node 2 -m relaxeq_fast.train ...                    # data parallel (gloo / nccl)
 
@@ -28,8 +30,16 @@ angles. The point augmentations (--augment) do not apply to images. The final eq
 an image model is its invariance to exact quarter turns (torch.rot90: pixel permutations, to which a
 C_N model with 4 | N is exactly invariant), not to interpolated rotations.
 
+N-body (--model egnn / segnn, --dataset nbody): the models predict the particles' positions 1000 integration
+steps ahead from positions, velocities and charges (:mod:`relaxeq_fast.data.nbody`); the loss and the metric
+are the MSE (lower is better; the best epoch is the one with the lowest projected validation MSE), the
+dataset's own 2000-system validation split is used (--val-fraction stays 0), the data seed is fixed (one
+benchmark; --seed seeds the model and the training), and the final check is the E(3) equivariance of the
+predicted positions. summary.json also gives test_mse_static, the MSE of predicting that nothing moves.
+
 Modules: :mod:`.config` (settings, paper setups, validation), :mod:`.build` (model, data,
-augmentation), :mod:`.loop` (the run), :mod:`.checkpoint`, :mod:`.report` (metrics, plots,
+augmentation), :mod:`.task` (classification or regression: loss, metric, symmetry check), :mod:`.loop`
+(the run), :mod:`.checkpoint`, :mod:`.report` (metrics, plots,
 comparisons), :mod:`.cli` (relaxeq-train).
 """
 from .build import build_model

@@ -4,7 +4,25 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import IMAGE_MODELS, ConfigError, TrainConfig, _augmentations, _fail
+from .config import GRAPH_MODELS, IMAGE_MODELS, ConfigError, TrainConfig, _augmentations, _fail
+
+
+def augment_batch(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, gen: torch.Generator):
+    """A training batch (x, y) as the model sees it: N-body systems rotated with their targets (each by its
+    own rotation, ``cfg.train_rotation``); point clouds and images as :func:`_augment_batch`."""
+    if cfg.model in GRAPH_MODELS:
+        return _rotate_nbody(x, y, cfg.train_rotation, gen)
+    return _augment_batch(x, cfg, gen), y
+
+
+def _rotate_nbody(x: torch.Tensor, y: torch.Tensor, rotation: str, gen: torch.Generator):
+    from ..data import augment
+    from .task import move_nbody
+    if rotation == "aligned":
+        return x, y
+    R = augment.random_rotations(len(x), rotation, generator=gen, dtype=x.dtype)
+    return move_nbody(x, y, R, x.new_zeros(3))
+
 
 def _augment_batch(x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
     """``cfg.augment`` (the public code's loader: before the rotation), the rotation, then
@@ -49,10 +67,21 @@ def _rotate_images(x: torch.Tensor, rotation: str, gen: torch.Generator) -> torc
     return x if rotation == "aligned" else augment.random_rotate_images(x, generator=gen)
 
 
-def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
-    """The classifier of ``cfg.model``, relaxed unless ``cfg.plain``."""
+# the published N-body models' hidden width (EGNN's 64 features, SEGNN's 64 weight-balanced) and depth
+GRAPH_HIDDEN, GRAPH_LAYERS = 64, 4
+
+
+def build_model(cfg: TrainConfig, num_classes: int = 0) -> nn.Module:
+    """The model of ``cfg.model``, relaxed unless ``cfg.plain``: a classifier with ``num_classes`` outputs,
+    or (egnn, segnn) an N-body position predictor of width round(64 · cfg.width), 4 layers."""
     from ..models import VNDGCNN, SteerableCNN, VNPointNet
     relax_kwargs = dict(relax_init=cfg.relax_init, theta=cfg.theta_max, backend=cfg.backend)
+    if cfg.model in GRAPH_MODELS:
+        from .. import models
+        hidden = max(1, round(GRAPH_HIDDEN * cfg.width))
+        if cfg.model == "egnn":
+            return models.EGNN(hidden=hidden, n_layers=GRAPH_LAYERS, relaxed=not cfg.plain, **relax_kwargs)
+        return models.SEGNN(hidden_features=hidden, n_layers=GRAPH_LAYERS, relaxed=not cfg.plain, **relax_kwargs)
     if cfg.model == "steerable_cnn":
         return SteerableCNN(num_classes=num_classes, group=cfg.group, relaxed=not cfg.plain, width=cfg.width,
                             dropout=cfg.dropout, relax_kwargs=relax_kwargs)
@@ -66,6 +95,8 @@ def _load_data(cfg: TrainConfig):
     permutation of the training data; validation and test sets are rotated once, by seeded rotations
     (every epoch sees the same sets), with --test-rotation."""
     from ..data import load_dataset
+    if cfg.model in GRAPH_MODELS:
+        return _load_nbody(cfg)
     try:
         train, test = load_dataset(cfg.dataset, cfg.data_root, num_points=cfg.num_points, seed=cfg.seed,
                                    n_train=cfg.n_train, n_test=cfg.n_test)
@@ -94,3 +125,28 @@ def _rotate_once(data, cfg: TrainConfig, dtype, seed: int):
     else:
         x = augment.rotate(data.x.to(dtype), cfg.test_rotation, generator=gen)
     return data._replace(x=x.contiguous())
+
+
+def _load_nbody(cfg: TrainConfig):
+    """The charged N-body splits (:func:`relaxeq_fast.data.load_nbody`, data seed 0 for every run: one fixed
+    benchmark, as the published one; --seed seeds the model and the training only) as packed
+    ``LabeledData``: x [N, 5, 7] (positions, velocities, charges), y [N, 5, 3]. --n-train takes the first
+    n training systems, --n-test the first n validation and test systems. With --test-rotation z or so3 the
+    validation and test systems are rotated once (each by its own seeded rotation, targets with them)."""
+    from ..data import LabeledData, load_nbody
+    from .task import pack_nbody
+    try:
+        splits = load_nbody(seed=0, n_train=cfg.n_train, n_val=cfg.n_test, n_test=cfg.n_test,
+                            cache_dir=None if cfg.data_root is None else cfg.data_root)
+    except ValueError as e:
+        raise ConfigError(f"{cfg.dataset}: {str(e).splitlines()[0]}") from e
+    dtype = getattr(torch, cfg.dtype)
+    train, val, test = (LabeledData(pack_nbody(s.loc, s.vel, s.charges).to(dtype), s.target.to(dtype), [])
+                        for s in splits)
+    if cfg.batch_size > len(train.y):
+        _fail(f"--batch-size {cfg.batch_size} is larger than the training set ({len(train.y)} systems)")
+    moved = []
+    for split, seed in ((val, cfg.seed + 7907), (test, cfg.seed + 7919)):
+        x, y = _rotate_nbody(split.x, split.y, cfg.test_rotation, torch.Generator().manual_seed(seed))
+        moved.append(split._replace(x=x.contiguous(), y=y.contiguous()))
+    return train, moved[0], moved[1]

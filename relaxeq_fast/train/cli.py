@@ -19,21 +19,28 @@ from .report import format_summary
 
 def _parser() -> argparse.ArgumentParser:
     d = TrainConfig()
-    p = argparse.ArgumentParser(prog="relaxeq-train", description="Train an equivariant classifier by constraint relaxation.",
+    p = argparse.ArgumentParser(prog="relaxeq-train", description="Train an equivariant classifier (or N-body regressor) by constraint relaxation.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=d.model, help=f"one of {list(MODELS)}")
-    g.add_argument("--dataset", default=d.dataset, help="shapes (embedded), modelnet40 (needs --data-root), rotmnist")
-    g.add_argument("--data-root", default=None, help="directory of a local dataset copy")
-    g.add_argument("--train-rotation", default=d.train_rotation, help=f"one of {list(ROTATIONS)}")
-    g.add_argument("--test-rotation", default=d.test_rotation, help=f"one of {list(ROTATIONS)}")
+    g.add_argument("--dataset", default=d.dataset,
+                   help="shapes (embedded), modelnet40 (needs --data-root), rotmnist, nbody (charged N-body, simulated "
+                        "and cached on first use; --model egnn or segnn)")
+    g.add_argument("--data-root", default=None,
+                   help="directory of a local dataset copy (nbody: the cache directory, default ~/.cache/relaxeq_fast/nbody)")
+    g.add_argument("--train-rotation", default=None,
+                   help=f"one of {list(ROTATIONS)} (unset: so3; nbody: aligned, the published benchmark's)")
+    g.add_argument("--test-rotation", default=None,
+                   help=f"one of {list(ROTATIONS)} (unset: so3; nbody: aligned)")
     g.add_argument("--num-points", type=int, default=None, help="points per cloud (paper: 300)")
     g.add_argument("--k", type=int, default=d.k, help="nearest neighbours for edge features")
-    g.add_argument("--width", type=float, default=d.width, help="channel multiplier (1 = published model)")
+    g.add_argument("--width", type=float, default=d.width,
+                   help="channel multiplier (1 = published model; egnn / segnn: 64 hidden features × width, 4 layers)")
     g.add_argument("--group", type=int, default=d.group, help="steerable_cnn: the rotation group C_N (N)")
     g.add_argument("--dropout", type=float, default=None, help="head dropout (paper model: 0.4 / 0.5)")
     g.add_argument("--n-train", type=int, default=None, help="training samples (default: the dataset's)")
-    g.add_argument("--n-test", type=int, default=None, help="test samples (default: the dataset's)")
+    g.add_argument("--n-test", type=int, default=None,
+                   help="test samples (default: the dataset's; nbody: also the validation systems)")
     g.add_argument("--augment", default=None,
                    help=f"before the rotation: comma list of {list(AUGMENTATIONS)} or 'none', applied in that order "
                         "(scale: each axis U[2/3, 3/2); shift: U[-0.2, 0.2)) (paper setup: scale,shift)")

@@ -11,35 +11,37 @@ import time
 from typing import Optional
 
 import torch
-import torch.nn.functional as TF
 from torch import nn
 
 from .. import distributed as D
 from ..regularizer import combine_regularizers
 from ..relaxation import ThetaScheduler, make_schedule, projection_error
-from ..vn import equivariance_error, model_regularizers, project, relaxed_layers
-from .build import _augment_batch, _load_data, build_model
+from ..vn import model_regularizers, project, relaxed_layers
+from .build import _load_data, augment_batch, build_model
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import AMP_DTYPES, IMAGE_MODELS, NonFiniteLossError, TrainConfig, _fail, validate
+from .config import AMP_DTYPES, NonFiniteLossError, TrainConfig, _fail, validate
 from ..progress import progress
 from .report import _write_metrics, plot_history
+from .task import CLASSIFICATION, Task, final_equivariance_error, task_of
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, device) -> float:
-    """Accuracy in eval mode; every rank evaluates its strided share and the counts are summed."""
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, device,
+             task: Task = CLASSIFICATION) -> float:
+    """The task's metric in eval mode (accuracy; the mean per-system MSE for N-body) over x [N, ...], y [N, ...];
+    every rank evaluates its strided share and the sums are added."""
     was_training = model.training
     model.eval()
     r, w = D.rank(), D.world_size()
-    correct = torch.zeros(2, dtype=torch.float64)
+    total = torch.zeros(2, dtype=torch.float64)
     idx = torch.arange(r, len(y), w)
     for i in range(0, len(idx), batch_size):
         b = idx[i:i + batch_size]
-        pred = model(x[b].to(device)).argmax(dim=-1).cpu()
-        correct += torch.tensor([(pred == y[b]).sum().item(), len(b)], dtype=torch.float64)
+        out = model(*task.inputs(x[b].to(device)))
+        total += torch.tensor([task.metric_sum(out, y[b].to(device)).item(), len(b)], dtype=torch.float64)
     if D.is_distributed():
-        torch.distributed.all_reduce(correct)
+        torch.distributed.all_reduce(total)
     model.train(was_training)
-    return (correct[0] / correct[1]).item()
+    return (total[0] / total[1]).item()
 
 
 PROGRESS_EVERY = 10  # steps between reads of the running numbers for the progress bar
@@ -49,11 +51,13 @@ def forward_loss(net: nn.Module, model: nn.Module, x: torch.Tensor, y: torch.Ten
                  theta_buffer: Optional[torch.Tensor]):
     """The part of a step that ``--compile`` compiles: forward, task loss and regulariser.
 
-    Returns (loss, regulariser, ΣR_LD, ΣR_N, number of correct predictions), all 0-d tensors on the device;
-    only loss carries gradient. θ is read from theta_buffer (a tensor), so a new θ is not a new graph.
+    Returns (loss, regulariser, ΣR_LD, ΣR_N, the batch's metric sum: correct predictions or Σ per-system
+    MSE), all 0-d tensors on the device; only loss carries gradient. θ is read from theta_buffer (a tensor),
+    so a new θ is not a new graph.
     """
-    out = net(x)
-    task = TF.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)
+    kind = task_of(cfg)
+    out = net(*kind.inputs(x))
+    task = kind.loss(out, y, cfg)
     zero = task.detach().new_zeros(())
     reg, r_ld, r_n = task.new_zeros(()), zero, zero
     if theta_buffer is not None:
@@ -64,8 +68,7 @@ def forward_loss(net: nn.Module, model: nn.Module, x: torch.Tensor, y: torch.Ten
                                    theta=theta_buffer if cfg.theta_scaled_lambda else None)
         r_ld = sum(t.lie_derivative.detach() for t in terms)
         r_n = sum(t.projection.detach() for t in terms)
-    correct = (out.detach().argmax(-1) == y).sum()
-    return task + reg, reg.detach(), r_ld, r_n, correct
+    return task + reg, reg.detach(), r_ld, r_n, kind.metric_sum(out, y)
 
 
 def compiled_forward_loss(cfg: TrainConfig, device: torch.device, compiler: str = "inductor"):
@@ -82,8 +85,8 @@ def compiled_forward_loss(cfg: TrainConfig, device: torch.device, compiler: str 
 def train_step(net: nn.Module, model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, opt,
                theta_buffer: Optional[torch.Tensor], relax_group: Optional[dict], theta_value: float,
                forward_loss_fn=forward_loss, scaler: Optional[torch.amp.GradScaler] = None) -> torch.Tensor:
-    """One optimisation step on a (local) batch x [B, ...], y [B]; returns, on the device and without
-    reading anything back to the host, float64 [6]: loss, regulariser, ΣR_LD, ΣR_N, correct, samples.
+    """One optimisation step on a (local) batch x [B, ...], y [B, ...]; returns, on the device and without
+    reading anything back to the host, float64 [6]: loss, regulariser, ΣR_LD, ΣR_N, metric sum, samples.
 
     net is the model or its DDP wrapper. theta_buffer: the layers' θ (a 0-d tensor; None for a plain
     model); theta_value: the same θ as a number, for --relax-lr theta's lr (the optimiser takes numbers).
@@ -92,7 +95,7 @@ def train_step(net: nn.Module, model: nn.Module, x: torch.Tensor, y: torch.Tenso
     gradients without a host read when the optimiser is fused).
     """
     with torch.autocast(x.device.type, dtype=AMP_DTYPES.get(cfg.amp), enabled=cfg.amp is not None):
-        loss, reg, r_ld, r_n, correct = forward_loss_fn(net, model, x, y, cfg, theta_buffer)
+        loss, reg, r_ld, r_n, metric_sum = forward_loss_fn(net, model, x, y, cfg, theta_buffer)
     opt.zero_grad(set_to_none=True)
     (scaler.scale(loss) if scaler is not None else loss).backward()
     if cfg.clip_grad_norm is not None:
@@ -112,7 +115,7 @@ def train_step(net: nn.Module, model: nn.Module, x: torch.Tensor, y: torch.Tenso
     if scaler is not None:
         scaler.update()
     return torch.stack([loss.detach().double(), reg.double(), r_ld.double(), r_n.double(),
-                        correct.double(), correct.new_tensor(len(y)).double()])
+                        metric_sum.double(), metric_sum.new_tensor(len(y)).double()])
 
 
 class _EpochTally:
@@ -125,7 +128,8 @@ class _EpochTally:
 
     NEVER = 2 ** 62
 
-    def __init__(self, device):
+    def __init__(self, device, metric: str = "acc"):
+        self.metric = metric
         self.sums = torch.zeros(6, dtype=torch.float64, device=device)
         self.first_bad = torch.full((), self.NEVER, dtype=torch.int64, device=device)
         self.bad_values = torch.zeros(2, dtype=torch.float64, device=device)
@@ -140,7 +144,7 @@ class _EpochTally:
         self.steps += 1
 
     def read(self, epoch: int, ckpt_path: str) -> dict:
-        """Mean loss / regulariser / R_LD / R_N per step and accuracy so far (over every rank);
+        """Mean loss / regulariser / R_LD / R_N per step and the metric (accuracy, MSE) so far (over every rank);
         NonFiniteLossError if a step so far was not finite."""
         sums, first_bad = self.sums.clone(), self.first_bad.clone()
         if D.is_distributed():
@@ -156,7 +160,7 @@ class _EpochTally:
         n = max(self.steps, 1)
         values = (sums / torch.tensor([n, n, n, n, 1, 1], dtype=sums.dtype, device=sums.device)).tolist()
         return dict(train_loss=values[0], reg_loss=values[1], r_ld=values[2], r_n=values[3],
-                    train_acc=values[4] / max(values[5], 1))
+                    **{f"train_{self.metric}": values[4] / max(values[5], 1)})
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -193,15 +197,18 @@ def resolved_config(cfg: TrainConfig, resume: Optional[str] = None) -> TrainConf
     return cfg.resolved()
 
 
-def best_epoch(history: list[dict]) -> dict:
-    """The epoch with the best projected validation accuracy (the first of ties) and its projected test
-    accuracy: model selection on the validation split, never on the test set. Empty without one."""
-    scored = [h for h in history if not math.isnan(h["val_acc_projected"])]
-    if not scored:
+def best_epoch(history: list[dict], task: Task = CLASSIFICATION) -> dict:
+    """The epoch with the best projected validation metric (highest accuracy, lowest MSE; the first of ties)
+    and its projected test metric: model selection on the validation split, never on the test set. Empty
+    without one."""
+    val, test = f"val_{task.metric}_projected", f"test_{task.metric}_projected"
+    best = None
+    for h in history:
+        if not math.isnan(h[val]) and (best is None or task.better(h[val], best[val])):
+            best = h
+    if best is None:
         return {}
-    best = max(scored, key=lambda h: h["val_acc_projected"])  # max keeps the first of equal values
-    return dict(best_epoch=best["epoch"], best_val_acc_projected=best["val_acc_projected"],
-                best_test_acc_projected=best["test_acc_projected"])
+    return {"best_epoch": best["epoch"], f"best_{val}": best[val], f"best_{test}": best[test]}
 
 
 def _make_run_dir(cfg: TrainConfig) -> str:
@@ -238,6 +245,8 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // world))
     torch.manual_seed(cfg.seed)
     train_set, val_set, test_set = _load_data(cfg)
+    task = task_of(cfg)
+    metric = task.metric
 
     model = build_model(cfg, num_classes=len(train_set.class_names)).to(device, getattr(torch, cfg.dtype))
     D.sync_batch_norms(model)
@@ -300,15 +309,15 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
         t0 = time.perf_counter()
         model.train()
         perm = torch.randperm(len(train_set.y), generator=data_gen)
-        tally = _EpochTally(device)
+        tally = _EpochTally(device, metric)
         bar = range(steps_per_epoch)
         if show:  # a bar on a terminal; in a log file one line per epoch (below) and one per minute
             bar = progress(bar, desc=f"epoch {epoch + 1}/{cfg.epochs}", log_every=60.0)
         for step in bar:
             idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            xb = _augment_batch(train_set.x[idx], cfg, aug_gen)  # the global batch, then this rank's slice
+            xb, yb = augment_batch(train_set.x[idx], train_set.y[idx], cfg, aug_gen)  # global, then this rank's
             sl = slice(rank * local_batch, (rank + 1) * local_batch)
-            x, y = _to_device(xb[sl], device), _to_device(train_set.y[idx][sl], device)
+            x, y = _to_device(xb[sl], device), _to_device(yb[sl], device)
             tally.add(step, train_step(net, model, x, y, cfg, opt, theta_buffer, relax_group,
                                        theta.theta if theta is not None else 0.0, step_forward, scaler))
             global_step += 1
@@ -316,7 +325,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
                 theta.step()
             if show and ((step + 1) % PROGRESS_EVERY == 0 or step + 1 == steps_per_epoch):
                 m = tally.read(epoch, ckpt_path)  # the only host reads of the step's numbers
-                bar.set_postfix(loss=f"{m['train_loss']:.3f}", acc=f"{m['train_acc']:.3f}",
+                bar.set_postfix(loss=f"{m['train_loss']:.3g}", **{metric: f"{m[f'train_{metric}']:.3g}"},
                                 θ=f"{theta.theta if theta else 0:.3f}", R_LD=f"{m['r_ld']:.2e}",
                                 R_N=f"{m['r_n']:.2e}", refresh=False)
         means = tally.read(epoch, ckpt_path)
@@ -326,42 +335,46 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
         sched.step()
         # the current model (θ as it is now) and its projection (θ := 0, W_r dropped) on every split
         projected = project(copy.deepcopy(model)) if relaxed else model
-        accs = {}
+        scores = {}
         for name, split in (("val", val_set), ("test", test_set)):
             if split is None:
-                accs[f"{name}_acc"] = accs[f"{name}_acc_projected"] = float("nan")
+                scores[f"{name}_{metric}"] = scores[f"{name}_{metric}_projected"] = float("nan")
                 continue
-            accs[f"{name}_acc"] = evaluate(model, split.x, split.y, cfg.eval_batch_size, device)
-            accs[f"{name}_acc_projected"] = evaluate(projected, split.x, split.y, cfg.eval_batch_size, device) \
-                if relaxed else accs[f"{name}_acc"]
-        test_acc = accs["test_acc"]
-        proj_err = projection_error(model, probe_x) if relaxed else 0.0
+            scores[f"{name}_{metric}"] = evaluate(model, split.x, split.y, cfg.eval_batch_size, device, task)
+            scores[f"{name}_{metric}_projected"] = (
+                evaluate(projected, split.x, split.y, cfg.eval_batch_size, device, task) if relaxed
+                else scores[f"{name}_{metric}"])
+        proj_err = projection_error(model, task.inputs(probe_x)) if relaxed else 0.0
         row = dict(epoch=epoch + 1, step=global_step, lr=lr, theta=theta.theta if theta else 0.0,
-                   **means, **accs, projection_error=proj_err, epoch_seconds=time.perf_counter() - t0)
+                   **means, **scores, projection_error=proj_err, epoch_seconds=time.perf_counter() - t0)
         history.append(row)
         epochs_run += 1
         if show:
-            print(f"  epoch {epoch + 1}: test acc {test_acc:.3f} (projected {accs['test_acc_projected']:.3f}), "
-                  f"θ {row['theta']:.3f}, projection error {proj_err:.2e}", file=sys.stderr)
+            print(f"  epoch {epoch + 1}: test {metric} {scores[f'test_{metric}']:.4g} (projected "
+                  f"{scores[f'test_{metric}_projected']:.4g}), θ {row['theta']:.3f}, projection error "
+                  f"{proj_err:.2e}", file=sys.stderr)
         if rank == 0:
             save_checkpoint(ckpt_path, model, opt, sched, theta, data_gen, aug_gen, scaler, history=history,
                             epoch=epoch + 1, step=global_step, config=dataclasses.asdict(cfg))
-            _write_metrics(os.path.join(run_dir, "metrics.csv"), history)
+            _write_metrics(os.path.join(run_dir, "metrics.csv"), history, metric)
             plot_history(history, os.path.join(run_dir, "training.png"),
                          f"{cfg.model} on {cfg.dataset} ({'plain' if cfg.plain else 'relaxed'}), "
-                         f"train {cfg.train_rotation} / test {cfg.test_rotation}")
+                         f"train {cfg.train_rotation} / test {cfg.test_rotation}", metric)
 
     finished = len(history) == cfg.epochs
     summary = dict(run_dir=run_dir, epochs_done=len(history), finished=finished, relaxed=relaxed,
-                   num_classes=len(train_set.class_names))
+                   metric=metric, num_classes=len(train_set.class_names))
     if finished:
         final = project(copy.deepcopy(model)).eval() if relaxed else copy.deepcopy(model).eval()
         n_layers = sum(1 for _ in relaxed_layers(model))
         summary.update(
-            test_acc_projected=evaluate(final, test_set.x, test_set.y, cfg.eval_batch_size, device),
-            equivariance_error=_final_equivariance_error(final, probe_x, cfg),
+            **{f"test_{metric}_projected": evaluate(final, test_set.x, test_set.y, cfg.eval_batch_size, device,
+                                                    task)},
+            equivariance_error=final_equivariance_error(final, probe_x, cfg),
             relaxed_layers=n_layers, theta_final=theta.theta if theta else 0.0,
-            seconds=sum(h["epoch_seconds"] for h in history), **best_epoch(history))
+            seconds=sum(h["epoch_seconds"] for h in history), **best_epoch(history, task))
+        if task.kind == "regression":  # the floor a model must beat: predicting that nothing moves
+            summary["test_mse_static"] = task.static_mse(test_set.x, test_set.y)
         if rank == 0:
             torch.save(dict(model=final.state_dict(), config=dataclasses.asdict(cfg),
                             class_names=train_set.class_names), os.path.join(run_dir, "model_projected.pt"))
@@ -371,11 +384,3 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
             json.dump(summary, f, indent=2)
     return summary
 
-
-def _final_equivariance_error(model: nn.Module, x: torch.Tensor, cfg: TrainConfig) -> float:
-    """Invariance error of the final classifier: random 3D rotations for point clouds; the exact
-    quarter turns (torch.rot90) for images."""
-    if cfg.model in IMAGE_MODELS:
-        from ..steerable import rot90_equivariance_error
-        return rot90_equivariance_error(model, x)
-    return equivariance_error(model, x, output="invariant", seed=cfg.seed)

@@ -6,20 +6,30 @@ import json
 import os
 from typing import Optional
 
-from .config import METRIC_FIELDS
+from .config import metric_fields
 
-def _write_metrics(path: str, history: list[dict]):
+METRIC_NAMES = {"acc": "accuracy", "mse": "MSE"}
+
+
+def _write_metrics(path: str, history: list[dict], metric: str = "acc"):
     tmp = path + ".tmp"
+    fields = metric_fields(metric)
     with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+        w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         for row in history:
-            w.writerow({k: row[k] for k in METRIC_FIELDS})
+            w.writerow({k: row[k] for k in fields})
     os.replace(tmp, path)
 
 
-def plot_history(history: list[dict], path: str, title: str = "") -> Optional[str]:
-    """training.png: loss, accuracy, θ and lr, regulariser terms, projection error per epoch."""
+def _summary_metric(s: dict) -> str:
+    """The metric of a run's summary.json ("acc" for runs made before regression existed)."""
+    return s.get("metric", "acc")
+
+
+def plot_history(history: list[dict], path: str, title: str = "", metric: str = "acc") -> Optional[str]:
+    """training.png: loss, the metric (accuracy; MSE on a log scale), θ and lr, regulariser terms,
+    projection error per epoch."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -33,12 +43,17 @@ def plot_history(history: list[dict], path: str, title: str = "") -> Optional[st
     ax.plot(ep, [h["reg_loss"] for h in history], "s--", label="regulariser term of the loss")
     ax.set_title("loss"), ax.legend(fontsize=8)
     ax = axes[0, 1]
-    ax.plot(ep, [h["train_acc"] for h in history], "o-", label="train")
-    ax.plot(ep, [h["test_acc"] for h in history], "s-", label="test (current θ)")
-    ax.plot(ep, [h.get("test_acc_projected", float("nan")) for h in history], "d--", label="test (projected)")
-    if any(h.get("val_acc_projected") == h.get("val_acc_projected") for h in history):  # not all NaN
-        ax.plot(ep, [h["val_acc_projected"] for h in history], "^:", label="validation (projected)")
-    ax.set_ylim(0, 1), ax.set_title("accuracy"), ax.legend(fontsize=8)
+    m = metric
+    ax.plot(ep, [h[f"train_{m}"] for h in history], "o-", label="train")
+    ax.plot(ep, [h[f"test_{m}"] for h in history], "s-", label="test (current θ)")
+    ax.plot(ep, [h.get(f"test_{m}_projected", float("nan")) for h in history], "d--", label="test (projected)")
+    if any(h.get(f"val_{m}_projected") == h.get(f"val_{m}_projected") for h in history):  # not all NaN
+        ax.plot(ep, [h[f"val_{m}_projected"] for h in history], "^:", label="validation (projected)")
+    if m == "acc":
+        ax.set_ylim(0, 1)
+    else:
+        ax.set_yscale("log")
+    ax.set_title(METRIC_NAMES[m]), ax.legend(fontsize=8)
     ax = axes[0, 2]
     ax.plot(ep, [h["theta"] for h in history], "o-", color="C3")
     ax.set_title("θ at the end of the epoch")
@@ -68,18 +83,24 @@ def plot_history(history: list[dict], path: str, title: str = "") -> Optional[st
 
 
 def compare_runs(run_dirs: list[str], out_png: Optional[str] = None) -> str:
-    """A table of finished runs (projected test accuracy, equivariance error, time) and, when
-    ``out_png`` is given, their test accuracy and θ per epoch on one plot. Returns the table."""
-    rows, histories = [], []
+    """A table of finished runs (projected test metric: accuracy or MSE, equivariance error, time) and, when
+    ``out_png`` is given, their test metric and θ per epoch on one plot. Returns the table."""
+    rows, histories, metrics = [], [], set()
     for d in run_dirs:
         with open(os.path.join(d, "summary.json")) as f:
             s = json.load(f)
         with open(os.path.join(d, "metrics.csv")) as f:
             histories.append([{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)])
+        m = _summary_metric(s)
+        metrics.add(m)
         label = "relaxed → projected" if s["relaxed"] else "plain"
-        rows.append(f"| {label} | {s['test_acc_projected']:.3f} | {s['equivariance_error']:.1e} | "
+        rows.append(f"| {label} | {_format_metric(m, s[f'test_{m}_projected'])} | {s['equivariance_error']:.1e} | "
                     f"{s['seconds']:.0f} s | {d} |")
-    table = "\n".join(["| run | test accuracy (projected) | equivariance error | training time | run dir |",
+    if len(metrics) > 1:
+        raise ValueError(f"compare_runs: the runs report different metrics {sorted(metrics)} "
+                         "(classifiers and N-body regressors do not compare)")
+    m = metrics.pop() if metrics else "acc"
+    table = "\n".join([f"| run | test {METRIC_NAMES[m]} (projected) | equivariance error | training time | run dir |",
                        "|---|---|---|---|---|", *rows])
     if out_png:
         import matplotlib
@@ -88,9 +109,10 @@ def compare_runs(run_dirs: list[str], out_png: Optional[str] = None) -> str:
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
         for d, hist in zip(run_dirs, histories):
             ep = [h["epoch"] for h in hist]
-            a1.plot(ep, [h["test_acc"] for h in hist], "o-", label=os.path.basename(os.path.normpath(d)))
+            a1.plot(ep, [h[f"test_{m}"] for h in hist], "o-", label=os.path.basename(os.path.normpath(d)))
             a2.plot(ep, [h["theta"] for h in hist], "o-", label=os.path.basename(os.path.normpath(d)))
-        a1.set(title="test accuracy per epoch (current θ; last epoch θ = 0)", xlabel="epoch", ylim=(0, 1))
+        a1.set(title=f"test {METRIC_NAMES[m]} per epoch (current θ; last epoch θ = 0)", xlabel="epoch")
+        a1.set_ylim(0, 1) if m == "acc" else a1.set_yscale("log")
         a2.set(title="θ at the end of the epoch", xlabel="epoch")
         for a in (a1, a2):
             a.grid(alpha=0.3), a.legend(fontsize=8)
@@ -100,9 +122,14 @@ def compare_runs(run_dirs: list[str], out_png: Optional[str] = None) -> str:
     return table
 
 
+def _format_metric(metric: str, value: float) -> str:
+    return f"{value:.3f}" if metric == "acc" else f"{value:.3e}"
+
+
 def format_summary(s: dict) -> str:
     if not s.get("finished"):
         return f"stopped after {s['epochs_done']} epoch(s); resume with --resume {s['run_dir']}"
     kind = "relaxed → projected" if s["relaxed"] else "plain"
-    return (f"{kind}: test accuracy {s['test_acc_projected']:.3f}, equivariance error "
+    m = _summary_metric(s)
+    return (f"{kind}: test {METRIC_NAMES[m]} {_format_metric(m, s[f'test_{m}_projected'])}, equivariance error "
             f"{s['equivariance_error']:.1e}, {s['seconds']:.0f} s of training; plots: {s['plot']}")
