@@ -6,7 +6,7 @@ edge attributes a_ij = q_i q_j):
     m_ij = φ_e(h_i, h_j, |x_i − x_j|², a_ij)
     agg_i = 1/(n − 1) Σ_j (x_i − x_j) φ_x(m_ij)                   (a translation-invariant vector)
     v_i ← Lin([agg_i, φ_v(h_i) v_i])                               (the vector channels: VN(2) → VN(1))
-    x_i ← x_i + v_i,   h_i ← h_i + φ_h(h_i, Σ_j m_ij)
+    x_i ← x_i + v_i,   h_i ← h_i + φ_h(h_i, Σ_j m_ij)                 (h: not in the last layer, which no output reads)
 
 ``Lin`` is an :class:`~relaxeq_fast.nn.EquivariantLinear` ``VN(2) → VN(1)`` with weights (1, 1) at
 initialisation — then the layer is exactly EGNN's ``v_i ← φ_v(h_i) v_i + agg_i`` — and, with ``relaxed=True``,
@@ -34,14 +34,15 @@ def _mlp(d_in: int, hidden: int, d_out: int, last_act: bool = True) -> nn.Sequen
 
 class EGNNLayer(nn.Module):
     """One EGNN-vel layer (see the module docstring). h [B, n, H], x, v [B, n, 3], edge_attr [B, n, n, 1]
-    → (h, x, v) of the same shapes."""
+    → (h, x, v) of the same shapes. update_nodes=False: h is returned as it came (the last layer's h update
+    reaches no output, and DDP refuses parameters that get no gradient)."""
 
-    def __init__(self, hidden: int, relaxed: bool = False, **relax_kwargs):
+    def __init__(self, hidden: int, relaxed: bool = False, update_nodes: bool = True, **relax_kwargs):
         super().__init__()
         self.edge_mlp = _mlp(2 * hidden + 2, hidden, hidden)
         self.coord_mlp = _mlp(hidden, hidden, 1, last_act=False)
         self.vel_mlp = _mlp(hidden, hidden, 1, last_act=False)
-        self.node_mlp = _mlp(2 * hidden, hidden, hidden, last_act=False)
+        self.node_mlp = _mlp(2 * hidden, hidden, hidden, last_act=False) if update_nodes else None
         with torch.no_grad():  # small coordinate steps at the start, as EGNN (xavier gain 0.001 there)
             self.coord_mlp[-1].weight.mul_(1e-3)
             self.coord_mlp[-1].bias.zero_()
@@ -62,7 +63,8 @@ class EGNNLayer(nn.Module):
         vectors = torch.stack([agg, self.vel_mlp(h) * v], -2)  # [B, n, 2, 3]: VN(2) channels
         v = self.vector_map(vectors)[..., 0, :]
         x = x + v
-        h = h + self.node_mlp(torch.cat([h, m.sum(-2)], -1))
+        if self.node_mlp is not None:
+            h = h + self.node_mlp(torch.cat([h, m.sum(-2)], -1))
         return h, x, v
 
 
@@ -79,7 +81,8 @@ class EGNN(nn.Module):
         if not isinstance(hidden, int) or hidden < 1 or not isinstance(n_layers, int) or n_layers < 1:
             raise ValueError(f"EGNN: hidden and n_layers must be positive ints, got {hidden!r}, {n_layers!r}")
         self.embedding = nn.Linear(1, hidden)
-        self.layers = nn.ModuleList([EGNNLayer(hidden, relaxed, **relax_kwargs) for _ in range(n_layers)])
+        self.layers = nn.ModuleList([EGNNLayer(hidden, relaxed, update_nodes=i < n_layers - 1, **relax_kwargs)
+                                     for i in range(n_layers)])
 
     def forward(self, loc: torch.Tensor, vel: torch.Tensor, charges: torch.Tensor) -> torch.Tensor:
         if loc.dim() != 3 or loc.shape[-1] != 3 or vel.shape != loc.shape or charges.shape != (*loc.shape[:2], 1):

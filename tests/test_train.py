@@ -6,8 +6,6 @@ import json
 import math
 import os
 import re
-import subprocess
-import sys
 import traceback
 
 import pytest
@@ -18,6 +16,7 @@ from relaxeq_fast import train as T
 from relaxeq_fast.train import loop
 from relaxeq_fast.relaxation import make_schedule
 from relaxeq_fast.vn import relaxed_layers
+from testing import torchrun_train
 
 # tiny but complete: every layer of VN-PointNet runs, θ goes through its schedule to 0
 TINY = ["--dataset", "shapes", "--n-train", "64", "--n-test", "28", "--num-points", "32", "--k", "6",
@@ -543,14 +542,6 @@ def test_paper_setups_fill_only_what_is_unset():
         ("adam", 1e-3, 1e-4, 20, 0.7, 24, 300)
 
 
-def _torchrun(argv):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "relaxeq_fast.train", *argv], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("[relaxeq-train]") == 1  # only rank 0 reports
-
-
 def _single_vs_torchrun(args, tmp_path, resume_under_torchrun=False):
     """Run ``args`` in one process and under torchrun with 2 gloo ranks; compare metrics and weights.
     resume_under_torchrun: the torchrun run stops after its first epoch and is resumed by a second torchrun."""
@@ -560,11 +551,11 @@ def _single_vs_torchrun(args, tmp_path, resume_under_torchrun=False):
     n_train, n_test = last["--n-train"], last["--n-test"]
     ddp = str(tmp_path / "ddp")
     if resume_under_torchrun:
-        _torchrun(args + ["--run-dir", ddp, "--stop-after", "1"])
+        torchrun_train(args + ["--run-dir", ddp, "--stop-after", "1"])
         assert len(_metrics(ddp)) == 1
-        _torchrun(["--resume", ddp, "--no-progress"])
+        torchrun_train(["--resume", ddp, "--no-progress"])
     else:
-        _torchrun(args + ["--run-dir", ddp])
+        torchrun_train(args + ["--run-dir", ddp])
     a, b = _metrics(single), _metrics(ddp)
     assert len(a) == len(b) == 2
     for ra, rb in zip(a, b):

@@ -31,6 +31,20 @@ def small_task(tmp_path_factory):
         yield cache
 
 
+@pytest.fixture(scope="module")
+def subprocess_cache(small_task, tmp_path_factory):
+    """A cache directory holding the small task under the file name a fresh process (with the real task's
+    parameters) looks for: for the study's runs and torchrun's ranks."""
+    splits = nbody.load_nbody(seed=0, cache_dir=small_task)
+    cache = str(tmp_path_factory.mktemp("subprocess_cache"))
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in REAL_TASK.items():
+            mp.setattr(nbody, name, value)
+        path = nbody.cache_path(0, cache)
+    torch.save({name: s._asdict() for name, s in zip(("train", "val", "test"), splits)}, path)
+    return cache, splits
+
+
 def _run(argv):
     cfg, resume, stop_after = T.parse_args(argv)
     return T.train(cfg, resume=resume, stop_after=stop_after)
@@ -159,23 +173,14 @@ def test_segnn_runs_through_the_trainer(small_task, tmp_path):
         assert json.load(f)["metric"] == "mse"
 
 
-def test_study_of_nbody_runs_aggregates_mse(small_task, tmp_path):
+def test_study_of_nbody_runs_aggregates_mse(subprocess_cache, tmp_path):
     """relaxeq-study over egnn runs: the table and study.csv hold MSEs, the mean ± std of the final projected
     test MSE is statistics.mean / stdev of the runs' summaries, and no run counts as failed (each beats the
     no-motion baseline, also checked here)."""
     import statistics
 
     from relaxeq_fast import study as S
-    # the study's runs are subprocesses (with the real task's parameters): give them the small task under
-    # the path they will look for
-    splits = nbody.load_nbody(seed=0, cache_dir=small_task)
-    cache = str(tmp_path / "cache")
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in REAL_TASK.items():
-            mp.setattr(nbody, name, value)
-        path = nbody.cache_path(0, cache)
-    os.makedirs(cache)
-    torch.save({name: s._asdict() for name, s in zip(("train", "val", "test"), splits)}, path)
+    cache, splits = subprocess_cache
     out = str(tmp_path / "study")
     train_args = ["--model", "egnn", "--dataset", "nbody", "--data-root", cache, "--width", "0.25",
                   "--batch-size", "16", "--epochs", "4", "--theta-schedule", "hold_linear", "--theta-unit", "step"]
@@ -202,3 +207,25 @@ def test_study_of_nbody_runs_aggregates_mse(small_task, tmp_path):
     with open(os.path.join(out, "study.md")) as f:
         table = f.read()
     assert "final mse" in table and "no better than predicting that nothing moves" in table
+
+
+def test_torchrun_two_processes_match_one_process(subprocess_cache, tmp_path):
+    """EGNN under DDP (2 gloo ranks, each on half of every global batch) against one process, float64: the
+    relaxed layers' input statistics are all-reduced, so the regulariser is the global batch's."""
+    from testing import torchrun_train
+    cache, _ = subprocess_cache
+    args = ["--model", "egnn", "--dataset", "nbody", "--data-root", cache, "--width", "0.25", "--batch-size", "16",
+            "--n-train", "32", "--epochs", "2", "--dtype", "float64", "--theta-schedule", "hold_linear",
+            "--theta-unit", "step", "--relax-init", "default", "--no-progress", "--threads", "1"]
+    single, ddp = str(tmp_path / "single"), str(tmp_path / "ddp")
+    _run(args + ["--run-dir", single])
+    torchrun_train(args + ["--run-dir", ddp])
+    a, b = _metrics(single), _metrics(ddp)
+    assert len(a) == len(b) == 2
+    for ra, rb in zip(a, b):
+        for key in ("theta", "lr", "step", "epoch"):
+            assert float(ra[key]) == float(rb[key]), key
+        for key in ("train_loss", "train_mse", "reg_loss", "r_ld", "r_n", "val_mse", "test_mse_projected",
+                    "projection_error"):
+            assert float(rb[key]) == pytest.approx(float(ra[key]), rel=1e-9, abs=1e-15), key
+    assert float(a[0]["r_ld"]) > 0  # the relaxation was on: the all-reduced statistics were compared

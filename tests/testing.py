@@ -230,3 +230,14 @@ def e3_error(model, loc, vel, q, seed=1, improper=False):
         out = model(loc, vel, q)
         moved = model(loc @ R.T + t, vel @ R.T, q)
     return ((moved - (out @ R.T + t)).abs().max() / out.abs().max()).item()
+
+
+def torchrun_train(argv):
+    """relaxeq-train under torchrun with 2 gloo ranks (1 thread each); only rank 0 may report."""
+    import subprocess
+    import sys
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "relaxeq_fast.train", *argv], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("[relaxeq-train]") == 1
