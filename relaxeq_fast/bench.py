@@ -367,6 +367,12 @@ def main(argv=None) -> int:
     ap.add_argument("--summarize", action="store_true",
                     help="run nothing: gather the JSON results already in --out-dir into the summary")
     args = ap.parse_args(argv)
+    from ._deps import MissingDependency, require
+    try:
+        require("matplotlib")  # the summary's plot (checked before minutes of benchmarks, not after)
+    except MissingDependency as e:
+        print(f"relaxeq-bench: error: {e}", file=sys.stderr)
+        return 2
     only = [b.strip() for b in args.only.split(",") if b.strip()]
     for b in only:
         if b not in BENCHMARKS:

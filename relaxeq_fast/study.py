@@ -33,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Optional
 
+from ._deps import MissingDependency
 from .train.config import ConfigError, TrainConfig
 from .train.cli import parse_args
 
@@ -393,10 +394,15 @@ def run_study(argv=None) -> dict:
         raise StudyError(f"--jobs must be >= 1, got {a.jobs}")
     runs = make_grid(seeds, lrs, methods, parse_axes(a.axis))
     try:  # the training arguments are checked once, before anything runs
+        from .train.cli import require_for
         from .train.config import validate
-        validate(parse_args(runs[0].argv(common, "x", 1))[0].resolved())
+        first = parse_args(runs[0].argv(common, "x", 1))[0].resolved()
+        validate(first)
+        require_for(first)
     except ConfigError as e:
         raise StudyError(f"training arguments: {e}") from None
+    except MissingDependency as e:
+        raise StudyError(str(e)) from None
     run_root = os.path.join(a.out, "runs")
     dirs = {r: os.path.join(run_root, r.name) for r in runs}
     for r in runs:

@@ -95,10 +95,9 @@ def load_modelnet40_h5(root, split: str) -> tuple[np.ndarray, np.ndarray, list[s
     files = _h5_files(directory, split)
     if not files:
         raise FileNotFoundError(f"no ply_data_{split}*.h5 in {directory!r}")
-    try:
-        import h5py  # lazily: only this reader needs it
-    except ImportError as e:
-        raise ImportError("reading ModelNet40 .h5 files needs h5py: pip install h5py") from e
+    from .._deps import require
+    require("h5py")  # lazily: only this reader needs it
+    import h5py
     class_names = _read_lines(os.path.join(directory, "shape_names.txt"))
     points, labels = [], []
     for path in files:

