@@ -86,10 +86,12 @@ def use_backend(name: str):
 
 
 def triton_available() -> bool:
+    """Whether the ``triton`` package is importable (the "triton" backend can run on CUDA devices)."""
     return importlib.util.find_spec("triton") is not None
 
 
 def triton_interpreter() -> bool:
+    """Whether Triton's interpreter mode is on (``TRITON_INTERPRET=1``: Triton kernels run on the CPU)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 

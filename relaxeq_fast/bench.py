@@ -359,13 +359,18 @@ def find_benchmarks(explicit: Optional[str]) -> Path:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="relaxeq-bench", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default=",".join(BENCHMARKS), help=f"comma-separated subset of {','.join(BENCHMARKS)}")
-    ap.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu or cuda")
-    ap.add_argument("--quick", action="store_true", help="short budgets and small sizes: checks the pipeline")
-    ap.add_argument("--out-dir", default=None, help="where JSON, markdown and PNGs go (default benchmarks/results)")
-    ap.add_argument("--bench-dir", default=None, help="the benchmarks/ folder of a relaxeq_fast checkout")
+    ap.add_argument("--only", default=",".join(BENCHMARKS),
+                    help=f"comma-separated subset of {','.join(BENCHMARKS)} (default: all)")
+    ap.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu or cuda (default: auto)")
+    ap.add_argument("--quick", action="store_true",
+                    help="short budgets and small sizes: checks the pipeline (default: off)")
+    ap.add_argument("--out-dir", default=None,
+                    help="where JSON, markdown and PNGs go (default: results/ in the benchmarks folder)")
+    ap.add_argument("--bench-dir", default=None,
+                    help="the benchmarks/ folder of a relaxeq_fast checkout (default: ./benchmarks, else the one "
+                         "next to the installed package)")
     ap.add_argument("--summarize", action="store_true",
-                    help="run nothing: gather the JSON results already in --out-dir into the summary")
+                    help="run nothing: gather the JSON results already in --out-dir into the summary (default: off)")
     args = ap.parse_args(argv)
     from ._deps import MissingDependency, require
     try:

@@ -52,6 +52,7 @@ class EGNNLayer(nn.Module):
             self.vector_map.weights[0].fill_(1.0)  # exactly EGNN's v ← φ_v(h) v + agg
 
     def forward(self, h: torch.Tensor, x: torch.Tensor, v: torch.Tensor, edge_attr: torch.Tensor):
+        """h [B, n, H], x, v [B, n, 3], edge_attr [B, n, n, 1] → updated (h, x, v), same shapes."""
         n = x.shape[-2]
         diff = x[..., :, None, :] - x[..., None, :, :]  # [B, n, n, 3]: x_i − x_j
         radial = diff.square().sum(-1, keepdim=True)
@@ -85,6 +86,7 @@ class EGNN(nn.Module):
                                      for i in range(n_layers)])
 
     def forward(self, loc: torch.Tensor, vel: torch.Tensor, charges: torch.Tensor) -> torch.Tensor:
+        """loc, vel [B, n, 3], charges [B, n, 1] → predicted positions [B, n, 3]."""
         if loc.dim() != 3 or loc.shape[-1] != 3 or vel.shape != loc.shape or charges.shape != (*loc.shape[:2], 1):
             raise ValueError(f"EGNN: loc and vel must be [B, n, 3] and charges [B, n, 1], got "
                              f"{list(loc.shape)}, {list(vel.shape)}, {list(charges.shape)}")

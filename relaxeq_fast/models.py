@@ -61,7 +61,16 @@ def _check_points(points: torch.Tensor, k: int, who: str):
 
 
 class VNSTNkd(nn.Module):
-    """The VN spatial transformer of VN-PointNet: features [B, P, d, 3] → a global [B, d, 3]."""
+    """The VN spatial transformer of VN-PointNet: features [B, P, d, 3] → a global [B, d, 3].
+
+    Three VNLinearLeakyReLU over points (d → 64/3 → 128/3 → 1024/3 channels), mean pooling over P,
+    two more VNLinearLeakyReLU (→ 512/3 → 256/3) and a VNLinear back to d channels.
+
+    Args:
+        d: channels in and out (64 // 3 = 21 in VN-PointNet at width 1).
+        negative_slope: of the VN leaky ReLUs (0 = VN ReLU, as the published model).
+        width: every hidden channel count scaled by this (1 = published); ``d`` is not scaled.
+    """
 
     def __init__(self, d: int = 64 // 3, negative_slope: float = 0.0, width: float = 1.0):
         super().__init__()
@@ -75,6 +84,7 @@ class VNSTNkd(nn.Module):
         self.fc3 = VNLinear(c256, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Features ``x`` [B, P, d, 3] → global [B, d, 3] (equivariant)."""
         x = vn_mean_pool(self.conv3(self.conv2(self.conv1(x))))  # pool over points
         return self.fc3(self.fc2(self.fc1(x)))
 
@@ -89,6 +99,7 @@ class VNPointNet(nn.Module):
             relax_init, backend, ...) go in ``relax_kwargs``.
         relaxed_maps: "all" (every VN map) or "paper" (as the public code; module docstring).
         feature_transform: use the VN STN (the published model does).
+        dropout: dropout probability in the MLP head.
         width: every VN channel count scaled by this (1 = published; smaller for quick CPU runs).
     """
 
@@ -129,6 +140,7 @@ class VNPointNet(nn.Module):
         return x.reshape(x.shape[0], x.shape[1], -1).amax(dim=1)
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
+        """Points [B, P, 3] → log-probabilities [B, num_classes]."""
         return torch.log_softmax(self.head(self.features(points)), dim=-1)
 
 
@@ -137,8 +149,16 @@ class VNDGCNN(nn.Module):
 
     Four EdgeConv stages on k-nearest-neighbour graphs recomputed from the features, mean pooling over
     neighbours, a shared-nonlinearity VNLinearLeakyReLU over the concatenated stages, VNStdFeature, then
-    max and mean over points and the MLP head (as vnn's dgcnn_cls). ``relaxed`` and ``width`` as in
-    :class:`VNPointNet`.
+    max and mean over points and the MLP head (as vnn's dgcnn_cls).
+
+    Args:
+        num_classes: output classes (40 for ModelNet40).
+        k: neighbours of every kNN graph (k ≤ P required).
+        relaxed: build relaxed (see the module docstring); kwargs for RelaxedLinear (theta,
+            relax_init, backend, ...) go in ``relax_kwargs``.
+        dropout: dropout probability in the MLP head.
+        width: every VN channel count scaled by this (1 = published; smaller for quick CPU runs).
+        relaxed_maps: "all" (every VN map) or "paper" (as the public code; module docstring).
     """
 
     def __init__(self, num_classes: int = 40, k: int = 20, relaxed: bool = False, dropout: float = 0.5,
@@ -175,6 +195,7 @@ class VNDGCNN(nn.Module):
         return torch.cat((x.amax(dim=1), x.mean(dim=1)), dim=-1)
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
+        """Points [B, P, 3] → logits [B, num_classes]."""
         return self.head(self.features(points))
 
 
@@ -198,6 +219,7 @@ class SteerableCNN(nn.Module):
             ``relax_kwargs`` (theta, relax_init, backend, track_defect). Not the head.
         width: channel multiplier; each layer keeps a whole number (≥ 1) of regular fields.
         channels: channels of the four convolutions at width 1; each must be a multiple of N.
+        dropout: dropout probability in the MLP head.
         in_channels: input channels (trivial fields).
     """
 
@@ -240,4 +262,5 @@ class SteerableCNN(nn.Module):
         return self.invariant(x)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B, in_channels, H, H] → logits [B, num_classes]."""
         return self.head(self.features(images))

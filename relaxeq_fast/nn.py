@@ -36,12 +36,15 @@ class RelaxedModule:
 
     @torch.no_grad()
     def set_theta(self, value: float):
+        """Set the θ buffer (a 0-d tensor) to ``value`` in place."""
         self.theta.fill_(float(value))
 
     def regularizers(self, data_free: bool = False) -> RegularizerTerms:
+        """R_LD, R_N (0-d tensors) and the row count n of the last training forward (``data_free``: without data)."""
         raise NotImplementedError
 
     def project(self) -> nn.Module:
+        """The plain equivariant layer with the same weights (θ = 0, relaxation removed)."""
         raise NotImplementedError
 
 
@@ -71,6 +74,7 @@ class EquivariantLinear(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
+        """Re-initialise the weights (and bias) as nn.Linear does, fan-in counted per output block."""
         # nn.Linear's default, with fan-in counted in multiplicities feeding each output block.
         fan_in = {}
         for (_l, _os, _om, _is, im, oi, _ii) in self.layout:
@@ -129,11 +133,13 @@ class EquivariantLinear(nn.Module):
         return y.reshape(*y.shape[:-1], *self.irreps_out.feature_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` [..., *irreps_in.feature_shape] → [..., *irreps_out.feature_shape]."""
         y = self._flatten(x) @ self.equivariant_matrix().T
         b = self.equivariant_bias()
         return self._unflatten(y if b is None else y + b)
 
     def extra_repr(self):
+        """Irreps in → out and bias, for ``repr``."""
         return f"{self.irreps_in} -> {self.irreps_out}, bias={self.bias is not None}"
 
 
@@ -177,6 +183,7 @@ class RelaxedLinear(EquivariantLinear, RelaxedModule):
         self.reset_relaxation()
 
     def reset_relaxation(self):
+        """Re-initialise W_r [D_out, D_in] per ``relax_init`` ("zeros" or "default") and b_r [D_out] to 0."""
         if self.relax_init == "zeros":
             nn.init.zeros_(self.weight_relax)
         else:
@@ -197,6 +204,8 @@ class RelaxedLinear(EquivariantLinear, RelaxedModule):
         return M, c
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` [..., *irreps_in.feature_shape] → [..., *irreps_out.feature_shape]; in training mode with
+        ``track_stats`` it also records the input statistics for :meth:`regularizers`."""
         xf = self._flatten(x)
         M, c = self.effective_params()
         if self.training and self.track_stats:
@@ -242,5 +251,6 @@ class RelaxedLinear(EquivariantLinear, RelaxedModule):
         return plain.train(self.training)
 
     def extra_repr(self):
+        """As EquivariantLinear's, plus relax_bias, θ and backend, for ``repr``."""
         return (super().extra_repr() + f", relax_bias={self.bias_relax is not None}, "
                 f"theta={float(self.theta):g}, backend={self.backend or 'auto'}")

@@ -198,10 +198,14 @@ def _safe_sqrt(t: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(torch.clamp(t, min=torch.finfo(t.dtype).tiny))
 
 
-def combine_regularizers(terms: Iterable[RegularizerTerms], lambda_ld: float = 1.0, lambda_n: float = 0.0,
+def combine_regularizers(terms: Iterable[RegularizerTerms], lambda_ld: float, lambda_n: float,
                          reduction: str = "paper", theta: Optional[torch.Tensor | float] = None) -> torch.Tensor:
-    """The regularisation loss over layers ℓ.
+    """The regularisation loss over layers ℓ: a 0-d tensor (differentiable w.r.t. the relaxation weights).
 
+    terms: the layers' :class:`RegularizerTerms` (0-d R_LD, R_N each), e.g. ``model_regularizers(model)``.
+    lambda_ld, lambda_n: the weights λ_LD of the Lie-derivative term and λ_N of the norm term. Both are
+      required (no default): ``relaxeq-train`` uses the model's paper setup, 1e-2 each unless that says
+      otherwise (``relaxeq_fast.train.config.PAPER_SETUPS``); pass 0 to drop a term.
     reduction:
       "paper": λ_LD √(Σ_ℓ R_LD,ℓ) + λ_N √(Σ_ℓ R_N,ℓ)   (the paper's form)
       "sum":   λ_LD Σ_ℓ R_LD,ℓ + λ_N Σ_ℓ R_N,ℓ

@@ -55,6 +55,7 @@ class Triangle(ThetaSchedule):
     """0 → θ_max at mid-training → 0 (the paper's public code)."""
 
     def shape(self, u):
+        """1 − |2u − 1|: 0 at u = 0, 1 at u = 1/2, → 0 at u = 1."""
         return 1.0 - abs(2.0 * u - 1.0)
 
 
@@ -68,6 +69,7 @@ class HoldThenLinearDecay(ThetaSchedule):
         self.hold = hold
 
     def shape(self, u):
+        """1 for u ≤ hold, then (1 − u) / (1 − hold)."""
         return 1.0 if u <= self.hold else (1.0 - u) / (1.0 - self.hold)
 
 
@@ -75,6 +77,7 @@ class Constant(ThetaSchedule):
     """θ_max throughout, then 0 at the last step (projection after a constant relaxation)."""
 
     def shape(self, u):
+        """1 for every u (θ = 0 only at the last step)."""
         return 1.0
 
 
@@ -82,6 +85,7 @@ class Cosine(ThetaSchedule):
     """θ_max (1 + cos(π u)) / 2: from θ_max down to 0."""
 
     def shape(self, u):
+        """(1 + cos(π u)) / 2."""
         return 0.5 * (1.0 + math.cos(math.pi * u))
 
 
@@ -89,14 +93,15 @@ SCHEDULES = {"triangle": Triangle, "hold_linear": HoldThenLinearDecay, "constant
 
 
 def make_schedule(name: str, total: int, **kwargs) -> ThetaSchedule:
-    """A schedule by name: one of ``SCHEDULES`` ("triangle", "hold_linear", "constant", "cosine")."""
+    """A schedule by name: one of ``SCHEDULES`` ("triangle", "hold_linear", "constant", "cosine"), over
+    ``total`` steps; ``kwargs`` go to its class (theta_max, and hold for "hold_linear")."""
     if name not in SCHEDULES:
         raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, got {name!r}")
     return SCHEDULES[name](total, **kwargs)
 
 
 class ThetaScheduler:
-    """Sets θ on every RelaxedLinear of ``model`` from ``schedule``; call :meth:`step` once per unit.
+    """Sets θ on every relaxed layer of ``model`` from ``schedule``; call :meth:`step` once per unit.
 
     The unit is whatever ``schedule.total`` counts (optimisation steps, or epochs if you call step()
     once per epoch). θ(0) is applied at construction. ``state_dict``/``load_state_dict`` make it
@@ -111,6 +116,7 @@ class ThetaScheduler:
 
     @property
     def theta(self) -> float:
+        """θ at the current step t, ``schedule(t)`` (a float; what the model's layers hold)."""
         return self.schedule(self.t)
 
     def _apply(self):
@@ -124,9 +130,11 @@ class ThetaScheduler:
         return self.theta
 
     def state_dict(self) -> dict:
+        """``{"t": step}``: the scheduler's position (the schedule itself is not saved)."""
         return {"t": self.t}
 
     def load_state_dict(self, state: dict) -> None:
+        """Resume at ``state["t"]`` (from :meth:`state_dict`) and set that step's θ on the model."""
         self.t = int(state["t"])
         self._apply()
 
@@ -136,8 +144,10 @@ def projection_error(model: nn.Module, inputs) -> float:
     """‖f_θ(x) − f_projected(x)‖ / ‖f_projected(x)‖ on ``inputs``: how far the relaxed model is from
     the equivariant model it will be projected to (0 at θ = 0).
 
-    inputs: the model's input tensor, or a tuple of its positional arguments (e.g. an N-body model's
-    (positions, velocities, charges)).
+    inputs: the model's input tensor (e.g. points [B, P, 3] for VNPointNet/VNDGCNN, images
+    [B, C, H, W] for SteerableCNN), or a tuple of its positional arguments (e.g. an N-body model's
+    (loc [B, n, 3], vel [B, n, 3], charges [B, n, 1])). The model's output may have any shape.
+    Returns a float.
 
     Both are evaluated in eval mode (running batch-norm statistics, no updates); the model is left as it
     was, training flag included.

@@ -160,6 +160,7 @@ class Irreps:
 
     @property
     def feature_shape(self) -> tuple[int, ...]:
+        """The trailing shape of a feature tensor, ``(D,)``: features are [..., D]."""
         return (self.dim,)
 
     def __eq__(self, other):
@@ -257,10 +258,12 @@ class VN(Irreps):
 
     @property
     def feature_shape(self) -> tuple[int, ...]:
+        """The trailing shape of a feature tensor, ``(C, 3)``: features are [..., C, 3]."""
         return (self.channels, 3)
 
     def __repr__(self):
         return f"VN({self.channels})"
 
     def rotate(self, R: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Every 3-vector rotated, ``x Rᵀ``: x [..., C, 3], R [3, 3] → [..., C, 3]."""
         return x @ R.to(x.dtype).T

@@ -266,6 +266,7 @@ class SEGNN(nn.Module):
         return edge_attr, node_attr, rel
 
     def forward(self, loc: torch.Tensor, vel: torch.Tensor, charges: torch.Tensor) -> torch.Tensor:
+        """loc, vel [B, n, 3], charges [B, n, 1] → predicted positions [B, n, 3]."""
         if loc.dim() != 3 or loc.shape[-1] != 3 or vel.shape != loc.shape or charges.shape != (*loc.shape[:2], 1):
             raise ValueError(f"SEGNN: loc and vel must be [B, n, 3] and charges [B, n, 1], got "
                              f"{list(loc.shape)}, {list(vel.shape)}, {list(charges.shape)}")

@@ -369,14 +369,16 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="relaxeq-study", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--out", required=True, help="study directory (runs/ and the study.* files)")
-    p.add_argument("--seeds", default="0,1,2", help="comma list of seeds")
-    p.add_argument("--lrs", default="1e-3", help="comma list of learning rates")
-    p.add_argument("--methods", default="relaxed,plain", help="comma list of relaxed, plain")
+    p.add_argument("--seeds", default="0,1,2", help="comma list of seeds (default: 0,1,2)")
+    p.add_argument("--lrs", default="1e-3", help="comma list of learning rates (default: 1e-3)")
+    p.add_argument("--methods", default="relaxed,plain", help="comma list of relaxed, plain (default: relaxed,plain)")
     p.add_argument("--axis", action="append", default=[], metavar="NAME=V1,V2",
-                   help="an ablation axis over a relaxeq-train setting (repeatable; augment values separated by ';')")
-    p.add_argument("--jobs", type=int, default=1, help="runs at once (each gets cores / jobs threads)")
-    p.add_argument("--title", default=None, help="title of study.md and study.png")
-    p.add_argument("--no-progress", action="store_true")
+                   help="an ablation axis over a relaxeq-train setting (repeatable; augment values separated by ';') "
+                        "(default: none)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once (each gets cores / jobs threads) (default: 1)")
+    p.add_argument("--title", default=None,
+                   help="title of study.md and study.png (default: 'relaxeq-study:' and the relaxeq-train arguments)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (default: off)")
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then relaxeq-train arguments common to every run")
     return p
 

@@ -61,12 +61,14 @@ class VNBatchNorm(nn.Module):
         self.stats_reducer = None  # see relaxeq_fast.distributed.sync_batch_norms
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise ``x`` [..., C, 3] → [..., C, 3] (batch statistics in training mode, running ones in eval)."""
         _check_features(x, self.channels, type(self).__name__)
         use_batch = self.training or self.running_mean is None
         return F.vn_batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, use_batch,
                                self.momentum, self.eps, self.norm_eps, stats_reducer=self.stats_reducer)
 
     def extra_repr(self):
+        """Channels, eps, momentum and affine, for ``repr``."""
         return f"{self.channels}, eps={self.eps}, momentum={self.momentum}, affine={self.weight is not None}"
 
 
@@ -80,10 +82,13 @@ class VNLeakyReLU(nn.Module):
         self.map_to_dir = VNLinear(channels, 1 if share_nonlinearity else channels, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` [..., C, 3] → [..., C, 3]: where ⟨x, d⟩ < 0 the component along d is removed (mixed by the
+        slope)."""
         _check_features(x, self.channels, type(self).__name__)
         return F.vn_leaky_relu(x, self.map_to_dir(x), self.negative_slope, self.eps)
 
     def extra_repr(self):
+        """Channels and negative slope, for ``repr``."""
         return f"{self.channels}, negative_slope={self.negative_slope}"
 
 
@@ -128,6 +133,7 @@ class VNLinearLeakyReLU(nn.Module):
         self.map_to_dir = VNLinear(in_channels, 1 if share_nonlinearity else out_channels, **factory)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` [..., C_in, 3] → [..., C_out, 3]."""
         _check_features(x, self.in_channels, type(self).__name__)
         if isinstance(self.map_to_feat, RelaxedLinear) and isinstance(self.map_to_dir, RelaxedLinear):
             p, d = _joint_relaxed_forward([self.map_to_feat, self.map_to_dir], x)
@@ -138,6 +144,7 @@ class VNLinearLeakyReLU(nn.Module):
         return F.vn_leaky_relu(p, d, self.negative_slope, self.eps)
 
     def extra_repr(self):
+        """In → out channels and negative slope, for ``repr``."""
         return f"{self.in_channels} -> {self.out_channels}, negative_slope={self.negative_slope}"
 
 
@@ -155,6 +162,7 @@ class VNMaxPool(nn.Module):
         self.map_to_dir = VNLinear(channels, channels, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` [..., P, C, 3] → [..., C, 3]: per channel, the vector with the largest ⟨x, U x⟩ over P."""
         _check_features(x, self.channels, type(self).__name__)
         if x.dim() < 3:
             raise ValueError(f"VNMaxPool: x must have shape [..., P, C, 3] with a dim to pool, got {list(x.shape)}")
@@ -187,6 +195,7 @@ class VNStdFeature(nn.Module):
         self.vn_lin = VNLinear(in_channels // 4, 3, **factory)
 
     def forward(self, x: torch.Tensor):
+        """``x`` [..., C, 3] → ``(x_std [..., C, 3], z [..., 3, 3])``, ``x_std = x zᵀ`` (invariant)."""
         _check_features(x, self.in_channels, type(self).__name__)
         z = self.vn_lin(self.vn2(self.vn1(x)))  # [..., 3, 3]
         return x @ z.transpose(-1, -2), z
@@ -297,6 +306,7 @@ def relaxed_layers(model: nn.Module) -> Iterator[RelaxedModule]:
 
 
 def set_theta(model: nn.Module, value: float) -> None:
+    """Set θ to ``value`` in every relaxed layer of ``model`` (in place; θ = 0: the equivariant model)."""
     for m in relaxed_layers(model):
         m.set_theta(value)
 
@@ -350,13 +360,17 @@ class VNLayoutAdapter(nn.Module):
 
     @staticmethod
     def to_ours(x: torch.Tensor) -> torch.Tensor:
+        """Public layout [B, C, 3, N, ...] → ours [B, N, ..., C, 3]."""
         return x.movedim((1, 2), (-2, -1))
 
     @staticmethod
     def to_public(y: torch.Tensor) -> torch.Tensor:
+        """Our layout [B, N, ..., C, 3] → public [B, C, 3, N, ...]."""
         return y.movedim((-2, -1), (1, 2))
 
     def forward(self, x: torch.Tensor):
+        """``x`` [B, C_in, 3, N, ...] → the inner layer's output in the public layout, [B, C_out, 3, N, ...]
+        (VNMaxPool pools N; VNStdFeature returns ``(x_std [B, C, 3, N, ...], z [B, 3, 3, N, ...])``)."""
         if x.dim() < 3 or x.shape[2] != 3:
             raise ValueError(f"{type(self.inner).__name__} (swapped): x must have the public VN layout "
                              f"[B, C, 3, ...], got {list(x.shape)}")
@@ -368,6 +382,7 @@ class VNLayoutAdapter(nn.Module):
         return self.to_public(self.inner(self.to_ours(x)))
 
     def extra_repr(self):
+        """The layout it accepts, for ``repr``."""
         return "public layout [B, C, 3, ...]"
 
 

@@ -151,9 +151,9 @@ def test_combine_forms():
     assert combine_regularizers([t1, t2], 1.0, 1.0, "mean").item() == pytest.approx(4 / 2 + 5 / 4 + 9 / 2 + 16 / 4)
     assert combine_regularizers([t1, t2], 1.0, 0.0, "paper", theta=0.5).item() == pytest.approx(0.5 * 3.0)
     with pytest.raises(ValueError, match="reduction must be one of"):
-        combine_regularizers([t1], reduction="max")
+        combine_regularizers([t1], 1.0, 1.0, reduction="max")
     with pytest.raises(ValueError, match="terms is empty"):
-        combine_regularizers([])
+        combine_regularizers([], 1.0, 1.0)
 
 
 def test_paper_form_has_finite_gradient_at_zero():

@@ -101,9 +101,11 @@ class R2Conv(nn.Module):
 
     @property
     def n_basis(self) -> int:
+        """Number of basis kernels: the length of ``weight``."""
         return self._n_basis
 
     def train(self, mode: bool = True):
+        """As ``nn.Module.train``; also drops the eval-mode kernel cache."""
         self._cache = None
         return super().train(mode)
 
@@ -144,11 +146,13 @@ class R2Conv(nn.Module):
         return self._cache[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, in_type.dim, H, W] → [B, out_type.dim, H + 2 padding − k + 1, W + 2 padding − k + 1]."""
         self._check_input(x)
         kernel, b = self._kernel()
         return F.conv2d(x, kernel, b, padding=self.padding)
 
     def extra_repr(self) -> str:
+        """Dims, kernel size, padding, basis size and group, for ``repr``."""
         return (f"in_dim={self.in_type.dim}, out_dim={self.out_type.dim}, kernel_size={self.kernel_size}, "
                 f"padding={self.padding}, n_basis={self.n_basis}, group={self.in_type.group}")
 
@@ -292,6 +296,9 @@ class RelaxedR2Conv(R2Conv, RelaxedModule):
     Args: as R2Conv, plus ``relax_init`` ("zeros": B = 0, the relaxed layer starts equivariant;
     "default": uniform ±1/√(in_dim·k²)), ``theta``, ``track_defect`` (compute R_LD in training
     forwards), ``backend`` (for ``relaxed_conv2d``).
+
+    Shapes: x [B, in_type.dim, H, W] → [B, out_type.dim, H', W'] as R2Conv; B = ``weight_relax``
+    [out_type.dim, in_type.dim, k, k].
     """
 
     def __init__(self, in_type: FieldType, out_type: FieldType, kernel_size: int, padding: Optional[int] = None,
@@ -318,6 +325,7 @@ class RelaxedR2Conv(R2Conv, RelaxedModule):
         return {**super().__getstate__(), "last_defect": None}
 
     def reset_relaxation(self):
+        """Re-initialise B = ``weight_relax`` [out_dim, in_dim, k, k] per ``relax_init`` ("zeros" or "default")."""
         if self.relax_init == "zeros":
             nn.init.zeros_(self.weight_relax)
         else:
@@ -330,6 +338,8 @@ class RelaxedR2Conv(R2Conv, RelaxedModule):
                             self.in_type.group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, in_type.dim, H, W] → [B, out_type.dim, H', W'] (as R2Conv) with kernel K_eq + θ B; in training
+        mode with ``track_defect`` it also records the data-mode R_LD for :meth:`regularizers`."""
         self._check_input(x)
         kernel, b = self._kernel()
         M = kernel + self.theta * self.weight_relax
@@ -371,4 +381,5 @@ class RelaxedR2Conv(R2Conv, RelaxedModule):
         return plain.train(self.training)
 
     def extra_repr(self) -> str:
+        """As R2Conv's, plus θ and backend, for ``repr``."""
         return super().extra_repr() + f", theta={float(self.theta):g}, backend={self.backend or 'auto'}"

@@ -107,10 +107,12 @@ class FieldType:
     # ---- constructors -------------------------------------------------------------------------
     @classmethod
     def trivial(cls, G, n: int) -> "FieldType":
+        """``n`` trivial (scalar, 1-dim) fields of group ``G`` (N of C_N, or None for SO(2))."""
         return cls(G, (("trivial", 0),) * n)
 
     @classmethod
     def regular(cls, N: int, n: int) -> "FieldType":
+        """``n`` regular fields of C_N (N dims each: one channel per rotation)."""
         if N is None or N == 0:
             raise ValueError("regular fields need a finite group C_N, not SO(2)")
         return cls(N, (("regular", N),) * n)
@@ -126,6 +128,7 @@ class FieldType:
 
     @classmethod
     def irreps(cls, G, ms: Iterable[int], multiplicity: int = 1) -> "FieldType":
+        """Irrep fields of frequencies ``ms`` (2 dims each for m ≥ 1), each repeated ``multiplicity`` times."""
         return cls(G, tuple(("irrep", int(m)) for m in ms for _ in range(multiplicity)))
 
     def __add__(self, other: "FieldType") -> "FieldType":
@@ -138,13 +141,16 @@ class FieldType:
     # ---- properties ---------------------------------------------------------------------------
     @property
     def dims(self) -> Tuple[int, ...]:
+        """The dimension of each field, in order."""
         return tuple(_field_dim(self.group, f) for f in self.fields)
 
     @property
     def dim(self) -> int:
+        """The total fibre dimension: the channel count of a feature map [B, dim, H, W]."""
         return sum(self.dims)
 
     def offsets(self) -> Tuple[int, ...]:
+        """The first channel of each field in a feature map [B, dim, H, W]."""
         out, o = [], 0
         for d in self.dims:
             out.append(o)

@@ -11,7 +11,8 @@ __all__ = ["FieldNonLinearity"]
 
 class FieldNonLinearity(nn.Module):
     """ReLU on trivial and regular fields (pointwise: commutes with channel permutations); on irreps the
-    norm nonlinearity f ↦ ReLU(‖f‖ + b) f / ‖f‖ with a learned bias b per irrep field (init 0)."""
+    norm nonlinearity f ↦ ReLU(‖f‖ + b) f / ‖f‖ with a learned bias b per irrep field (init 0).
+    x [B, ftype.dim, H, W] → same shape."""
 
     def __init__(self, ftype: FieldType, norm_eps: float = 1e-12, device=None, dtype=None):
         super().__init__()
@@ -27,6 +28,7 @@ class FieldNonLinearity(nn.Module):
         self.bias = nn.Parameter(torch.zeros(len(norm_fields), device=device, dtype=dtype)) if norm_fields else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, ftype.dim, H, W] → same shape."""
         _check_field_input(x, self.ftype, type(self).__name__)
         if self.bias is None:
             return torch.relu(x)

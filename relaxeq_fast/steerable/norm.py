@@ -45,6 +45,7 @@ class FieldBatchNorm(nn.Module):
         return total / self.field_dims.to(per_channel.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, ftype.dim, H, W] → same shape (batch statistics in training mode, running ones in eval)."""
         _check_field_input(x, self.ftype, type(self).__name__)
         if self.training:
             n = x.shape[0] * x.shape[2] * x.shape[3]
@@ -75,4 +76,5 @@ class FieldBatchNorm(nn.Module):
         return y
 
     def extra_repr(self) -> str:
+        """Fields, dim, eps and momentum, for ``repr``."""
         return f"fields={len(self.ftype.fields)}, dim={self.ftype.dim}, eps={self.eps}, momentum={self.momentum}"

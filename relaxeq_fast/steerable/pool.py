@@ -26,6 +26,7 @@ class GroupPool(nn.Module):
         self._uniform_regular = len(kinds) == 1 and next(iter(kinds))[0] == "regular"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, in_type.dim, H, W] → [B, n_fields, H, W]."""
         _check_field_input(x, self.in_type, type(self).__name__)
         if self._uniform_regular:
             return x.unflatten(1, (len(self.in_type.fields), self.in_type.dims[0])).amax(2)
@@ -45,6 +46,9 @@ class SpatialPool2d(nn.Module):
     is linear and fine). The windows must tile the image symmetrically: (H − k) % s == 0 and
     (W − k) % s == 0, otherwise the dropped border is on one side only and a rotated input is pooled
     on other windows — an error, not a silent approximation.
+
+    x [B, in_type.dim, H, W] → [B, in_type.dim, (H − k) / s + 1, (W − k) / s + 1] (k = ``kernel_size``,
+    s = ``stride``, default k).
     """
 
     def __init__(self, in_type: FieldType, kernel_size: int = 2, stride: Optional[int] = None, mode: str = "max"):
@@ -56,6 +60,7 @@ class SpatialPool2d(nn.Module):
         self.in_type, self.kernel_size, self.stride, self.mode = in_type, kernel_size, stride or kernel_size, mode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, in_type.dim, H, W] → [B, in_type.dim, (H − k) / s + 1, (W − k) / s + 1]."""
         _check_field_input(x, self.in_type, type(self).__name__)
         k, s = self.kernel_size, self.stride
         H, W = x.shape[-2:]
@@ -66,6 +71,7 @@ class SpatialPool2d(nn.Module):
         return pool(x, k, s)
 
     def extra_repr(self) -> str:
+        """Kernel size, stride and mode, for ``repr``."""
         return f"kernel_size={self.kernel_size}, stride={self.stride}, mode={self.mode}"
 
 
@@ -80,6 +86,7 @@ class InvariantPool(nn.Module):
         self.group_pool, self.spatial = GroupPool(in_type), spatial
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, in_type.dim, H, W] → [B, n_fields]."""
         x = self.group_pool(x)
         return x.amax((2, 3)) if self.spatial == "max" else x.mean((2, 3))
 

@@ -12,98 +12,142 @@ import torch
 from .. import distributed as D
 from ..regularizer import REDUCTIONS
 from ..relaxation import SCHEDULES
-from .config import AUGMENTATIONS, MODELS, ROTATIONS, ConfigError, NonFiniteLossError, TrainConfig, validate
+from .config import (AUGMENTATIONS, DATASET_SETUPS, GENERIC_DEFAULTS, MODELS, PAPER_SETUPS, ROTATIONS, ConfigError,
+                     NonFiniteLossError, TrainConfig, validate)
 from .._deps import MissingDependency, require
 from .checkpoint import CheckpointError
 from .loop import resolved_config, train
 from .report import format_summary
 
+
+def _fmt(value) -> str:
+    """A default as --help shows it: on/off for booleans, floats in %g form, anything else as str."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _with_default(text: str, default: str) -> str:
+    """``text (default: default)``, %-escaped for argparse."""
+    return f"{text} (default: {default})".replace("%", "%%")
+
+
+def paper_setup_default(name: str) -> str:
+    """What an unset TrainConfig field ``name`` becomes, generated from PAPER_SETUPS / GENERIC_DEFAULTS /
+    DATASET_SETUPS: "the model's paper setup: vn_pointnet 0.001, vn_dgcnn 0.1, ..." (models with equal values
+    joined by '/'), then any dataset override."""
+    by_value: dict = {}
+    for model in MODELS:
+        by_value.setdefault(_fmt({**GENERIC_DEFAULTS, **PAPER_SETUPS.get(model, {})}[name]), []).append(model)
+    if len(by_value) == 1:
+        text = f"{next(iter(by_value))} for every model"
+    else:
+        text = ", ".join(f"{'/'.join(models)} {value}" for value, models in by_value.items())
+    text = f"the model's paper setup: {text}"
+    for dataset, setup in DATASET_SETUPS.items():
+        if name in setup:
+            text += f"; with --dataset {dataset}: {_fmt(setup[name])}"
+    return text
+
+
 def _parser() -> argparse.ArgumentParser:
     d = TrainConfig()
-    p = argparse.ArgumentParser(prog="relaxeq-train", description="Train an equivariant classifier (or N-body regressor) by constraint relaxation.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="relaxeq-train", description="Train an equivariant classifier (or N-body regressor) by constraint relaxation.")
+
+    def opt(g, flag, text, *, default_text=None, **kwargs):
+        """An option whose help ends with its default, stated once: ``default_text``, or the parser default."""
+        if default_text is None:
+            default = kwargs.get("default")
+            if kwargs.get("action") == "store_true":
+                default = False
+            if default is None:  # say what unset means instead of "None"
+                raise ValueError(f"{flag}: default None needs a default_text")
+            default_text = _fmt(default)
+        return g.add_argument(flag, help=_with_default(text, default_text), **kwargs)
+
+    def paper(g, flag, text, **kwargs):
+        """An option whose unset value (None) means the model's paper setup."""
+        dest = flag.lstrip("-").replace("-", "_")
+        return opt(g, flag, text, default=None, default_text=paper_setup_default(dest), **kwargs)
+
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", default=d.model, help=f"one of {list(MODELS)}")
-    g.add_argument("--dataset", default=d.dataset,
-                   help="shapes (embedded), modelnet40 (needs --data-root), rotmnist, nbody (charged N-body, simulated "
-                        "and cached on first use; --model egnn or segnn)")
-    g.add_argument("--data-root", default=None,
-                   help="directory of a local dataset copy (nbody: the cache directory, default ~/.cache/relaxeq_fast/nbody)")
-    g.add_argument("--train-rotation", default=None,
-                   help=f"one of {list(ROTATIONS)} (unset: so3; nbody: aligned, the published benchmark's)")
-    g.add_argument("--test-rotation", default=None,
-                   help=f"one of {list(ROTATIONS)} (unset: so3; nbody: aligned)")
-    g.add_argument("--num-points", type=int, default=None, help="points per cloud (paper: 300)")
-    g.add_argument("--k", type=int, default=d.k, help="nearest neighbours for edge features")
-    g.add_argument("--width", type=float, default=d.width,
-                   help="channel multiplier (1 = published model; egnn / segnn: 64 hidden features × width, 4 layers)")
-    g.add_argument("--group", type=int, default=d.group, help="steerable_cnn: the rotation group C_N (N)")
-    g.add_argument("--dropout", type=float, default=None, help="head dropout (paper model: 0.4 / 0.5)")
-    g.add_argument("--n-train", type=int, default=None, help="training samples (default: the dataset's)")
-    g.add_argument("--n-test", type=int, default=None,
-                   help="test samples (default: the dataset's; nbody: also the validation systems)")
-    g.add_argument("--augment", default=None,
-                   help=f"before the rotation: comma list of {list(AUGMENTATIONS)} or 'none', applied in that order "
-                        "(scale: each axis U[2/3, 3/2); shift: U[-0.2, 0.2)) (paper setup: scale,shift)")
-    g.add_argument("--augment-rotated", default=None,
-                   help="after the rotation, the same names (scale: isotropic U[0.8, 1.25); shift: U[-0.1, 0.1)) "
-                        "(paper setup: dropout,scale,shift)")
-    g.add_argument("--val-fraction", type=float, default=d.val_fraction,
-                   help="hold out this fraction of the training set for validation (model selection: best epoch)")
+    opt(g, "--model", f"the network: one of {list(MODELS)}", default=d.model)
+    opt(g, "--dataset", "shapes (embedded), modelnet40 (needs --data-root), rotmnist, nbody (charged N-body, "
+        "simulated and cached on first use; --model egnn or segnn)", default=d.dataset)
+    opt(g, "--data-root", "directory of a local dataset copy", default=None,
+        default_text="none; nbody: the cache directory ~/.cache/relaxeq_fast/nbody")
+    paper(g, "--train-rotation", f"rotation of the training data: one of {list(ROTATIONS)}")
+    paper(g, "--test-rotation", f"rotation of the test data: one of {list(ROTATIONS)}")
+    paper(g, "--num-points", "points per cloud", type=int)
+    opt(g, "--k", "nearest neighbours for edge features", type=int, default=d.k)
+    opt(g, "--width", "channel multiplier (1 = published model; egnn / segnn: 64 hidden features × width, 4 layers)",
+        type=float, default=d.width)
+    opt(g, "--group", "steerable_cnn: the rotation group C_N (N)", type=int, default=d.group)
+    paper(g, "--dropout", "dropout in the classifier head", type=float)
+    opt(g, "--n-train", "training samples", type=int, default=None, default_text="the dataset's")
+    opt(g, "--n-test", "test samples (nbody: also the validation systems)", type=int, default=None,
+        default_text="the dataset's")
+    paper(g, "--augment", f"before the rotation: comma list of {list(AUGMENTATIONS)} or 'none', applied in that "
+          "order (scale: each axis U[2/3, 3/2); shift: U[-0.2, 0.2))")
+    paper(g, "--augment-rotated", "after the rotation, the same names (scale: isotropic U[0.8, 1.25); "
+          "shift: U[-0.1, 0.1))")
+    opt(g, "--val-fraction", "hold out this fraction of the training set for validation (model selection: "
+        "best epoch)", type=float, default=d.val_fraction)
     g = p.add_argument_group("optimisation (unset: the paper's setup for --model)")
-    g.add_argument("--epochs", type=int, default=d.epochs)
-    g.add_argument("--batch-size", type=int, default=None, help="global batch (paper: 24 / 32)")
-    g.add_argument("--optimizer", default=None, help="adam or sgd")
-    g.add_argument("--lr", type=float, default=None)
-    g.add_argument("--weight-decay", type=float, default=None)
-    g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
-    g.add_argument("--lr-schedule", default=None, help="step, cosine or none")
-    g.add_argument("--lr-step", type=int, default=d.lr_step, help="StepLR period in epochs")
-    g.add_argument("--lr-gamma", type=float, default=d.lr_gamma, help="StepLR factor")
-    g.add_argument("--label-smoothing", type=float, default=None, help="cross-entropy label smoothing (VN-DGCNN: 0.2)")
+    opt(g, "--epochs", "training epochs", type=int, default=d.epochs)
+    paper(g, "--batch-size", "global batch size (split over the processes)", type=int)
+    paper(g, "--optimizer", "adam or sgd")
+    paper(g, "--lr", "learning rate", type=float)
+    paper(g, "--weight-decay", "weight decay (L2 penalty) of the optimiser", type=float)
+    opt(g, "--momentum", "SGD momentum", type=float, default=d.momentum)
+    paper(g, "--lr-schedule", "learning-rate schedule: step, cosine or none")
+    opt(g, "--lr-step", "StepLR period in epochs", type=int, default=d.lr_step)
+    opt(g, "--lr-gamma", "StepLR factor", type=float, default=d.lr_gamma)
+    paper(g, "--label-smoothing", "cross-entropy label smoothing", type=float)
     g = p.add_argument_group("relaxation")
-    g.add_argument("--plain", action="store_true", help="train the unrelaxed equivariant model instead")
-    g.add_argument("--theta-schedule", default=None, help=f"one of {sorted(SCHEDULES)} (paper setup: triangle)")
-    g.add_argument("--theta-max", type=float, default=d.theta_max)
-    g.add_argument("--theta-unit", default=None, help="step the θ schedule per 'step' or per 'epoch' (paper: epoch)")
-    g.add_argument("--lambda-ld", type=float, default=None, help="weight of the Lie-derivative term")
-    g.add_argument("--lambda-n", type=float, default=None, help="weight of the norm term")
-    g.add_argument("--reduction", default=d.reduction, help=f"one of {list(REDUCTIONS)}")
-    g.add_argument("--theta-scaled-lambda", action=argparse.BooleanOptionalAction, default=None,
-                   help="scale the regulariser with θ (paper setup: VN-DGCNN yes, VN-PointNet no)")
-    g.add_argument("--relax-init", default=None, help="zeros or default (nn.Linear init of W_r)")
-    g.add_argument("--relax-lr", default=d.relax_lr,
-                   help="lr of the relaxation parameters (W_r, b_r, B): 'same' as the rest, or 'theta' (× θ each step: "
-                        "what the θ factor does to plain SGD, which Adam's normalisation undoes)")
-    g.add_argument("--relaxed-maps", default=None,
-                   help="paper (VNStdFeature's last map not relaxed, direction maps without relaxation bias) "
-                        "or all")
-    g.add_argument("--clip-grad-norm", type=float, default=None,
-                   help="clip the gradient norm (advised with --augment dropout without jitter)")
+    opt(g, "--plain", "train the unrelaxed equivariant model instead", action="store_true")
+    paper(g, "--theta-schedule", f"the θ schedule: one of {sorted(SCHEDULES)}")
+    opt(g, "--theta-max", "largest θ of the schedule", type=float, default=d.theta_max)
+    paper(g, "--theta-unit", "step the θ schedule per 'step' or per 'epoch'")
+    paper(g, "--lambda-ld", "weight λ_LD of the Lie-derivative term", type=float)
+    paper(g, "--lambda-n", "weight λ_N of the norm term", type=float)
+    opt(g, "--reduction", f"how the layers' terms are combined: one of {list(REDUCTIONS)}", default=d.reduction)
+    paper(g, "--theta-scaled-lambda", "scale the regulariser with θ", action=argparse.BooleanOptionalAction)
+    paper(g, "--relax-init", "init of the relaxation weights W_r: zeros or default (nn.Linear's init)")
+    opt(g, "--relax-lr", "lr of the relaxation parameters (W_r, b_r, B): 'same' as the rest, or 'theta' (× θ "
+        "each step: what the θ factor does to plain SGD, which Adam's normalisation undoes)", default=d.relax_lr)
+    paper(g, "--relaxed-maps", "paper (VNStdFeature's last map not relaxed, direction maps without relaxation "
+          "bias) or all")
+    opt(g, "--clip-grad-norm", "clip the gradient norm to this value (advised with --augment dropout without "
+        "jitter)", type=float, default=None, default_text="no clipping")
     g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--device", default=d.device, help="cpu, cuda or cuda:i")
-    g.add_argument("--dtype", default=d.dtype, help="float32, or float64 (slow; for exact comparisons)")
-    g.add_argument("--threads", type=int, default=None, help="torch threads (default: cores / processes)")
-    g.add_argument("--backend", default=None, help="kernel backend: native, triton, reference, auto")
-    g.add_argument("--compile", nargs="?", const="auto", default=None, metavar="MODE",
-                   help="torch.compile the forward, loss and regulariser; MODE: auto (reduce-overhead, i.e. CUDA "
-                        "graphs, on CUDA; default on CPU), default, reduce-overhead, max-autotune. The first steps "
-                        "pay the compile time (about a minute on CPU). float32 results differ from eager by "
-                        "rounding (tested: as close to float64 as eager's); CUDA graphs are untested on a GPU")
-    g.add_argument("--amp", nargs="?", const="bf16", default=None, metavar="DTYPE",
-                   help="mixed precision: the training step under torch.autocast with DTYPE bf16 (default; CPU or "
-                        "CUDA) or fp16 (CUDA, with a grad scaler); relaxed linear / conv maps run in DTYPE, their "
-                        "statistics, the regulariser, the VN norms and nonlinearities in float32; parameters, "
-                        "optimiser and evaluation stay float32. CUDA untested on a GPU")
-    g.add_argument("--run-dir", default=None, help="output directory (default: runs/<model>-<data>-...)")
-    g.add_argument("--runs-root", default=d.runs_root, help="parent of the default run directory")
-    g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR")
-    g.add_argument("--stop-after", type=int, default=None, metavar="N",
-                   help="stop after N epochs of this invocation (resumable), e.g. to split a long run")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
-    g.add_argument("--print-config", action="store_true",
-                   help="print the fully resolved configuration as JSON and exit (nothing is trained)")
+    opt(g, "--seed", "random seed (data, init, augmentation)", type=int, default=d.seed)
+    opt(g, "--device", "cpu, cuda or cuda:i", default=d.device)
+    opt(g, "--dtype", "float32, or float64 (slow; for exact comparisons)", default=d.dtype)
+    opt(g, "--threads", "torch threads", type=int, default=None, default_text="cores / processes")
+    opt(g, "--backend", "kernel backend: native, triton, reference, auto", default=None,
+        default_text="RELAXEQ_BACKEND, else auto")
+    opt(g, "--compile", "torch.compile the forward, loss and regulariser; MODE: auto (reduce-overhead, i.e. CUDA "
+        "graphs, on CUDA; inductor's default mode on CPU; what a bare --compile means), default, reduce-overhead, "
+        "max-autotune. "
+        "The first steps pay the compile time (about a minute on CPU). float32 results differ from eager by "
+        "rounding (tested: as close to float64 as eager's); CUDA graphs are untested on a GPU",
+        nargs="?", const="auto", default=None, metavar="MODE", default_text="off")
+    opt(g, "--amp", "mixed precision: the training step under torch.autocast with DTYPE bf16 (what a bare --amp "
+        "means; CPU or CUDA) or fp16 (CUDA, with a grad scaler); relaxed linear / conv maps run in DTYPE, their "
+        "statistics, the regulariser, the VN norms and nonlinearities in float32; parameters, optimiser and "
+        "evaluation stay float32. CUDA untested on a GPU",
+        nargs="?", const="bf16", default=None, metavar="DTYPE", default_text="off")
+    opt(g, "--run-dir", "output directory", default=None, default_text="<runs-root>/<model>-<data>-...")
+    opt(g, "--runs-root", "parent of the default run directory", default=d.runs_root)
+    opt(g, "--resume", "continue the run in RUN_DIR", default=None, metavar="RUN_DIR", default_text="a new run")
+    opt(g, "--stop-after", "stop after N epochs of this invocation (resumable), e.g. to split a long run",
+        type=int, default=None, metavar="N", default_text="run to --epochs")
+    opt(g, "--no-progress", "no progress bars", action="store_true")
+    opt(g, "--print-config", "print the fully resolved configuration as JSON and exit (nothing is trained)",
+        action="store_true")
     return p
 
 
