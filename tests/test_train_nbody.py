@@ -209,12 +209,15 @@ def test_study_of_nbody_runs_aggregates_mse(subprocess_cache, tmp_path):
     assert "final mse" in table and "no better than predicting that nothing moves" in table
 
 
-def test_torchrun_two_processes_match_one_process(subprocess_cache, tmp_path):
-    """EGNN under DDP (2 gloo ranks, each on half of every global batch) against one process, float64: the
-    relaxed layers' input statistics are all-reduced, so the regulariser is the global batch's."""
+@pytest.mark.parametrize("model, width", [("egnn", "0.25"), ("segnn", "0.125")])
+def test_torchrun_two_processes_match_one_process(model, width, subprocess_cache, tmp_path):
+    """EGNN and SEGNN under DDP (2 gloo ranks, each on half of every global batch) against one process, float64:
+    the relaxed layers' input statistics are all-reduced, so the regulariser is the global batch's."""
+    if model == "segnn":
+        pytest.importorskip("e3nn", reason="SEGNN needs e3nn (pip install 'relaxeq_fast[e3nn]')")
     from testing import torchrun_train
     cache, _ = subprocess_cache
-    args = ["--model", "egnn", "--dataset", "nbody", "--data-root", cache, "--width", "0.25", "--batch-size", "16",
+    args = ["--model", model, "--dataset", "nbody", "--data-root", cache, "--width", width, "--batch-size", "16",
             "--n-train", "32", "--epochs", "2", "--dtype", "float64", "--theta-schedule", "hold_linear",
             "--theta-unit", "step", "--relax-init", "default", "--no-progress", "--threads", "1"]
     single, ddp = str(tmp_path / "single"), str(tmp_path / "ddp")
