@@ -3,8 +3,8 @@
 #   - the sdist carries every source a build needs (csrc, CMakeLists.txt, triton_kernels);
 #   - `pip wheel --no-build-isolation .` builds a wheel with the extension, the Triton kernels, the build record
 #     and the console scripts;
-#   - that wheel, installed into a fresh venv that sees only the set-up venv's packages (torch among them), runs
-#     relaxeq-doctor healthy from outside the checkout;
+#   - that wheel, installed into a fresh venv that sees only torch, numpy and tqdm (and what they require), runs
+#     relaxeq-doctor healthy from outside the checkout, and relaxeq-train names the missing [train] extra;
 #   - the installed extension refuses to load into another torch than it was built against, naming both;
 #   - `pip install --no-build-isolation .` (not editable) installs and imports.
 set -euo pipefail
@@ -44,15 +44,52 @@ for s in ("relaxeq-train", "relaxeq-study", "relaxeq-bench", "relaxeq-doctor"):
 print(f"wheel {os.path.basename(sys.argv[1])}: {len(names)} files, extension and console scripts present")
 PY
 
-echo "--- the wheel in a fresh venv (torch from the set-up venv)"
+echo "--- the wheel in a fresh venv that sees only torch and the wheel's install_requires (numpy, tqdm)"
+# no package index here: the fresh venv gets torch, numpy and tqdm (and what they require) from the set-up venv,
+# linked one distribution at a time, so a missing install_requires entry shows as an import error
+python - "$tmp/only_torch" <<'PY'
+import importlib.metadata as md, os, re, sys
+from packaging.markers import Marker
+out, seen, todo = sys.argv[1], {}, ["torch", "numpy", "tqdm"]
+while todo:
+    name = todo.pop()
+    key = re.sub(r"[-_.]+", "-", name).lower()
+    if key in seen:
+        continue
+    try:
+        dist = seen[key] = md.distribution(name)
+    except md.PackageNotFoundError:
+        continue
+    for req in dist.requires or []:
+        spec, _, marker = req.partition(";")
+        if marker and not Marker(marker).evaluate({"extra": ""}):
+            continue
+        todo.append(re.split(r"[ <>=!~\[(]", spec.strip())[0])
+os.makedirs(out)
+for dist in seen.values():
+    for top in {str(f).split("/")[0] for f in dist.files or []}:
+        src = os.path.join(str(dist.locate_file("")), top)
+        if top not in ("..", "") and os.path.exists(src) and not os.path.exists(os.path.join(out, top)):
+            os.symlink(src, os.path.join(out, top))
+print("fresh venv sees", ", ".join(sorted(seen)))
+PY
 python -m venv "$tmp/venv"
 site="$("$tmp/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > "$site/setup_venv.pth"
+echo "$tmp/only_torch" > "$site/only_torch.pth"
+"$tmp/venv/bin/python" -c "import importlib.util as u, sys; sys.exit(1 if u.find_spec('matplotlib') or u.find_spec('e3nn') else 0)" \
+  || { echo "the fresh venv sees more than torch's closure"; exit 1; }
 "$tmp/venv/bin/python" -m pip install -q --no-deps --no-index "$wheel"
 cd "$tmp"  # away from the checkout: the installed package, not the source tree, is imported
 "$tmp/venv/bin/python" -c "import relaxeq_fast, sys; assert relaxeq_fast.__file__.startswith('$site'), relaxeq_fast.__file__"
 "$tmp/venv/bin/relaxeq-doctor"
 "$tmp/venv/bin/relaxeq-train" --help >/dev/null
+# without the [train] extra a run stops at once with one line naming it
+if "$tmp/venv/bin/relaxeq-train" --epochs 1 --no-progress --run-dir "$tmp/run" 2> "$tmp/train.err"; then
+  echo "relaxeq-train ran without matplotlib"; exit 1
+fi
+[ "$(wc -l < "$tmp/train.err")" -eq 1 ] && grep -q "pip install 'relaxeq_fast\[train\]'" "$tmp/train.err" \
+  || { echo "relaxeq-train without matplotlib did not name the [train] extra in one line:"; cat "$tmp/train.err"; exit 1; }
+cat "$tmp/train.err"
 
 echo "--- built for another torch: refused, both versions named"
 echo "TORCH_VERSION = '0.0.0+other'" > "$site/relaxeq_fast/_build.py"

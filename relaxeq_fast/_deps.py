@@ -13,9 +13,9 @@ import importlib
 
 # module → (extra, what needs it)
 OPTIONAL = {
-    "matplotlib": ("train", "the training and study plots"),
+    "matplotlib": ("train", "plotting runs and studies"),
     "h5py": ("data", "reading ModelNet40 .h5 files"),
-    "e3nn": ("e3nn", "SEGNN and the e3nn interop"),
+    "e3nn": ("e3nn", "building SEGNN or converting e3nn layers"),
 }
 
 
