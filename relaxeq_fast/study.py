@@ -36,6 +36,7 @@ from typing import Optional
 from ._deps import MissingDependency
 from .train.config import ConfigError, TrainConfig
 from .train.cli import parse_args
+from .train.report import METRIC_NAMES, format_metric, summary_metric
 
 METHODS = ("relaxed", "plain")
 # axes that change only the relaxed runs: a plain run is not repeated over them
@@ -54,8 +55,6 @@ def study_fields(metric: str = "acc") -> tuple[str, ...]:
             f"best_test_{m}_projected", f"val_{m}_projected", f"best_val_{m}_projected", f"mid_train_{m}",
             f"final_train_{m}", "seconds", "run_dir")
 
-
-METRIC_LABELS = {"acc": "accuracy", "mse": "MSE"}
 
 
 class StudyError(ValueError):
@@ -219,7 +218,7 @@ def _read_run(run: Run, run_dir: str) -> dict:
         s = json.load(f)
     with open(os.path.join(run_dir, "metrics.csv")) as f:
         history = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
-    m = s.get("metric", "acc")  # runs made before regression existed are classifiers
+    m = summary_metric(s)
     test = s[f"test_{m}_projected"]
     if m == "acc":
         failed = test < 2 / s["num_classes"]  # below twice chance
@@ -283,7 +282,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
 def _fmt(m: float, s: float, metric: str = "acc") -> str:
     if math.isnan(m):
         return "—"
-    return f"{m:.3f} ± {s:.3f}" if metric == "acc" else f"{m:.3e} ± {s:.1e}"
+    return f"{format_metric(metric, m)} ± " + (f"{s:.3f}" if metric == "acc" else f"{s:.1e}")
 
 
 def write_outputs(out_dir: str, rows: list[dict], title: str) -> tuple[str, str, Optional[str]]:
@@ -297,7 +296,7 @@ def write_outputs(out_dir: str, rows: list[dict], title: str) -> tuple[str, str,
         for r in rows:
             w.writerow({k: r.get(k, "") for k in fields})
     groups = aggregate(rows)
-    name = METRIC_LABELS[m]
+    name = METRIC_NAMES[m]
     failed = "below twice chance" if m == "acc" else "no better than predicting that nothing moves"
     lines = [f"# {title}", "",
              f"Mean ± sample std over seeds. Projected test {name} at the last epoch, and at the epoch with "
@@ -333,7 +332,7 @@ def _plot(out_dir: str, rows: list[dict], groups: list[dict], title: str) -> Opt
         label = method + (f" {axes}" if axes else "")
         a1.errorbar([g["lr"] for g in gs], [g["final_mean"] for g in gs], yerr=[g["final_std"] for g in gs],
                     marker="o" if method == "relaxed" else "s", capsize=3, label=label)
-    name = METRIC_LABELS[study_metric(rows)]
+    name = METRIC_NAMES[study_metric(rows)]
     a1.set(xscale="log", xlabel="learning rate", ylabel=f"projected test {name} (last epoch)",
            title=f"{name} against lr (mean ± std over seeds)")
     curves: dict[tuple, list[list[float]]] = {}
@@ -428,7 +427,7 @@ def run_study(argv=None) -> dict:
             row = _read_run(r, dirs[r])
             if state == "finished":
                 m = row["metric"]
-                score = f"projected test {m} {_fmt(row[f'test_{m}_projected'], 0.0, m).split(' ±')[0]}"
+                score = f"projected test {m} {format_metric(m, row[f'test_{m}_projected'])}"
             else:
                 score = err
             line = f"[relaxeq-study] {r.name}: {state}, {score} ({time.perf_counter() - t0:.0f} s)"

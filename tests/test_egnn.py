@@ -6,10 +6,9 @@ import torch
 
 from relaxeq_fast.data import nbody
 from relaxeq_fast.egnn import EGNN
-from relaxeq_fast.nn import RelaxedLinear
 from relaxeq_fast.regularizer import combine_regularizers
-from testing import e3_error, nbody_inputs
-from relaxeq_fast.vn import model_regularizers, project, set_theta
+from testing import assert_projection_is_the_model_at_theta_zero, e3_error, nbody_inputs
+from relaxeq_fast.vn import model_regularizers, set_theta
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 DT = torch.float64
@@ -68,12 +67,7 @@ def test_e3_equivariant_at_theta_zero_and_after_projection(relaxed):
         set_theta(model, 0.0)
     assert e3_error(model, loc, vel, q) < 1e-10
     if relaxed:
-        with torch.no_grad():
-            at_zero = model(loc, vel, q)
-        plain = project(model)
-        assert not any(isinstance(m, RelaxedLinear) for m in plain.modules())
-        assert (plain(loc, vel, q) - at_zero).abs().max() < 1e-12
-        assert e3_error(plain, loc, vel, q) < 1e-10
+        assert_projection_is_the_model_at_theta_zero(model, loc, vel, q)
 
 
 def test_regulariser_vanishes_for_an_equivariant_relaxation():

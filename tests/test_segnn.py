@@ -12,9 +12,9 @@ pytest.importorskip("e3nn", reason="SEGNN is built from e3nn blocks: pip install
 from e3nn import o3  # noqa: E402
 
 from relaxeq_fast.data import nbody  # noqa: E402
-from relaxeq_fast.nn import EquivariantLinear, RelaxedLinear  # noqa: E402
+from relaxeq_fast.nn import EquivariantLinear  # noqa: E402
 from relaxeq_fast.regularizer import combine_regularizers  # noqa: E402
-from testing import e3_error, nbody_inputs  # noqa: E402
+from testing import assert_projection_is_the_model_at_theta_zero, e3_error, nbody_inputs  # noqa: E402
 from relaxeq_fast.segnn import SEGNN, balanced_irreps, fully_connected_edges, tp_path_count  # noqa: E402
 from relaxeq_fast.vn import model_regularizers, project, relaxed_layers, set_theta  # noqa: E402
 
@@ -98,12 +98,7 @@ def test_e3_equivariant_at_theta_zero_and_after_projection(relaxed):
     assert e3_error(model, loc, vel, q) < 1e-10
     assert e3_error(model, loc, vel, q, improper=True) < 1e-10
     if relaxed:
-        with torch.no_grad():
-            at_zero = model(loc, vel, q)
-        plain = project(model)
-        assert not any(isinstance(m, RelaxedLinear) for m in plain.modules())
-        assert (plain(loc, vel, q) - at_zero).abs().max() < 1e-12
-        assert e3_error(plain, loc, vel, q) < 1e-10
+        assert_projection_is_the_model_at_theta_zero(model, loc, vel, q)
 
 
 def test_projected_state_dict_loads_into_the_plain_segnn():

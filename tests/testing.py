@@ -241,3 +241,16 @@ def torchrun_train(argv):
                            "-m", "relaxeq_fast.train", *argv], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("[relaxeq-train]") == 1
+
+
+def assert_projection_is_the_model_at_theta_zero(model, loc, vel, q):
+    """A relaxed N-body model at θ = 0: project() leaves no RelaxedLinear, computes the same positions (1e-12)
+    and is E(3)-equivariant (1e-10), float64."""
+    from relaxeq_fast.nn import RelaxedLinear
+    from relaxeq_fast.vn import project
+    with torch.no_grad():
+        at_zero = model(loc, vel, q)
+    plain = project(model)
+    assert not any(isinstance(m, RelaxedLinear) for m in plain.modules())
+    assert (plain(loc, vel, q) - at_zero).abs().max() < 1e-12
+    assert e3_error(plain, loc, vel, q) < 1e-10

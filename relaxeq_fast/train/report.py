@@ -22,7 +22,7 @@ def _write_metrics(path: str, history: list[dict], metric: str = "acc"):
     os.replace(tmp, path)
 
 
-def _summary_metric(s: dict) -> str:
+def summary_metric(s: dict) -> str:
     """The metric of a run's summary.json ("acc" for runs made before regression existed)."""
     return s.get("metric", "acc")
 
@@ -91,10 +91,10 @@ def compare_runs(run_dirs: list[str], out_png: Optional[str] = None) -> str:
             s = json.load(f)
         with open(os.path.join(d, "metrics.csv")) as f:
             histories.append([{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)])
-        m = _summary_metric(s)
+        m = summary_metric(s)
         metrics.add(m)
         label = "relaxed → projected" if s["relaxed"] else "plain"
-        rows.append(f"| {label} | {_format_metric(m, s[f'test_{m}_projected'])} | {s['equivariance_error']:.1e} | "
+        rows.append(f"| {label} | {format_metric(m, s[f'test_{m}_projected'])} | {s['equivariance_error']:.1e} | "
                     f"{s['seconds']:.0f} s | {d} |")
     if len(metrics) > 1:
         raise ValueError(f"compare_runs: the runs report different metrics {sorted(metrics)} "
@@ -122,7 +122,8 @@ def compare_runs(run_dirs: list[str], out_png: Optional[str] = None) -> str:
     return table
 
 
-def _format_metric(metric: str, value: float) -> str:
+def format_metric(metric: str, value: float) -> str:
+    """An accuracy to 3 decimals, an MSE to 4 significant digits."""
     return f"{value:.3f}" if metric == "acc" else f"{value:.3e}"
 
 
@@ -130,6 +131,6 @@ def format_summary(s: dict) -> str:
     if not s.get("finished"):
         return f"stopped after {s['epochs_done']} epoch(s); resume with --resume {s['run_dir']}"
     kind = "relaxed → projected" if s["relaxed"] else "plain"
-    m = _summary_metric(s)
-    return (f"{kind}: test {METRIC_NAMES[m]} {_format_metric(m, s[f'test_{m}_projected'])}, equivariance error "
+    m = summary_metric(s)
+    return (f"{kind}: test {METRIC_NAMES[m]} {format_metric(m, s[f'test_{m}_projected'])}, equivariance error "
             f"{s['equivariance_error']:.1e}, {s['seconds']:.0f} s of training; plots: {s['plot']}")
