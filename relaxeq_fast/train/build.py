@@ -137,7 +137,7 @@ def _load_nbody(cfg: TrainConfig):
     from .task import pack_nbody
     try:
         splits = load_nbody(seed=0, n_train=cfg.n_train, n_val=cfg.n_test, n_test=cfg.n_test,
-                            cache_dir=None if cfg.data_root is None else cfg.data_root)
+                            cache_dir=cfg.data_root)
     except ValueError as e:
         raise ConfigError(f"{cfg.dataset}: {str(e).splitlines()[0]}") from e
     dtype = getattr(torch, cfg.dtype)
