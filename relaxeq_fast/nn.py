@@ -11,7 +11,35 @@ from . import functional as F
 from .regularizer import RegularizerTerms, relaxation_regularizers
 from .reps import VN, Irreps
 
-__all__ = ["EquivariantLinear", "RelaxedLinear", "RelaxedModule"]
+__all__ = ["EquivariantLinear", "RelaxedLinear", "RelaxedModule", "RELAX_SPACES", "PROJECTION_MODES",
+           "intertwiner_coefficients"]
+
+# "full": the paper's free W_r; "complement": W_r − P_eq W_r, the part that projection removes.
+RELAX_SPACES = ("full", "complement")
+# "drop": θ := 0 and W_r removed (the paper's); "nearest": θ·P_eq(W_r) folded into the equivariant weights.
+PROJECTION_MODES = ("drop", "nearest")
+
+
+def check_choice(value, choices, name: str):
+    """``value`` if it is one of ``choices``, else a ValueError naming ``name``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+    return value
+
+
+def intertwiner_coefficients(W: torch.Tensor, layout) -> list[torch.Tensor]:
+    """The orthogonal (Frobenius) projection of W [..., D_out, D_in] onto the equivariant maps of ``layout``
+    (:meth:`Irreps.equivariant_layout`), as the channel mixings [..., out_mul, in_mul] per layout entry.
+
+    Schur: an equivariant map is ``w ⊗ I_{2l+1}`` on each connected block pair and 0 elsewhere, and the
+    nearest ``w ⊗ I_d`` to a block X is the one with ``w_ij = tr(X_ij) / d`` (X_ij the d×d sub-block).
+    """
+    out = []
+    for (l, os_, om, is_, im, _oi, _ii) in layout:
+        d = 2 * l + 1
+        blk = W[..., os_:os_ + om * d, is_:is_ + im * d].unflatten(-1, (im, d)).unflatten(-3, (om, d))
+        out.append(blk.diagonal(dim1=-3, dim2=-1).sum(-1) / d)  # [..., om, im]
+    return out
 
 
 def _as_irreps(rep, name) -> Irreps:
@@ -43,8 +71,9 @@ class RelaxedModule:
         """R_LD, R_N (0-d tensors) and the row count n of the last training forward (``data_free``: without data)."""
         raise NotImplementedError
 
-    def project(self) -> nn.Module:
-        """The plain equivariant layer with the same weights (θ = 0, relaxation removed)."""
+    def project(self, mode: str = "drop") -> nn.Module:
+        """The plain equivariant layer (θ = 0, relaxation removed): "drop" keeps the equivariant weights,
+        "nearest" folds the relaxation's equivariant part θ P_eq(W_r) into them."""
         raise NotImplementedError
 
 
@@ -95,30 +124,49 @@ class EquivariantLinear(nn.Module):
                 return d
         return None
 
-    def equivariant_matrix(self) -> torch.Tensor:
-        """W_eq: [D_out, D_in]."""
-        w0 = self.weights[0]
+    def equivariant_matrix(self, weights=None) -> torch.Tensor:
+        """W_eq: [D_out, D_in], from ``weights`` (one [out_mul, in_mul] per layout entry) or the layer's own."""
+        weights = list(self.weights) if weights is None else weights
+        w0 = weights[0]
         d = self.single_block_dim()
         if d is not None:
             return torch.kron(w0, torch.eye(d, dtype=w0.dtype, device=w0.device))
         W = w0.new_zeros(self.irreps_out.dim, self.irreps_in.dim)
-        for w, (l, os_, om, is_, im, _oi, _ii) in zip(self.weights, self.layout):
+        for w, (l, os_, om, is_, im, _oi, _ii) in zip(weights, self.layout):
             d = 2 * l + 1
             W[os_:os_ + om * d, is_:is_ + im * d] = torch.kron(w, torch.eye(d, dtype=w.dtype, device=w.device))
         return W
 
-    def equivariant_bias(self) -> Optional[torch.Tensor]:
-        """b_eq: [D_out] (nonzero on scalar outputs only) or None."""
-        if self.bias is None:
+    def equivariant_bias(self, bias=None) -> Optional[torch.Tensor]:
+        """b_eq: [D_out] (nonzero on scalar outputs only) or None, from ``bias`` [n_scalar_out] or the layer's."""
+        bias = self.bias if bias is None else bias
+        if bias is None:
             return None
         parts, k = [], 0
         for i, (start, stop, m, _l) in enumerate(self.irreps_out.slices()):
             if self.irreps_out.is_invariant(i):
-                parts.append(self.bias[k:k + m])
+                parts.append(bias[k:k + m])
                 k += m
             else:
-                parts.append(self.bias.new_zeros(stop - start))
+                parts.append(bias.new_zeros(stop - start))
         return torch.cat(parts)
+
+    def invariant_part(self, b: torch.Tensor) -> torch.Tensor:
+        """The entries [..., n_scalar_out] of a flat output vector b [..., D_out] that the bias can reach."""
+        parts = [b[..., start:stop] for i, (start, stop, _m, _l) in enumerate(self.irreps_out.slices())
+                 if self.irreps_out.is_invariant(i)]
+        return torch.cat(parts, -1) if len(parts) > 1 else parts[0]
+
+    def equivariant_projection(self, W: torch.Tensor, b: Optional[torch.Tensor] = None):
+        """P_eq: the nearest (Frobenius) parameters of this plain layer to a free affine map.
+
+        W: [D_out, D_in]; b: [D_out] or None. Returns (weights: one [out_mul, in_mul] per layout entry,
+        bias: [n_scalar_out] or None). The bias part keeps b's scalar outputs when the layer has a bias,
+        and nothing otherwise (the plain layer cannot represent it). ``equivariant_matrix(weights)`` is P_eq W.
+        """
+        weights = intertwiner_coefficients(W, self.layout)
+        bias = self.invariant_part(b) if (b is not None and self.bias is not None) else None
+        return weights, bias
 
     def _flatten(self, x: torch.Tensor) -> torch.Tensor:
         fs = self.irreps_in.feature_shape
@@ -157,6 +205,11 @@ class RelaxedLinear(EquivariantLinear, RelaxedModule):
         relax_bias: include the free relaxation bias b_r.
         relax_init: "zeros" (W_r = 0, b_r = 0: the relaxed model starts equivariant) or "default"
             (nn.Linear's init for W_r).
+        relax_space: "full" (the paper's: the branch is θ (W_r x + b_r)) or "complement": the branch is
+            θ ((W_r − P_eq W_r) x + b_r − P_eq b_r), with P_eq the orthogonal projection onto this layer's
+            equivariant maps (:meth:`equivariant_projection`), so the relaxation holds only what projection
+            removes and R_N measures exactly that. Folded into the one fused forward: M = W_eq(w − θ P_eq W_r)
+            + θ W_r.
         theta: initial θ.
         track_stats: collect (G, s, N) in training mode (needed by the data regularisers).
         backend: kernel backend for the fused op (see :mod:`relaxeq_fast.backend`); None = context/env/auto.
@@ -166,10 +219,9 @@ class RelaxedLinear(EquivariantLinear, RelaxedModule):
 
     def __init__(self, irreps_in, irreps_out, bias: bool = True, relax_bias: bool = True,
                  relax_init: str = "zeros", theta: float = 1.0, track_stats: bool = True,
-                 backend: Optional[str] = None, device=None, dtype=None):
-        if relax_init not in ("zeros", "default"):
-            raise ValueError(f"relax_init must be 'zeros' or 'default', got {relax_init!r}")
-        self.relax_init = relax_init
+                 backend: Optional[str] = None, relax_space: str = "full", device=None, dtype=None):
+        self.relax_init = check_choice(relax_init, ("zeros", "default"), "relax_init")
+        self.relax_space = check_choice(relax_space, RELAX_SPACES, "relax_space")
         super().__init__(irreps_in, irreps_out, bias=bias, device=device, dtype=dtype)
         factory = {"device": device, "dtype": dtype}
         self.weight_relax = nn.Parameter(torch.empty(self.irreps_out.dim, self.irreps_in.dim, **factory))
@@ -192,13 +244,38 @@ class RelaxedLinear(EquivariantLinear, RelaxedModule):
         if self.bias_relax is not None:
             nn.init.zeros_(self.bias_relax)
 
+    def relaxation_weights(self):
+        """(W, b): the relaxation branch's matrix [D_out, D_in] and bias [D_out] or None as the forward
+        applies them (before θ): (W_r, b_r), or their complements (W_r − P_eq W_r, b_r − P_eq b_r)."""
+        W, b = self.weight_relax, self.bias_relax
+        if self.relax_space == "full":
+            return W, b
+        weights, bias = self.equivariant_projection(W, b)
+        W = W - self.equivariant_matrix(weights)
+        if bias is not None:
+            b = b - self.equivariant_bias(bias)
+        return W, b
+
+    def _shifted_equivariant_params(self):
+        """The equivariant weights and bias the forward uses: the layer's own, or with the complement
+        (W_eq + θ(W_r − P_eq W_r) = W_eq(w − θ P_eq W_r) + θ W_r) θ P_eq(W_r, b_r) taken off them."""
+        weights, bias = list(self.weights), self.bias
+        if self.relax_space == "complement":
+            proj_w, proj_b = self.equivariant_projection(self.weight_relax, self.bias_relax)
+            weights = [w - self.theta * p for w, p in zip(weights, proj_w)]
+            if proj_b is not None:
+                bias = bias - self.theta * proj_b
+        return weights, bias
+
     def effective_params(self):
-        """(M, c) = (W_eq + θ W_r, b_eq + θ b_r): [D_out, D_in], [D_out] or None."""
+        """(M, c) = (W_eq + θ W, b_eq + θ b) with (W, b) = :meth:`relaxation_weights`: [D_out, D_in],
+        [D_out] or None."""
+        weights, bias = self._shifted_equivariant_params()
         if self.single_block_dim() is not None:  # VN and scalar layers: one op, forward and backward
-            return F.relaxed_params(self.weights[0], self.weight_relax, self.equivariant_bias(), self.bias_relax,
+            return F.relaxed_params(weights[0], self.weight_relax, self.equivariant_bias(bias), self.bias_relax,
                                     self.theta, backend=self.backend)
-        M = self.equivariant_matrix() + self.theta * self.weight_relax
-        c = self.equivariant_bias()
+        M = self.equivariant_matrix(weights) + self.theta * self.weight_relax
+        c = self.equivariant_bias(bias)
         if self.bias_relax is not None:
             c = self.theta * self.bias_relax if c is None else c + self.theta * self.bias_relax
         return M, c
@@ -227,7 +304,8 @@ class RelaxedLinear(EquivariantLinear, RelaxedModule):
         if not data_free and self.last_stats is None:
             raise RuntimeError("no input statistics: run a forward pass in training mode with track_stats=True "
                                "first, or pass data_free=True")
-        return relaxation_regularizers(self.weight_relax, self.bias_relax, self.irreps_in, self.irreps_out,
+        W, b = self.relaxation_weights()
+        return relaxation_regularizers(W, b, self.irreps_in, self.irreps_out,
                                        None if data_free else self.last_stats,
                                        rows=None if data_free else self.last_rows, backend=self.backend)
 
@@ -240,17 +318,30 @@ class RelaxedLinear(EquivariantLinear, RelaxedModule):
         out.load_state_dict(layer.state_dict(), strict=False)
         return out
 
-    def project(self) -> EquivariantLinear:
-        """θ := 0 and the relaxation removed: the plain equivariant layer with the same weights."""
+    @torch.no_grad()
+    def project(self, mode: str = "drop") -> EquivariantLinear:
+        """The plain equivariant layer: θ := 0 and the relaxation removed.
+
+        mode: "drop" keeps the equivariant weights as they are (the paper's); "nearest" folds the relaxation's
+        equivariant part θ P_eq(W, b) into them, giving the plain layer nearest (Frobenius, in (M, c)) to the
+        relaxed one — the same as "drop" at θ = 0 or with relax_space="complement".
+        """
+        check_choice(mode, PROJECTION_MODES, "mode")
         ref = self.weights[0]
         plain = EquivariantLinear(self.irreps_in, self.irreps_out, bias=self.bias is not None,
                                   device=ref.device, dtype=ref.dtype)
         state = {k: v for k, v in self.state_dict().items()
                  if not k.startswith(("weight_relax", "bias_relax", "theta"))}
         plain.load_state_dict(state)
+        if mode == "nearest":
+            proj_w, proj_b = self.equivariant_projection(*self.relaxation_weights())
+            for w, p in zip(plain.weights, proj_w):
+                w.add_(self.theta * p)
+            if proj_b is not None:
+                plain.bias.add_(self.theta * proj_b)
         return plain.train(self.training)
 
     def extra_repr(self):
         """As EquivariantLinear's, plus relax_bias, θ and backend, for ``repr``."""
         return (super().extra_repr() + f", relax_bias={self.bias_relax is not None}, "
-                f"theta={float(self.theta):g}, backend={self.backend or 'auto'}")
+                f"theta={float(self.theta):g}, relax_space={self.relax_space}, backend={self.backend or 'auto'}")

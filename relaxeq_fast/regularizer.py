@@ -24,7 +24,7 @@ from .reps import Irreps, irrep_generators
 __all__ = ["RegularizerTerms", "lie_derivative_matrices", "relaxation_regularizers", "relaxation_regularizer_ref",
            "grouped_relaxation_regularizers", "combine_regularizers", "REDUCTIONS"]
 
-REDUCTIONS = ("paper", "sum", "mean")
+REDUCTIONS = ("paper", "sum", "mean", "layer_mean")
 
 
 class RegularizerTerms(NamedTuple):
@@ -210,6 +210,9 @@ def combine_regularizers(terms: Iterable[RegularizerTerms], lambda_ld: float, la
       "paper": λ_LD √(Σ_ℓ R_LD,ℓ) + λ_N √(Σ_ℓ R_N,ℓ)   (the paper's form)
       "sum":   λ_LD Σ_ℓ R_LD,ℓ + λ_N Σ_ℓ R_N,ℓ
       "mean":  λ_LD Σ_ℓ R_LD,ℓ / N_ℓ + λ_N Σ_ℓ R_N,ℓ / N_ℓ   (per-row mean)
+      "layer_mean": λ_LD √(Σ_ℓ R_LD,ℓ / N_ℓ) + λ_N √(Σ_ℓ R_N,ℓ / N_ℓ)   (the paper's form with each layer's
+        terms divided by its own row count N_ℓ: the sums weigh a layer by the rows it sees, so layers after
+        pooling (N_ℓ = B rows, against B·P before it) would otherwise be regularised ~P times less)
     theta: when given, the terms are those of the layer f_θ itself (R scaled by θ², i.e. λ scaled by θ
       in the paper form): the regulariser fades with the relaxation.
     """
@@ -218,7 +221,7 @@ def combine_regularizers(terms: Iterable[RegularizerTerms], lambda_ld: float, la
     terms = list(terms)
     if not terms:
         raise ValueError("terms is empty: no relaxed layer produced regulariser terms")
-    if reduction == "mean":
+    if reduction in ("mean", "layer_mean"):
         ld = sum(t.lie_derivative / max(t.n, 1) for t in terms)
         nn_ = sum(t.projection / max(t.n, 1) for t in terms)
     else:
@@ -227,6 +230,6 @@ def combine_regularizers(terms: Iterable[RegularizerTerms], lambda_ld: float, la
     if theta is not None:
         theta_sq = torch.as_tensor(theta, dtype=ld.dtype, device=ld.device) ** 2
         ld, nn_ = ld * theta_sq, nn_ * theta_sq
-    if reduction == "paper":
+    if reduction in ("paper", "layer_mean"):
         ld, nn_ = _safe_sqrt(ld), _safe_sqrt(nn_)
     return lambda_ld * ld + lambda_n * nn_

@@ -140,13 +140,14 @@ class ThetaScheduler:
 
 
 @torch.no_grad()
-def projection_error(model: nn.Module, inputs) -> float:
+def projection_error(model: nn.Module, inputs, mode: str = "drop") -> float:
     """‖f_θ(x) − f_projected(x)‖ / ‖f_projected(x)‖ on ``inputs``: how far the relaxed model is from
     the equivariant model it will be projected to (0 at θ = 0).
 
     inputs: the model's input tensor (e.g. points [B, P, 3] for VNPointNet/VNDGCNN, images
     [B, C, H, W] for SteerableCNN), or a tuple of its positional arguments (e.g. an N-body model's
     (loc [B, n, 3], vel [B, n, 3], charges [B, n, 1])). The model's output may have any shape.
+    mode: the projection, "drop" or "nearest" (see :func:`relaxeq_fast.project`).
     Returns a float.
 
     Both are evaluated in eval mode (running batch-norm statistics, no updates); the model is left as it
@@ -156,7 +157,7 @@ def projection_error(model: nn.Module, inputs) -> float:
     was_training = model.training
     model.eval()
     try:
-        projected = project(copy.deepcopy(model))
+        projected = project(copy.deepcopy(model), mode)
         args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
         ref = projected(*args)
         out = model(*args)

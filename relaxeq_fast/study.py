@@ -40,8 +40,8 @@ from .train.report import METRIC_NAMES, format_metric, summary_metric
 
 METHODS = ("relaxed", "plain")
 # axes that change only the relaxed runs: a plain run is not repeated over them
-RELAXATION_AXES = ("theta_schedule", "theta_unit", "theta_max", "lambda_ld", "lambda_n", "reduction",
-                   "theta_scaled_lambda", "relax_init", "relaxed_maps", "relax_lr")
+RELAXATION_AXES = ("theta_schedule", "theta_unit", "theta_max", "lambda_ld", "lambda_n", "reduction", "relax_space",
+                   "projection", "theta_scaled_lambda", "relax_init", "relaxed_maps", "relax_lr")
 # settings a study sets itself, or that do not change a run's result
 NOT_AXES = ("seed", "lr", "plain", "run_dir", "runs_root", "progress", "threads", "device", "data_root")
 # ignored when checking that an existing run directory holds the intended run

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import functional as F
-from .nn import EquivariantLinear, RelaxedLinear, RelaxedModule
+from .nn import PROJECTION_MODES, EquivariantLinear, RelaxedLinear, RelaxedModule, check_choice
 from .regularizer import RegularizerTerms, grouped_relaxation_regularizers
 from .reps import VN
 
@@ -294,10 +294,16 @@ def relax(model: nn.Module, **relaxed_kwargs) -> nn.Module:
     return _convert_modules(model, convert)
 
 
-def project(model: nn.Module) -> nn.Module:
+def project(model: nn.Module, mode: str = "drop") -> nn.Module:
     """θ = 0 and the relaxation removed everywhere (RelaxedLinear → EquivariantLinear, RelaxedR2Conv →
-    R2Conv). Modifies and returns ``model``; its state_dict then loads into the plain model class."""
-    return _convert_modules(model, lambda m: m.project() if isinstance(m, RelaxedModule) else None)
+    R2Conv). Modifies and returns ``model``; its state_dict then loads into the plain model class.
+
+    mode: "drop" (the paper's) keeps each layer's equivariant weights; "nearest" first folds θ P_eq(W_r),
+    the equivariant part of each relaxation, into them: every layer becomes the equivariant layer nearest to
+    it (Frobenius), so a model projected at θ > 0 changes less. The two agree at θ = 0.
+    """
+    check_choice(mode, PROJECTION_MODES, "mode")
+    return _convert_modules(model, lambda m: m.project(mode) if isinstance(m, RelaxedModule) else None)
 
 
 def relaxed_layers(model: nn.Module) -> Iterator[RelaxedModule]:
@@ -337,8 +343,9 @@ def model_regularizers(model: nn.Module, data_free: bool = False) -> list[Regula
             terms.append(group[0].regularizers())
             continue
         rows = [m.last_rows for m in group]
+        W_rs, b_rs = zip(*(m.relaxation_weights() for m in group))
         terms.append(grouped_relaxation_regularizers(
-            [m.weight_relax for m in group], [m.bias_relax for m in group], group[0].irreps_in,
+            list(W_rs), list(b_rs), group[0].irreps_in,
             group[0].irreps_out, [m.last_stats for m in group],
             rows=None if any(r is None for r in rows) else rows, backend=group[0].backend))
     return terms

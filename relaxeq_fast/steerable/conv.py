@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..functional import relaxed_conv2d
-from ..nn import RelaxedModule
+from ..nn import PROJECTION_MODES, RELAX_SPACES, RelaxedModule, check_choice
 from ..regularizer import RegularizerTerms
 from .basis import _block_layout, _check_k, _grid_points, _jmax, _polar, _psi
 from .fields import FieldType, _DT, _check_field_input, _check_types, _field_lie, _rot2
@@ -114,23 +114,42 @@ class R2Conv(nn.Module):
             + ([self.bias] if self.bias is not None else [])
         return tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in ts)
 
-    def expand(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """(kernel [out_dim, in_dim, k, k], bias [out_dim] or None)."""
+    def _groups(self):
+        for i in range(self._n_groups):
+            yield (getattr(self, f"block_basis_{i}"), getattr(self, f"block_gather_{i}"),
+                   getattr(self, f"block_out_{i}"), getattr(self, f"block_in_{i}"))
+
+    def expand(self, weight: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(kernel [out_dim, in_dim, k, k], bias [out_dim] or None), from coefficients ``weight`` [n_basis]
+        (default: the layer's own)."""
+        weight = self.weight if weight is None else weight
         O, I, k = self.out_type.dim, self.in_type.dim, self.kernel_size
         blocks = []
-        for i in range(self._n_groups):
-            samples, gather = getattr(self, f"block_basis_{i}"), getattr(self, f"block_gather_{i}")
-            out_ch, in_ch = getattr(self, f"block_out_{i}"), getattr(self, f"block_in_{i}")
-            blk = torch.einsum("pqb,boikl->poqikl", self.weight[gather], samples)
+        for samples, gather, out_ch, in_ch in self._groups():
+            blk = torch.einsum("pqb,boikl->poqikl", weight[gather], samples)
             blocks.append((blk.reshape(out_ch.numel(), in_ch.numel(), k, k), out_ch, in_ch))
         if self._single_block:
             kernel = blocks[0][0]  # one kind pair in field order (e.g. regular → regular): no scatter
         else:
-            kernel = self.weight.new_zeros(O, I, k, k)
+            kernel = weight.new_zeros(O, I, k, k)
             for blk, out_ch, in_ch in blocks:
                 kernel = kernel.index_put((out_ch[:, None], in_ch[None, :]), blk)
         b = self.bias_map @ self.bias if self.bias is not None else None
         return kernel, b
+
+    def basis_coefficients(self, K: torch.Tensor) -> torch.Tensor:
+        """P_eq in coefficients: the least-squares coefficients [n_basis] of a kernel K [out_dim, in_dim, k, k]
+        on the (orthonormal) steerable basis, i.e. the adjoint of :meth:`expand`; ``expand(c)[0]`` is the
+        nearest equivariant kernel to K (Frobenius)."""
+        k = self.kernel_size
+        coef = K.new_zeros(self.n_basis)
+        for samples, gather, out_ch, in_ch in self._groups():
+            blk = K if self._single_block else K[out_ch[:, None], in_ch[None, :]]
+            p, q, nb = gather.shape
+            blk = blk.reshape(p, samples.shape[1], q, samples.shape[2], k, k)
+            c = torch.einsum("poqikl,boikl->pqb", blk, samples)
+            coef = coef.index_put((gather.reshape(-1),), c.reshape(-1))  # each coefficient sits in one group
+        return coef
 
     def _check_input(self, x: torch.Tensor):
         _check_field_input(x, self.in_type, type(self).__name__)
@@ -295,7 +314,10 @@ class RelaxedR2Conv(R2Conv, RelaxedModule):
 
     Args: as R2Conv, plus ``relax_init`` ("zeros": B = 0, the relaxed layer starts equivariant;
     "default": uniform ±1/√(in_dim·k²)), ``theta``, ``track_defect`` (compute R_LD in training
-    forwards), ``backend`` (for ``relaxed_conv2d``).
+    forwards), ``backend`` (for ``relaxed_conv2d``), ``relax_space`` ("full": the branch is θB, the paper's;
+    "complement": θ(B − P_eq B) with P_eq the least-squares projection onto the steerable basis
+    (:meth:`basis_coefficients`), folded into the coefficients so the kernel is still formed once:
+    K(w − θ P_eq B) + θB; D(P_eq B) = 0, so R_LD is unchanged and R_N becomes ‖B − P_eq B‖²).
 
     Shapes: x [B, in_type.dim, H, W] → [B, out_type.dim, H', W'] as R2Conv; B = ``weight_relax``
     [out_type.dim, in_type.dim, k, k].
@@ -304,9 +326,9 @@ class RelaxedR2Conv(R2Conv, RelaxedModule):
     def __init__(self, in_type: FieldType, out_type: FieldType, kernel_size: int, padding: Optional[int] = None,
                  bias: bool = True, max_frequency: Optional[int] = None, relax_init: str = "zeros",
                  theta: float = 1.0, track_defect: bool = True, backend: Optional[str] = None,
-                 device=None, dtype=None):
-        if relax_init not in ("zeros", "default"):
-            raise ValueError(f"relax_init must be 'zeros' or 'default', got {relax_init!r}")
+                 relax_space: str = "full", device=None, dtype=None):
+        check_choice(relax_init, ("zeros", "default"), "relax_init")
+        self.relax_space = check_choice(relax_space, RELAX_SPACES, "relax_space")
         super().__init__(in_type, out_type, kernel_size, padding, bias, max_frequency, device=device, dtype=dtype)
         factory = {"device": self.weight.device, "dtype": self.weight.dtype}
         self.relax_init, self.track_defect, self.backend = relax_init, track_defect, backend
@@ -332,6 +354,13 @@ class RelaxedR2Conv(R2Conv, RelaxedModule):
             bound = 1 / math.sqrt(self.in_type.dim * self.kernel_size ** 2)
             nn.init.uniform_(self.weight_relax, -bound, bound)
 
+    def relaxation_kernel(self) -> torch.Tensor:
+        """The branch's kernel [out_dim, in_dim, k, k] as the forward applies it (before θ): B, or B − P_eq B."""
+        B = self.weight_relax
+        if self.relax_space == "complement":
+            B = B - self.expand(self.basis_coefficients(B))[0]
+        return B
+
     def defect(self) -> torch.Tensor:
         """D(B) [out_dim, in_dim, k, k] (differentiable in B)."""
         return apply_defect(self.weight_relax, self.defect_out, self.defect_in, self.defect_spatial,
@@ -341,7 +370,10 @@ class RelaxedR2Conv(R2Conv, RelaxedModule):
         """x [B, in_type.dim, H, W] → [B, out_type.dim, H', W'] (as R2Conv) with kernel K_eq + θ B; in training
         mode with ``track_defect`` it also records the data-mode R_LD for :meth:`regularizers`."""
         self._check_input(x)
-        kernel, b = self._kernel()
+        if self.relax_space == "complement":
+            kernel, b = self.expand(self.weight - self.theta * self.basis_coefficients(self.weight_relax))
+        else:
+            kernel, b = self._kernel()
         M = kernel + self.theta * self.weight_relax
         if self.training and self.track_defect:
             y, r = relaxed_conv2d(x, M, b, self.defect(), self.padding, backend=self.backend)
@@ -353,7 +385,8 @@ class RelaxedR2Conv(R2Conv, RelaxedModule):
         """(R_LD, R_N, n); see the class docstring. ``data_free=True`` means mode "weight"."""
         if mode not in ("data", "weight"):
             raise ValueError(f"mode must be 'data' or 'weight', got {mode!r}")
-        B = self.weight_relax.to(torch.promote_types(self.weight_relax.dtype, torch.float32))
+        B = self.relaxation_kernel()
+        B = B.to(torch.promote_types(B.dtype, torch.float32))
         r_n = (B * B).sum()
         if data_free or mode == "weight":
             Dw = self.defect()
@@ -372,14 +405,20 @@ class RelaxedR2Conv(R2Conv, RelaxedModule):
         out.load_state_dict(layer.state_dict(), strict=False)
         return out.train(layer.training)
 
-    def project(self) -> R2Conv:
-        """θ := 0 and B removed: the plain R2Conv with the same coefficients and bias."""
+    @torch.no_grad()
+    def project(self, mode: str = "drop") -> R2Conv:
+        """θ := 0 and B removed: the plain R2Conv with the same coefficients and bias ("drop"), or with
+        θ P_eq(B) folded into the coefficients ("nearest": the equivariant kernel nearest to K_eq + θB)."""
+        check_choice(mode, PROJECTION_MODES, "mode")
         plain = R2Conv(self.in_type, self.out_type, self.kernel_size, self.padding, bias=self.bias is not None,
                        max_frequency=self.max_frequency, device=self.weight.device, dtype=self.weight.dtype)
         plain.load_state_dict({k: v for k, v in self.state_dict().items()
                                if not k.startswith(("weight_relax", "theta"))})
+        if mode == "nearest":
+            plain.weight.add_(self.theta * self.basis_coefficients(self.relaxation_kernel()))
         return plain.train(self.training)
 
     def extra_repr(self) -> str:
         """As R2Conv's, plus θ and backend, for ``repr``."""
-        return super().extra_repr() + f", theta={float(self.theta):g}, backend={self.backend or 'auto'}"
+        return (super().extra_repr() + f", theta={float(self.theta):g}, relax_space={self.relax_space}, "
+                f"backend={self.backend or 'auto'}")

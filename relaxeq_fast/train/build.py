@@ -75,7 +75,8 @@ def build_model(cfg: TrainConfig, num_classes: int = 0) -> nn.Module:
     """The model of ``cfg.model``, relaxed unless ``cfg.plain``: a classifier with ``num_classes`` outputs,
     or (egnn, segnn) an N-body position predictor of width round(64 · cfg.width), 4 layers."""
     from ..models import VNDGCNN, SteerableCNN, VNPointNet
-    relax_kwargs = dict(relax_init=cfg.relax_init, theta=cfg.theta_max, backend=cfg.backend)
+    relax_kwargs = dict(relax_init=cfg.relax_init, theta=cfg.theta_max, backend=cfg.backend,
+                        relax_space=cfg.relax_space)
     if cfg.model in GRAPH_MODELS:
         from .. import models
         hidden = max(1, round(GRAPH_HIDDEN * cfg.width))

@@ -114,6 +114,11 @@ def _parser() -> argparse.ArgumentParser:
     paper(g, "--lambda-ld", "weight λ_LD of the Lie-derivative term", type=float)
     paper(g, "--lambda-n", "weight λ_N of the norm term", type=float)
     opt(g, "--reduction", f"how the layers' terms are combined: one of {list(REDUCTIONS)}", default=d.reduction)
+    opt(g, "--relax-space", "what the relaxation may hold: full (the paper's free W_r) or complement (W_r minus its "
+        "equivariant part, which projection would remove)", default=d.relax_space)
+    opt(g, "--projection", "how the relaxed model becomes equivariant (per-epoch projected scores, projection "
+        "error, the final model): drop (θ := 0, W_r removed; the paper's) or nearest (θ·P_eq(W_r) folded into the "
+        "equivariant weights: the nearest equivariant layer; the same as drop at θ = 0)", default=d.projection)
     paper(g, "--theta-scaled-lambda", "scale the regulariser with θ", action=argparse.BooleanOptionalAction)
     paper(g, "--relax-init", "init of the relaxation weights W_r: zeros or default (nn.Linear's init)")
     opt(g, "--relax-lr", "lr of the relaxation parameters (W_r, b_r, B): 'same' as the rest, or 'theta' (× θ "

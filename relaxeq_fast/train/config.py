@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 from ..models import RELAXED_MAPS
+from ..nn import PROJECTION_MODES, RELAX_SPACES
 from ..regularizer import REDUCTIONS
 from ..relaxation import SCHEDULES
 
@@ -118,6 +119,8 @@ class TrainConfig:
     lambda_ld: Optional[float] = None
     lambda_n: Optional[float] = None
     reduction: str = "paper"
+    relax_space: str = "full"
+    projection: str = "drop"
     theta_scaled_lambda: Optional[bool] = None
     relax_init: Optional[str] = None
     relaxed_maps: Optional[str] = None
@@ -232,6 +235,10 @@ def validate(cfg: TrainConfig, world: int = 1) -> None:
         _fail(f"--theta-unit must be 'step' or 'epoch', got {cfg.theta_unit!r}")
     if cfg.reduction not in REDUCTIONS:
         _fail(f"--reduction must be one of {list(REDUCTIONS)}, got {cfg.reduction!r}")
+    if cfg.relax_space not in RELAX_SPACES:
+        _fail(f"--relax-space must be one of {list(RELAX_SPACES)}, got {cfg.relax_space!r}")
+    if cfg.projection not in PROJECTION_MODES:
+        _fail(f"--projection must be one of {list(PROJECTION_MODES)}, got {cfg.projection!r}")
     if cfg.relax_init not in ("zeros", "default"):
         _fail(f"--relax-init must be 'zeros' or 'default', got {cfg.relax_init!r}")
     if cfg.device not in ("cpu", "cuda") and not cfg.device.startswith("cuda:"):

@@ -334,7 +334,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
         lr = opt.param_groups[0]["lr"]
         sched.step()
         # the current model (θ as it is now) and its projection (θ := 0, W_r dropped) on every split
-        projected = project(copy.deepcopy(model)) if relaxed else model
+        projected = project(copy.deepcopy(model), cfg.projection) if relaxed else model
         scores = {}
         for name, split in (("val", val_set), ("test", test_set)):
             if split is None:
@@ -344,7 +344,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
             scores[f"{name}_{metric}_projected"] = (
                 evaluate(projected, split.x, split.y, cfg.eval_batch_size, device, task) if relaxed
                 else scores[f"{name}_{metric}"])
-        proj_err = projection_error(model, task.inputs(probe_x)) if relaxed else 0.0
+        proj_err = projection_error(model, task.inputs(probe_x), cfg.projection) if relaxed else 0.0
         row = dict(epoch=epoch + 1, step=global_step, lr=lr, theta=theta.theta if theta else 0.0,
                    **means, **scores, projection_error=proj_err, epoch_seconds=time.perf_counter() - t0)
         history.append(row)
@@ -365,7 +365,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
     summary = dict(run_dir=run_dir, epochs_done=len(history), finished=finished, relaxed=relaxed,
                    metric=metric, num_classes=len(train_set.class_names))
     if finished:
-        final = project(copy.deepcopy(model)).eval() if relaxed else copy.deepcopy(model).eval()
+        final = project(copy.deepcopy(model), cfg.projection).eval() if relaxed else copy.deepcopy(model).eval()
         n_layers = sum(1 for _ in relaxed_layers(model))
         summary.update(
             **{f"test_{metric}_projected": evaluate(final, test_set.x, test_set.y, cfg.eval_batch_size, device,
