@@ -53,7 +53,7 @@ def study_fields(metric: str = "acc") -> tuple[str, ...]:
     m = metric
     return ("run", "method", "lr", "seed", "axes", "status", "failed", f"test_{m}_projected", "best_epoch",
             f"best_test_{m}_projected", f"val_{m}_projected", f"best_val_{m}_projected", f"mid_train_{m}",
-            f"final_train_{m}", "seconds", "run_dir")
+            f"final_train_{m}", "mid_projection_error", "seconds", "run_dir")
 
 
 
@@ -231,8 +231,11 @@ def _read_run(run: Run, run_dir: str) -> dict:
                 # θ peaks at mid-training (triangle) or holds its peak until then (hold_linear): the epoch
                 # where the relaxation can help or hinder optimisation most
                 f"mid_train_{m}": history[(len(history) - 1) // 2][f"train_{m}"],
+                # ‖f_θ − f_projected‖ / ‖f_projected‖ there: how much the model leans on the relaxation
+                "mid_projection_error": history[(len(history) - 1) // 2]["projection_error"],
                 f"final_train_{m}": history[-1][f"train_{m}"], "seconds": s["seconds"], "failed": failed})
     row["curve"] = [h[f"test_{m}_projected"] for h in history]
+    row["projection_curve"] = [h["projection_error"] for h in history]
     return row
 
 
@@ -258,8 +261,9 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def aggregate(rows: list[dict]) -> list[dict]:
     """Per (method, lr, axes): runs, mean ± std (finished runs) of the final and of the best-epoch projected
-    test metric (accuracy or MSE), of the final projected validation metric (what settings are chosen on) and
-    of the training metric at mid-training; failure rate (diverged or failed, over all runs)."""
+    test metric (accuracy or MSE), of the final projected validation metric (what settings are chosen on), of
+    the training metric and the projection error at mid-training; failure rate (diverged or failed, over all
+    runs)."""
     m = study_metric(rows)
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -271,9 +275,11 @@ def aggregate(rows: list[dict]) -> list[dict]:
         best = mean_std([r.get(f"best_test_{m}_projected") for r in done])
         val = mean_std([r.get(f"val_{m}_projected") for r in done])
         mid = mean_std([r.get(f"mid_train_{m}") for r in done])
+        proj = mean_std([r.get("mid_projection_error") for r in done])
         out.append(dict(method=method, lr=lr, axes=axes, runs=len(rs), finished=len(done),
                         final_mean=final[0], final_std=final[1], best_mean=best[0], best_std=best[1],
                         val_mean=val[0], val_std=val[1], mid_train_mean=mid[0], mid_train_std=mid[1],
+                        mid_projection_error_mean=proj[0], mid_projection_error_std=proj[1],
                         failure_rate=sum(bool(r["failed"]) for r in rs) / len(rs),
                         seeds=sorted(r["seed"] for r in rs)))
     return out
@@ -283,6 +289,10 @@ def _fmt(m: float, s: float, metric: str = "acc") -> str:
     if math.isnan(m):
         return "—"
     return f"{format_metric(metric, m)} ± " + (f"{s:.3f}" if metric == "acc" else f"{s:.1e}")
+
+
+def _fmt_error(m: float, s: float, method: str) -> str:
+    return "—" if math.isnan(m) or method == "plain" else f"{m:.2g} ± {s:.1g}"
 
 
 def write_outputs(out_dir: str, rows: list[dict], title: str) -> tuple[str, str, Optional[str]]:
@@ -301,15 +311,18 @@ def write_outputs(out_dir: str, rows: list[dict], title: str) -> tuple[str, str,
     lines = [f"# {title}", "",
              f"Mean ± sample std over seeds. Projected test {name} at the last epoch, and at the epoch with "
              f"the best projected validation {name}; projected validation {name} at the last epoch (what "
-             f"settings are chosen on); training {name} at mid-training (θ's peak). Failed: diverged or "
-             f"{failed}.", "",
-             f"| method | lr | axes | seeds | final {m} | best-epoch {m} | final val {m} | mid train {m} | failed |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"settings are chosen on); training {name} and projection error ‖f_θ − f_proj‖/‖f_proj‖ at "
+             f"mid-training (θ's peak). Failed: diverged or {failed}.", "",
+             f"| method | lr | axes | seeds | final {m} | best-epoch {m} | final val {m} | mid train {m} | "
+             "mid proj. error | failed |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for g in groups:
         lines.append(f"| {g['method']} | {g['lr']:g} | {g['axes'] or '—'} | {g['finished']}/{g['runs']} "
                      f"({','.join(map(str, g['seeds']))}) | {_fmt(g['final_mean'], g['final_std'], m)} | "
                      f"{_fmt(g['best_mean'], g['best_std'], m)} | {_fmt(g['val_mean'], g['val_std'], m)} | "
-                     f"{_fmt(g['mid_train_mean'], g['mid_train_std'], m)} | {g['failure_rate']:.0%} |")
+                     f"{_fmt(g['mid_train_mean'], g['mid_train_std'], m)} | "
+                     f"{_fmt_error(g['mid_projection_error_mean'], g['mid_projection_error_std'], g['method'])} | "
+                     f"{g['failure_rate']:.0%} |")
     md_path = os.path.join(out_dir, "study.md")
     with open(md_path, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -323,7 +336,7 @@ def _plot(out_dir: str, rows: list[dict], groups: list[dict], title: str) -> Opt
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(17, 4.5))
     lines: dict[tuple, list[dict]] = {}
     for g in groups:
         lines.setdefault((g["method"], g["axes"]), []).append(g)
@@ -350,9 +363,21 @@ def _plot(out_dir: str, rows: list[dict], groups: list[dict], title: str) -> Opt
         a2.fill_between(ep, [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)], alpha=0.15,
                         color=line.get_color())
     a2.set(xlabel="epoch", ylabel=f"projected test {name}", title="per epoch (mean ± std over seeds)")
+    errors: dict[tuple, list[list[float]]] = {}
+    for r in rows:
+        if r.get("projection_curve") and r["method"] == "relaxed":
+            errors.setdefault((r["lr"], r["axes"]), []).append(r["projection_curve"])
+    for (lr, axes), cs in sorted(errors.items(), key=lambda kv: str(kv[0])):
+        n = min(len(c) for c in cs)
+        # geometric mean over seeds: the errors span decades, and are exactly 0 at θ = 0
+        ep = [i + 1 for i in range(n) if all(c[i] > 0 for c in cs)]
+        a3.plot(ep, [math.exp(sum(math.log(c[i - 1]) for c in cs) / len(cs)) for i in ep],
+                label=f"lr {lr:g}" + (f" {axes}" if axes else ""))
+    a3.set(xlabel="epoch", ylabel="‖f_θ − f_proj‖ / ‖f_proj‖", yscale="log",
+           title="projection error of the relaxed runs (geometric mean over seeds)")
     if name == "MSE":
         a1.set_yscale("log"), a2.set_yscale("log")
-    for a in (a1, a2):
+    for a in (a1, a2, a3):
         a.grid(alpha=0.3)
         if a.get_legend_handles_labels()[0]:  # nothing to label when every run diverged
             a.legend(fontsize=7)

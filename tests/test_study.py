@@ -80,16 +80,23 @@ def test_aggregation_matches_statistics_module(tiny_study):
             assert f"{statistics.mean(accs):.3f} ± {statistics.stdev(accs):.3f}" in line
             assert f"{statistics.mean(best):.3f} ± {statistics.stdev(best):.3f}" in line
             # the validation and mid-training columns come from each run's own metrics.csv
-            val, mid = [], []
+            val, mid, err = [], [], []
             for r in rows:
                 if r["method"] == method and r["lr"] == lr:
                     with open(os.path.join(r["run_dir"], "metrics.csv")) as f:
                         history = list(csv.DictReader(f))
                     val.append(float(history[-1]["val_acc_projected"]))
                     mid.append(float(history[(len(history) - 1) // 2]["train_acc"]))
+                    err.append(float(history[(len(history) - 1) // 2]["projection_error"]))
                     assert float(r["val_acc_projected"]) == val[-1] and float(r["mid_train_acc"]) == mid[-1]
+                    assert float(r["mid_projection_error"]) == err[-1]
             assert f"{statistics.mean(val):.3f} ± {statistics.stdev(val):.3f}" in line
             assert f"{statistics.mean(mid):.3f} ± {statistics.stdev(mid):.3f}" in line
+            if method == "relaxed":
+                assert min(err) > 0
+                assert f"{statistics.mean(err):.2g} ± {statistics.stdev(err):.1g}" in line
+            else:
+                assert err == [0.0, 0.0] and line.split(" | ")[-2] == "—"
 
 
 def test_second_invocation_skips_finished_runs(tiny_study, capsys):
@@ -106,7 +113,7 @@ def test_diverged_run_is_marked_failed_and_not_repeated(tmp_path, capsys):
     out = capsys.readouterr().out
     row = _rows(str(tmp_path))[0]
     assert (row["status"], row["failed"]) == ("diverged", "True"), row
-    assert "| plain | 1e+30 | — | 0/1 (0) | — | — | — | — | 100% |" in out
+    assert "| plain | 1e+30 | — | 0/1 (0) | — | — | — | — | — | 100% |" in out
     assert S.main(args) == 0 and "1 runs, 1 already done; 0 to run" in capsys.readouterr().out
 
 

@@ -383,6 +383,8 @@ def test_non_finite_loss_stops_without_touching_the_checkpoint(tmp_path, monkeyp
     (["--theta-unit", "batch"], "--theta-unit must be 'step' or 'epoch', got 'batch'"),
     (["--reduction", "max"], "--reduction must be one of"),
     (["--relax-init", "ones"], "--relax-init must be 'zeros' or 'default', got 'ones'"),
+    (["--relax-space", "half"], "--relax-space must be one of ['full', 'complement'], got 'half'"),
+    (["--projection", "closest"], "--projection must be one of ['drop', 'nearest'], got 'closest'"),
     (["--device", "tpu"], "--device must be 'cpu' or 'cuda[:i]', got 'tpu'"),
     (["--clip-grad-norm", "0"], "--clip-grad-norm must be a finite number > 0, got 0.0"),
     (["--threads", "0"], "--threads must be >= 1, got 0"),
@@ -485,6 +487,40 @@ def test_projected_accuracy_every_epoch_and_best_epoch_on_validation(tmp_path):
     assert summary["best_epoch"] == best + 1
     assert summary["best_val_acc_projected"] == rows[best]["val_acc_projected"]
     assert summary["best_test_acc_projected"] == rows[best]["test_acc_projected"]
+
+
+def test_projection_mode_changes_the_projected_scores_not_the_training(tmp_path):
+    """--projection only decides how the model is projected (per-epoch projected scores, projection error, the
+    final model): the training itself is bit-identical, and at θ = 0 (the end) both projections agree."""
+    rows, summaries = {}, {}
+    for mode in ("drop", "nearest"):
+        run_dir = str(tmp_path / mode)
+        summaries[mode] = _run(TINY + FULL + ["--relax-init", "default", "--val-fraction", "0.25",
+                                              "--projection", mode, "--run-dir", run_dir])
+        rows[mode] = _metrics(run_dir)
+    for a, b in zip(rows["drop"], rows["nearest"]):
+        for key in ("train_loss", "train_acc", "reg_loss", "r_ld", "r_n", "val_acc", "test_acc", "theta"):
+            assert a[key] == b[key], key
+    errors = {m: [float(r["projection_error"]) for r in rows[m]] for m in rows}
+    # nearest folds θ P_eq(W_r) in: a different (here smaller) distance while θ > 0, the same 0 at the end
+    assert errors["nearest"][0] != errors["drop"][0] and errors["nearest"][-1] == errors["drop"][-1] == 0.0
+    assert summaries["nearest"]["test_acc_projected"] == summaries["drop"]["test_acc_projected"]
+    assert summaries["nearest"]["equivariance_error"] < 1e-4
+
+
+def test_complement_relaxation_with_layer_mean_trains_and_ends_projected(tmp_path):
+    run_dir = str(tmp_path / "complement")
+    summary = _run(TINY + FULL + ["--relax-init", "default", "--relax-space", "complement", "--reduction",
+                                  "layer_mean", "--projection", "nearest", "--run-dir", run_dir])
+    with open(os.path.join(run_dir, "config.json")) as f:
+        cfg = json.load(f)
+    assert (cfg["relax_space"], cfg["reduction"], cfg["projection"]) == ("complement", "layer_mean", "nearest")
+    rows = _metrics(run_dir)
+    assert float(rows[0]["r_n"]) > 0 and float(rows[0]["projection_error"]) > 1e-6
+    assert summary["finished"] and summary["theta_final"] == 0.0 and summary["equivariance_error"] < 1e-4
+    saved = torch.load(os.path.join(run_dir, "model_projected.pt"), weights_only=False)
+    plain = T.build_model(T.TrainConfig(**{**saved["config"], "plain": True}), num_classes=len(saved["class_names"]))
+    plain.load_state_dict(saved["model"], strict=True)
 
 
 def test_validation_split_is_carved_from_training_data():
