@@ -280,7 +280,7 @@ def relax(model: nn.Module, **relaxed_kwargs) -> nn.Module:
     """Every EquivariantLinear (→ RelaxedLinear) and steerable R2Conv (→ RelaxedR2Conv) in ``model``
     (not under a module with ``relaxable = False``, such as VNMaxPool) is relaxed with the same
     weights; outputs unchanged at θ = 0 and at the default zero relaxation init. ``relaxed_kwargs``
-    go to every relaxed layer (theta, relax_init and backend are common to both). Modifies and
+    go to every relaxed layer (theta, relax_init, relax_space and backend are common to both). Modifies and
     returns ``model``."""
     twins = _relaxed_twins()
 

@@ -17,7 +17,7 @@ from relaxeq_fast.regularizer import RegularizerTerms
 from relaxeq_fast.steerable import FieldType, R2Conv, RelaxedR2Conv, kernel_basis, kernel_defect
 from relaxeq_fast.vn import equivariance_error, model_regularizers, project, relax, set_theta
 
-from testing import RecordOps, assert_close_scaled
+from testing import RecordOps, assert_close_scaled, jvp_lie_derivative_norm2
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 DT = torch.float64
@@ -154,20 +154,12 @@ def test_complement_lie_derivative_equals_jvp(rin, rout):
     with use_backend("reference"):  # jvp needs forward-mode AD, which the pure-PyTorch path has
         layer(x)
         terms = layer.regularizers()
-
-        def f(x_flat):
-            return layer(x_flat.reshape(x.shape)).reshape(len(x), rout.dim)
-
-        x_flat = x.reshape(len(x), rin.dim)
-        total = 0.0
-        for k in range(3):
-            fx, jv = torch.func.jvp(f, (x_flat,), (rin.apply_generator(k, x_flat),))
-            total = total + ((jv - rout.apply_generator(k, fx)) ** 2).sum()
+        total = jvp_lie_derivative_norm2(layer, x, rin, rout)
     assert terms.lie_derivative.item() > 1e-3
     assert_close_scaled(layer.theta ** 2 * terms.lie_derivative, total, 1e-10, "θ² R_LD vs jvp")
     # R_N is the branch as applied: Σ ‖W_c x + b_c‖² = ‖f_θ − f_drop‖² / θ² (drop = the projection)
     with torch.no_grad():
-        branch = f(x_flat) - layer.project("drop")(x).reshape(len(x), rout.dim)
+        branch = layer(x) - layer.project("drop")(x)
     assert_close_scaled(layer.theta ** 2 * terms.projection, (branch ** 2).sum(), 1e-10, "θ² R_N vs branch")
 
 
@@ -222,42 +214,13 @@ def test_steerable_complement_forward_and_regularisers(G):
 
 # ---- one pass over the data, M formed once ----------------------------------------------------------------
 
-class RecordDataOps(RecordOps):
-    """RecordOps, plus the non-view ops that read a tensor at least as large as ``size``."""
-
-    def __init__(self, size):
-        self.size, self.data_ops = size, []
-
-    def __enter__(self):
-        from torch.utils._python_dispatch import TorchDispatchMode
-        recorder = self
-
-        class _Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                name = str(func.overloadpacket)
-                recorder.ops.append(name)
-                tensors = [a for a in itertools.chain(args, (kwargs or {}).values()) if isinstance(a, torch.Tensor)]
-                if any(t.numel() >= recorder.size for t in tensors) and not func.is_view:
-                    recorder.data_ops.append(name)
-                out = func(*args, **(kwargs or {}))
-                for t in (out if isinstance(out, (tuple, list)) else (out,)):
-                    if isinstance(t, torch.Tensor):
-                        recorder.outputs.append((name, tuple(t.shape)))
-                return out
-
-        self.ops, self.outputs, self.first_output_dtypes = [], [], {}
-        self._mode = _Mode()
-        self._mode.__enter__()
-        return self
-
-
 @pytest.mark.parametrize("rin,rout", REP_PAIRS[:2], ids=IDS[:2])
 def test_complement_forms_M_once_and_reads_the_data_once(rin, rout):
     x = features(rin, 64)
     records = {}
     for space in ("full", "complement"):
         layer = relaxed(rin, rout, space).train()
-        with RecordDataOps(x.numel()) as rec:
+        with RecordOps(x.numel()) as rec:
             layer(x)
         records[space] = rec
     print({s: r.data_ops for s, r in records.items()})
@@ -277,7 +240,7 @@ def test_steerable_complement_convolves_once():
     data_ops = {}
     for space in ("full", "complement"):
         layer = RelaxedR2Conv(tin, tout, 3, relax_init="default", relax_space=space, dtype=DT).train()
-        with RecordDataOps(x.numel()) as rec:
+        with RecordOps(x.numel()) as rec:
             layer(x)
         data_ops[space] = rec.data_ops
     print(data_ops)

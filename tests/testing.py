@@ -186,8 +186,13 @@ def conv2d_im2col_ref(x, M, c, D, padding: int, dy=None, dr: float = 0.0) -> dic
 
 class RecordOps:
     """Context manager: the names of the ops dispatched inside it (``aten.mm``, ``relaxeq.relaxed_linear``), in
-    order, as a TorchDispatchMode sees them (below autograd: a step's forward and backward ops), and per op name
-    the dtypes of its first output (``first_output_dtypes``)."""
+    order, as a TorchDispatchMode sees them (below autograd: a step's forward and backward ops), per op name
+    the dtypes of its first output (``first_output_dtypes``), and (name, shape) of every tensor output
+    (``outputs``). With ``data_size``, ``data_ops`` lists the non-view ops that read a tensor of at least that
+    many elements (the passes over a batch)."""
+
+    def __init__(self, data_size: int | None = None):
+        self.data_size = data_size
 
     def __enter__(self):
         from torch.utils._python_dispatch import TorchDispatchMode
@@ -197,19 +202,39 @@ class RecordOps:
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 name = str(func.overloadpacket)
                 recorder.ops.append(name)
+                if recorder.data_size is not None and not func.is_view and any(
+                        isinstance(a, torch.Tensor) and a.numel() >= recorder.data_size
+                        for a in (*args, *(kwargs or {}).values())):
+                    recorder.data_ops.append(name)
                 out = func(*args, **(kwargs or {}))
-                first = out[0] if isinstance(out, (tuple, list)) and out else out
-                if isinstance(first, torch.Tensor):
-                    recorder.first_output_dtypes.setdefault(name, set()).add(first.dtype)
+                outs = out if isinstance(out, (tuple, list)) else (out,)
+                if outs and isinstance(outs[0], torch.Tensor):
+                    recorder.first_output_dtypes.setdefault(name, set()).add(outs[0].dtype)
+                recorder.outputs += [(name, tuple(t.shape)) for t in outs if isinstance(t, torch.Tensor)]
                 return out
 
-        self.ops, self.first_output_dtypes = [], {}
+        self.ops, self.first_output_dtypes, self.outputs, self.data_ops = [], {}, [], []
         self._mode = _Mode()
         self._mode.__enter__()
         return self
 
     def __exit__(self, *exc):
         return self._mode.__exit__(*exc)
+
+
+def jvp_lie_derivative_norm2(layer, x, rin, rout):
+    """Σ_k Σ_n ‖(L_k f)(x_n)‖² of a layer f: irreps rin → rout by forward-mode AD, independent of the closed form:
+    (L_k f)(x) = d/dt ρ_out(e^{-tA}) f(ρ_in(e^{tA}) x) |_{t=0} = J_f(x) A_in x − A_out f(x). Run it under the
+    reference backend (forward-mode AD)."""
+    def f(x_flat):
+        return layer(x_flat.reshape(x.shape)).reshape(len(x), rout.dim)
+
+    x_flat = x.reshape(len(x), rin.dim)
+    total = 0.0
+    for k in range(3):
+        fx, jv = torch.func.jvp(f, (x_flat,), (rin.apply_generator(k, x_flat),))
+        total = total + ((jv - rout.apply_generator(k, fx)) ** 2).sum()
+    return total
 
 
 def nbody_inputs(B=3, n=5, seed=0, dtype=torch.float64):
