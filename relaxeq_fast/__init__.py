@@ -9,11 +9,12 @@ The public API, all importable from ``relaxeq_fast`` (see ``__all__``):
 
 - functional ops (:mod:`relaxeq_fast.functional`): ``relaxed_linear``, ``relaxed_params``, ``vn_leaky_relu``,
   ``vn_batch_norm``, ``relaxed_conv2d``, ``InputStats``;
-- layers (:mod:`relaxeq_fast.nn`): ``EquivariantLinear``, ``RelaxedLinear``, ``RelaxedModule``;
+- layers (:mod:`relaxeq_fast.nn`): ``EquivariantLinear``, ``RelaxedLinear``, ``RelaxedModule``,
+  ``RELAX_SPACES`` (the relaxation's space: "full" or "complement"), ``PROJECTION_MODES`` ("drop", "nearest");
 - whole-model helpers (:mod:`relaxeq_fast.vn`): ``relax``, ``project``, ``swap``, ``set_theta``,
   ``model_regularizers``, ``equivariance_error``, ``relaxed_layers``;
 - θ schedules (:mod:`relaxeq_fast.relaxation`): ``ThetaScheduler``, ``make_schedule``, ``SCHEDULES`` and the
-  schedule classes, ``projection_error``;
+  schedule classes, ``projection_error``, ``relaxation_report``;
 - regularisers (:mod:`relaxeq_fast.regularizer`): ``combine_regularizers``, ``relaxation_regularizers``,
   ``lie_derivative_matrices``, ``RegularizerTerms``, ``REDUCTIONS``;
 - representations (:mod:`relaxeq_fast.reps`): ``Irreps``, ``VN``, ``random_rotation``;
@@ -31,12 +32,12 @@ from .regularizer import (REDUCTIONS, RegularizerTerms, combine_regularizers, li
 from .reps import VN, Irreps, random_rotation
 from . import functional, regularizer  # noqa: E402
 from . import nn  # noqa: E402  (after functional: nn builds on it)
-from .nn import EquivariantLinear, RelaxedLinear, RelaxedModule  # noqa: E402
+from .nn import PROJECTION_MODES, RELAX_SPACES, EquivariantLinear, RelaxedLinear, RelaxedModule  # noqa: E402
 from . import vn, models, relaxation, steerable  # noqa: E402
 from .vn import (equivariance_error, model_regularizers, project, relax, relaxed_layers, set_theta,  # noqa: E402
                  swap)
 from .relaxation import (SCHEDULES, Constant, Cosine, HoldThenLinearDecay, ThetaSchedule, ThetaScheduler,  # noqa: E402
-                         Triangle, make_schedule, projection_error)
+                         Triangle, make_schedule, projection_error, relaxation_report)
 
 __version__ = "0.1.0"
 
@@ -54,12 +55,12 @@ __all__ = [
     # functional ops (relaxeq_fast.functional)
     "InputStats", "relaxed_conv2d", "relaxed_linear", "relaxed_params", "vn_batch_norm", "vn_leaky_relu",
     # layers (relaxeq_fast.nn)
-    "EquivariantLinear", "RelaxedLinear", "RelaxedModule",
+    "EquivariantLinear", "RelaxedLinear", "RelaxedModule", "RELAX_SPACES", "PROJECTION_MODES",
     # whole-model helpers (relaxeq_fast.vn)
     "equivariance_error", "model_regularizers", "project", "relax", "relaxed_layers", "set_theta", "swap",
     # θ schedules (relaxeq_fast.relaxation)
     "SCHEDULES", "Constant", "Cosine", "HoldThenLinearDecay", "ThetaSchedule", "ThetaScheduler", "Triangle",
-    "make_schedule", "projection_error",
+    "make_schedule", "projection_error", "relaxation_report",
     # regularisers (relaxeq_fast.regularizer)
     "REDUCTIONS", "RegularizerTerms", "combine_regularizers", "lie_derivative_matrices", "relaxation_regularizers",
     # representations (relaxeq_fast.reps)

@@ -76,6 +76,11 @@ class RelaxedModule:
         "nearest" folds the relaxation's equivariant part θ P_eq(W_r) into them."""
         raise NotImplementedError
 
+    def relaxation_parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(W_eq, W, P_eq W): the equivariant weight, the relaxation weight as the forward applies it (W_r, or its
+        complement) and its equivariant part, as matrices [D_out, D_in] or kernels [O, I, k, k]."""
+        raise NotImplementedError
+
 
 class EquivariantLinear(nn.Module):
     """Equivariant linear map between representations: ``W_eq = ⊕_l (W_l ⊗ I_{2l+1})`` placed by block.
@@ -317,6 +322,11 @@ class RelaxedLinear(EquivariantLinear, RelaxedModule):
                   dtype=ref.dtype, **kwargs)
         out.load_state_dict(layer.state_dict(), strict=False)
         return out
+
+    def relaxation_parts(self):
+        """(W_eq, W, P_eq W) as [D_out, D_in] matrices; see :class:`RelaxedModule`."""
+        W = self.relaxation_weights()[0]
+        return self.equivariant_matrix(), W, self.equivariant_matrix(intertwiner_coefficients(W, self.layout))
 
     @torch.no_grad()
     def project(self, mode: str = "drop") -> EquivariantLinear:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 __all__ = ["ThetaSchedule", "Triangle", "HoldThenLinearDecay", "Constant", "Cosine", "ThetaScheduler",
-           "projection_error", "SCHEDULES", "make_schedule"]
+           "projection_error", "relaxation_report", "SCHEDULES", "make_schedule"]
 
 
 class ThetaSchedule:
@@ -164,3 +164,25 @@ def projection_error(model: nn.Module, inputs, mode: str = "drop") -> float:
     finally:
         model.train(was_training)
     return ((out - ref).norm() / ref.norm().clamp_min(torch.finfo(ref.dtype).tiny)).item()
+
+
+@torch.no_grad()
+def relaxation_report(model: nn.Module) -> list[dict]:
+    """Per relaxed layer of ``model``: how large its relaxation is and how much of it is equivariant (which
+    "drop" projection throws away and "nearest" keeps).
+
+    Returns one dict per layer: ``name`` (module path), ``theta``, ``relative_size`` θ‖W‖/‖W_eq‖ (W the
+    relaxation weight as the forward applies it: W_r, or its complement), ``equivariant_share`` ‖P_eq W‖²/‖W‖²
+    (NaN for W = 0; a random VN W_r has 1/9 in expectation, the complement 0) and ``relax_norm`` ‖W‖.
+    """
+    from .nn import RelaxedModule
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, RelaxedModule):
+            W_eq, W, PW = m.relaxation_parts()
+            w2 = float((W * W).sum())
+            out.append(dict(name=name or type(m).__name__, theta=float(m.theta),
+                            relative_size=float(m.theta) * w2 ** 0.5 / max(float(W_eq.norm()), 1e-300),
+                            equivariant_share=float((PW * PW).sum()) / w2 if w2 > 0 else float("nan"),
+                            relax_norm=w2 ** 0.5))
+    return out

@@ -14,6 +14,7 @@ from relaxeq_fast import Irreps, VN, combine_regularizers, use_backend
 from relaxeq_fast.models import VNPointNet
 from relaxeq_fast.nn import EquivariantLinear, RelaxedLinear, intertwiner_coefficients
 from relaxeq_fast.regularizer import RegularizerTerms
+from relaxeq_fast.relaxation import relaxation_report
 from relaxeq_fast.steerable import FieldType, R2Conv, RelaxedR2Conv, kernel_basis, kernel_defect
 from relaxeq_fast.vn import equivariance_error, model_regularizers, project, relax, set_theta
 
@@ -331,6 +332,28 @@ def test_steerable_nearest_projection(G):
     assert_close_scaled(plain.expand()[0].detach().reshape(-1), E.T @ torch.linalg.solve(E @ E.T, E @ M), 1e-12,
                         "K_near = P_eq(K_eq + θB)")
     R2Conv(tin, tout, 3, dtype=DT).load_state_dict(plain.state_dict(), strict=True)
+
+
+def test_relaxation_report_measures_size_and_equivariant_share():
+    torch.manual_seed(0)
+    model = relax(torch.nn.Sequential(EquivariantLinear(VN(2), VN(3)), R2Conv(*field_types(4), 3)),
+                  relax_init="default", theta=0.5).double()
+    other = EquivariantLinear(VN(2), VN(3), bias=False, dtype=DT)
+    with torch.no_grad():
+        model[0].weight_relax.copy_(other.equivariant_matrix())  # all equivariant
+        model[1].weight_relax.copy_(model[1].expand()[0])  # the layer's own kernel: all equivariant
+    report = relaxation_report(model)
+    assert [r["name"] for r in report] == ["0", "1"]
+    for r, m in zip(report, model):
+        assert abs(r["equivariant_share"] - 1) < 1e-12
+        W_eq = m.equivariant_matrix() if isinstance(m, RelaxedLinear) else m.expand()[0]
+        assert abs(r["relative_size"] - 0.5 * m.weight_relax.norm().item() / W_eq.norm().item()) < 1e-12
+    for m in model:
+        m.relax_space = "complement"  # the same weights seen through the complement: nothing left
+    assert all(r["relax_norm"] < 1e-12 for r in relaxation_report(model))
+    with torch.no_grad():
+        model[0].weight_relax.normal_()
+    assert relaxation_report(model)[0]["equivariant_share"] < 1e-24
 
 
 def test_relax_passes_relax_space_to_every_layer():

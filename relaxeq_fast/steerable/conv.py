@@ -405,6 +405,11 @@ class RelaxedR2Conv(R2Conv, RelaxedModule):
         out.load_state_dict(layer.state_dict(), strict=False)
         return out.train(layer.training)
 
+    def relaxation_parts(self):
+        """(K_eq, B, P_eq B) as [out_dim, in_dim, k, k] kernels; see :class:`~relaxeq_fast.nn.RelaxedModule`."""
+        B = self.relaxation_kernel()
+        return self.expand()[0], B, self.expand(self.basis_coefficients(B))[0]
+
     @torch.no_grad()
     def project(self, mode: str = "drop") -> R2Conv:
         """θ := 0 and B removed: the plain R2Conv with the same coefficients and bias ("drop"), or with
