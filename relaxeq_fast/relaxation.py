@@ -171,8 +171,9 @@ def relaxation_report(model: nn.Module) -> list[dict]:
     """Per relaxed layer of ``model``: how large its relaxation is and how much of it is equivariant (which
     "drop" projection throws away and "nearest" keeps).
 
-    Returns one dict per layer: ``name`` (module path), ``theta``, ``relative_size`` θ‖W‖/‖W_eq‖ (W the
-    relaxation weight as the forward applies it: W_r, or its complement), ``equivariant_share`` ‖P_eq W‖²/‖W‖²
+    Returns one dict per layer: ``name`` (module path), ``theta``, ``relative_size`` ‖W‖/‖W_eq‖ (W the
+    relaxation weight as the forward applies it: W_r, or its complement; the branch is θ times this size),
+    ``equivariant_share`` ‖P_eq W‖²/‖W‖²
     (NaN for W = 0; a random VN W_r has 1/9 in expectation, the complement 0) and ``relax_norm`` ‖W‖.
     """
     from .nn import RelaxedModule
@@ -182,7 +183,7 @@ def relaxation_report(model: nn.Module) -> list[dict]:
             W_eq, W, PW = m.relaxation_parts()
             w2 = float((W * W).sum())
             out.append(dict(name=name or type(m).__name__, theta=float(m.theta),
-                            relative_size=float(m.theta) * w2 ** 0.5 / max(float(W_eq.norm()), 1e-300),
+                            relative_size=w2 ** 0.5 / max(float(W_eq.norm()), 1e-300),
                             equivariant_share=float((PW * PW).sum()) / w2 if w2 > 0 else float("nan"),
                             relax_norm=w2 ** 0.5))
     return out

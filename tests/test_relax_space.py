@@ -347,7 +347,8 @@ def test_relaxation_report_measures_size_and_equivariant_share():
     for r, m in zip(report, model):
         assert abs(r["equivariant_share"] - 1) < 1e-12
         W_eq = m.equivariant_matrix() if isinstance(m, RelaxedLinear) else m.expand()[0]
-        assert abs(r["relative_size"] - 0.5 * m.weight_relax.norm().item() / W_eq.norm().item()) < 1e-12
+        assert abs(r["relative_size"] - m.weight_relax.norm().item() / W_eq.norm().item()) < 1e-12
+        assert r["theta"] == 0.5
     for m in model:
         m.relax_space = "complement"  # the same weights seen through the complement: nothing left
     assert all(r["relax_norm"] < 1e-12 for r in relaxation_report(model))

@@ -6,6 +6,8 @@ import json
 import math
 import os
 import re
+import subprocess
+import sys
 import traceback
 
 import pytest
@@ -521,6 +523,29 @@ def test_complement_relaxation_with_layer_mean_trains_and_ends_projected(tmp_pat
     saved = torch.load(os.path.join(run_dir, "model_projected.pt"), weights_only=False)
     plain = T.build_model(T.TrainConfig(**{**saved["config"], "plain": True}), num_classes=len(saved["class_names"]))
     plain.load_state_dict(saved["model"], strict=True)
+
+
+def test_relaxation_report_script_on_a_run(full_run):
+    """scripts/relaxation_report.py: the equivariant share of each VN layer's W_r in the last checkpoint, against
+    block traces computed here."""
+    run_dir, _ = full_run
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join(root, "scripts", "relaxation_report.py"), run_dir],
+                         capture_output=True, text=True, check=True).stdout
+    state = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)["model"]
+    total = share = 0.0
+    for name, W in state.items():
+        if name.endswith("weight_relax"):
+            W = W.double()
+            blocks = W.reshape(W.shape[0] // 3, 3, W.shape[1] // 3, 3)
+            traces = blocks.diagonal(dim1=1, dim2=3).sum(-1)  # P_eq keeps (tr / 3) I per block: energy tr² / 3
+            total += float((W * W).sum())
+            share += float((traces ** 2).sum() / 3)
+            layer = name[:-len(".weight_relax")]
+            row = next(x for x in out.splitlines() if x.startswith(f"| {layer} |"))
+            assert float(row.split("|")[3]) == pytest.approx(float((traces ** 2).sum() / 3 / (W * W).sum()), abs=1e-3)
+    assert total > 0
+    assert f"(energy-weighted): {share / total:.3f}" in out
 
 
 def test_validation_split_is_carved_from_training_data():
