@@ -222,6 +222,8 @@ class RelaxedLinear(EquivariantLinear, RelaxedModule):
     Shapes: x [..., *irreps_in.feature_shape] → y [..., *irreps_out.feature_shape].
     """
 
+    relax_space = "full"  # what layers pickled before relax_space existed read
+
     def __init__(self, irreps_in, irreps_out, bias: bool = True, relax_bias: bool = True,
                  relax_init: str = "zeros", theta: float = 1.0, track_stats: bool = True,
                  backend: Optional[str] = None, relax_space: str = "full", device=None, dtype=None):

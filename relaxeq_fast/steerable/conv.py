@@ -323,6 +323,8 @@ class RelaxedR2Conv(R2Conv, RelaxedModule):
     [out_type.dim, in_type.dim, k, k].
     """
 
+    relax_space = "full"  # what layers pickled before relax_space existed read
+
     def __init__(self, in_type: FieldType, out_type: FieldType, kernel_size: int, padding: Optional[int] = None,
                  bias: bool = True, max_frequency: Optional[int] = None, relax_init: str = "zeros",
                  theta: float = 1.0, track_defect: bool = True, backend: Optional[str] = None,
