@@ -348,6 +348,7 @@ def _plot(out_dir: str, rows: list[dict], groups: list[dict], title: str) -> Opt
     name = METRIC_NAMES[study_metric(rows)]
     a1.set(xscale="log", xlabel="learning rate", ylabel=f"projected test {name} (last epoch)",
            title=f"{name} against lr (mean ± std over seeds)")
+    colors: dict[tuple, str] = {}  # the relaxed groups' colours, reused by the projection-error panel
     curves: dict[tuple, list[list[float]]] = {}
     for r in rows:
         if r.get("curve"):
@@ -362,6 +363,7 @@ def _plot(out_dir: str, rows: list[dict], groups: list[dict], title: str) -> Opt
                         label=f"{method} lr {lr:g}" + (f" {axes}" if axes else ""))
         a2.fill_between(ep, [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)], alpha=0.15,
                         color=line.get_color())
+        colors[(method, lr, axes)] = line.get_color()
     a2.set(xlabel="epoch", ylabel=f"projected test {name}", title="per epoch (mean ± std over seeds)")
     errors: dict[tuple, list[list[float]]] = {}
     for r in rows:
@@ -372,9 +374,9 @@ def _plot(out_dir: str, rows: list[dict], groups: list[dict], title: str) -> Opt
         # geometric mean over seeds: the errors span decades, and are exactly 0 at θ = 0
         ep = [i + 1 for i in range(n) if all(c[i] > 0 for c in cs)]
         a3.plot(ep, [math.exp(sum(math.log(c[i - 1]) for c in cs) / len(cs)) for i in ep],
-                label=f"lr {lr:g}" + (f" {axes}" if axes else ""))
+                label=f"lr {lr:g}" + (f" {axes}" if axes else ""), color=colors.get(("relaxed", lr, axes)))
     a3.set(xlabel="epoch", ylabel="‖f_θ − f_proj‖ / ‖f_proj‖", yscale="log",
-           title="projection error of the relaxed runs (geometric mean over seeds)")
+           title="relaxed runs' projection error (geometric mean)")
     if name == "MSE":
         a1.set_yscale("log"), a2.set_yscale("log")
     for a in (a1, a2, a3):
