@@ -7,32 +7,24 @@ from relaxeq_fast.nn import EquivariantLinear, RelaxedLinear
 from relaxeq_fast.regularizer import (RegularizerTerms, grouped_relaxation_regularizers, lie_derivative_matrices,
                                       relaxation_regularizers)
 
-from testing import assert_close_scaled, jvp_lie_derivative_norm2
+from testing import assert_close_scaled, jvp_lie_derivative_norm2, relaxed_layer, rep_features
 
 REP_PAIRS = [
     (VN(4), VN(6)),
     (Irreps("2x0+1x1+1x2+1x3"), Irreps("1x0+2x1+1x2+2x3")),
     (Irreps("3x2"), Irreps("1x0+1x2")),
+    (Irreps("2x0e+1x0o+2x1o+1x1e+1x2e+1x3o"), Irreps("1x0e+1x0o+1x1o+2x1e+1x2o+2x3o")),  # O(3): parities
 ]
-IDS = ["vn", "irreps_l0-3", "irreps_l2"]
+IDS = ["vn", "irreps_l0-3", "irreps_l2", "o3_parity"]
 
 
-def relaxed_layer(rin, rout, theta=0.7, seed=0):
-    torch.manual_seed(seed)
-    layer = RelaxedLinear(rin, rout, relax_init="default", theta=theta, dtype=torch.float64)
-    with torch.no_grad():
-        layer.bias_relax.normal_()
-    return layer
+features = rep_features
 
 
-def features(rep, n, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, *rep.feature_shape, dtype=torch.float64, generator=g) + 0.3
-
-
+@pytest.mark.parametrize("relax_space", ["full", "complement"])
 @pytest.mark.parametrize("rin,rout", REP_PAIRS, ids=IDS)
-def test_closed_form_lie_derivative_equals_jvp(rin, rout):
-    layer = relaxed_layer(rin, rout)
+def test_closed_form_lie_derivative_equals_jvp(rin, rout, relax_space):
+    layer = relaxed_layer(rin, rout, relax_space=relax_space)
     x = features(rin, 50)
     layer.train()
     with use_backend("reference"):  # jvp needs forward-mode AD, which the pure-PyTorch path has
@@ -42,6 +34,11 @@ def test_closed_form_lie_derivative_equals_jvp(rin, rout):
     theta = float(layer.theta)
     assert terms.lie_derivative.item() > 1e-3, "test must exercise a non-equivariant branch"
     assert_close_scaled(theta ** 2 * terms.lie_derivative, total, 1e-10, "θ² R_LD vs jvp")
+    # R_N is the branch as applied: Σ ‖W x + b‖² = ‖f_θ − f_drop‖² / θ² (drop: the projection), W the
+    # relaxation weight of the forward (W_r, or its complement)
+    with torch.no_grad():
+        branch = layer(x) - layer.project("drop")(x)
+    assert_close_scaled(theta ** 2 * terms.projection, (branch ** 2).sum(), 1e-10, "θ² R_N vs branch")
 
 
 @pytest.mark.parametrize("rin,rout", REP_PAIRS, ids=IDS)

@@ -2,7 +2,8 @@
 (relax_space="complement"), the nearest-equivariant projection (project(mode="nearest")) and the per-layer
 "layer_mean" reduction — against independent references (null spaces of the commutation constraints, least
 squares on the dense steerable basis) and mathematical properties (idempotence, self-adjointness,
-equivariance, R_LD against jvp, nearness in the data norm for group-closed batches)."""
+equivariance, nearness in the data norm for group-closed batches). R_LD and R_N of the complement against jvp
+and the branch itself: tests/test_regularizer.py."""
 import copy
 import itertools
 import math
@@ -10,7 +11,7 @@ import math
 import pytest
 import torch
 
-from relaxeq_fast import Irreps, VN, combine_regularizers, use_backend
+from relaxeq_fast import Irreps, VN, combine_regularizers
 from relaxeq_fast.models import VNPointNet
 from relaxeq_fast.nn import EquivariantLinear, RelaxedLinear, intertwiner_coefficients
 from relaxeq_fast.regularizer import RegularizerTerms
@@ -18,7 +19,7 @@ from relaxeq_fast.relaxation import relaxation_report
 from relaxeq_fast.steerable import FieldType, R2Conv, RelaxedR2Conv, kernel_basis, kernel_defect
 from relaxeq_fast.vn import equivariance_error, model_regularizers, project, relax, set_theta
 
-from testing import RecordOps, assert_close_scaled, jvp_lie_derivative_norm2
+from testing import RecordOps, assert_close_scaled, relaxed_layer, rep_features
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 DT = torch.float64
@@ -117,16 +118,10 @@ def test_steerable_projection_is_least_squares_on_the_basis(G):
 # ---- complement parametrisation ----------------------------------------------------------------------------
 
 def relaxed(rin, rout, space, theta=0.7, seed=0):
-    torch.manual_seed(seed)
-    layer = RelaxedLinear(rin, rout, relax_init="default", relax_space=space, theta=theta, dtype=DT)
-    with torch.no_grad():
-        layer.bias_relax.normal_()
-    return layer
+    return relaxed_layer(rin, rout, theta=theta, seed=seed, relax_space=space)
 
 
-def features(rep, n, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, *rep.feature_shape, dtype=DT, generator=g) + 0.3
+features = rep_features
 
 
 @pytest.mark.parametrize("rin,rout", REP_PAIRS, ids=IDS)
@@ -145,23 +140,6 @@ def test_complement_forward_is_equivariant_part_plus_theta_times_the_complement(
     b_eq = layer.equivariant_bias() if layer.bias is not None else 0
     want = xf @ (layer.equivariant_matrix() + layer.theta * W_c).T + b_eq + layer.theta * b_c
     assert_close_scaled(layer(x).reshape(len(x), rout.dim), want.detach(), 1e-12, "complement forward")
-
-
-@pytest.mark.parametrize("rin,rout", REP_PAIRS, ids=IDS)
-def test_complement_lie_derivative_equals_jvp(rin, rout):
-    layer = relaxed(rin, rout, "complement")
-    x = features(rin, 40)
-    layer.train()
-    with use_backend("reference"):  # jvp needs forward-mode AD, which the pure-PyTorch path has
-        layer(x)
-        terms = layer.regularizers()
-        total = jvp_lie_derivative_norm2(layer, x, rin, rout)
-    assert terms.lie_derivative.item() > 1e-3
-    assert_close_scaled(layer.theta ** 2 * terms.lie_derivative, total, 1e-10, "θ² R_LD vs jvp")
-    # R_N is the branch as applied: Σ ‖W_c x + b_c‖² = ‖f_θ − f_drop‖² / θ² (drop = the projection)
-    with torch.no_grad():
-        branch = layer(x) - layer.project("drop")(x)
-    assert_close_scaled(layer.theta ** 2 * terms.projection, (branch ** 2).sum(), 1e-10, "θ² R_N vs branch")
 
 
 @pytest.mark.parametrize("rin,rout", REP_PAIRS, ids=IDS)

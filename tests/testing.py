@@ -222,6 +222,22 @@ class RecordOps:
         return self._mode.__exit__(*exc)
 
 
+def relaxed_layer(rin, rout, theta=0.7, seed=0, relax_space="full"):
+    """A float64 RelaxedLinear rin → rout with a random W_r (nn.Linear's init) and a random b_r."""
+    from relaxeq_fast.nn import RelaxedLinear
+    torch.manual_seed(seed)
+    layer = RelaxedLinear(rin, rout, relax_init="default", relax_space=relax_space, theta=theta, dtype=torch.float64)
+    with torch.no_grad():
+        layer.bias_relax.normal_()
+    return layer
+
+
+def rep_features(rep, n, seed=1):
+    """n float64 features [n, *rep.feature_shape], off-centre (mean 0.3) so the bias terms matter."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *rep.feature_shape, dtype=torch.float64, generator=g) + 0.3
+
+
 def jvp_lie_derivative_norm2(layer, x, rin, rout):
     """Σ_k Σ_n ‖(L_k f)(x_n)‖² of a layer f: irreps rin → rout by forward-mode AD, independent of the closed form:
     (L_k f)(x) = d/dt ρ_out(e^{-tA}) f(ρ_in(e^{tA}) x) |_{t=0} = J_f(x) A_in x − A_out f(x). Run it under the
