@@ -91,8 +91,7 @@ def from_e3nn_linear(lin: nn.Module) -> EquivariantLinear:
     _check_is(layer.equivariant_matrix().double(), A, f"from_e3nn_linear: {lin} is not ⊕ (w ⊗ I) over equal "
               "(l, parity) blocks")
     if layer.bias is not None:
-        starts = [(s, m) for i, (s, _e, m, _l) in enumerate(irreps_out.slices()) if irreps_out.is_invariant(i)]
-        layer.bias.copy_(torch.cat([b[s:s + m] for s, m in starts]))
+        layer.bias.copy_(layer.invariant_part(b))
     _check_is(layer.equivariant_bias().double() if layer.bias is not None else b.new_zeros(b.shape), b,
               f"from_e3nn_linear: {lin} has a bias outside the invariant scalar outputs")
     return layer.train(lin.training)
