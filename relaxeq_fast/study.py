@@ -224,15 +224,16 @@ def _read_run(run: Run, run_dir: str) -> dict:
         failed = test < 2 / s["num_classes"]  # below twice chance
     else:  # no better than predicting that nothing moves (or not finite)
         failed = not test < s.get("test_mse_static", math.inf)
+    # θ peaks at mid-training (triangle) or holds its peak until then (hold_linear): the epoch where the
+    # relaxation can help or hinder optimisation most
+    mid = history[(len(history) - 1) // 2]
     row.update({"metric": m, f"test_{m}_projected": test, "best_epoch": s.get("best_epoch"),
                 f"best_test_{m}_projected": s.get(f"best_test_{m}_projected"),
                 f"best_val_{m}_projected": s.get(f"best_val_{m}_projected"),
                 f"val_{m}_projected": history[-1].get(f"val_{m}_projected", float("nan")),
-                # θ peaks at mid-training (triangle) or holds its peak until then (hold_linear): the epoch
-                # where the relaxation can help or hinder optimisation most
-                f"mid_train_{m}": history[(len(history) - 1) // 2][f"train_{m}"],
+                f"mid_train_{m}": mid[f"train_{m}"],
                 # ‖f_θ − f_projected‖ / ‖f_projected‖ there: how much the model leans on the relaxation
-                "mid_projection_error": history[(len(history) - 1) // 2]["projection_error"],
+                "mid_projection_error": mid["projection_error"],
                 f"final_train_{m}": history[-1][f"train_{m}"], "seconds": s["seconds"], "failed": failed})
     row["curve"] = [h[f"test_{m}_projected"] for h in history]
     row["projection_curve"] = [h["projection_error"] for h in history]
