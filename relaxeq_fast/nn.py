@@ -20,10 +20,10 @@ RELAX_SPACES = ("full", "complement")
 PROJECTION_MODES = ("drop", "nearest")
 
 
-def check_choice(value, choices, name: str):
-    """``value`` if it is one of ``choices``, else a ValueError naming ``name``."""
+def check_choice(value, choices, name: str, error: type = ValueError):
+    """``value`` if it is one of ``choices``, else ``error`` (a ValueError subclass) naming ``name``."""
     if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+        raise error(f"{name} must be one of {list(choices)}, got {value!r}")
     return value
 
 

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from ..models import RELAXED_MAPS
-from ..nn import PROJECTION_MODES, RELAX_SPACES
+from ..nn import PROJECTION_MODES, RELAX_SPACES, check_choice
 from ..regularizer import REDUCTIONS
 from ..relaxation import SCHEDULES
 
@@ -158,14 +158,17 @@ def _fail(msg: str):
     raise ConfigError(msg)
 
 
+def _check_choice(cfg: TrainConfig, field: str, choices):
+    """A ConfigError naming the flag (--relax-space for relax_space) unless ``cfg.<field>`` is in ``choices``."""
+    check_choice(getattr(cfg, field), choices, "--" + field.replace("_", "-"), ConfigError)
+
+
 def validate(cfg: TrainConfig, world: int = 1) -> None:
     """One-line ConfigError for anything that cannot work, before any data or model is built."""
     from ..data import DATASETS as CLASSIFICATION_DATASETS
     datasets = CLASSIFICATION_DATASETS + GRAPH_DATASETS
-    if cfg.model not in MODELS:
-        _fail(f"--model must be one of {list(MODELS)}, got {cfg.model!r}")
-    if cfg.dataset not in datasets:
-        _fail(f"--dataset must be one of {list(datasets)}, got {cfg.dataset!r}")
+    _check_choice(cfg, "model", MODELS)
+    _check_choice(cfg, "dataset", datasets)
     if cfg.dataset in IMAGE_DATASETS and cfg.model in POINT_MODELS:
         _fail(f"--model {cfg.model} takes point clouds; {cfg.dataset} is an image dataset")
     graphs = cfg.model in GRAPH_MODELS
@@ -195,8 +198,7 @@ def validate(cfg: TrainConfig, world: int = 1) -> None:
         if not os.path.exists(cfg.data_root):
             _fail(f"--data-root {cfg.data_root} does not exist")
     for name in ("train_rotation", "test_rotation"):
-        if getattr(cfg, name) not in ROTATIONS:
-            _fail(f"--{name.replace('_', '-')} must be one of {list(ROTATIONS)}, got {getattr(cfg, name)!r}")
+        _check_choice(cfg, name, ROTATIONS)
     points = cfg.model in POINT_MODELS
     for name in ("epochs", "batch_size", "eval_batch_size") + (("num_points", "k") if points else ()):
         v = getattr(cfg, name)
@@ -219,8 +221,7 @@ def validate(cfg: TrainConfig, world: int = 1) -> None:
             _fail(f"--{name.replace('_', '-')} must be in [0, 1), got {v!r}")
     if cfg.relax_lr not in ("same", "theta"):
         _fail(f"--relax-lr must be 'same' or 'theta', got {cfg.relax_lr!r}")
-    if cfg.relaxed_maps not in RELAXED_MAPS:
-        _fail(f"--relaxed-maps must be one of {list(RELAXED_MAPS)}, got {cfg.relaxed_maps!r}")
+    _check_choice(cfg, "relaxed_maps", RELAXED_MAPS)
     if cfg.optimizer not in ("adam", "sgd"):
         _fail(f"--optimizer must be 'adam' or 'sgd', got {cfg.optimizer!r}")
     if cfg.lr_schedule not in ("step", "cosine", "none"):
@@ -229,16 +230,12 @@ def validate(cfg: TrainConfig, world: int = 1) -> None:
         v = getattr(cfg, name)
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= (0 if name != "lr" else 1e-300)):
             _fail(f"--{name.replace('_', '-')} must be a finite number {'> 0' if name == 'lr' else '>= 0'}, got {v!r}")
-    if cfg.theta_schedule not in SCHEDULES:
-        _fail(f"--theta-schedule must be one of {sorted(SCHEDULES)}, got {cfg.theta_schedule!r}")
+    _check_choice(cfg, "theta_schedule", sorted(SCHEDULES))
     if cfg.theta_unit not in ("step", "epoch"):
         _fail(f"--theta-unit must be 'step' or 'epoch', got {cfg.theta_unit!r}")
-    if cfg.reduction not in REDUCTIONS:
-        _fail(f"--reduction must be one of {list(REDUCTIONS)}, got {cfg.reduction!r}")
-    if cfg.relax_space not in RELAX_SPACES:
-        _fail(f"--relax-space must be one of {list(RELAX_SPACES)}, got {cfg.relax_space!r}")
-    if cfg.projection not in PROJECTION_MODES:
-        _fail(f"--projection must be one of {list(PROJECTION_MODES)}, got {cfg.projection!r}")
+    _check_choice(cfg, "reduction", REDUCTIONS)
+    _check_choice(cfg, "relax_space", RELAX_SPACES)
+    _check_choice(cfg, "projection", PROJECTION_MODES)
     if cfg.relax_init not in ("zeros", "default"):
         _fail(f"--relax-init must be 'zeros' or 'default', got {cfg.relax_init!r}")
     if cfg.device not in ("cpu", "cuda") and not cfg.device.startswith("cuda:"):
@@ -246,8 +243,8 @@ def validate(cfg: TrainConfig, world: int = 1) -> None:
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         _fail(f"--device {cfg.device}: torch sees no CUDA GPU on this machine")
     from ..backend import BACKENDS
-    if cfg.backend is not None and cfg.backend not in BACKENDS:
-        _fail(f"--backend must be one of {list(BACKENDS)}, got {cfg.backend!r}")
+    if cfg.backend is not None:
+        _check_choice(cfg, "backend", BACKENDS)
     if cfg.dtype not in ("float32", "float64"):
         _fail(f"--dtype must be 'float32' or 'float64', got {cfg.dtype!r}")
     if cfg.clip_grad_norm is not None and not (math.isfinite(cfg.clip_grad_norm) and cfg.clip_grad_norm > 0):
@@ -255,16 +252,14 @@ def validate(cfg: TrainConfig, world: int = 1) -> None:
     if cfg.threads is not None and cfg.threads < 1:
         _fail(f"--threads must be >= 1, got {cfg.threads}")
     if cfg.amp is not None:
-        if cfg.amp not in AMP_DTYPES:
-            _fail(f"--amp must be one of {list(AMP_DTYPES)}, got {cfg.amp!r}")
+        _check_choice(cfg, "amp", AMP_DTYPES)
         if cfg.dtype != "float32":
             _fail(f"--amp needs --dtype float32 (autocast never lowers float64), got --dtype {cfg.dtype}")
         if cfg.amp == "fp16" and not cfg.device.startswith("cuda"):
             _fail("--amp fp16 needs --device cuda (float16 training needs a grad scaler, a CUDA recipe); "
                   "on CPU use --amp bf16")
     if cfg.compile is not None:
-        if cfg.compile not in COMPILE_MODES:
-            _fail(f"--compile must be one of {list(COMPILE_MODES)}, got {cfg.compile!r}")
+        _check_choice(cfg, "compile", COMPILE_MODES)
         if world > 1:
             _fail("--compile is single-process for now: under torchrun drop --compile")
 
