@@ -1,11 +1,11 @@
-"""The relaxed E(n)-GNN (relaxeq_fast.egnn): the layer against the EGNN-vel equations written out here, E(3)
+"""The relaxed E(n)-GNN (relaxeq_fast.models.egnn): the layer against the EGNN-vel equations written out here, E(3)
 equivariance at θ = 0 and after projection (float64), broken by a random relaxation, its regulariser, and
 a few training steps on N-body trajectories."""
 import pytest
 import torch
 
 from relaxeq_fast.data import nbody
-from relaxeq_fast.egnn import EGNN
+from relaxeq_fast.models.egnn import EGNN
 from relaxeq_fast.regularizer import combine_regularizers
 from testing import assert_projection_is_the_model_at_theta_zero, e3_error, nbody_inputs
 from relaxeq_fast.vn import model_regularizers, set_theta

@@ -1,4 +1,4 @@
-"""The relaxed SEGNN (relaxeq_fast.segnn): weight-balanced irreps, the attributes and one layer against the
+"""The relaxed SEGNN (relaxeq_fast.models.segnn): weight-balanced irreps, the attributes and one layer against the
 equations written out with loops, O(3)/E(3) equivariance at θ = 0 and after projection (float64), broken by
 a random relaxation, the projected state_dict in the plain model, the regulariser, and a few training steps
 on N-body trajectories."""
@@ -15,7 +15,7 @@ from relaxeq_fast.data import nbody  # noqa: E402
 from relaxeq_fast.nn import EquivariantLinear  # noqa: E402
 from relaxeq_fast.regularizer import combine_regularizers  # noqa: E402
 from testing import assert_projection_is_the_model_at_theta_zero, e3_error, nbody_inputs  # noqa: E402
-from relaxeq_fast.segnn import SEGNN, balanced_irreps, fully_connected_edges, tp_path_count  # noqa: E402
+from relaxeq_fast.models.segnn import SEGNN, balanced_irreps, fully_connected_edges, tp_path_count  # noqa: E402
 from relaxeq_fast.vn import model_regularizers, project, relaxed_layers, set_theta  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -55,8 +55,8 @@ import math
 import torch
 import torch.nn as nn
 
-from .nn import EquivariantLinear, RelaxedLinear
-from .reps import MAX_L
+from ..nn import EquivariantLinear, RelaxedLinear
+from ..reps import MAX_L
 
 __all__ = ["SEGNN", "SEGNNLayer", "SteerableLayer", "GatedSteerableLayer", "balanced_irreps", "tp_path_count",
            "fully_connected_edges"]
@@ -179,7 +179,7 @@ class SEGNNLayer(nn.Module):
     def __init__(self, hidden_irreps, attr_irreps, relaxed: bool = False, **relax_kwargs):
         super().__init__()
         o3, _ = _e3nn()
-        from .interop_e3nn import irreps_from_e3nn
+        from ..interop_e3nn import irreps_from_e3nn
         hidden, attr = o3.Irreps(hidden_irreps), o3.Irreps(attr_irreps)
         self.message1 = GatedSteerableLayer(hidden + hidden + o3.Irreps("2x0e"), attr, hidden)
         self.message2 = GatedSteerableLayer(hidden, attr, hidden)

@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .nn import EquivariantLinear, RelaxedLinear
-from .reps import VN
+from ..nn import EquivariantLinear, RelaxedLinear
+from ..reps import VN
 
 __all__ = ["EGNN", "EGNNLayer"]
 
