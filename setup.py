@@ -162,9 +162,9 @@ def _extensions():
                          extra_link_args=["-fopenmp"])]
 
 
-_EXTRAS = {"train": ["matplotlib"], "data": ["h5py"], "e3nn": ["e3nn>=0.5"],
+_EXTRAS = {"train": ["matplotlib"], "data": ["h5py"], "e3nn": ["e3nn>=0.5"], "flow": ["phiflow>=3.4,<4"],
            "bench": ["matplotlib", "pytest", "pytest-benchmark"],
-           "test": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib", "h5py", "e3nn>=0.5"]}
+           "test": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib", "h5py", "e3nn>=0.5", "phiflow>=3.4,<4"]}
 _EXTRAS["all"] = sorted({req for reqs in _EXTRAS.values() for req in reqs})
 
 setup(

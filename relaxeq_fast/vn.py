@@ -271,15 +271,15 @@ def _convert_modules(model: nn.Module, convert) -> nn.Module:
 
 
 def _relaxed_twins():
-    """(plain class, relaxed class) pairs that :func:`relax` converts."""
-    from .steerable import R2Conv, RelaxedR2Conv
-    return ((EquivariantLinear, RelaxedLinear), (R2Conv, RelaxedR2Conv))
+    """(plain class, relaxed class) pairs that :func:`relax` converts, subclasses before their bases."""
+    from .steerable import R2Conv, RelaxedR2Conv, RelaxedRSteerConv, RSteerConv
+    return ((EquivariantLinear, RelaxedLinear), (RSteerConv, RelaxedRSteerConv), (R2Conv, RelaxedR2Conv))
 
 
 def relax(model: nn.Module, **relaxed_kwargs) -> nn.Module:
-    """Every EquivariantLinear (→ RelaxedLinear) and steerable R2Conv (→ RelaxedR2Conv) in ``model``
-    (not under a module with ``relaxable = False``, such as VNMaxPool) is relaxed with the same
-    weights; outputs unchanged at θ = 0 and at the default zero relaxation init. ``relaxed_kwargs``
+    """Every EquivariantLinear (→ RelaxedLinear) and steerable R2Conv (→ RelaxedR2Conv; RSteerConv →
+    RelaxedRSteerConv) in ``model`` (not under a module with ``relaxable = False``, such as VNMaxPool) is
+    relaxed with the same weights; outputs unchanged at θ = 0 and at the default zero relaxation init. ``relaxed_kwargs``
     go to every relaxed layer (theta, relax_init, relax_space and backend are common to both). Modifies and
     returns ``model``."""
     twins = _relaxed_twins()

@@ -29,3 +29,14 @@ def single_thread():
     time forking than computing. Restored afterwards by _restore_thread_count."""
     torch.set_num_threads(1)
     yield
+
+
+@pytest.fixture(scope="session")
+def smoke_cache(tmp_path_factory):
+    """A cache directory holding the "tiny" smoke-plume set (simulated once per session, ~15 s with PhiFlow);
+    skips the test when PhiFlow is not installed."""
+    pytest.importorskip("phi", reason="the smoke plumes are simulated with PhiFlow: pip install 'relaxeq_fast[flow]'")
+    from relaxeq_fast.data.smoke import load_smoke
+    cache = str(tmp_path_factory.mktemp("smoke_cache"))
+    load_smoke("tiny", cache_dir=cache, progress=False)
+    return cache

@@ -1,5 +1,4 @@
 """The training CLI: run outputs, exact resume, non-finite loss handling, config errors, torchrun DDP."""
-import csv
 import dataclasses
 import hashlib
 import json
@@ -18,7 +17,7 @@ from relaxeq_fast import train as T
 from relaxeq_fast.train import loop
 from relaxeq_fast.relaxation import make_schedule
 from relaxeq_fast.vn import relaxed_layers
-from testing import torchrun_train
+from testing import run_metrics as _metrics, torchrun_train, train_run as _run
 
 # tiny but complete: every layer of VN-PointNet runs, θ goes through its schedule to 0
 TINY = ["--dataset", "shapes", "--n-train", "64", "--n-test", "28", "--num-points", "32", "--k", "6",
@@ -29,19 +28,6 @@ TINY = ["--dataset", "shapes", "--n-train", "64", "--n-test", "28", "--num-point
 # the first step (the paper's per-epoch triangle holds θ = 0 through a 3-epoch run's first epoch)
 FULL = ["--augment", "scale,shift,jitter", "--lr-schedule", "cosine", "--theta-schedule", "hold_linear",
         "--theta-unit", "step"]
-
-
-def _metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.csv")) as f:
-        rows = list(csv.DictReader(f))
-    for r in rows:
-        r.pop("epoch_seconds")  # wall time: the only column that may differ between runs
-    return rows
-
-
-def _run(argv):
-    cfg, resume, stop_after = T.parse_args(argv)
-    return T.train(cfg, resume=resume, stop_after=stop_after)
 
 
 @pytest.fixture(scope="module")
@@ -551,8 +537,8 @@ def test_relaxation_report_script_on_a_run(full_run):
 def test_validation_split_is_carved_from_training_data():
     from relaxeq_fast.train.build import _load_data
     cfg = T.TrainConfig(n_train=64, n_test=28, num_points=32, k=6, val_fraction=0.25).resolved()
-    train, val, test = _load_data(cfg)
-    full, _, _ = _load_data(dataclasses.replace(cfg, val_fraction=0.0))
+    train, val, test, _ = _load_data(cfg)
+    full, _, _, _ = _load_data(dataclasses.replace(cfg, val_fraction=0.0))
     assert len(train.y) == 48 and len(val.y) == 16 and len(full.y) == 64
     # the training samples are a subset of the full training set, and none of them is held out
     full_rows = {tuple(x.flatten().tolist()) for x in full.x}

@@ -13,6 +13,7 @@ from relaxeq_fast import train as T
 from relaxeq_fast.data import nbody
 from relaxeq_fast.reps import random_rotation
 from relaxeq_fast.train import build, loop, task
+from testing import run_metrics as _metrics, train_run as _run
 
 # a tiny simulated task: 48 / 16 / 16 systems, frames 2 → 4 (200 integration steps), so generation is fast
 SMALL_SIZES = {"train": 48, "val": 16, "test": 16}
@@ -43,19 +44,6 @@ def subprocess_cache(small_task, tmp_path_factory):
         path = nbody.cache_path(0, cache)
     torch.save({name: s._asdict() for name, s in zip(("train", "val", "test"), splits)}, path)
     return cache, splits
-
-
-def _run(argv):
-    cfg, resume, stop_after = T.parse_args(argv)
-    return T.train(cfg, resume=resume, stop_after=stop_after)
-
-
-def _metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.csv")) as f:
-        rows = list(csv.DictReader(f))
-    for r in rows:
-        r.pop("epoch_seconds")
-    return rows
 
 
 @pytest.fixture(scope="module")

@@ -295,3 +295,20 @@ def assert_projection_is_the_model_at_theta_zero(model, loc, vel, q):
     assert not any(isinstance(m, RelaxedLinear) for m in plain.modules())
     assert (plain(loc, vel, q) - at_zero).abs().max() < 1e-12
     assert e3_error(plain, loc, vel, q) < 1e-10
+
+
+def train_run(argv):
+    """relaxeq-train's argv run in this process (``--resume`` and ``--stop-after`` honoured); its summary."""
+    from relaxeq_fast import train as T
+    cfg, resume, stop_after = T.parse_args(argv)
+    return T.train(cfg, resume=resume, stop_after=stop_after)
+
+
+def run_metrics(run_dir):
+    """A run's metrics.csv rows without the wall time, the only column that may differ between runs."""
+    import csv
+    with open(os.path.join(run_dir, "metrics.csv")) as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r.pop("epoch_seconds")
+    return rows

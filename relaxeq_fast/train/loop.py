@@ -19,16 +19,17 @@ from ..relaxation import ThetaScheduler, make_schedule, projection_error
 from ..vn import model_regularizers, project, relaxed_layers
 from .build import _load_data, augment_batch, build_model
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import AMP_DTYPES, NonFiniteLossError, TrainConfig, _fail, validate
+from .config import AMP_DTYPES, EXTRA_TESTS, NonFiniteLossError, TrainConfig, _fail, validate
 from ..progress import progress
-from .report import _write_metrics, plot_history
-from .task import CLASSIFICATION, Task, final_equivariance_error, task_of
+from .report import _write_metrics, plot_forecast, plot_history
+from .task import CLASSIFICATION, Task, final_equivariance_error, persistence_rmse, task_of
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, device,
              task: Task = CLASSIFICATION) -> float:
-    """The task's metric in eval mode (accuracy; the mean per-system MSE for N-body) over x [N, ...], y [N, ...];
-    every rank evaluates its strided share and the sums are added."""
+    """The task's metric in eval mode (accuracy; the mean per-system MSE for N-body; the RMSE of the rolled-out
+    forecasts for the smoke plumes) over x [N, ...], y [N, ...]; every rank evaluates its strided share and the
+    sums are added."""
     was_training = model.training
     model.eval()
     r, w = D.rank(), D.world_size()
@@ -36,12 +37,13 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     idx = torch.arange(r, len(y), w)
     for i in range(0, len(idx), batch_size):
         b = idx[i:i + batch_size]
-        out = model(*task.inputs(x[b].to(device)))
-        total += torch.tensor([task.metric_sum(out, y[b].to(device)).item(), len(b)], dtype=torch.float64)
+        yb = y[b].to(device)
+        out = model(*task.inputs(x[b].to(device), yb))
+        total += torch.tensor([task.metric_sum(out, yb).item(), len(b)], dtype=torch.float64)
     if D.is_distributed():
         torch.distributed.all_reduce(total)
     model.train(was_training)
-    return (total[0] / total[1]).item()
+    return task.finish((total[0] / total[1]).item())
 
 
 PROGRESS_EVERY = 10  # steps between reads of the running numbers for the progress bar
@@ -51,13 +53,16 @@ def forward_loss(net: nn.Module, model: nn.Module, x: torch.Tensor, y: torch.Ten
                  theta_buffer: Optional[torch.Tensor]):
     """The part of a step that ``--compile`` compiles: forward, task loss and regulariser.
 
-    Returns (loss, regulariser, ΣR_LD, ΣR_N, the batch's metric sum: correct predictions or Σ per-system
+    Returns (loss, regulariser, ΣR_LD, ΣR_N, the batch's metric sum: correct predictions or Σ per-sample
     MSE), all 0-d tensors on the device; only loss carries gradient. θ is read from theta_buffer (a tensor),
-    so a new θ is not a new graph.
+    so a new θ is not a new graph. A model's own ``auxiliary_loss()`` (RSteer's coefficient penalty) is part
+    of the task loss.
     """
     kind = task_of(cfg)
-    out = net(*kind.inputs(x))
+    out = net(*kind.inputs(x, y))
     task = kind.loss(out, y, cfg)
+    if hasattr(model, "auxiliary_loss"):
+        task = task + model.auxiliary_loss()
     zero = task.detach().new_zeros(())
     reg, r_ld, r_n = task.new_zeros(()), zero, zero
     if theta_buffer is not None:
@@ -128,8 +133,8 @@ class _EpochTally:
 
     NEVER = 2 ** 62
 
-    def __init__(self, device, metric: str = "acc"):
-        self.metric = metric
+    def __init__(self, device, task: Task = CLASSIFICATION):
+        self.task, self.metric = task, task.metric
         self.sums = torch.zeros(6, dtype=torch.float64, device=device)
         self.first_bad = torch.full((), self.NEVER, dtype=torch.int64, device=device)
         self.bad_values = torch.zeros(2, dtype=torch.float64, device=device)
@@ -160,7 +165,7 @@ class _EpochTally:
         n = max(self.steps, 1)
         values = (sums / torch.tensor([n, n, n, n, 1, 1], dtype=sums.dtype, device=sums.device)).tolist()
         return dict(train_loss=values[0], reg_loss=values[1], r_ld=values[2], r_n=values[3],
-                    **{f"train_{self.metric}": values[4] / max(values[5], 1)})
+                    **{f"train_{self.metric}": self.task.finish(values[4] / max(values[5], 1))})
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -198,17 +203,18 @@ def resolved_config(cfg: TrainConfig, resume: Optional[str] = None) -> TrainConf
 
 
 def best_epoch(history: list[dict], task: Task = CLASSIFICATION) -> dict:
-    """The epoch with the best projected validation metric (highest accuracy, lowest MSE; the first of ties)
-    and its projected test metric: model selection on the validation split, never on the test set. Empty
-    without one."""
-    val, test = f"val_{task.metric}_projected", f"test_{task.metric}_projected"
+    """The epoch with the best projected validation metric (highest accuracy, lowest (R)MSE; the first of ties)
+    and its projected test metric (and the smoke forecasts' test-domain one): model selection on the validation
+    split, never on a test set. Empty without one."""
+    val = f"val_{task.metric}_projected"
+    tests = [f"{t}_{task.metric}_projected" for t in ("test",) + EXTRA_TESTS.get(task.metric, ())]
     best = None
     for h in history:
         if not math.isnan(h[val]) and (best is None or task.better(h[val], best[val])):
             best = h
     if best is None:
         return {}
-    return {"best_epoch": best["epoch"], f"best_{val}": best[val], f"best_{test}": best[test]}
+    return {"best_epoch": best["epoch"], f"best_{val}": best[val], **{f"best_{t}": best[t] for t in tests}}
 
 
 def _make_run_dir(cfg: TrainConfig) -> str:
@@ -244,7 +250,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
     world, rank = D.world_size(), D.rank()
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // world))
     torch.manual_seed(cfg.seed)
-    train_set, val_set, test_set = _load_data(cfg)
+    train_set, val_set, test_set, extra_tests = _load_data(cfg)
     task = task_of(cfg)
     metric = task.metric
 
@@ -309,7 +315,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
         t0 = time.perf_counter()
         model.train()
         perm = torch.randperm(len(train_set.y), generator=data_gen)
-        tally = _EpochTally(device, metric)
+        tally = _EpochTally(device, task)
         bar = range(steps_per_epoch)
         if show:  # a bar on a terminal; in a log file one line per epoch (below) and one per minute
             bar = progress(bar, desc=f"epoch {epoch + 1}/{cfg.epochs}", log_every=60.0)
@@ -336,7 +342,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
         # the current model (θ as it is now) and its projection (θ := 0, W_r dropped) on every split
         projected = project(copy.deepcopy(model), cfg.projection) if relaxed else model
         scores = {}
-        for name, split in (("val", val_set), ("test", test_set)):
+        for name, split in (("val", val_set), ("test", test_set), *extra_tests.items()):
             if split is None:
                 scores[f"{name}_{metric}"] = scores[f"{name}_{metric}_projected"] = float("nan")
                 continue
@@ -368,16 +374,24 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
         final = project(copy.deepcopy(model), cfg.projection).eval() if relaxed else copy.deepcopy(model).eval()
         n_layers = sum(1 for _ in relaxed_layers(model))
         summary.update(
-            **{f"test_{metric}_projected": evaluate(final, test_set.x, test_set.y, cfg.eval_batch_size, device,
-                                                    task)},
+            **{f"{name}_{metric}_projected": evaluate(final, split.x, split.y, cfg.eval_batch_size, device, task)
+               for name, split in (("test", test_set), *extra_tests.items())},
             equivariance_error=final_equivariance_error(final, probe_x, cfg),
             relaxed_layers=n_layers, theta_final=theta.theta if theta else 0.0,
             seconds=sum(h["epoch_seconds"] for h in history), **best_epoch(history, task))
         if task.kind == "regression":  # the floor a model must beat: predicting that nothing moves
             summary["test_mse_static"] = task.static_mse(test_set.x, test_set.y)
+        if task.kind == "forecast":  # the floor: the last input field persists
+            for name, split in (("test", test_set), *extra_tests.items()):
+                summary[f"{name}_rmse_persistence"] = persistence_rmse(split.x, split.y)
         if rank == 0:
             torch.save(dict(model=final.state_dict(), config=dataclasses.asdict(cfg),
                             class_names=train_set.class_names), os.path.join(run_dir, "model_projected.pt"))
+            if task.kind == "forecast":
+                summary["forecast_plot"] = plot_forecast(final, test_set.x[:1].to(device), test_set.y[:1].to(device),
+                                                         os.path.join(run_dir, "forecast.png"),
+                                                         f"{cfg.model} ({'plain' if cfg.plain else 'relaxed → projected'}), "
+                                                         "test-future window 0")
     if rank == 0:
         summary["plot"] = os.path.join(run_dir, "training.png")
         with open(os.path.join(run_dir, "summary.json"), "w") as f:

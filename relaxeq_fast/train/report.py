@@ -6,9 +6,9 @@ import json
 import os
 from typing import Optional
 
-from .config import metric_fields
+from .config import EXTRA_TESTS, metric_fields
 
-METRIC_NAMES = {"acc": "accuracy", "mse": "MSE"}
+METRIC_NAMES = {"acc": "accuracy", "mse": "MSE", "rmse": "RMSE"}
 
 
 def _write_metrics(path: str, history: list[dict], metric: str = "acc"):
@@ -47,6 +47,8 @@ def plot_history(history: list[dict], path: str, title: str = "", metric: str = 
     ax.plot(ep, [h[f"train_{m}"] for h in history], "o-", label="train")
     ax.plot(ep, [h[f"test_{m}"] for h in history], "s-", label="test (current θ)")
     ax.plot(ep, [h.get(f"test_{m}_projected", float("nan")) for h in history], "d--", label="test (projected)")
+    for extra in EXTRA_TESTS.get(m, ()):
+        ax.plot(ep, [h[f"{extra}_{m}_projected"] for h in history], "v--", label=f"{extra} (projected)")
     if any(h.get(f"val_{m}_projected") == h.get(f"val_{m}_projected") for h in history):  # not all NaN
         ax.plot(ep, [h[f"val_{m}_projected"] for h in history], "^:", label="validation (projected)")
     if m == "acc":
@@ -123,7 +125,9 @@ def compare_runs(run_dirs: list[str], out_png: Optional[str] = None) -> str:
 
 
 def format_metric(metric: str, value: float) -> str:
-    """An accuracy to 3 decimals, an MSE to 4 significant digits."""
+    """An accuracy to 3 decimals, an MSE to 4 significant digits (exponent form), an RMSE to 4."""
+    if metric == "rmse":
+        return f"{value:.4g}"
     return f"{value:.3f}" if metric == "acc" else f"{value:.3e}"
 
 
@@ -132,5 +136,49 @@ def format_summary(s: dict) -> str:
         return f"stopped after {s['epochs_done']} epoch(s); resume with --resume {s['run_dir']}"
     kind = "relaxed → projected" if s["relaxed"] else "plain"
     m = summary_metric(s)
-    return (f"{kind}: test {METRIC_NAMES[m]} {format_metric(m, s[f'test_{m}_projected'])}, equivariance error "
-            f"{s['equivariance_error']:.1e}, {s['seconds']:.0f} s of training; plots: {s['plot']}")
+    extras = "".join(f", {name} {format_metric(m, s[f'{name}_{m}_projected'])}" for name in EXTRA_TESTS.get(m, ())
+                     if f"{name}_{m}_projected" in s)
+    return (f"{kind}: test {METRIC_NAMES[m]} {format_metric(m, s[f'test_{m}_projected'])}{extras}, equivariance "
+            f"error {s['equivariance_error']:.1e}, {s['seconds']:.0f} s of training; plots: {s['plot']}")
+
+
+def plot_forecast(model, x, y, path: str, title: str = "", steps=(1, 5, 10, 20)) -> Optional[str]:
+    """forecast.png: one window's true and predicted velocity fields (speed as colour, arrows on a coarse grid)
+    and their difference, at the rolled-out ``steps`` (those within the target's horizon). x [1, T_in, 2, H, W],
+    y [1, T, 2, H, W]."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    import torch
+    steps = [t for t in steps if t <= y.shape[1]] or [y.shape[1]]
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        pred = model(x, max(steps))[0].double().cpu()
+    model.train(was_training)
+    true = y[0].double().cpu()
+    vmax = float(true[[t - 1 for t in steps]].norm(dim=1).max())
+    fig, axes = plt.subplots(3, len(steps), figsize=(2.6 * len(steps) + 1.2, 8), squeeze=False,
+                             constrained_layout=True)
+    H, W = true.shape[-2:]
+    stride = max(1, H // 12)
+    rows, cols = torch.meshgrid(torch.arange(0, H, stride), torch.arange(0, W, stride), indexing="ij")
+    for j, t in enumerate(steps):
+        for i, (name, f) in enumerate((("true", true[t - 1]), ("predicted", pred[t - 1]),
+                                       ("error", pred[t - 1] - true[t - 1]))):
+            ax = axes[i, j]
+            im = ax.imshow(f.norm(dim=0), cmap="viridis", vmin=0, vmax=vmax)
+            # image rows grow downwards, v_y points up: the arrow's row component is −v_y
+            ax.quiver(cols, rows, f[0][::stride, ::stride], -f[1][::stride, ::stride], color="w", scale=vmax * 20,
+                      width=0.004, angles="xy")
+            rmse = f" (RMSE {float(f.square().mean().sqrt()):.3g})" if i == 2 else ""
+            ax.set_title(f"{name}, step {t}{rmse}", fontsize=9)
+            ax.set_xticks([]), ax.set_yticks([])
+    fig.colorbar(im, ax=axes, shrink=0.5, label="speed |v| (error: |predicted − true|)")
+    fig.suptitle(title)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
