@@ -101,6 +101,26 @@ def test_plain_cnn_run(smoke_cache, tmp_path):
     assert summary["finished"] and summary["relaxed_layers"] == 0 and math.isfinite(summary["test_rmse_projected"])
 
 
+def test_training_loss_is_the_sum_of_the_steps_mse_plus_rsteers_penalty():
+    """forward_loss on a forecast batch: Σ_t MSE(step t) over the rolled-out steps (the public code's loss) plus
+    alpha × RSteer's coefficient penalty; the metric sum is Σ over windows of each window's MSE."""
+    from relaxeq_fast.train import loop
+    cfg = T.TrainConfig(model="rsteer", dataset="smoke", plain=True, rsteer_alpha=0.5, width=0.05).resolved()
+    torch.manual_seed(0)
+    model = T.build_model(cfg).double()
+    x = torch.randn(3, 10, 2, 8, 8, dtype=torch.float64)
+    y = torch.randn(3, 4, 2, 8, 8, dtype=torch.float64)
+    loss, reg, _r_ld, _r_n, metric_sum = loop.forward_loss(model, model, x, y, cfg, None)
+    with torch.no_grad():
+        pred = model(x, 4)
+    per_step = [((pred[:, t] - y[:, t]) ** 2).mean() for t in range(4)]
+    penalty = sum(m.coefficient_penalty() for m in model.modules() if isinstance(m, RSteerConv))
+    assert penalty > 0 and reg.item() == 0.0
+    assert loss.item() == pytest.approx((sum(per_step) + 0.5 * penalty).item(), rel=1e-12)
+    per_window = ((pred - y) ** 2).flatten(1).mean(1)
+    assert metric_sum.item() == pytest.approx(per_window.sum().item(), rel=1e-12)
+
+
 def test_final_check_sees_a_model_that_ignores_the_turn():
     x = torch.randn(2, 3, 2, 6, 6, dtype=torch.float64)
     from relaxeq_fast.train.task import flow_equivariance_error
