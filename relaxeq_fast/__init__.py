@@ -33,7 +33,7 @@ from .reps import VN, Irreps, random_rotation
 from . import functional, regularizer  # noqa: E402
 from . import nn  # noqa: E402  (after functional: nn builds on it)
 from .nn import PROJECTION_MODES, RELAX_SPACES, EquivariantLinear, RelaxedLinear, RelaxedModule  # noqa: E402
-from . import vn, models, relaxation, steerable  # noqa: E402
+from . import vn, models, relaxation, steerable, interop  # noqa: E402
 from .vn import (equivariance_error, model_regularizers, project, relax, relaxed_layers, set_theta,  # noqa: E402
                  swap)
 from .relaxation import (SCHEDULES, Constant, Cosine, HoldThenLinearDecay, ThetaSchedule, ThetaScheduler,  # noqa: E402

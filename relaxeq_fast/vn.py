@@ -24,7 +24,7 @@ from .reps import VN
 
 __all__ = ["VNLinear", "VNBatchNorm", "VNLeakyReLU", "VNLinearLeakyReLU", "VNMaxPool", "vn_mean_pool",
            "VNStdFeature", "knn_indices", "graph_feature", "graph_feature_cross", "relax", "project", "relaxed_layers",
-           "model_regularizers", "set_theta", "swap", "VNLayoutAdapter", "equivariance_error"]
+           "model_regularizers", "set_theta", "swap", "equivariance_error"]
 
 
 def VNLinear(in_channels: int, out_channels: int, **kwargs) -> EquivariantLinear:
@@ -351,130 +351,10 @@ def model_regularizers(model: nn.Module, data_free: bool = False) -> list[Regula
     return terms
 
 
-# ---- swap: modules written in the public VN code's style ----------------------------------------
-#
-# That code keeps features as [B, C, 3, N, ...] and implements channel mixing as nn.Linear over C.
-# Modules are recognised by structure (children and attributes), not by class name, and replaced by
-# our layers behind a layout adapter; weights and batch-norm state are copied, outputs are identical.
-
-
-class VNLayoutAdapter(nn.Module):
-    """Runs one of our layers ([..., C, 3]) on features in the public layout [B, C, 3, N, ...]."""
-
-    def __init__(self, inner: nn.Module):
-        super().__init__()
-        self.inner = inner
-
-    @staticmethod
-    def to_ours(x: torch.Tensor) -> torch.Tensor:
-        """Public layout [B, C, 3, N, ...] → ours [B, N, ..., C, 3]."""
-        return x.movedim((1, 2), (-2, -1))
-
-    @staticmethod
-    def to_public(y: torch.Tensor) -> torch.Tensor:
-        """Our layout [B, N, ..., C, 3] → public [B, C, 3, N, ...]."""
-        return y.movedim((-2, -1), (1, 2))
-
-    def forward(self, x: torch.Tensor):
-        """``x`` [B, C_in, 3, N, ...] → the inner layer's output in the public layout, [B, C_out, 3, N, ...]
-        (VNMaxPool pools N; VNStdFeature returns ``(x_std [B, C, 3, N, ...], z [B, 3, 3, N, ...])``)."""
-        if x.dim() < 3 or x.shape[2] != 3:
-            raise ValueError(f"{type(self.inner).__name__} (swapped): x must have the public VN layout "
-                             f"[B, C, 3, ...], got {list(x.shape)}")
-        if isinstance(self.inner, VNStdFeature):
-            x_std, z = self.inner(self.to_ours(x))
-            # ours [B, N.., frame vector, xyz] -> public [B, xyz, frame vector, N..]
-            return self.to_public(x_std), z.movedim((-2, -1), (2, 1))
-        # (VNMaxPool: the public code pools the last dim, which is the dim before C in our layout)
-        return self.to_public(self.inner(self.to_ours(x)))
-
-    def extra_repr(self):
-        """The layout it accepts, for ``repr``."""
-        return "public layout [B, C, 3, ...]"
-
-
-def _linear_no_bias(m) -> bool:
-    return isinstance(m, nn.Linear) and m.bias is None
-
-
-def _copy_linear(src: nn.Linear, dst: EquivariantLinear):
-    with torch.no_grad():
-        dst.weights[0].copy_(src.weight)
-    return dst
-
-
-def _as_vn_linear(lin: nn.Linear) -> EquivariantLinear:
-    return _copy_linear(lin, VNLinear(lin.in_features, lin.out_features, device=lin.weight.device,
-                                      dtype=lin.weight.dtype))
-
-
-def _as_vn_batchnorm(m) -> VNBatchNorm:
-    bn = m.bn
-    out = VNBatchNorm(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
-                      track_running_stats=bn.track_running_stats, device=getattr(bn.weight, "device", None),
-                      dtype=getattr(bn.weight, "dtype", None))
-    out.load_state_dict({k: v for k, v in bn.state_dict().items() if k != "num_batches_tracked"})
-    return out.train(bn.training)
-
-
-def _convert_public(m: nn.Module) -> Optional[nn.Module]:
-    from .interop_e3nn import from_e3nn_linear, is_e3nn_linear
-    if is_e3nn_linear(m):
-        return from_e3nn_linear(m)
-    children = dict(m.named_children())
-    names = set(children)
-    slope = getattr(m, "negative_slope", None)
-    if names == {"map_to_feat"} and _linear_no_bias(children["map_to_feat"]):
-        return VNLayoutAdapter(_as_vn_linear(children["map_to_feat"]))
-    if names == {"bn"} and isinstance(children["bn"], (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
-        return VNLayoutAdapter(_as_vn_batchnorm(m))
-    if names == {"map_to_dir"} and _linear_no_bias(children["map_to_dir"]):
-        lin = children["map_to_dir"]
-        if slope is not None:  # VNLeakyReLU
-            layer = VNLeakyReLU(lin.in_features, share_nonlinearity=lin.out_features == 1,
-                                negative_slope=slope, device=lin.weight.device, dtype=lin.weight.dtype)
-        else:  # VNMaxPool
-            layer = VNMaxPool(lin.in_features, device=lin.weight.device, dtype=lin.weight.dtype)
-        _copy_linear(lin, layer.map_to_dir)
-        return VNLayoutAdapter(layer)
-    if {"map_to_feat", "map_to_dir"} <= names and names <= {"map_to_feat", "map_to_dir", "batchnorm"} \
-            and slope is not None and _linear_no_bias(children["map_to_feat"]):
-        feat, direction = children["map_to_feat"], children["map_to_dir"]
-        bn = children.get("batchnorm")
-        layer = VNLinearLeakyReLU(feat.in_features, feat.out_features,
-                                  share_nonlinearity=direction.out_features == 1, use_batchnorm=bn is not None,
-                                  negative_slope=slope, device=feat.weight.device, dtype=feat.weight.dtype)
-        _copy_linear(feat, layer.map_to_feat)
-        _copy_linear(direction, layer.map_to_dir)
-        if bn is not None:
-            layer.batchnorm = _as_vn_batchnorm(bn)
-        return VNLayoutAdapter(layer)
-    if names == {"vn1", "vn2", "vn_lin"} and _linear_no_bias(children["vn_lin"]) \
-            and not getattr(m, "normalize_frame", False):
-        vn1 = _convert_public(children["vn1"])
-        vn2 = _convert_public(children["vn2"])
-        if vn1 is None or vn2 is None:
-            return None
-        layer = VNStdFeature(vn1.inner.in_channels)
-        layer.vn1, layer.vn2 = vn1.inner, vn2.inner
-        layer.vn_lin = _as_vn_linear(children["vn_lin"])
-        return VNLayoutAdapter(layer)
-    return None
-
-
 def swap(model: nn.Module) -> nn.Module:
-    """Replace modules written in the public VN code's style (layout [B, C, 3, N, ...], VNLinear as an
-    nn.Linear over channels) by our fused layers, recognised by structure; outputs are unchanged.
-
-    Recognised: VNLinear (``map_to_feat``), VNBatchNorm (``bn``), VNLeakyReLU (``map_to_dir`` +
-    ``negative_slope``), VNMaxPool (``map_to_dir`` only), VNLinearLeakyReLU (``map_to_feat``,
-    ``map_to_dir``, optional ``batchnorm``, ``negative_slope``), VNStdFeature (``vn1``, ``vn2``,
-    ``vn_lin``, without frame normalisation), and e3nn's ``o3.Linear`` (→ EquivariantLinear, identical outputs;
-    :func:`relaxeq_fast.interop_e3nn.to_e3nn` converts a projected model back). Follow with :func:`relax` to
-    train relaxed.
-    Modifies and returns ``model`` (or the replacement when ``model`` itself is recognised).
-    """
-    return _convert_modules(model, _convert_public)
+    """:func:`relaxeq_fast.interop.swap`: the public VN code's modules and e3nn's ``o3.Linear`` → our layers."""
+    from .interop import swap as interop_swap
+    return interop_swap(model)
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""e3nn interop (relaxeq_fast.interop_e3nn, swap): o3.Linear → EquivariantLinear with identical outputs and
+"""e3nn interop (relaxeq_fast.interop.e3nn, swap): o3.Linear → EquivariantLinear with identical outputs and
 gradients (float64), relax → project → back to e3nn, equivariance by e3nn's own checker, parity kept, and the
 errors. Skipped with the reason where e3nn is not installed (scripts/setup.sh installs it)."""
 import copy
@@ -11,7 +11,7 @@ from e3nn import o3  # noqa: E402
 from e3nn.util.test import assert_equivariant  # noqa: E402
 
 from relaxeq_fast import VN, Irreps, use_backend  # noqa: E402
-from relaxeq_fast.interop_e3nn import from_e3nn_linear, irreps_from_e3nn, to_e3nn, to_e3nn_linear  # noqa: E402
+from relaxeq_fast.interop.e3nn import from_e3nn_linear, irreps_from_e3nn, to_e3nn, to_e3nn_linear  # noqa: E402
 from relaxeq_fast.nn import EquivariantLinear, RelaxedLinear  # noqa: E402
 from relaxeq_fast.vn import model_regularizers, project, relax, set_theta, swap  # noqa: E402
 from testing import assert_close_scaled  # noqa: E402

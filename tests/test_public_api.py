@@ -15,7 +15,7 @@ from relaxeq_fast.train.config import DATASET_SETUPS, MODELS, TrainConfig
 
 PUBLIC_MODULES = ["relaxeq_fast", "relaxeq_fast.vn", "relaxeq_fast.nn", "relaxeq_fast.models",
                   "relaxeq_fast.relaxation", "relaxeq_fast.regularizer", "relaxeq_fast.functional",
-                  "relaxeq_fast.steerable"]
+                  "relaxeq_fast.steerable", "relaxeq_fast.interop", "relaxeq_fast.data.smoke"]
 
 # issue 15: what `from relaxeq_fast import ...` must offer, and where each name lives
 TOP_LEVEL = {

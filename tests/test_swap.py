@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from relaxeq_fast import random_rotation
-from relaxeq_fast.vn import VNLayoutAdapter, relax, relaxed_layers, swap
+from relaxeq_fast.interop import VNLayoutAdapter
+from relaxeq_fast.vn import relax, relaxed_layers, swap
 
 from testing import assert_close_scaled
 

@@ -48,6 +48,10 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+__all__ = ["SmokeSpec", "PRESETS", "SIDES", "SIDE_FACTORS", "TRAIN_SIMS", "DOMAIN_SIMS", "check_spec", "side_of",
+           "buoyancy", "inflow_center", "rotate_fields", "simulate", "cache_path", "simulated_frames", "FrameWindows",
+           "WindowedSplit", "SmokeData", "windows", "load_smoke"]
+
 SIDES = ("bottom", "right", "top", "left")
 SIDE_FACTORS = (0.01, 0.01, 0.011, 0.01)
 # the public code's lists (run_model.py): simulation k of side (k - 1) % 4
@@ -255,10 +259,12 @@ class FrameWindows:
 
     @property
     def shape(self) -> tuple:
+        """(windows, length, 2, H, W)."""
         return (len(self), self.length, *self.frames.shape[2:])
 
     @property
     def dtype(self) -> torch.dtype:
+        """The frames' dtype."""
         return self.frames.dtype
 
     def __getitem__(self, idx) -> torch.Tensor:
@@ -285,13 +291,17 @@ class WindowedSplit(NamedTuple):
     class_names: list
 
     def to(self, dtype: torch.dtype) -> "WindowedSplit":
+        """The same windows over frames cast to ``dtype``."""
         return WindowedSplit(self.x.to(dtype), self.y.to(dtype), [])
 
     def subset(self, idx: torch.Tensor) -> "WindowedSplit":
+        """Windows ``idx`` (an index tensor) of this split."""
         return WindowedSplit(self.x.subset(idx), self.y.subset(idx), [])
 
 
 class SmokeData(NamedTuple):
+    """The four splits: training, validation and test-future windows of the training simulations, test-domain
+    windows of the test-domain simulations."""
     train: WindowedSplit
     val: WindowedSplit
     test_future: WindowedSplit

@@ -28,7 +28,7 @@ hidden ⊗ Y → hidden has at least as many weights as a hidden_features × hid
 Relaxation. Where the paper's public code puts it: every message-passing layer gets ``node_relax`` = P, a
 bias-free linear map of the flattened node-update input [h_i, agg_i] (irreps hidden + hidden, e3nn's
 concatenated layout, in our :class:`~relaxeq_fast.reps.Irreps` via
-:func:`~relaxeq_fast.interop_e3nn.irreps_from_e3nn`) to the hidden irreps, added to the update. With
+:func:`~relaxeq_fast.interop.e3nn.irreps_from_e3nn`) to the hidden irreps, added to the update. With
 ``relaxed=False`` it is an :class:`~relaxeq_fast.nn.EquivariantLinear` with zero weights (so the model starts
 as exactly SEGNN, and stays E(3)-equivariant while it learns them); with ``relaxed=True`` a
 :class:`~relaxeq_fast.nn.RelaxedLinear` (zero equivariant weights, ``relax_bias=False`` unless relax_kwargs say
@@ -179,7 +179,7 @@ class SEGNNLayer(nn.Module):
     def __init__(self, hidden_irreps, attr_irreps, relaxed: bool = False, **relax_kwargs):
         super().__init__()
         o3, _ = _e3nn()
-        from ..interop_e3nn import irreps_from_e3nn
+        from ..interop.e3nn import irreps_from_e3nn
         hidden, attr = o3.Irreps(hidden_irreps), o3.Irreps(attr_irreps)
         self.message1 = GatedSteerableLayer(hidden + hidden + o3.Irreps("2x0e"), attr, hidden)
         self.message2 = GatedSteerableLayer(hidden, attr, hidden)

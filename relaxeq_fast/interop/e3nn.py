@@ -1,7 +1,8 @@
 """e3nn interop (optional: ``pip install relaxeq_fast[e3nn]``): e3nn ``o3.Linear`` ⇄ our EquivariantLinear.
 
 ``from_e3nn_linear(lin)`` gives an :class:`~relaxeq_fast.nn.EquivariantLinear` with identical outputs, which
-:func:`relaxeq_fast.vn.relax` then relaxes (``swap`` calls it for every ``o3.Linear`` in a model);
+:func:`relaxeq_fast.vn.relax` then relaxes (:func:`relaxeq_fast.interop.swap` calls it for every ``o3.Linear``
+in a model);
 ``to_e3nn_linear(layer)`` / ``to_e3nn(model)`` go back, so a projected model leaves as a plain e3nn model whose
 state_dict loads into the original architecture.
 
@@ -17,10 +18,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .nn import EquivariantLinear
-from .reps import MAX_L, Irreps
+from ..nn import EquivariantLinear
+from ..reps import MAX_L, Irreps
 
-__all__ = ["from_e3nn_linear", "to_e3nn_linear", "to_e3nn", "irreps_from_e3nn", "irreps_to_e3nn"]
+__all__ = ["from_e3nn_linear", "to_e3nn_linear", "to_e3nn", "irreps_from_e3nn", "irreps_to_e3nn", "convert_module"]
 
 
 def _e3nn():
@@ -141,8 +142,14 @@ def to_e3nn_linear(layer: EquivariantLinear):
 def to_e3nn(model: nn.Module) -> nn.Module:
     """Every EquivariantLinear in ``model`` (a projected model: no RelaxedLinear left) replaced by the
     equivalent e3nn ``o3.Linear``; modifies and returns ``model`` (or the replacement)."""
-    from .nn import RelaxedLinear
-    from .vn import _convert_modules
+    from ..nn import RelaxedLinear
+    from ..vn import _convert_modules
     if any(isinstance(m, RelaxedLinear) for m in model.modules()):
         raise ValueError("to_e3nn: the model still holds RelaxedLinear layers: project() it first")
     return _convert_modules(model, lambda m: to_e3nn_linear(m) if type(m) is EquivariantLinear else None)
+
+
+def convert_module(module: nn.Module):
+    """:func:`from_e3nn_linear` for an ``o3.Linear``, else None (the converter :func:`relaxeq_fast.interop.swap`
+    applies)."""
+    return from_e3nn_linear(module) if is_e3nn_linear(module) else None
