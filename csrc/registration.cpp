@@ -93,12 +93,15 @@ TORCH_LIBRARY(relaxeq, m) {
       "relaxed_conv2d_backward(Tensor dy, Tensor x, Tensor M, int padding, bool[3] output_mask)"
       " -> (Tensor dx, Tensor dM, Tensor dc)");
   // A relaxed layer's effective parameters (csrc/relaxed_params.cpp): M = weight ⊗ I_d + θ weight_relax,
-  // c = bias + θ bias_relax (c is [0] when both are None); the backward gives no gradient to θ (a buffer).
+  // c = bias + θ bias_relax (c is [0] when both are None); the backward also gives θ its gradient
+  // dθ = ⟨dM, weight_relax⟩ + ⟨dc, bias_relax⟩ when asked (a learned θ; a scheduled θ is a buffer and asks none).
   m.def("relaxed_params(Tensor weight, Tensor weight_relax, Tensor? bias, Tensor? bias_relax, Tensor theta)"
         " -> (Tensor M, Tensor c)");
   m.def(
-      "relaxed_params_backward(Tensor grad_M, Tensor grad_c, Tensor weight, Tensor theta, bool[4] output_mask)"
-      " -> (Tensor grad_weight, Tensor grad_weight_relax, Tensor grad_bias, Tensor grad_bias_relax)");
+      "relaxed_params_backward(Tensor grad_M, Tensor grad_c, Tensor weight, Tensor weight_relax, "
+      "Tensor? bias_relax, Tensor theta, bool[5] output_mask)"
+      " -> (Tensor grad_weight, Tensor grad_weight_relax, Tensor grad_bias, Tensor grad_bias_relax, "
+      "Tensor grad_theta)");
   // R_LD and R_N of L same-shape relaxed layers (csrc/relaxation_regularizer.cpp) from their stacked
   // relaxation weights W_r [L, D_out, D_in], biases b_r [L, D_out] and detached input statistics
   // G [L, D_in, D_in], s [L, D_in] over n rows, or over the rows [L, n, D_in] themselves when given.

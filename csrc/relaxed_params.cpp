@@ -69,11 +69,11 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& weight, const at::T
   return {M, c};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_M,
-                                                                    const at::Tensor& grad_c,
-                                                                    const at::Tensor& weight,
-                                                                    const at::Tensor& theta,
-                                                                    std::array<bool, 4> output_mask) {
+// Gradients of weight, weight_relax, bias, bias_relax and θ (outputs not asked for in output_mask are [0]):
+// dθ = ⟨dM, weight_relax⟩ + ⟨dc, bias_relax⟩, a 0-d tensor.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& grad_M, const at::Tensor& grad_c, const at::Tensor& weight, const at::Tensor& weight_relax,
+    const std::optional<at::Tensor>& bias_relax, const at::Tensor& theta, std::array<bool, 5> output_mask) {
   const char* op = "relaxed_params_backward";
   TORCH_CHECK(weight.dim() == 2, op, ": weight must be [C_out, C_in], got ", weight.sizes());
   const int64_t c_out = weight.size(0), c_in = weight.size(1);
@@ -84,15 +84,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(const at::Te
   TORCH_CHECK(grad_c.dim() == 1 && (grad_c.size(0) == c_out * d || grad_c.size(0) == 0), op,
               ": grad_c must be [C_out d] = [", c_out * d, "] (or [0]: c unused), got ", grad_c.sizes());
   TORCH_CHECK(theta.dim() == 0, op, ": theta must be a 0-d tensor, got ", theta.sizes());
+  TORCH_CHECK(weight_relax.sizes() == grad_M.sizes(), op, ": weight_relax must have grad_M's shape ",
+              grad_M.sizes(), ", got ", weight_relax.sizes());
+  TORCH_CHECK(!bias_relax.has_value() || (bias_relax->dim() == 1 && bias_relax->size(0) == c_out * d), op,
+              ": bias_relax must be [C_out d] = [", c_out * d, "] or None, got ",
+              bias_relax.has_value() ? bias_relax->sizes() : at::IntArrayRef{});
   const bool has_grad_c = grad_c.size(0) > 0;
-  at::Tensor g_w, g_wr, g_b, g_br;
+  at::Tensor g_w, g_wr, g_b, g_br, g_theta;
   if (output_mask[0]) g_w = block_diagonals(grad_M.contiguous(), c_out, c_in, d).sum(-1);
   if (output_mask[1]) g_wr = at::mul(grad_M, theta);
   if (output_mask[2]) g_b = has_grad_c ? grad_c.clone() : at::zeros({c_out * d}, weight.options());
   if (output_mask[3]) g_br = has_grad_c ? at::mul(grad_c, theta) : at::zeros({c_out * d}, weight.options());
-  for (auto* g : {&g_w, &g_wr, &g_b, &g_br})
+  if (output_mask[4]) {
+    g_theta = at::sum(at::mul(grad_M, weight_relax));
+    if (has_grad_c && bias_relax.has_value()) g_theta.add_(at::sum(at::mul(grad_c, *bias_relax)));
+  }
+  for (auto* g : {&g_w, &g_wr, &g_b, &g_br, &g_theta})
     if (!g->defined()) *g = at::empty({0}, weight.options());
-  return {g_w, g_wr, g_b, g_br};
+  return {g_w, g_wr, g_b, g_br, g_theta};
 }
 
 }  // namespace

@@ -652,37 +652,35 @@ def _relaxed_params_fake(weight, weight_relax, bias, bias_relax, theta):
     return torch.empty_like(weight_relax, memory_format=torch.contiguous_format), weight.new_empty((c_len,))
 
 
-def _relaxed_params_backward_fake(grad_M, grad_c, weight, theta, output_mask):
+def _relaxed_params_backward_fake(grad_M, grad_c, weight, weight_relax, bias_relax, theta, output_mask):
     n = grad_M.shape[0]
     return (weight.new_empty(weight.shape if output_mask[0] else (0,)),
             weight.new_empty(grad_M.shape if output_mask[1] else (0,)),
             weight.new_empty((n,) if output_mask[2] else (0,)),
-            weight.new_empty((n,) if output_mask[3] else (0,)))
+            weight.new_empty((n,) if output_mask[3] else (0,)),
+            weight.new_empty(() if output_mask[4] else (0,)))
 
 
 def _relaxed_params_setup_context(ctx, inputs, output):
     weight, weight_relax, bias, bias_relax, theta = inputs
-    ctx.save_for_backward(weight, theta)
+    ctx.save_for_backward(weight, weight_relax, bias_relax, theta)
     ctx.has_bias = (bias is not None, bias_relax is not None)
-    ctx.M_shape = tuple(weight_relax.shape)
 
 
 def make_relaxed_params_backward(backward_op):
-    """θ is a buffer set by the schedule: it gets no gradient (asking for one is an error, not a silent 0)."""
+    """Gradients of weight, weight_relax, the biases and θ (dθ = ⟨dM, W_r⟩ + ⟨dc, b_r⟩: a learned θ; a scheduled θ
+    is a buffer and asks for none)."""
     def backward(ctx, grad_M, grad_c):
-        weight, theta = ctx.saved_tensors
-        if ctx.needs_input_grad[4]:
-            raise RuntimeError("relaxed_params: theta has no gradient (it is the schedule's buffer); "
-                               "detach it or use the reference backend")
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-                ctx.has_bias[0] and ctx.needs_input_grad[2], ctx.has_bias[1] and ctx.needs_input_grad[3]]
+        weight, weight_relax, bias_relax, theta = ctx.saved_tensors
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias[0] and ctx.needs_input_grad[2],
+                ctx.has_bias[1] and ctx.needs_input_grad[3], ctx.needs_input_grad[4]]
         if not any(mask):
             return None, None, None, None, None
         if grad_M is None:  # only c was used
-            grad_M = weight.new_zeros(ctx.M_shape)
+            grad_M = torch.zeros_like(weight_relax, memory_format=torch.contiguous_format)
         grad_c = weight.new_empty((0,)) if grad_c is None else grad_c
-        grads = backward_op(grad_M, grad_c, weight, theta, mask)
-        return tuple(g if m else None for g, m in zip(grads, mask)) + (None,)
+        grads = backward_op(grad_M, grad_c, weight, weight_relax, bias_relax, theta, mask)
+        return tuple(g if m else None for g, m in zip(grads, mask))
     return backward
 
 

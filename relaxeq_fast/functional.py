@@ -67,14 +67,15 @@ def relaxed_params(weight: torch.Tensor, weight_relax: torch.Tensor, bias: Optio
 
     For layers whose equivariant map is one channel mixing repeated over a d-dimensional representation
     (VN features: d = 3, scalars: d = 1). One op (``relaxeq::relaxed_params``, written once in ATen calls)
-    instead of the eye / kron / mul / add chain and its backward, per layer and step; θ gets no gradient.
+    instead of the eye / kron / mul / add chain and its backward, per layer and step. θ gets a gradient when it
+    requires one (a learned θ): dθ = ⟨dM, weight_relax⟩ + ⟨dc, bias_relax⟩; a scheduled θ is a buffer.
 
     Args:
         weight: [C_out, C_in] equivariant channel mixing.
         weight_relax: [C_out d, C_in d] relaxation matrix W_r.
         bias: [C_out d] equivariant bias (zero outside scalar outputs) or None.
         bias_relax: [C_out d] relaxation bias b_r or None.
-        theta: 0-d tensor (the layer's θ buffer), in weight's dtype and device.
+        theta: 0-d tensor (the layer's θ: a buffer, or a trainable parameter), in weight's dtype and device.
         backend: "native" and "triton" (where the extension has kernels for the device) run the op;
             "reference" runs :func:`relaxeq_fast.reference.relaxed_params_ref`; None: the current default.
 

@@ -1,6 +1,7 @@
 """relaxeq::relaxed_params (M = weight ⊗ I_d + θ W_r, c = b + θ b_r in one op) against an independent float64
-reference written element by element (no kron, no relaxeq code), its gradients by autograd of that
-reference; gradcheck, opcheck, torch.compile, odd shapes, bad input, and the layers that use it."""
+reference written element by element (no kron, no relaxeq code), its gradients (θ's too: a learned θ) by autograd
+of that reference and θ's by finite differences; gradcheck, opcheck, torch.compile, odd shapes, bad input, and
+the layers that use it."""
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -56,6 +57,7 @@ def make_inputs(c_out, c_in, d, bias, bias_relax, dtype, device, theta=0.37, see
 @pytest.mark.parametrize("theta", [1.0, 0.37, 0.0])
 def test_values_and_gradients_match_elementwise_reference(c_out, c_in, d, bias, bias_relax, dtype, device, theta):
     w, W_r, b, b_r, th = make_inputs(c_out, c_in, d, bias, bias_relax, dtype, device, theta)
+    th.requires_grad_()  # a learned θ
     M, c = F.relaxed_params(w, W_r, b, b_r, th, backend="native")
     eM, ec = elementwise_ref(w.detach().cpu(), W_r.detach().cpu(), None if b is None else b.detach().cpu(),
                              None if b_r is None else b_r.detach().cpu(), theta)
@@ -68,28 +70,34 @@ def test_values_and_gradients_match_elementwise_reference(c_out, c_in, d, bias, 
     g = torch.Generator().manual_seed(1)
     gM = torch.randn(M.shape, dtype=torch.float64, generator=g)
     gc = torch.randn(c_out * d, dtype=torch.float64, generator=g)
-    inputs = [t for t in (w, W_r, b, b_r) if t is not None]
+    inputs = [t for t in (w, W_r, b, b_r) if t is not None] + [th]
     got = torch.autograd.grad((M * gM.to(M)).sum() + (0 if c is None else (c * gc.to(c)).sum()), inputs)
     ref_inputs = [t.detach().cpu().double().requires_grad_() for t in inputs]
     rw, rW, *rest = ref_inputs
     rb = rest.pop(0) if b is not None else None
     rbr = rest.pop(0) if b_r is not None else None
+    rth = rest.pop(0)
     d_eye = torch.eye(d, dtype=torch.float64)
-    RM = (rw[:, None, :, None] * d_eye[None, :, None, :]).reshape(c_out * d, c_in * d) + theta * rW
-    Rc = (0 if rb is None else rb) + (0 if rbr is None else theta * rbr)
+    RM = (rw[:, None, :, None] * d_eye[None, :, None, :]).reshape(c_out * d, c_in * d) + rth * rW
+    Rc = (0 if rb is None else rb) + (0 if rbr is None else rth * rbr)
     want = torch.autograd.grad((RM * gM).sum() + (0 if c is None else (Rc * gc).sum()), ref_inputs)
-    for name, a, e in zip(("weight", "weight_relax", "bias", "bias_relax"), got, want):
+    names = ["weight", "weight_relax"] + ["bias"] * (b is not None) + ["bias_relax"] * (b_r is not None) + ["theta"]
+    for name, a, e in zip(names, got, want):
+        assert a.shape == e.shape, f"d{name}: shape {tuple(a.shape)} != {tuple(e.shape)}"
         torch.testing.assert_close(a.double().cpu(), e, rtol=rtol, atol=rtol * 10, msg=lambda m: f"d{name}: {m}")
 
 
-def elementwise_grads(gM, gc, c_out, c_in, d, theta):
+def elementwise_grads(gM, gc, c_out, c_in, d, theta, W_r, b_r):
     """Gradients of <M, gM> + <c, gc> entry by entry, float64: d weight[o, i] = Σ_a gM[o·d + a, i·d + a],
-    d weight_relax = θ gM, d bias = gc, d bias_relax = θ gc."""
+    d weight_relax = θ gM, d bias = gc, d bias_relax = θ gc, dθ = Σ gM·W_r + Σ gc·b_r (b_r None: 0)."""
     gw = torch.empty(c_out, c_in, dtype=torch.float64)
     for o in range(c_out):
         for i in range(c_in):
             gw[o, i] = sum(float(gM[o * d + a, i * d + a]) for a in range(d))
-    return gw, float(theta) * gM, gc, float(theta) * gc
+    dtheta = sum(float(gM[r, col]) * float(W_r[r, col]) for r in range(c_out * d) for col in range(c_in * d))
+    if b_r is not None:
+        dtheta += sum(float(gc[r]) * float(b_r[r]) for r in range(c_out * d))
+    return gw, float(theta) * gM, gc, float(theta) * gc, torch.tensor(dtheta, dtype=torch.float64)
 
 
 # Property test of the native op (torch.ops.relaxeq.relaxed_params and its backward op, checked to run): tiny
@@ -110,12 +118,12 @@ def test_hypothesis_strided_inputs_match_elementwise_reference(c_out, c_in, d, b
     w, W_r = with_layout(w, *layout_w).requires_grad_(), with_layout(W_r, *layout_W).requires_grad_()
     b = None if b is None else with_layout(b, *layout_b).requires_grad_()
     b_r = None if b_r is None else with_layout(b_r, *layout_br).requires_grad_()
-    th = with_layout(th, *layout_theta)
+    th = with_layout(th, *layout_theta).requires_grad_()  # a learned θ
     g = torch.Generator().manual_seed(seed + 1)
     gM = torch.randn(c_out * d, c_in * d, dtype=torch.float64, generator=g)
     gc = torch.randn(c_out * d, dtype=torch.float64, generator=g)
     has_c = bias or bias_relax
-    leaves = [t for t in (w, W_r, b, b_r) if t is not None]
+    leaves = [t for t in (w, W_r, b, b_r) if t is not None] + [th]
     with RecordOps() as ops:
         M, c = torch.ops.relaxeq.relaxed_params(w, W_r, b, b_r, th)
         grads = torch.autograd.grad((M * gM.to(dtype)).sum() + ((c * gc.to(dtype)).sum() if has_c else 0), leaves)
@@ -127,9 +135,10 @@ def test_hypothesis_strided_inputs_match_elementwise_reference(c_out, c_in, d, b
     assert c.shape == ((c_out * d,) if has_c else (0,))
     if has_c:
         assert_close_scaled(c, ec, rtol, "c")
-    gw, gW, gb, gbr = elementwise_grads(gM.to(dtype).double(), gc.to(dtype).double(), c_out, c_in, d, float(th))
-    want = [gw, gW] + ([gb] if bias else []) + ([gbr] if bias_relax else [])
-    names = ["weight", "weight_relax"] + (["bias"] if bias else []) + (["bias_relax"] if bias_relax else [])
+    gw, gW, gb, gbr, gth = elementwise_grads(gM.to(dtype).double(), gc.to(dtype).double(), c_out, c_in, d, float(th),
+                                             contiguous64(W_r), contiguous64(b_r))
+    want = [gw, gW] + ([gb] if bias else []) + ([gbr] if bias_relax else []) + [gth]
+    names = ["weight", "weight_relax"] + (["bias"] if bias else []) + (["bias_relax"] if bias_relax else []) + ["theta"]
     for name, leaf, got, e in zip(names, leaves, grads, want):
         assert got.shape == leaf.shape, f"d{name}: shape {tuple(got.shape)} != the input's {tuple(leaf.shape)}"
         assert_close_scaled(got, e, 10 * rtol, f"d{name}")
@@ -137,20 +146,45 @@ def test_hypothesis_strided_inputs_match_elementwise_reference(c_out, c_in, d, b
 
 def test_gradcheck_and_opcheck():
     w, W_r, b, b_r, th = make_inputs(3, 2, 3, True, True, torch.float64, "cpu")
-    assert torch.autograd.gradcheck(lambda *a: torch.ops.relaxeq.relaxed_params(*a, th), (w, W_r, b, b_r))
-    for args in ((w, W_r, b, b_r, th), (w, W_r, None, b_r, th), (w, W_r, None, None, th)):
+    th.requires_grad_()  # a learned θ
+    assert torch.autograd.gradcheck(torch.ops.relaxeq.relaxed_params, (w, W_r, b, b_r, th))
+    assert torch.autograd.gradcheck(lambda *a: torch.ops.relaxeq.relaxed_params(*a, None, th), (w, W_r, b))
+    for args in ((w, W_r, b, b_r, th), (w, W_r, None, b_r, th), (w, W_r, None, None, th),
+                 (w, W_r, b, b_r, th.detach())):
         torch.library.opcheck(torch.ops.relaxeq.relaxed_params.default, args)
     M, c = torch.ops.relaxeq.relaxed_params(w, W_r, b, b_r, th)
-    torch.library.opcheck(torch.ops.relaxeq.relaxed_params_backward.default,
-                          (torch.randn_like(M), torch.randn_like(c), w.detach(), th, [True, True, True, True]))
+    for b_r_arg in (b_r.detach(), None):
+        torch.library.opcheck(torch.ops.relaxeq.relaxed_params_backward.default,
+                              (torch.randn_like(M), torch.randn_like(c), w.detach(), W_r.detach(), b_r_arg, th.detach(),
+                               [True, True, True, True, True]))
 
 
-def test_theta_gets_no_gradient_and_says_so():
-    w, W_r, b, b_r, th = make_inputs(2, 2, 3, False, True, torch.float64, "cpu")
+@pytest.mark.parametrize("bias_relax", [True, False])
+@pytest.mark.parametrize("theta", [0.0, 0.37, -1.5])
+def test_theta_gradient_against_finite_differences(theta, bias_relax):
+    """dθ of L = <M, gM> + <c, gc> against central differences of the entry-by-entry reference (float64; L is
+    affine in θ, so the difference quotient is exact up to rounding); a θ without requires_grad gets none."""
+    w, W_r, b, b_r, th = make_inputs(3, 2, 3, True, bias_relax, torch.float64, "cpu", theta)
+    g = torch.Generator().manual_seed(5)
+    gM = torch.randn(W_r.shape, dtype=torch.float64, generator=g)
+    gc = torch.randn(W_r.shape[0], dtype=torch.float64, generator=g)
+
+    def loss_ref(t):
+        eM, ec = elementwise_ref(w.detach(), W_r.detach(), b.detach(), None if b_r is None else b_r.detach(), t)
+        return float((eM * gM).sum() + (ec * gc).sum())
+
+    h = 1e-3
+    fd = (loss_ref(theta + h) - loss_ref(theta - h)) / (2 * h)
     th.requires_grad_()
-    M, _ = torch.ops.relaxeq.relaxed_params(w, W_r, b, b_r, th)
-    with pytest.raises(RuntimeError, match="theta has no gradient"):
-        M.sum().backward()
+    M, c = torch.ops.relaxeq.relaxed_params(w, W_r, b, b_r, th)
+    (dtheta,) = torch.autograd.grad((M * gM).sum() + (c * gc).sum(), (th,))
+    print(f"dθ {dtheta.item():.12g}, finite differences {fd:.12g}")
+    assert dtheta.shape == () and dtheta.item() == pytest.approx(fd, rel=1e-9, abs=1e-12)
+    # a scheduled θ (a buffer, no requires_grad): the backward op is asked for no dθ
+    with RecordOps() as ops:
+        M, c = torch.ops.relaxeq.relaxed_params(w, W_r, b, b_r, th.detach())
+        grads = torch.autograd.grad((M * gM).sum() + (c * gc).sum(), (w, W_r))
+    assert "relaxeq.relaxed_params_backward" in ops.ops and len(grads) == 2
 
 
 def test_only_c_used_gives_zero_matrix_gradients():
