@@ -179,7 +179,7 @@ MUTATIONS = [
              "                w.add_(self.theta * p)", "                w.add_(0 * p)",
              ("tests/test_relax_space.py -k nearest",), "project('nearest') drops θ P_eq W_r"),
     Mutation("steerable_complement_not_shifted", "relaxeq_fast/steerable/conv.py",
-             "kernel, b = self.expand(self.weight - self.theta * self.basis_coefficients(self.weight_relax))",
+             "kernel, b = self.expand(self.weight - self.theta * shift.view(-1, *[1] * (self.weight.dim() - 1)))",
              "kernel, b = self.expand(self.weight)",
              ("tests/test_relax_space.py -k steerable_complement_forward",), "complement conv keeps P_eq B"),
     Mutation("layer_mean_without_sqrt", "relaxeq_fast/regularizer.py",

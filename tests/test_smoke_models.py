@@ -204,3 +204,17 @@ def test_bad_forecaster_inputs():
         model(torch.randn(1, 3, 3, 8, 8))
     with pytest.raises(ValueError, match="steps must be a positive int, got 0"):
         model(torch.randn(1, 3, 2, 8, 8), 0)
+
+
+def test_relaxed_rsteer_complement_kernel_against_the_dense_basis():
+    """relax_space="complement" on RSteer: kernel K_RSteer + θ (B − P_eq B), P_eq the least-squares projection onto
+    the (orthonormal, dense) steerable basis, subtracted from the coefficients at every position."""
+    torch.manual_seed(11)
+    layer = RelaxedRSteerConv(VELOCITY_IN, HIDDEN, 3, relax_init="default", theta=0.6, relax_space="complement").double()
+    basis = kernel_basis(VELOCITY_IN, HIDDEN, 3)
+    B = layer.weight_relax.detach()
+    P_eq_B = torch.einsum("b,boikl->oikl", torch.einsum("oikl,boikl->b", B, basis), basis)
+    expected = torch.einsum("bkl,boikl->oikl", layer.weight.detach(), basis) + 0.6 * (B - P_eq_B)
+    x = torch.randn(2, VELOCITY_IN.dim, 7, 7, dtype=F64)
+    want = torch.nn.functional.conv2d(x, expected, layer.expand()[1].detach(), padding=1)
+    assert rel(layer.eval()(x).detach(), want) < 1e-7  # the basis is orthonormal to ~1e-9 (the projection assumes it)

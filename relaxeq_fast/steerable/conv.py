@@ -377,7 +377,8 @@ class RelaxedR2Conv(R2Conv, RelaxedModule):
         mode with ``track_defect`` it also records the data-mode R_LD for :meth:`regularizers`."""
         self._check_input(x)
         if self.relax_space == "complement":
-            kernel, b = self.expand(self.weight - self.theta * self.basis_coefficients(self.weight_relax))
+            shift = self.basis_coefficients(self.weight_relax)  # [n_basis]; RSteer's weight also has positions
+            kernel, b = self.expand(self.weight - self.theta * shift.view(-1, *[1] * (self.weight.dim() - 1)))
         else:
             kernel, b = self._kernel()
         M = kernel + self.theta * self.weight_relax
