@@ -17,7 +17,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["ThetaSchedule", "Triangle", "HoldThenLinearDecay", "Constant", "Cosine", "ThetaScheduler",
+__all__ = ["ThetaSchedule", "Triangle", "HoldThenLinearDecay", "Constant", "Cosine", "ThetaScheduler", "DualTheta",
            "projection_error", "relaxation_report", "SCHEDULES", "make_schedule"]
 
 
@@ -137,6 +137,86 @@ class ThetaScheduler:
         """Resume at ``state["t"]`` (from :meth:`state_dict`) and set that step's θ on the model."""
         self.t = int(state["t"])
         self._apply()
+
+
+class DualTheta:
+    """Learned per-layer θ under the constraint θ_ℓ = 0, by primal–dual training (issue 28; ACE, Manolache et al.).
+
+    Every relaxed layer ℓ of ``model`` gets its own trainable θ_ℓ (its ``theta`` buffer becomes an nn.Parameter of
+    the same name, so state_dicts keep their keys), initialised at ``theta_init``, and a multiplier μ_ℓ ≥ 0
+    (initially 0). The loss adds :meth:`penalty` = Σ_ℓ μ_ℓ c(θ_ℓ); after every optimiser step :meth:`dual_step`
+    takes a projected dual-ascent step μ_ℓ ← max(0, μ_ℓ + η_μ c(θ_ℓ)).
+
+    c(θ) = θ², the equality θ_ℓ = 0 written as the inequality θ_ℓ² ≤ 0: smooth at 0 (|θ| would make θ chatter
+    around 0 with a subgradient step), and never negative, so μ_ℓ only grows while θ_ℓ ≠ 0 and the pull 2 μ_ℓ θ_ℓ on
+    θ_ℓ strengthens until the task no longer pays for the relaxation. Nothing forces θ_ℓ to exactly 0: :meth:`finish`
+    sets it, and the projection error just before tells what that changed. Every update stays on the device (no host
+    reads per step).
+
+    Args:
+        model: a model with relaxed layers (:func:`relaxeq_fast.vn.relax`).
+        theta_init: every θ_ℓ's initial value.
+        dual_lr: η_μ, the multipliers' step size.
+
+    Give :meth:`parameters` (the θ_ℓ) to the optimiser. ``state_dict`` / ``load_state_dict`` hold μ (θ_ℓ is in the
+    model's state_dict).
+    """
+
+    def __init__(self, model: nn.Module, theta_init: float = 1.0, dual_lr: float = 1.0):
+        from .vn import relaxed_layers
+        for name, value in (("theta_init", theta_init), ("dual_lr", dual_lr)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if dual_lr < 0:
+            raise ValueError(f"dual_lr must be >= 0, got {dual_lr!r}")
+        self.layers = list(relaxed_layers(model))
+        if not self.layers:
+            raise ValueError("model has no relaxed layers: relax it first (relaxeq_fast.vn.relax)")
+        self.dual_lr = float(dual_lr)
+        for layer in self.layers:
+            if not isinstance(layer.theta, nn.Parameter):
+                value = layer.theta.detach().clone().fill_(float(theta_init))
+                del layer._buffers["theta"]
+                layer.theta = nn.Parameter(value)
+        first = self.layers[0].theta
+        self.multipliers = torch.zeros(len(self.layers), dtype=first.dtype, device=first.device)
+
+    def parameters(self) -> list:
+        """The θ_ℓ (0-d nn.Parameters), one per relaxed layer in ``relaxed_layers`` order."""
+        return [layer.theta for layer in self.layers]
+
+    def thetas(self) -> torch.Tensor:
+        """[L] the θ_ℓ, detached."""
+        return torch.stack([layer.theta.detach() for layer in self.layers])
+
+    def penalty(self) -> torch.Tensor:
+        """Σ_ℓ μ_ℓ θ_ℓ² (0-d; differentiable in θ, the multipliers held fixed)."""
+        thetas = torch.stack([layer.theta for layer in self.layers])
+        return (self.multipliers.to(thetas.dtype) * thetas.square()).sum()
+
+    @torch.no_grad()
+    def dual_step(self) -> None:
+        """μ_ℓ ← max(0, μ_ℓ + η_μ θ_ℓ²), on the device."""
+        c = self.thetas().to(self.multipliers.dtype).square()
+        self.multipliers.copy_((self.multipliers + self.dual_lr * c).clamp_min(0))
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        """θ_ℓ := 0 everywhere (then :func:`relaxeq_fast.vn.project` drops the relaxation as usual)."""
+        for layer in self.layers:
+            layer.theta.zero_()
+
+    def state_dict(self) -> dict:
+        """``{"multipliers": μ}`` (a copy)."""
+        return {"multipliers": self.multipliers.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume the multipliers from :meth:`state_dict`."""
+        mu = state["multipliers"]
+        if mu.shape != self.multipliers.shape:
+            raise ValueError(f"multipliers must have shape {list(self.multipliers.shape)} (one per relaxed layer), "
+                             f"got {list(mu.shape)}")
+        self.multipliers.copy_(mu)
 
 
 @torch.no_grad()
