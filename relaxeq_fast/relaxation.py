@@ -159,7 +159,8 @@ class DualTheta:
         dual_lr: η_μ, the multipliers' step size.
 
     Give :meth:`parameters` (the θ_ℓ) to the optimiser. ``state_dict`` / ``load_state_dict`` hold μ (θ_ℓ is in the
-    model's state_dict).
+    model's state_dict). :attr:`theta` and :meth:`step` are the :class:`ThetaScheduler` interface the trainer drives
+    (θ is learnt, so step() changes nothing).
     """
 
     def __init__(self, model: nn.Module, theta_init: float = 1.0, dual_lr: float = 1.0):
@@ -184,6 +185,15 @@ class DualTheta:
     def parameters(self) -> list:
         """The θ_ℓ (0-d nn.Parameters), one per relaxed layer in ``relaxed_layers`` order."""
         return [layer.theta for layer in self.layers]
+
+    @property
+    def theta(self) -> float:
+        """The mean θ_ℓ (a host read: for reports, not for every step)."""
+        return self.thetas().mean().item()
+
+    def step(self) -> float:
+        """Nothing to schedule (θ_ℓ are learnt); returns :attr:`theta`."""
+        return self.theta
 
     def thetas(self) -> torch.Tensor:
         """[L] the θ_ℓ, detached."""

@@ -213,6 +213,21 @@ MUTATIONS = [
     Mutation("rmse_without_sqrt", "relaxeq_fast/train/task.py",
              'return math.sqrt(mean) if self.metric == "rmse" else mean', "return mean",
              ("tests/test_train_smoke.py -k rmse_of_its_saved_model",), "the reported RMSE is the MSE"),
+    # ---- issue 28: learnt per-layer θ under the constraint θ = 0 ----
+    Mutation("dual_step_skipped", "relaxeq_fast/train/loop.py",
+             "    if dual is not None:\n        dual.dual_step()\n", "",
+             ("tests/test_train_dual.py -k logs_per_layer",), "the multipliers never take their dual step"),
+    Mutation("dual_ascent_sign_flipped", "relaxeq_fast/relaxation.py",
+             "self.multipliers.copy_((self.multipliers + self.dual_lr * c).clamp_min(0))",
+             "self.multipliers.copy_((self.multipliers - self.dual_lr * c).clamp_min(0))",
+             ("tests/test_dual_theta.py -k monotone",), "dual descent instead of ascent"),
+    Mutation("dual_penalty_not_in_loss", "relaxeq_fast/train/loop.py",
+             "        loss = loss + dual.penalty()", "        loss = loss",
+             ("tests/test_train_dual.py -k logs_per_layer",), "Σ μ_ℓ θ_ℓ² left out of the loss"),
+    Mutation("multipliers_not_saved", "relaxeq_fast/relaxation.py",
+             'return {"multipliers": self.multipliers.clone()}',
+             'return {"multipliers": torch.zeros_like(self.multipliers)}',
+             ("tests/test_train_dual.py -k resume",), "μ not saved in the checkpoint"),
 ]
 
 

@@ -11,8 +11,7 @@ import torch
 
 from .. import distributed as D
 from ..regularizer import REDUCTIONS
-from ..relaxation import SCHEDULES
-from .config import (AUGMENTATIONS, DATASET_SETUPS, GENERIC_DEFAULTS, MODELS, PAPER_SETUPS, ROTATIONS, ConfigError,
+from .config import (THETA_SCHEDULES, AUGMENTATIONS, DATASET_SETUPS, GENERIC_DEFAULTS, MODELS, PAPER_SETUPS, ROTATIONS, ConfigError,
                      NonFiniteLossError, TrainConfig, validate)
 from .._deps import MissingDependency, require
 from .checkpoint import CheckpointError
@@ -115,8 +114,14 @@ def _parser() -> argparse.ArgumentParser:
     paper(g, "--label-smoothing", "cross-entropy label smoothing", type=float)
     g = p.add_argument_group("relaxation")
     opt(g, "--plain", "train the unrelaxed equivariant model instead", action="store_true")
-    paper(g, "--theta-schedule", f"the θ schedule: one of {sorted(SCHEDULES)}")
+    paper(g, "--theta-schedule", f"the θ schedule: one of {list(THETA_SCHEDULES)}; dual: one θ_ℓ per relaxed layer, "
+          "learnt, with the constraint θ_ℓ = 0 enforced by a multiplier per layer (penalty Σ μ_ℓ θ_ℓ², dual ascent); "
+          "θ_ℓ := 0 at the end, the projection error there is in summary.json")
     opt(g, "--theta-max", "largest θ of the schedule", type=float, default=d.theta_max)
+    opt(g, "--theta-init", "--theta-schedule dual: every layer's learnt θ_ℓ starts here", type=float,
+        default=d.theta_init)
+    opt(g, "--dual-lr", "--theta-schedule dual: step size η of the multipliers' dual ascent "
+        "μ_ℓ ← max(0, μ_ℓ + η θ_ℓ²) after every optimiser step", type=float, default=d.dual_lr)
     paper(g, "--theta-unit", "step the θ schedule per 'step' or per 'epoch'")
     paper(g, "--lambda-ld", "weight λ_LD of the Lie-derivative term", type=float)
     paper(g, "--lambda-n", "weight λ_N of the norm term", type=float)

@@ -15,6 +15,9 @@ from ..nn import PROJECTION_MODES, RELAX_SPACES, check_choice
 from ..regularizer import REDUCTIONS
 from ..relaxation import SCHEDULES
 
+# --theta-schedule: a hand schedule, or "dual": per-layer θ learnt under the constraint θ = 0 (relaxation.DualTheta)
+THETA_SCHEDULES = tuple(sorted(SCHEDULES)) + ("dual",)
+
 POINT_MODELS = ("vn_pointnet", "vn_dgcnn")
 IMAGE_MODELS = ("steerable_cnn",)
 GRAPH_MODELS = ("egnn", "segnn")  # N-body regressors: (positions, velocities, charges) → positions
@@ -134,6 +137,8 @@ class TrainConfig:
     plain: bool = False
     theta_schedule: Optional[str] = None
     theta_max: float = 1.0
+    theta_init: float = 1.0
+    dual_lr: float = 1.0
     theta_unit: Optional[str] = None
     lambda_ld: Optional[float] = None
     lambda_n: Optional[float] = None
@@ -260,7 +265,19 @@ def validate(cfg: TrainConfig, world: int = 1) -> None:
         v = getattr(cfg, name)
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= (0 if name != "lr" else 1e-300)):
             _fail(f"--{name.replace('_', '-')} must be a finite number {'> 0' if name == 'lr' else '>= 0'}, got {v!r}")
-    _check_choice(cfg, "theta_schedule", sorted(SCHEDULES))
+    _check_choice(cfg, "theta_schedule", THETA_SCHEDULES)
+    if cfg.theta_schedule == "dual":
+        for name in ("theta_init", "dual_lr"):
+            v = getattr(cfg, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and (v >= 0 or name == "theta_init")):
+                _fail(f"--{name.replace('_', '-')} must be a finite number{' >= 0' if name == 'dual_lr' else ''}, "
+                      f"got {v!r}")
+        if cfg.relax_lr != "same":
+            _fail("--relax-lr theta scales the relaxation's lr by one global θ; --theta-schedule dual learns one θ per "
+                  "layer (use --relax-lr same)")
+        if cfg.theta_scaled_lambda:
+            _fail("--theta-scaled-lambda scales λ by one global θ; --theta-schedule dual learns one θ per layer "
+                  "(use --no-theta-scaled-lambda)")
     if cfg.theta_unit not in ("step", "epoch"):
         _fail(f"--theta-unit must be 'step' or 'epoch', got {cfg.theta_unit!r}")
     _check_choice(cfg, "reduction", REDUCTIONS)

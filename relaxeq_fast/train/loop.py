@@ -15,7 +15,7 @@ from torch import nn
 
 from .. import distributed as D
 from ..regularizer import combine_regularizers
-from ..relaxation import ThetaScheduler, make_schedule, projection_error
+from ..relaxation import DualTheta, ThetaScheduler, make_schedule, projection_error
 from ..vn import model_regularizers, project, relaxed_layers
 from .build import _load_data, augment_batch, build_model
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -89,7 +89,8 @@ def compiled_forward_loss(cfg: TrainConfig, device: torch.device, compiler: str 
 
 def train_step(net: nn.Module, model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, opt,
                theta_buffer: Optional[torch.Tensor], relax_group: Optional[dict], theta_value: float,
-               forward_loss_fn=forward_loss, scaler: Optional[torch.amp.GradScaler] = None) -> torch.Tensor:
+               forward_loss_fn=forward_loss, scaler: Optional[torch.amp.GradScaler] = None,
+               dual: Optional[DualTheta] = None) -> torch.Tensor:
     """One optimisation step on a (local) batch x [B, ...], y [B, ...]; returns, on the device and without
     reading anything back to the host, float64 [6]: loss, regulariser, ΣR_LD, ΣR_N, metric sum, samples.
 
@@ -97,10 +98,13 @@ def train_step(net: nn.Module, model: nn.Module, x: torch.Tensor, y: torch.Tenso
     model); theta_value: the same θ as a number, for --relax-lr theta's lr (the optimiser takes numbers).
     forward_loss_fn: :func:`forward_loss` or its compiled form. cfg.amp: the forward and the loss run under
     torch.autocast in that dtype; scaler: the float16 grad scaler (its step skips a step with non-finite
-    gradients without a host read when the optimiser is fused).
+    gradients without a host read when the optimiser is fused). dual: --theta-schedule dual's learnt θ_ℓ: its penalty
+    Σ μ_ℓ θ_ℓ² joins the loss, and its multipliers take their dual step after the optimiser's.
     """
     with torch.autocast(x.device.type, dtype=AMP_DTYPES.get(cfg.amp), enabled=cfg.amp is not None):
         loss, reg, r_ld, r_n, metric_sum = forward_loss_fn(net, model, x, y, cfg, theta_buffer)
+    if dual is not None:
+        loss = loss + dual.penalty()
     opt.zero_grad(set_to_none=True)
     (scaler.scale(loss) if scaler is not None else loss).backward()
     if cfg.clip_grad_norm is not None:
@@ -119,6 +123,8 @@ def train_step(net: nn.Module, model: nn.Module, x: torch.Tensor, y: torch.Tenso
         step()
     if scaler is not None:
         scaler.update()
+    if dual is not None:
+        dual.dual_step()
     return torch.stack([loss.detach().double(), reg.double(), r_ld.double(), r_n.double(),
                         metric_sum.double(), metric_sum.new_tensor(len(y)).double()])
 
@@ -217,6 +223,12 @@ def best_epoch(history: list[dict], task: Task = CLASSIFICATION) -> dict:
     return {"best_epoch": best["epoch"], f"best_{val}": best[val], **{f"best_{t}": best[t] for t in tests}}
 
 
+def _dual_columns(dual: DualTheta) -> dict:
+    """metrics.csv's per-layer columns of a --theta-schedule dual run: theta_l<i>, mu_l<i> (relaxed_layers order)."""
+    thetas, mus = dual.thetas().tolist(), dual.multipliers.tolist()
+    return {**{f"theta_l{i}": t for i, t in enumerate(thetas)}, **{f"mu_l{i}": m for i, m in enumerate(mus)}}
+
+
 def _make_run_dir(cfg: TrainConfig) -> str:
     if cfg.run_dir:
         return cfg.run_dir
@@ -257,6 +269,14 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
     model = build_model(cfg, num_classes=len(train_set.class_names)).to(device, getattr(torch, cfg.dtype))
     D.sync_batch_norms(model)
     relaxed = not cfg.plain
+    steps_per_epoch = len(train_set.y) // cfg.batch_size  # the last partial batch is dropped
+    total = cfg.epochs * steps_per_epoch if cfg.theta_unit == "step" else cfg.epochs
+    theta = None
+    if relaxed and cfg.theta_schedule == "dual":  # before the optimiser: the θ_ℓ become parameters
+        theta = DualTheta(model, cfg.theta_init, cfg.dual_lr)
+    elif relaxed:
+        theta = ThetaScheduler(model, make_schedule(cfg.theta_schedule, total, theta_max=cfg.theta_max))
+    dual = theta if isinstance(theta, DualTheta) else None
     params = [p for p in model.parameters() if p.requires_grad]
     # the relaxation's own parameters in a group of their own: --relax-lr theta scales their lr by θ
     relax_ids = {id(p) for m in relaxed_layers(model) for p in _relaxation_parameters(m)}
@@ -276,10 +296,6 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs, eta_min=cfg.lr * 0.01)
     else:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _e: 1.0)
-    steps_per_epoch = len(train_set.y) // cfg.batch_size  # the last partial batch is dropped
-    total = cfg.epochs * steps_per_epoch if cfg.theta_unit == "step" else cfg.epochs
-    theta = ThetaScheduler(model, make_schedule(cfg.theta_schedule, total, theta_max=cfg.theta_max)) \
-        if relaxed else None
     scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
     data_gen = torch.Generator().manual_seed(cfg.seed + 1)
     aug_gen = torch.Generator().manual_seed(cfg.seed + 2)
@@ -324,8 +340,9 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
             xb, yb = augment_batch(train_set.x[idx], train_set.y[idx], cfg, aug_gen)  # global, then this rank's
             sl = slice(rank * local_batch, (rank + 1) * local_batch)
             x, y = _to_device(xb[sl], device), _to_device(yb[sl], device)
-            tally.add(step, train_step(net, model, x, y, cfg, opt, theta_buffer, relax_group,
-                                       theta.theta if theta is not None else 0.0, step_forward, scaler))
+            theta_value = theta.theta if theta is not None and cfg.relax_lr == "theta" else 0.0
+            tally.add(step, train_step(net, model, x, y, cfg, opt, theta_buffer, relax_group, theta_value,
+                                       step_forward, scaler, dual))
             global_step += 1
             if theta is not None and cfg.theta_unit == "step":
                 theta.step()
@@ -352,7 +369,8 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
                 else scores[f"{name}_{metric}"])
         proj_err = projection_error(model, task.inputs(probe_x), cfg.projection) if relaxed else 0.0
         row = dict(epoch=epoch + 1, step=global_step, lr=lr, theta=theta.theta if theta else 0.0,
-                   **means, **scores, projection_error=proj_err, epoch_seconds=time.perf_counter() - t0)
+                   **means, **scores, projection_error=proj_err, epoch_seconds=time.perf_counter() - t0,
+                   **(_dual_columns(dual) if dual is not None else {}))
         history.append(row)
         epochs_run += 1
         if show:
@@ -370,6 +388,11 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
     finished = len(history) == cfg.epochs
     summary = dict(run_dir=run_dir, epochs_done=len(history), finished=finished, relaxed=relaxed,
                    metric=metric, num_classes=len(train_set.class_names))
+    if finished and dual is not None:
+        # nothing forced θ_ℓ to 0: how far the learnt model is from its projection, then θ_ℓ := 0
+        summary.update(thetas_final=dual.thetas().tolist(), multipliers_final=dual.multipliers.tolist(),
+                       projection_error_final=projection_error(model, task.inputs(probe_x), cfg.projection))
+        dual.finish()
     if finished:
         final = project(copy.deepcopy(model), cfg.projection).eval() if relaxed else copy.deepcopy(model).eval()
         n_layers = sum(1 for _ in relaxed_layers(model))

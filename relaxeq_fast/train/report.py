@@ -13,7 +13,8 @@ METRIC_NAMES = {"acc": "accuracy", "mse": "MSE", "rmse": "RMSE"}
 
 def _write_metrics(path: str, history: list[dict], metric: str = "acc"):
     tmp = path + ".tmp"
-    fields = metric_fields(metric)
+    # then a --theta-schedule dual run's per-layer θ_ℓ and μ_ℓ
+    fields = metric_fields(metric) + tuple(k for k in history[0] if k.startswith(("theta_l", "mu_l")))
     with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
