@@ -20,6 +20,10 @@ OPTIONAL = {
 }
 
 
+# the pip distribution that provides a module, where the names differ
+DISTRIBUTIONS = {"phi": "phiflow"}
+
+
 class MissingDependency(ImportError):
     """An optional dependency is not installed; the message is one line with the install command."""
 

@@ -69,7 +69,8 @@ def test_every_optional_module_has_its_extra_in_setup_py():
     """_deps.OPTIONAL's extras exist in setup.py and hold the package that provides the module."""
     extras = _setup_py_value("_EXTRAS")
     for module, (extra, _purpose) in _deps.OPTIONAL.items():
-        assert any(req.split(">")[0].split("=")[0] == module for req in extras[extra]), (module, extra)
+        dist = _deps.DISTRIBUTIONS.get(module, module)
+        assert any(req.split(">")[0].split("=")[0] == dist for req in extras[extra]), (module, extra)
 
 
 def test_torch_mismatch_names_both_versions():
