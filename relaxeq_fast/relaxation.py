@@ -191,9 +191,9 @@ class DualTheta:
         """The mean θ_ℓ (a host read: for reports, not for every step)."""
         return self.thetas().mean().item()
 
-    def step(self) -> float:
-        """Nothing to schedule (θ_ℓ are learnt); returns :attr:`theta`."""
-        return self.theta
+    def step(self) -> None:
+        """Nothing to schedule (θ_ℓ are learnt). No host read: the trainer calls it after every optimisation step
+        under --theta-unit step."""
 
     def thetas(self) -> torch.Tensor:
         """[L] the θ_ℓ, detached."""

@@ -102,6 +102,7 @@ def test_penalty_and_dual_step_stay_on_the_device():
     with _HostReads() as mode:
         dual.penalty().backward()
         dual.dual_step()
+        dual.step()
     assert mode.reads == 0
 
 

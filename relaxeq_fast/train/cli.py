@@ -11,8 +11,8 @@ import torch
 
 from .. import distributed as D
 from ..regularizer import REDUCTIONS
-from .config import (THETA_SCHEDULES, AUGMENTATIONS, DATASET_SETUPS, GENERIC_DEFAULTS, MODELS, PAPER_SETUPS, ROTATIONS, ConfigError,
-                     NonFiniteLossError, TrainConfig, validate)
+from .config import (AUGMENTATIONS, DATASET_SETUPS, GENERIC_DEFAULTS, MODELS, PAPER_SETUPS, ROTATIONS,
+                     THETA_SCHEDULES, ConfigError, NonFiniteLossError, TrainConfig, validate)
 from .._deps import MissingDependency, require
 from .checkpoint import CheckpointError
 from .loop import resolved_config, train
@@ -53,8 +53,8 @@ def paper_setup_default(name: str) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     d = TrainConfig()
-    p = argparse.ArgumentParser(prog="relaxeq-train", description="Train an equivariant classifier (or N-body regressor, or smoke-plume forecaster) by constraint "
-                                "relaxation.")
+    p = argparse.ArgumentParser(prog="relaxeq-train", description="Train an equivariant classifier (or N-body "
+                                "regressor, or smoke-plume forecaster) by constraint relaxation.")
 
     def opt(g, flag, text, *, default_text=None, **kwargs):
         """An option whose help ends with its default, stated once: ``default_text``, or the parser default."""
