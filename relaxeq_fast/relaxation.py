@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 __all__ = ["ThetaSchedule", "Triangle", "HoldThenLinearDecay", "Constant", "Cosine", "ThetaScheduler", "DualTheta",
-           "projection_error", "relaxation_report", "SCHEDULES", "make_schedule"]
+           "ElasticTheta",
+           "layer_equivariance_errors", "projection_error", "relaxation_report", "SCHEDULES", "make_schedule"]
 
 
 class ThetaSchedule:
@@ -204,11 +205,14 @@ class DualTheta:
         thetas = torch.stack([layer.theta for layer in self.layers])
         return (self.multipliers.to(thetas.dtype) * thetas.square()).sum()
 
+    def constraint(self) -> torch.Tensor:
+        """[L] c_ℓ = θ_ℓ² (detached; ≤ 0 is the constraint, met only at θ_ℓ = 0)."""
+        return self.thetas().to(self.multipliers.dtype).square()
+
     @torch.no_grad()
     def dual_step(self) -> None:
-        """μ_ℓ ← max(0, μ_ℓ + η_μ θ_ℓ²), on the device."""
-        c = self.thetas().to(self.multipliers.dtype).square()
-        self.multipliers.copy_((self.multipliers + self.dual_lr * c).clamp_min(0))
+        """μ_ℓ ← max(0, μ_ℓ + η_μ c_ℓ), on the device."""
+        self.multipliers.copy_((self.multipliers + self.dual_lr * self.constraint()).clamp_min(0))
 
     @torch.no_grad()
     def finish(self) -> None:
@@ -227,6 +231,76 @@ class DualTheta:
             raise ValueError(f"multipliers must have shape {list(self.multipliers.shape)} (one per relaxed layer), "
                              f"got {list(mu.shape)}")
         self.multipliers.copy_(mu)
+
+
+class ElasticTheta(DualTheta):
+    """:class:`DualTheta` with the constraint relaxed by a learnt slack: |θ_ℓ| ≤ u_ℓ (issue 28's elastic variant,
+    for approximately symmetric data; the resilient constraints of Hounie et al. that ACE's elastic variant uses).
+
+    The constraint is written on θ² like DualTheta's: c_ℓ = θ_ℓ² − s_ℓ ≤ 0 with the slack s_ℓ = u_ℓ² ≥ 0 priced at
+    slack_cost/2 · s_ℓ². The slack takes its best response to the multiplier, argmin_s (α/2 s² − μ_ℓ s) = μ_ℓ / α
+    (α = slack_cost), every step, so the dual step is μ_ℓ ← max(0, μ_ℓ + η_μ (θ_ℓ² − μ_ℓ/α)). At a fixed point
+    μ_ℓ = α θ_ℓ²: a layer whose task gradient g_ℓ = ∂L/∂θ_ℓ stays non-zero keeps |θ_ℓ| = (|g_ℓ| / 2α)^(1/3) (the
+    pull 2 μ_ℓ θ_ℓ = 2α θ_ℓ³ balances it), a layer the task does not need returns to 0. α → ∞ is DualTheta.
+
+    :meth:`finish` leaves θ_ℓ as learnt: the final model keeps its relaxation (no projection); measure it with
+    :func:`layer_equivariance_errors`.
+    """
+
+    keeps_relaxation = True
+
+    def __init__(self, model: nn.Module, theta_init: float = 1.0, dual_lr: float = 1.0, slack_cost: float = 1.0):
+        if not (isinstance(slack_cost, (int, float)) and math.isfinite(slack_cost) and slack_cost > 0):
+            raise ValueError(f"slack_cost must be a finite number > 0, got {slack_cost!r}")
+        super().__init__(model, theta_init, dual_lr)
+        self.slack_cost = float(slack_cost)
+
+    def slacks(self) -> torch.Tensor:
+        """[L] u_ℓ = √s_ℓ = √(μ_ℓ / α): the |θ_ℓ| the constraint allows now."""
+        return (self.multipliers / self.slack_cost).sqrt()
+
+    def constraint(self) -> torch.Tensor:
+        """[L] c_ℓ = θ_ℓ² − μ_ℓ/α (detached)."""
+        return self.thetas().to(self.multipliers.dtype).square() - self.multipliers / self.slack_cost
+
+    def finish(self) -> None:
+        """Nothing: the elastic model keeps its learnt θ_ℓ."""
+
+
+@torch.no_grad()
+def layer_equivariance_errors(model: nn.Module, inputs) -> list[dict]:
+    """Per relaxed layer, how much of its output on ``inputs`` is not equivariant: ‖f_ℓ(x_ℓ) − f̂_ℓ(x_ℓ)‖ /
+    ‖f_ℓ(x_ℓ)‖ with x_ℓ the layer's own inputs in one forward of the model on ``inputs`` and f̂_ℓ the equivariant
+    layer nearest to f_ℓ (``project("nearest")``: what is left is θ_ℓ (W − P_eq W) x_ℓ and its bias). 0 exactly
+    for an equivariant layer; the report of a model that keeps its relaxation (:class:`ElasticTheta`).
+
+    inputs: the model's input tensor or a tuple of its positional arguments (see :func:`projection_error`).
+    Returns one dict per layer, ``relaxed_layers`` order: ``name``, ``theta``, ``error``. Eval mode; the model is
+    left as it was.
+    """
+    from .nn import RelaxedModule
+    from .vn import separate_relaxed_calls
+    names = {id(m): name for name, m in model.named_modules()}
+    seen: list = []
+    hooks = [m.register_forward_hook(lambda mod, args, out: seen.append((mod, args, out)))
+             for m in model.modules() if isinstance(m, RelaxedModule)]
+    was_training = model.training
+    model.eval()
+    try:
+        with separate_relaxed_calls():  # fused pairs of maps: each map's own call, for its hook
+            model(*(tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    errors: dict = {}
+    for mod, args, out in seen:  # a layer called twice in the forward: the sums over both calls
+        nearest = mod.project("nearest").eval()
+        diff, ref = errors.get(id(mod), (0.0, 0.0))
+        errors[id(mod)] = (diff + float((out - nearest(*args)).square().sum()), ref + float(out.square().sum()))
+    return [dict(name=names[id(m)] or type(m).__name__, theta=float(m.theta.detach()),
+                 error=(errors[id(m)][0] / max(errors[id(m)][1], 1e-300)) ** 0.5 if id(m) in errors else float("nan"))
+            for m in model.modules() if isinstance(m, RelaxedModule)]
 
 
 @torch.no_grad()
@@ -272,7 +346,7 @@ def relaxation_report(model: nn.Module) -> list[dict]:
         if isinstance(m, RelaxedModule):
             W_eq, W, PW = m.relaxation_parts()
             w2 = float((W * W).sum())
-            out.append(dict(name=name or type(m).__name__, theta=float(m.theta),
+            out.append(dict(name=name or type(m).__name__, theta=float(m.theta.detach()),
                             relative_size=w2 ** 0.5 / max(float(W_eq.norm()), 1e-300),
                             equivariant_share=float((PW * PW).sum()) / w2 if w2 > 0 else float("nan"),
                             relax_norm=w2 ** 0.5))

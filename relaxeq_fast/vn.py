@@ -12,6 +12,7 @@ input statistics serves both regularisers.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Iterator, Optional
 
 import torch
@@ -92,12 +93,29 @@ class VNLeakyReLU(nn.Module):
         return f"{self.channels}, negative_slope={self.negative_slope}"
 
 
+_separate_calls = False
+
+
+@contextlib.contextmanager
+def separate_relaxed_calls():
+    """Inside, relaxed maps that share an input are called one by one (the same outputs), so forward hooks on
+    each map see its input and output (:func:`relaxeq_fast.relaxation.layer_equivariance_errors`)."""
+    global _separate_calls
+    before, _separate_calls = _separate_calls, True
+    try:
+        yield
+    finally:
+        _separate_calls = before
+
+
 def _joint_relaxed_forward(maps: list, x: torch.Tensor) -> list:
     """Relaxed maps reading the same input, as one fused call on their stacked effective matrices.
 
     The input statistics (G, s, N) of that one pass are handed to every map (one object, shared),
     so each map's regulariser is available without a second pass.
     """
+    if _separate_calls:
+        return [m(x) for m in maps]
     first = maps[0]
     xf = first._flatten(x)
     Ms, cs = zip(*(m.effective_params() for m in maps))

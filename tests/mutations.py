@@ -218,8 +218,8 @@ MUTATIONS = [
              "    if dual is not None:\n        dual.dual_step()\n", "",
              ("tests/test_train_dual.py -k logs_per_layer",), "the multipliers never take their dual step"),
     Mutation("dual_ascent_sign_flipped", "relaxeq_fast/relaxation.py",
-             "self.multipliers.copy_((self.multipliers + self.dual_lr * c).clamp_min(0))",
-             "self.multipliers.copy_((self.multipliers - self.dual_lr * c).clamp_min(0))",
+             "self.multipliers.copy_((self.multipliers + self.dual_lr * self.constraint()).clamp_min(0))",
+             "self.multipliers.copy_((self.multipliers - self.dual_lr * self.constraint()).clamp_min(0))",
              ("tests/test_dual_theta.py -k monotone",), "dual descent instead of ascent"),
     Mutation("dual_penalty_not_in_loss", "relaxeq_fast/train/loop.py",
              "        loss = loss + dual.penalty()", "        loss = loss",
@@ -228,6 +228,17 @@ MUTATIONS = [
              'return {"multipliers": self.multipliers.clone()}',
              'return {"multipliers": torch.zeros_like(self.multipliers)}',
              ("tests/test_train_dual.py -k resume",), "μ not saved in the checkpoint"),
+    Mutation("elastic_slack_ignored", "relaxeq_fast/relaxation.py",
+             "return self.thetas().to(self.multipliers.dtype).square() - self.multipliers / self.slack_cost",
+             "return self.thetas().to(self.multipliers.dtype).square()",
+             ("tests/test_dual_theta.py -k slackened",), "elastic's dual step without the slack (plain dual ascent)"),
+    Mutation("elastic_projected_at_the_end", "relaxeq_fast/train/loop.py",
+             'keeps_relaxation = getattr(dual, "keeps_relaxation", False)', "keeps_relaxation = False",
+             ("tests/test_train_dual.py -k elastic_run",), "the elastic model is projected like a dual one"),
+    Mutation("layer_error_against_drop", "relaxeq_fast/relaxation.py",
+             'nearest = mod.project("nearest").eval()', 'nearest = mod.project("drop").eval()',
+             ("tests/test_dual_theta.py -k independent_reference",),
+             "the per-layer error counts the relaxation's equivariant part too"),
 ]
 
 

@@ -12,9 +12,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from relaxeq_fast.nn import RelaxedLinear
 from relaxeq_fast.regularizer import combine_regularizers
-from relaxeq_fast.relaxation import DualTheta
+from relaxeq_fast.relaxation import DualTheta, ElasticTheta, layer_equivariance_errors
 from relaxeq_fast.reps import VN, random_rotation
-from relaxeq_fast.vn import model_regularizers, project
+from relaxeq_fast.vn import VNLinear, VNLinearLeakyReLU, model_regularizers, project, relax, relaxed_layers
 
 F64 = torch.float64
 
@@ -116,3 +116,85 @@ def test_bad_arguments(kwargs, message):
         DualTheta(model, **kwargs)
     with pytest.raises(ValueError, match="no relaxed layers"):
         DualTheta(nn.Linear(2, 2))
+
+
+# ---- the elastic variant (issue 28 item 2) ----
+
+def test_elastic_dual_step_is_the_ascent_on_the_slackened_constraint():
+    model, _, _ = toy(3)
+    elastic = ElasticTheta(model, theta_init=0.7, dual_lr=0.4, slack_cost=2.0)
+    with torch.no_grad():
+        for layer, value in zip(elastic.layers, (0.3, -1.2)):
+            layer.theta.fill_(value)
+    elastic.multipliers.copy_(torch.tensor([0.5, 0.1], dtype=F64))
+    thetas, mu = torch.tensor([0.3, -1.2], dtype=F64), torch.tensor([0.5, 0.1], dtype=F64)
+    elastic.dual_step()
+    # the slack's best response s = μ/α, then μ ← max(0, μ + η (θ² − s))
+    assert torch.allclose(elastic.multipliers, (mu + 0.4 * (thetas ** 2 - mu / 2.0)).clamp_min(0), rtol=1e-15)
+    assert torch.allclose(elastic.slacks(), (elastic.multipliers / 2.0).sqrt(), rtol=1e-15)
+    elastic.finish()
+    assert torch.equal(elastic.thetas(), thetas)  # the elastic model keeps its θ_ℓ
+    with _HostReads() as mode:
+        elastic.penalty().backward()
+        elastic.dual_step()
+    assert mode.reads == 0
+
+
+def train_learnt(make, steps=600, **kwargs):
+    """θ_ℓ learnt on make()'s toy: ElasticTheta with ``slack_cost``, or DualTheta without."""
+    model, x, y = make()
+    cls = ElasticTheta if "slack_cost" in kwargs else DualTheta
+    learnt = cls(model, theta_init=1.0, dual_lr=0.5, **kwargs)
+    return [thetas.abs() for _, thetas, _ in train(model, x, y, learnt, steps)]
+
+
+def equivariant_toy():
+    """The toy's model with a target every relaxed model fits at θ = 0: 2 × the first input vector."""
+    model, x, _ = toy(4)
+    return model, x, 2 * x[:, :1]
+
+
+def test_elastic_keeps_relaxation_where_the_task_needs_it_and_drops_it_where_not():
+    cheap, dear, dual = (train_learnt(toy, slack_cost=1.0)[-1], train_learnt(toy, slack_cost=30.0)[-1],
+                         train_learnt(toy)[-1])
+    symmetric = train_learnt(equivariant_toy, slack_cost=1.0)
+    print(f"|θ_ℓ| after 600 steps, non-equivariant target: elastic α=1 {cheap.tolist()}, α=30 {dear.tolist()}, "
+          f"dual {dual.tolist()}; equivariant target, α=1: {symmetric[-1].tolist()}")
+    # a non-equivariant target: a dearer slack leaves less relaxation, and α → ∞ (dual) the least
+    assert (cheap > 0.1).all() and (dear < cheap).all() and (dual < dear).all()
+    # an equivariant target: nothing to gain, every θ_ℓ falls well below the non-equivariant run's, and still falls
+    assert (symmetric[-1] < 0.5 * cheap).all()
+    assert all((b < a).all() for a, b in zip(symmetric[-100:], symmetric[-99:]))
+
+
+def vn_nonequivariant_part(layer: RelaxedLinear, x: torch.Tensor) -> torch.Tensor:
+    """θ (W − P_eq W) x + θ b for a VN layer, written independently: VN(C) → VN(C') maps are W ⊗ I_3, so the
+    equivariant part of each 3×3 block of W is (tr/3) I_3, and a VN bias has no equivariant part."""
+    W, b = layer.weight_relax, layer.bias_relax
+    blocks = W.reshape(W.shape[0] // 3, 3, W.shape[1] // 3, 3)
+    trace = blocks.diagonal(dim1=1, dim2=3).sum(-1) / 3  # [C', C]
+    neq = (blocks - trace[:, None, :, None] * torch.eye(3, dtype=W.dtype)[None, :, None, :]).reshape_as(W)
+    out = x.reshape(len(x), -1) @ neq.T + (0 if b is None else b)
+    return (layer.theta * out).detach().reshape(len(x), -1, 3)
+
+
+def test_layer_equivariance_errors_against_an_independent_reference():
+    torch.manual_seed(5)
+    block = VNLinearLeakyReLU(3, 4, dtype=F64)  # its two maps run as one fused call when relaxed
+    model = relax(nn.Sequential(block, VNLinear(4, 2, dtype=F64)), relax_init="default")
+    layers = list(relaxed_layers(model))
+    with torch.no_grad():
+        for layer, value in zip(layers, (0.5, 0.0, 0.8)):
+            layer.theta.fill_(value)
+            if layer.bias_relax is not None:
+                layer.bias_relax.normal_()
+    x = torch.randn(10, 3, 3, dtype=F64)
+    report = layer_equivariance_errors(model, x)
+    assert [r["name"] for r in report] == ["0.map_to_feat", "0.map_to_dir", "1"]
+    inputs = [x, x, block.eval()(x)]
+    for r, layer, inp in zip(report, layers, inputs):
+        out = layer(inp).detach()
+        expected = float(vn_nonequivariant_part(layer, inp).norm() / out.norm())
+        assert r["error"] == pytest.approx(expected, rel=1e-10, abs=1e-15), r
+        assert r["theta"] == float(layer.theta)
+    assert report[1]["error"] == 0.0 and report[0]["error"] > 0.01 and report[2]["error"] > 0.01

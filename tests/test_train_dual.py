@@ -1,14 +1,20 @@
 """relaxeq-train --theta-schedule dual (issue 28): per-layer θ_ℓ learnt under the constraint θ_ℓ = 0. A tiny run
 logs θ_ℓ and μ_ℓ per layer, the multipliers grow every epoch and the θ_ℓ fall; the run ends with θ_ℓ := 0 (the
 projection error before that in summary.json) and an exactly invariant model (float64); resume reproduces the
-uninterrupted run, θ_ℓ and μ_ℓ included; the combinations that need one global θ are refused."""
+uninterrupted run, θ_ℓ and μ_ℓ included; the combinations that need one global θ are refused. --theta-schedule
+elastic: the final model keeps its relaxation, saved as such, with its per-layer equivariance errors. A dual step
+dispatches at most 1.1× the ops of a triangle step (counted)."""
 import json
 import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from relaxeq_fast import train as T
+from relaxeq_fast.relaxation import DualTheta, ThetaScheduler, make_schedule
+from relaxeq_fast.train.loop import forward_loss, train_step
+from relaxeq_fast.vn import relaxed_layers
 
 from testing import run_metrics as _metrics, train_run as _run
 
@@ -64,8 +70,82 @@ def test_dual_resume_is_exact(dual_run, tmp_path):
     (["--theta-scaled-lambda"], "--theta-scaled-lambda scales λ by one global θ"),
     (["--dual-lr", "-1"], "--dual-lr must be a finite number >= 0"),
     (["--theta-init", "nan"], "--theta-init must be a finite number"),
+    (["--theta-schedule", "elastic", "--dual-lr", "1", "--slack-cost", "0"], "--slack-cost must be a finite number > 0"),
+    (["--theta-schedule", "elastic", "--dual-lr", "2", "--slack-cost", "1"], "needs --dual-lr < 2 × --slack-cost"),
+    (["--theta-schedule", "elastic", "--dual-lr", "1", "--relax-lr", "theta"], "--theta-schedule elastic learns one"),
 ])
 def test_dual_config_errors(argv, message):
     cfg, _, _ = T.parse_args(TINY + argv)
     with pytest.raises(T.ConfigError, match=message):
         T.validate(cfg.resolved())
+
+
+ELASTIC = [a for a in TINY if a not in ("dual", "--dual-lr", "5")] + ["--dual-lr", "0.5", "--slack-cost", "0.5"]
+ELASTIC[ELASTIC.index("--theta-schedule") + 1:ELASTIC.index("--theta-schedule") + 1] = ["elastic"]
+
+
+def test_elastic_run_keeps_its_relaxation_and_reports_per_layer_errors(tmp_path):
+    run_dir = str(tmp_path / "run")
+    summary = _run(ELASTIC + ["--run-dir", run_dir])
+    rows = _metrics(run_dir)
+    layers = summary["relaxed_layers"]
+    assert summary["kept_relaxation"] is True
+    for i in range(layers):  # the allowed |θ_ℓ| is √(μ_ℓ/α)
+        assert float(rows[-1][f"u_l{i}"]) == pytest.approx((float(rows[-1][f"mu_l{i}"]) / 0.5) ** 0.5, rel=1e-9)
+    # no projection: the final scores are the relaxed model's own, and it is not invariant (float64)
+    assert float(rows[-1]["test_acc_projected"]) == float(rows[-1]["test_acc"]) == summary["test_acc_projected"]
+    assert summary["equivariance_error"] > 1e-6 and summary["theta_final"] != 0.0
+    assert summary["thetas_final"] == pytest.approx([float(rows[-1][f"theta_l{i}"]) for i in range(layers)], rel=1e-12)
+    errors = summary["layer_equivariance_errors"]
+    assert len(errors) == layers and all(0 < e["error"] < 10 for e in errors)
+    assert [e["theta"] for e in errors] == pytest.approx(summary["thetas_final"], rel=1e-12)
+    # saved as the relaxed model: it loads strictly into the relaxed model class, θ_ℓ included
+    assert summary["model_file"] == os.path.join(run_dir, "model_relaxed.pt")
+    assert not os.path.exists(os.path.join(run_dir, "model_projected.pt"))
+    saved = torch.load(summary["model_file"], weights_only=False)
+    relaxed = T.build_model(T.TrainConfig(**saved["config"]).resolved(), num_classes=16).double()
+    relaxed.load_state_dict(saved["model"])
+    assert [float(m.theta) for m in relaxed_layers(relaxed)] == pytest.approx(summary["thetas_final"], rel=1e-12)
+    assert "relaxed, kept (elastic)" in T.format_summary(summary)
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def ops_per_step(schedule: str) -> int:
+    """Ops one warm trainer step dispatches (train_step as the trainer calls it) at VN-PointNet's demo-like size."""
+    cfg, _, _ = T.parse_args(["--model", "vn_pointnet", "--dataset", "shapes", "--num-points", "64", "--k", "10",
+                              "--width", "0.25", "--batch-size", "8", "--theta-schedule", schedule])
+    cfg = cfg.resolved()
+    torch.manual_seed(0)
+    model = T.build_model(cfg, num_classes=16)
+    if schedule == "dual":
+        theta, dual = DualTheta(model, cfg.theta_init, cfg.dual_lr), None
+        dual = theta
+    else:
+        theta, dual = ThetaScheduler(model, make_schedule(schedule, 10, theta_max=cfg.theta_max)), None
+        theta.step()  # θ > 0
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    x, y = torch.randn(8, 64, 3), torch.randint(0, 16, (8,))
+    theta_buffer = next(iter(relaxed_layers(model))).theta
+
+    def step():
+        train_step(model, model, x, y, cfg, opt, theta_buffer, None, 0.0, forward_loss, None, dual)
+
+    step()
+    with _CountOps() as count:
+        step()
+    return count.n
+
+
+def test_a_dual_step_dispatches_at_most_1_1_times_a_triangle_steps_ops():
+    triangle, dual = ops_per_step("triangle"), ops_per_step("dual")
+    print(f"ops per step: triangle {triangle}, dual {dual} ({dual / triangle:.3f}×)")
+    assert dual <= 1.1 * triangle

@@ -116,12 +116,17 @@ def _parser() -> argparse.ArgumentParser:
     opt(g, "--plain", "train the unrelaxed equivariant model instead", action="store_true")
     paper(g, "--theta-schedule", f"the θ schedule: one of {list(THETA_SCHEDULES)}; dual: one θ_ℓ per relaxed layer, "
           "learnt, with the constraint θ_ℓ = 0 enforced by a multiplier per layer (penalty Σ μ_ℓ θ_ℓ², dual ascent); "
-          "θ_ℓ := 0 at the end, the projection error there is in summary.json")
+          "θ_ℓ := 0 at the end, the projection error there is in summary.json; elastic: the same under |θ_ℓ| <= u_ℓ "
+          "with a slack priced by --slack-cost, and the final model keeps its relaxation (no projection; its "
+          "per-layer equivariance error is in summary.json)")
     opt(g, "--theta-max", "largest θ of the schedule", type=float, default=d.theta_max)
-    opt(g, "--theta-init", "--theta-schedule dual: every layer's learnt θ_ℓ starts here", type=float,
+    opt(g, "--theta-init", "--theta-schedule dual / elastic: every layer's learnt θ_ℓ starts here", type=float,
         default=d.theta_init)
-    opt(g, "--dual-lr", "--theta-schedule dual: step size η of the multipliers' dual ascent "
-        "μ_ℓ ← max(0, μ_ℓ + η θ_ℓ²) after every optimiser step", type=float, default=d.dual_lr)
+    opt(g, "--dual-lr", "--theta-schedule dual / elastic: step size η of the multipliers' dual ascent "
+        "μ_ℓ ← max(0, μ_ℓ + η θ_ℓ²) after every optimiser step (elastic: μ_ℓ ← max(0, μ_ℓ + η (θ_ℓ² − μ_ℓ/α)))",
+        type=float, default=d.dual_lr)
+    opt(g, "--slack-cost", "--theta-schedule elastic: α, the slack s_ℓ = u_ℓ² costs α s_ℓ²/2; a layer the task keeps "
+        "relaxed settles at |θ_ℓ| = (|∂L/∂θ_ℓ| / 2α)^(1/3); needs --dual-lr < 2α", type=float, default=d.slack_cost)
     paper(g, "--theta-unit", "step the θ schedule per 'step' or per 'epoch'")
     paper(g, "--lambda-ld", "weight λ_LD of the Lie-derivative term", type=float)
     paper(g, "--lambda-n", "weight λ_N of the norm term", type=float)

@@ -15,8 +15,10 @@ from ..nn import PROJECTION_MODES, RELAX_SPACES, check_choice
 from ..regularizer import REDUCTIONS
 from ..relaxation import SCHEDULES
 
-# --theta-schedule: a hand schedule, or "dual": per-layer θ learnt under the constraint θ = 0 (relaxation.DualTheta)
-THETA_SCHEDULES = tuple(sorted(SCHEDULES)) + ("dual",)
+# --theta-schedule: a hand schedule, "dual": per-layer θ learnt under the constraint θ = 0 (relaxation.DualTheta),
+# or "elastic": the same under |θ_ℓ| <= a priced slack, the model keeps its relaxation (relaxation.ElasticTheta)
+LEARNT_THETA = ("dual", "elastic")
+THETA_SCHEDULES = tuple(sorted(SCHEDULES)) + LEARNT_THETA
 
 POINT_MODELS = ("vn_pointnet", "vn_dgcnn")
 IMAGE_MODELS = ("steerable_cnn",)
@@ -139,6 +141,7 @@ class TrainConfig:
     theta_max: float = 1.0
     theta_init: float = 1.0
     dual_lr: float = 1.0
+    slack_cost: float = 1.0
     theta_unit: Optional[str] = None
     lambda_ld: Optional[float] = None
     lambda_n: Optional[float] = None
@@ -266,18 +269,26 @@ def validate(cfg: TrainConfig, world: int = 1) -> None:
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= (0 if name != "lr" else 1e-300)):
             _fail(f"--{name.replace('_', '-')} must be a finite number {'> 0' if name == 'lr' else '>= 0'}, got {v!r}")
     _check_choice(cfg, "theta_schedule", THETA_SCHEDULES)
-    if cfg.theta_schedule == "dual":
+    if cfg.theta_schedule in LEARNT_THETA:
         for name in ("theta_init", "dual_lr"):
             v = getattr(cfg, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and (v >= 0 or name == "theta_init")):
                 _fail(f"--{name.replace('_', '-')} must be a finite number{' >= 0' if name == 'dual_lr' else ''}, "
                       f"got {v!r}")
         if cfg.relax_lr != "same":
-            _fail("--relax-lr theta scales the relaxation's lr by one global θ; --theta-schedule dual learns one θ per "
-                  "layer (use --relax-lr same)")
+            _fail(f"--relax-lr theta scales the relaxation's lr by one global θ; --theta-schedule {cfg.theta_schedule} "
+                  "learns one θ per layer (use --relax-lr same)")
         if cfg.theta_scaled_lambda:
-            _fail("--theta-scaled-lambda scales λ by one global θ; --theta-schedule dual learns one θ per layer "
-                  "(use --no-theta-scaled-lambda)")
+            _fail(f"--theta-scaled-lambda scales λ by one global θ; --theta-schedule {cfg.theta_schedule} learns one θ "
+                  "per layer (use --no-theta-scaled-lambda)")
+    if cfg.theta_schedule == "elastic":
+        v = cfg.slack_cost
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            _fail(f"--slack-cost must be a finite number > 0, got {v!r}")
+        if not cfg.dual_lr < 2 * v:
+            # μ ← μ (1 − η/α) + η θ²: the multipliers oscillate and collapse to 0 unless η < 2α
+            _fail(f"--theta-schedule elastic needs --dual-lr < 2 × --slack-cost (the dual step is stable only then), "
+                  f"got --dual-lr {cfg.dual_lr!r} and --slack-cost {v!r}")
     if cfg.theta_unit not in ("step", "epoch"):
         _fail(f"--theta-unit must be 'step' or 'epoch', got {cfg.theta_unit!r}")
     _check_choice(cfg, "reduction", REDUCTIONS)

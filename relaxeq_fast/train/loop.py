@@ -15,7 +15,8 @@ from torch import nn
 
 from .. import distributed as D
 from ..regularizer import combine_regularizers
-from ..relaxation import DualTheta, ThetaScheduler, make_schedule, projection_error
+from ..relaxation import (DualTheta, ElasticTheta, ThetaScheduler, layer_equivariance_errors, make_schedule,
+                          projection_error)
 from ..vn import model_regularizers, project, relaxed_layers
 from .build import _load_data, augment_batch, build_model
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -224,9 +225,12 @@ def best_epoch(history: list[dict], task: Task = CLASSIFICATION) -> dict:
 
 
 def _dual_columns(dual: DualTheta) -> dict:
-    """metrics.csv's per-layer columns of a --theta-schedule dual run: theta_l<i>, mu_l<i> (relaxed_layers order)."""
-    thetas, mus = dual.thetas().tolist(), dual.multipliers.tolist()
-    return {**{f"theta_l{i}": t for i, t in enumerate(thetas)}, **{f"mu_l{i}": m for i, m in enumerate(mus)}}
+    """metrics.csv's per-layer columns of a --theta-schedule dual / elastic run: theta_l<i>, mu_l<i> and, elastic,
+    the allowed |θ_ℓ| u_l<i> (relaxed_layers order)."""
+    cols = {"theta_l": dual.thetas(), "mu_l": dual.multipliers}
+    if isinstance(dual, ElasticTheta):
+        cols["u_l"] = dual.slacks()
+    return {f"{prefix}{i}": v for prefix, values in cols.items() for i, v in enumerate(values.tolist())}
 
 
 def _make_run_dir(cfg: TrainConfig) -> str:
@@ -274,9 +278,13 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
     theta = None
     if relaxed and cfg.theta_schedule == "dual":  # before the optimiser: the θ_ℓ become parameters
         theta = DualTheta(model, cfg.theta_init, cfg.dual_lr)
+    elif relaxed and cfg.theta_schedule == "elastic":
+        theta = ElasticTheta(model, cfg.theta_init, cfg.dual_lr, cfg.slack_cost)
     elif relaxed:
         theta = ThetaScheduler(model, make_schedule(cfg.theta_schedule, total, theta_max=cfg.theta_max))
     dual = theta if isinstance(theta, DualTheta) else None
+    # elastic: the final model is the relaxed one (its "_projected" scores are the model's own, no projection)
+    keeps_relaxation = getattr(dual, "keeps_relaxation", False)
     params = [p for p in model.parameters() if p.requires_grad]
     # the relaxation's own parameters in a group of their own: --relax-lr theta scales their lr by θ
     relax_ids = {id(p) for m in relaxed_layers(model) for p in _relaxation_parameters(m)}
@@ -357,7 +365,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
         lr = opt.param_groups[0]["lr"]
         sched.step()
         # the current model (θ as it is now) and its projection (θ := 0, W_r dropped) on every split
-        projected = project(copy.deepcopy(model), cfg.projection) if relaxed else model
+        projected = project(copy.deepcopy(model), cfg.projection) if relaxed and not keeps_relaxation else model
         scores = {}
         for name, split in (("val", val_set), ("test", test_set), *extra_tests.items()):
             if split is None:
@@ -365,7 +373,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
                 continue
             scores[f"{name}_{metric}"] = evaluate(model, split.x, split.y, cfg.eval_batch_size, device, task)
             scores[f"{name}_{metric}_projected"] = (
-                evaluate(projected, split.x, split.y, cfg.eval_batch_size, device, task) if relaxed
+                evaluate(projected, split.x, split.y, cfg.eval_batch_size, device, task) if projected is not model
                 else scores[f"{name}_{metric}"])
         proj_err = projection_error(model, task.inputs(probe_x), cfg.projection) if relaxed else 0.0
         row = dict(epoch=epoch + 1, step=global_step, lr=lr, theta=theta.theta if theta else 0.0,
@@ -389,12 +397,16 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
     summary = dict(run_dir=run_dir, epochs_done=len(history), finished=finished, relaxed=relaxed,
                    metric=metric, num_classes=len(train_set.class_names))
     if finished and dual is not None:
-        # nothing forced θ_ℓ to 0: how far the learnt model is from its projection, then θ_ℓ := 0
+        # nothing forced θ_ℓ to 0: how far the learnt model is from its projection, then (dual) θ_ℓ := 0
         summary.update(thetas_final=dual.thetas().tolist(), multipliers_final=dual.multipliers.tolist(),
                        projection_error_final=projection_error(model, task.inputs(probe_x), cfg.projection))
+        if keeps_relaxation:
+            summary.update(kept_relaxation=True, slacks_final=dual.slacks().tolist(),
+                           layer_equivariance_errors=layer_equivariance_errors(model, task.inputs(probe_x)))
         dual.finish()
     if finished:
-        final = project(copy.deepcopy(model), cfg.projection).eval() if relaxed else copy.deepcopy(model).eval()
+        final = (project(copy.deepcopy(model), cfg.projection) if relaxed and not keeps_relaxation
+                 else copy.deepcopy(model)).eval()
         n_layers = sum(1 for _ in relaxed_layers(model))
         summary.update(
             **{f"{name}_{metric}_projected": evaluate(final, split.x, split.y, cfg.eval_batch_size, device, task)
@@ -408,13 +420,16 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
             for name, split in (("test", test_set), *extra_tests.items()):
                 summary[f"{name}_rmse_persistence"] = persistence_rmse(split.x, split.y)
         if rank == 0:
+            # elastic: the relaxed model (it loads into the relaxed model, with its θ_ℓ)
+            summary["model_file"] = os.path.join(run_dir, "model_relaxed.pt" if keeps_relaxation
+                                                 else "model_projected.pt")
             torch.save(dict(model=final.state_dict(), config=dataclasses.asdict(cfg),
-                            class_names=train_set.class_names), os.path.join(run_dir, "model_projected.pt"))
+                            class_names=train_set.class_names), summary["model_file"])
             if task.kind == "forecast":
+                kind = "plain" if cfg.plain else "relaxed, kept" if keeps_relaxation else "relaxed → projected"
                 summary["forecast_plot"] = plot_forecast(final, test_set.x[:1].to(device), test_set.y[:1].to(device),
                                                          os.path.join(run_dir, "forecast.png"),
-                                                         f"{cfg.model} ({'plain' if cfg.plain else 'relaxed → projected'}), "
-                                                         "test-future window 0")
+                                                         f"{cfg.model} ({kind}), test-future window 0")
     if rank == 0:
         summary["plot"] = os.path.join(run_dir, "training.png")
         with open(os.path.join(run_dir, "summary.json"), "w") as f:

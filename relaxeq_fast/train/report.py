@@ -13,8 +13,8 @@ METRIC_NAMES = {"acc": "accuracy", "mse": "MSE", "rmse": "RMSE"}
 
 def _write_metrics(path: str, history: list[dict], metric: str = "acc"):
     tmp = path + ".tmp"
-    # then a --theta-schedule dual run's per-layer θ_ℓ and μ_ℓ
-    fields = metric_fields(metric) + tuple(k for k in history[0] if k.startswith(("theta_l", "mu_l")))
+    # then a --theta-schedule dual / elastic run's per-layer θ_ℓ, μ_ℓ (and elastic's allowed |θ_ℓ|, u_ℓ)
+    fields = metric_fields(metric) + tuple(k for k in history[0] if k.startswith(("theta_l", "mu_l", "u_l")))
     with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
@@ -29,8 +29,8 @@ def summary_metric(s: dict) -> str:
 
 
 def plot_history(history: list[dict], path: str, title: str = "", metric: str = "acc") -> Optional[str]:
-    """training.png: loss, the metric (accuracy; MSE on a log scale), θ and lr, regulariser terms,
-    projection error per epoch."""
+    """training.png: loss, the metric (accuracy; MSE on a log scale), θ (per layer when learnt) and lr, regulariser
+    terms, projection error per epoch."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -47,19 +47,31 @@ def plot_history(history: list[dict], path: str, title: str = "", metric: str = 
     m = metric
     ax.plot(ep, [h[f"train_{m}"] for h in history], "o-", label="train")
     ax.plot(ep, [h[f"test_{m}"] for h in history], "s-", label="test (current θ)")
-    ax.plot(ep, [h.get(f"test_{m}_projected", float("nan")) for h in history], "d--", label="test (projected)")
+    final = "kept relaxation" if "u_l0" in history[0] else "projected"  # elastic: the final model is not projected
+    ax.plot(ep, [h.get(f"test_{m}_projected", float("nan")) for h in history], "d--", label=f"test ({final})")
     for extra in EXTRA_TESTS.get(m, ()):
-        ax.plot(ep, [h[f"{extra}_{m}_projected"] for h in history], "v--", label=f"{extra} (projected)")
+        ax.plot(ep, [h[f"{extra}_{m}_projected"] for h in history], "v--", label=f"{extra} ({final})")
     if any(h.get(f"val_{m}_projected") == h.get(f"val_{m}_projected") for h in history):  # not all NaN
-        ax.plot(ep, [h[f"val_{m}_projected"] for h in history], "^:", label="validation (projected)")
+        ax.plot(ep, [h[f"val_{m}_projected"] for h in history], "^:", label=f"validation ({final})")
     if m == "acc":
         ax.set_ylim(0, 1)
     else:
         ax.set_yscale("log")
     ax.set_title(METRIC_NAMES[m]), ax.legend(fontsize=8)
     ax = axes[0, 2]
-    ax.plot(ep, [h["theta"] for h in history], "o-", color="C3")
-    ax.set_title("θ at the end of the epoch")
+    layers = sorted((int(k[len("theta_l"):]) for k in history[0] if k.startswith("theta_l")))
+    if layers:  # learnt per-layer θ_ℓ (dual / elastic): one line per layer, elastic's bound u_ℓ dotted
+        colors = plt.cm.viridis([i / max(1, len(layers) - 1) for i in range(len(layers))])
+        for i, c in zip(layers, colors):
+            ax.plot(ep, [h[f"theta_l{i}"] for h in history], "-", color=c, label=f"θ_{i}" if len(layers) <= 8 else None)
+            if f"u_l{i}" in history[0]:
+                ax.plot(ep, [h[f"u_l{i}"] for h in history], ":", color=c)
+        ax.plot(ep, [h["theta"] for h in history], "k--", lw=2, label="mean")
+        ax.legend(fontsize=7, ncol=2)
+        ax.set_title("learnt θ_ℓ" + (" (dotted: allowed |θ_ℓ|)" if "u_l0" in history[0] else " per relaxed layer"))
+    else:
+        ax.plot(ep, [h["theta"] for h in history], "o-", color="C3")
+        ax.set_title("θ at the end of the epoch")
     ax = axes[1, 0]
     for key, label in (("r_ld", "R_LD (Σ over layers)"), ("r_n", "R_N (Σ over layers)")):
         vals = [h[key] for h in history]
@@ -96,7 +108,7 @@ def compare_runs(run_dirs: list[str], out_png: Optional[str] = None) -> str:
             histories.append([{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)])
         m = summary_metric(s)
         metrics.add(m)
-        label = "relaxed → projected" if s["relaxed"] else "plain"
+        label = run_kind(s)
         rows.append(f"| {label} | {format_metric(m, s[f'test_{m}_projected'])} | {s['equivariance_error']:.1e} | "
                     f"{s['seconds']:.0f} s | {d} |")
     if len(metrics) > 1:
@@ -132,10 +144,16 @@ def format_metric(metric: str, value: float) -> str:
     return f"{value:.3f}" if metric == "acc" else f"{value:.3e}"
 
 
+def run_kind(s: dict) -> str:
+    """What the run's final model is: plain, relaxed → projected, or (elastic) relaxed, kept."""
+    return "plain" if not s["relaxed"] else "relaxed, kept (elastic)" if s.get("kept_relaxation") else \
+        "relaxed → projected"
+
+
 def format_summary(s: dict) -> str:
     if not s.get("finished"):
         return f"stopped after {s['epochs_done']} epoch(s); resume with --resume {s['run_dir']}"
-    kind = "relaxed → projected" if s["relaxed"] else "plain"
+    kind = run_kind(s)
     m = summary_metric(s)
     extras = "".join(f", {name} {format_metric(m, s[f'{name}_{m}_projected'])}" for name in EXTRA_TESTS.get(m, ())
                      if f"{name}_{m}_projected" in s)
