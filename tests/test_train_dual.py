@@ -73,6 +73,8 @@ def test_dual_resume_is_exact(dual_run, tmp_path):
     (["--theta-schedule", "elastic", "--dual-lr", "1", "--slack-cost", "0"], "--slack-cost must be a finite number > 0"),
     (["--theta-schedule", "elastic", "--dual-lr", "2", "--slack-cost", "1"], "needs --dual-lr < 2 × --slack-cost"),
     (["--theta-schedule", "elastic", "--dual-lr", "1", "--relax-lr", "theta"], "--theta-schedule elastic learns one"),
+    (["--theta-lr", "0"], "--theta-lr must be a finite number > 0"),
+    (["--theta-schedule", "triangle", "--theta-lr", "0.1"], "--theta-lr is the learning rate of learnt θ_ℓ"),
 ])
 def test_dual_config_errors(argv, message):
     cfg, _, _ = T.parse_args(TINY + argv)
@@ -149,3 +151,14 @@ def test_a_dual_step_dispatches_at_most_1_1_times_a_triangle_steps_ops():
     triangle, dual = ops_per_step("triangle"), ops_per_step("dual")
     print(f"ops per step: triangle {triangle}, dual {dual} ({dual / triangle:.3f}×)")
     assert dual <= 1.1 * triangle
+
+
+def test_theta_lr_is_the_learnt_thetas_own_step(tmp_path):
+    # Adam's bias-corrected steps move a parameter by at most about its lr each: 4 steps (64 / 16) at --theta-lr 0.05
+    # move θ_ℓ by up to 0.2, and further than the 4 × 1e-3 that --lr 1e-3 (VN-PointNet's) would allow
+    argv = TINY + ["--epochs", "1", "--dual-lr", "0", "--theta-lr", "0.05", "--run-dir", str(tmp_path / "run")]
+    summary = _run(argv)
+    moved = [abs(t - 0.8) for t in summary["thetas_final"]]
+    assert max(moved) <= 4 * 0.05 * 1.001 and max(moved) > 4 * 1e-3 * 1.5, moved
+    with open(os.path.join(summary["run_dir"], "config.json")) as f:
+        assert json.load(f)["lr"] == 1e-3

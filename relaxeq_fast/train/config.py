@@ -142,6 +142,7 @@ class TrainConfig:
     theta_init: float = 1.0
     dual_lr: float = 1.0
     slack_cost: float = 1.0
+    theta_lr: Optional[float] = None
     theta_unit: Optional[str] = None
     lambda_ld: Optional[float] = None
     lambda_n: Optional[float] = None
@@ -281,6 +282,12 @@ def validate(cfg: TrainConfig, world: int = 1) -> None:
         if cfg.theta_scaled_lambda:
             _fail(f"--theta-scaled-lambda scales λ by one global θ; --theta-schedule {cfg.theta_schedule} learns one θ "
                   "per layer (use --no-theta-scaled-lambda)")
+    if cfg.theta_lr is not None:
+        if cfg.theta_schedule not in LEARNT_THETA:
+            _fail(f"--theta-lr is the learning rate of learnt θ_ℓ (--theta-schedule dual / elastic); "
+                  f"--theta-schedule {cfg.theta_schedule} schedules θ")
+        if not (isinstance(cfg.theta_lr, (int, float)) and math.isfinite(cfg.theta_lr) and cfg.theta_lr > 0):
+            _fail(f"--theta-lr must be a finite number > 0, got {cfg.theta_lr!r}")
     if cfg.theta_schedule == "elastic":
         v = cfg.slack_cost
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):

@@ -286,10 +286,14 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
     # elastic: the final model is the relaxed one (its "_projected" scores are the model's own, no projection)
     keeps_relaxation = getattr(dual, "keeps_relaxation", False)
     params = [p for p in model.parameters() if p.requires_grad]
-    # the relaxation's own parameters in a group of their own: --relax-lr theta scales their lr by θ
-    relax_ids = {id(p) for m in relaxed_layers(model) for p in _relaxation_parameters(m)}
-    groups = [{"params": [p for p in params if id(p) not in relax_ids]},
-              {"params": [p for p in params if id(p) in relax_ids]}]
+    # the relaxation's own parameters in a group of their own: --relax-lr theta scales their lr by θ; learnt θ_ℓ in
+    # a third, at --theta-lr and without weight decay (the constraint, not the decay, is what pulls θ_ℓ to 0)
+    theta_ids = {id(p) for p in dual.parameters()} if dual is not None else set()
+    relax_ids = {id(p) for m in relaxed_layers(model) for p in _relaxation_parameters(m)} - theta_ids
+    groups = [{"params": [p for p in params if id(p) not in relax_ids | theta_ids]},
+              {"params": [p for p in params if id(p) in relax_ids]},
+              {"params": [p for p in params if id(p) in theta_ids], "weight_decay": 0.0,
+               "lr": cfg.theta_lr if cfg.theta_lr is not None else cfg.lr}]
     groups = [g for g in groups if g["params"]]
     if cfg.optimizer == "adam":
         # fused: one op per step instead of ~10 per parameter (the relaxed model has ~2× the parameters)
@@ -297,7 +301,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
                                fused=device.type in ("cpu", "cuda"))
     else:
         opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    relax_group = opt.param_groups[-1] if relax_ids else None
+    relax_group = next((g for g in opt.param_groups if id(g["params"][0]) in relax_ids), None)
     if cfg.lr_schedule == "step":
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
     elif cfg.lr_schedule == "cosine":
