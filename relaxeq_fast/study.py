@@ -14,7 +14,8 @@ is not crossed with the plain runs. A run *failed* if it diverged (non-finite lo
 projected test accuracy is below twice chance (N-body: its test MSE is no better than predicting that nothing
 moves). Accuracies (MSEs) in the tables are the projected model's: at the last epoch, and at the epoch with
 the best projected validation score (needs --val-fraction > 0 in the training arguments, or a dataset with
-its own validation split such as nbody; never selected on the test set).
+its own validation split such as nbody; never selected on the test set). Under --theta-schedule elastic the
+final model keeps its relaxation (it is not projected): its columns hold that model's own scores.
 """
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ from relaxeq_fast.nn import RelaxedLinear
 from relaxeq_fast.regularizer import combine_regularizers
 from relaxeq_fast.relaxation import DualTheta, ElasticTheta, layer_equivariance_errors
 from relaxeq_fast.reps import VN, random_rotation
+from relaxeq_fast.steerable import FieldType, RelaxedR2Conv, kernel_basis
 from relaxeq_fast.vn import VNLinear, VNLinearLeakyReLU, model_regularizers, project, relax, relaxed_layers
 
 F64 = torch.float64
@@ -198,3 +199,22 @@ def test_layer_equivariance_errors_against_an_independent_reference():
         assert r["error"] == pytest.approx(expected, rel=1e-10, abs=1e-15), r
         assert r["theta"] == float(layer.theta)
     assert report[1]["error"] == 0.0 and report[0]["error"] > 0.01 and report[2]["error"] > 0.01
+
+
+def test_layer_equivariance_errors_of_a_steerable_layer_against_least_squares():
+    # P_eq of a C_4 kernel by least squares on the dense steerable basis, written here: E^T (E E^T)^{-1} E B
+    tin, tout = FieldType.regular(4, 1) + FieldType.trivial(4, 1), FieldType.regular(4, 1) + FieldType.irreps(4, [1])
+    torch.manual_seed(6)
+    layer = RelaxedR2Conv(tin, tout, 3, relax_init="default", theta=0.6, dtype=F64)
+    x = torch.randn(2, tin.dim, 7, 7, dtype=F64)
+    E = kernel_basis(tin, tout, 3).reshape(layer.n_basis, -1)
+    B = layer.weight_relax.detach().reshape(-1)
+    B_neq = (B - E.T @ torch.linalg.solve(E @ E.T, E @ B)).reshape(layer.weight_relax.shape)
+    with torch.no_grad():
+        out = layer.eval()(x)
+        expected = float((0.6 * torch.nn.functional.conv2d(x, B_neq, padding=1)).norm() / out.norm())
+    (report,) = layer_equivariance_errors(nn.Sequential(layer), x)
+    assert report["error"] == pytest.approx(expected, rel=1e-10) and report["error"] > 1e-3
+    with torch.no_grad():  # an equivariant relaxation: nothing non-equivariant left
+        layer.weight_relax.copy_((B.reshape(-1) - B_neq.reshape(-1)).reshape(B_neq.shape))
+    assert layer_equivariance_errors(nn.Sequential(layer), x)[0]["error"] < 1e-12
