@@ -162,3 +162,26 @@ def test_theta_lr_is_the_learnt_thetas_own_step(tmp_path):
     assert max(moved) <= 4 * 0.05 * 1.001 and max(moved) > 4 * 1e-3 * 1.5, moved
     with open(os.path.join(summary["run_dir"], "config.json")) as f:
         assert json.load(f)["lr"] == 1e-3
+
+
+def test_relaxation_persistence_orders_layers_by_how_long_they_kept_theta(tmp_path, dual_run):
+    run_dir, summary = dual_run
+    names = summary["relaxed_layer_names"]
+    assert len(names) == summary["relaxed_layers"] and "conv_pos.map_to_feat" in names
+    # a hand-made history: layer 1 falls below 10 % of its start at epoch 2, layer 0 at epoch 4, layer 2 never
+    thetas = [[1.0, -0.5, 0.3], [0.5, -0.01, 0.3], [0.2, 0.02, 0.2], [0.05, 0.0, 0.1]]
+    d = tmp_path / "synthetic"
+    d.mkdir()
+    with open(d / "summary.json", "w") as f:
+        json.dump({"relaxed_layer_names": ["a", "b", "c"]}, f)
+    with open(d / "metrics.csv", "w") as f:
+        f.write("epoch,theta_l0,theta_l1,theta_l2\n")
+        for epoch, row in enumerate(thetas, 1):
+            f.write(f"{epoch},{','.join(map(str, row))}\n")
+    got = T.relaxation_persistence(str(d))
+    assert [(g["name"], g["last_epoch"]) for g in got] == [("c", 4), ("a", 3), ("b", 1)]
+    assert got[0]["theta_start"] == 0.3 and got[2]["theta_final"] == 0.0
+    assert len(T.relaxation_persistence(run_dir)) == summary["relaxed_layers"]
+    with pytest.raises(ValueError, match="no per-layer θ_ℓ"):
+        (d / "metrics.csv").write_text("epoch,theta\n1,0.5\n")
+        T.relaxation_persistence(str(d))

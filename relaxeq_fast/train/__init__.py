@@ -46,7 +46,8 @@ from .build import build_model
 from .cli import main, parse_args
 from .config import MODELS, PAPER_SETUPS, ConfigError, NonFiniteLossError, TrainConfig, validate
 from .loop import evaluate, train
-from .report import compare_runs, format_summary, plot_history
+from .report import compare_runs, format_summary, plot_history, relaxation_persistence
 
 __all__ = ["TrainConfig", "ConfigError", "NonFiniteLossError", "MODELS", "PAPER_SETUPS", "train", "main",
-           "build_model", "parse_args", "validate", "evaluate", "compare_runs", "plot_history", "format_summary"]
+           "build_model", "parse_args", "validate", "evaluate", "compare_runs", "plot_history", "format_summary",
+           "relaxation_persistence"]

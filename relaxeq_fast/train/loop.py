@@ -400,6 +400,9 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
     finished = len(history) == cfg.epochs
     summary = dict(run_dir=run_dir, epochs_done=len(history), finished=finished, relaxed=relaxed,
                    metric=metric, num_classes=len(train_set.class_names))
+    if dual is not None:  # metrics.csv's theta_l<i> is the layer named here
+        names = {id(m): name for name, m in model.named_modules()}
+        summary["relaxed_layer_names"] = [names[id(m)] for m in dual.layers]
     if finished and dual is not None:
         # nothing forced θ_ℓ to 0: how far the learnt model is from its projection, then (dual) θ_ℓ := 0
         summary.update(thetas_final=dual.thetas().tolist(), multipliers_final=dual.multipliers.tolist(),

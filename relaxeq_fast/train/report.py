@@ -97,6 +97,29 @@ def plot_history(history: list[dict], path: str, title: str = "", metric: str = 
     return path
 
 
+def relaxation_persistence(run_dir: str, fraction: float = 0.1) -> list[dict]:
+    """Which layers of a --theta-schedule dual / elastic run kept their relaxation longest.
+
+    Per relaxed layer (metrics.csv's theta_l<i>, summary.json's layer names): ``name``, ``theta_start`` (after the
+    first epoch), ``theta_final``, ``last_epoch`` (the last epoch whose |θ_ℓ| is at least ``fraction`` × its
+    first-epoch value; 0 if none). Sorted by last_epoch, then |theta_final|, longest-kept first.
+    """
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        names = json.load(f).get("relaxed_layer_names")
+    with open(os.path.join(run_dir, "metrics.csv")) as f:
+        rows = list(csv.DictReader(f))
+    layers = sorted(int(k[len("theta_l"):]) for k in rows[0] if k.startswith("theta_l")) if rows else []
+    if not layers:
+        raise ValueError(f"{run_dir}: no per-layer θ_ℓ in metrics.csv (not a --theta-schedule dual / elastic run)")
+    out = []
+    for i in layers:
+        traj = [abs(float(r[f"theta_l{i}"])) for r in rows]
+        kept = [int(r["epoch"]) for r, t in zip(rows, traj) if t >= fraction * traj[0]]
+        out.append(dict(name=names[i] if names else f"layer {i}", theta_start=float(rows[0][f"theta_l{i}"]),
+                        theta_final=float(rows[-1][f"theta_l{i}"]), last_epoch=max(kept, default=0)))
+    return sorted(out, key=lambda d: (-d["last_epoch"], -abs(d["theta_final"])))
+
+
 def compare_runs(run_dirs: list[str], out_png: Optional[str] = None) -> str:
     """A table of finished runs (projected test metric: accuracy or MSE, equivariance error, time) and, when
     ``out_png`` is given, their test metric and θ per epoch on one plot. Returns the table."""
