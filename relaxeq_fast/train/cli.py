@@ -125,8 +125,8 @@ def _parser() -> argparse.ArgumentParser:
     opt(g, "--dual-lr", "--theta-schedule dual / elastic: step size η of the multipliers' dual ascent "
         "μ_ℓ ← max(0, μ_ℓ + η θ_ℓ²) after every optimiser step (elastic: μ_ℓ ← max(0, μ_ℓ + η (θ_ℓ² − μ_ℓ/α)))",
         type=float, default=d.dual_lr)
-    opt(g, "--theta-lr", "--theta-schedule dual / elastic: the learning rate of the θ_ℓ (default: --lr; no weight "
-        "decay on them). Adam moves a parameter about its lr per step, so θ_ℓ needs ~θ_init / lr steps to reach 0",
+    opt(g, "--theta-lr", "--theta-schedule dual / elastic: the learning rate of the θ_ℓ (no weight decay on "
+        "them). Adam moves a parameter about its lr per step, so θ_ℓ needs ~θ_init / lr steps to reach 0",
         type=float, default=d.theta_lr, default_text="--lr")
     opt(g, "--slack-cost", "--theta-schedule elastic: α, the slack s_ℓ = u_ℓ² costs α s_ℓ²/2; a layer the task keeps "
         "relaxed settles at |θ_ℓ| = (|∂L/∂θ_ℓ| / 2α)^(1/3); needs --dual-lr < 2α", type=float, default=d.slack_cost)
