@@ -6,6 +6,8 @@ elastic: the final model keeps its relaxation, saved as such, with its per-layer
 dispatches at most 1.1× the ops of a triangle step (counted)."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -185,3 +187,17 @@ def test_relaxation_persistence_orders_layers_by_how_long_they_kept_theta(tmp_pa
     with pytest.raises(ValueError, match="no per-layer θ_ℓ"):
         (d / "metrics.csv").write_text("epoch,theta\n1,0.5\n")
         T.relaxation_persistence(str(d))
+
+
+def test_relaxation_report_script_shows_each_layers_theta_and_multiplier(dual_run):
+    run_dir, summary = dual_run
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join(root, "scripts", "relaxation_report.py"), run_dir],
+                         capture_output=True, text=True, check=True).stdout
+    ck = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| ") and "layer" not in line]
+    assert [r[1].strip() for r in rows] == summary["relaxed_layer_names"]
+    # the checkpoint's θ_ℓ (after the last epoch, before θ_ℓ := 0) and μ_ℓ, in relaxed_layers order
+    for r, name, mu in zip(rows, summary["relaxed_layer_names"], ck["theta"]["multipliers"].tolist()):
+        assert float(r[4]) == pytest.approx(float(ck["model"][f"{name}.theta"]), rel=1e-3)
+        assert float(r[5]) == pytest.approx(mu, rel=1e-3)
