@@ -222,7 +222,7 @@ MUTATIONS = [
              "self.multipliers.copy_((self.multipliers - self.dual_lr * self.constraint()).clamp_min(0))",
              ("tests/test_dual_theta.py -k monotone",), "dual descent instead of ascent"),
     Mutation("dual_penalty_not_in_loss", "relaxeq_fast/train/loop.py",
-             "        loss = loss + dual.penalty()", "        loss = loss",
+             "objective = loss + dual.penalty() if dual is not None else loss", "objective = loss",
              ("tests/test_train_dual.py -k logs_per_layer",), "Σ μ_ℓ θ_ℓ² left out of the loss"),
     Mutation("multipliers_not_saved", "relaxeq_fast/relaxation.py",
              'return {"multipliers": self.multipliers.clone()}',

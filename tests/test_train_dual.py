@@ -44,6 +44,9 @@ def test_dual_run_logs_per_layer_theta_and_multipliers_and_ends_projected(dual_r
     for before, after in zip(thetas, thetas[1:]):
         assert all(abs(a) < abs(b) for b, a in zip(before, after))  # and every θ_ℓ falls
     assert all(abs(t) < 0.8 for t in thetas[0])  # from --theta-init
+    # the reported loss is task + regulariser, without the penalty Σ μ_ℓ θ_ℓ² (larger than any task loss here)
+    for row, th, mu in zip(rows, thetas, mus):
+        assert float(row["train_loss"]) < 10 < sum(m * t * t for m, t in zip(mu, th))
     # the row's θ is the mean θ_ℓ
     assert float(rows[-1]["theta"]) == pytest.approx(sum(thetas[-1]) / layers, rel=1e-6)
     # the end: the learnt θ_ℓ and how far the model was from its projection, then θ_ℓ := 0 and projection

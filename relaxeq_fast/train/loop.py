@@ -104,10 +104,11 @@ def train_step(net: nn.Module, model: nn.Module, x: torch.Tensor, y: torch.Tenso
     """
     with torch.autocast(x.device.type, dtype=AMP_DTYPES.get(cfg.amp), enabled=cfg.amp is not None):
         loss, reg, r_ld, r_n, metric_sum = forward_loss_fn(net, model, x, y, cfg, theta_buffer)
-    if dual is not None:
-        loss = loss + dual.penalty()
+    # the objective adds the multipliers' penalty; the reported loss stays task + regulariser, comparable across
+    # θ schedules (Σ μ_ℓ θ_ℓ² grows with μ and would swamp it)
+    objective = loss + dual.penalty() if dual is not None else loss
     opt.zero_grad(set_to_none=True)
-    (scaler.scale(loss) if scaler is not None else loss).backward()
+    (scaler.scale(objective) if scaler is not None else objective).backward()
     if cfg.clip_grad_norm is not None:
         if scaler is not None:
             scaler.unscale_(opt)
