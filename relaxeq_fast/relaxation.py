@@ -280,10 +280,9 @@ def layer_equivariance_errors(model: nn.Module, inputs) -> list[dict]:
     """
     from .nn import RelaxedModule
     from .vn import separate_relaxed_calls
-    names = {id(m): name for name, m in model.named_modules()}
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, RelaxedModule)]
     seen: list = []
-    hooks = [m.register_forward_hook(lambda mod, args, out: seen.append((mod, args, out)))
-             for m in model.modules() if isinstance(m, RelaxedModule)]
+    hooks = [m.register_forward_hook(lambda mod, args, out: seen.append((mod, args, out))) for _, m in layers]
     was_training = model.training
     model.eval()
     try:
@@ -298,9 +297,9 @@ def layer_equivariance_errors(model: nn.Module, inputs) -> list[dict]:
         nearest = mod.project("nearest").eval()
         diff, ref = errors.get(id(mod), (0.0, 0.0))
         errors[id(mod)] = (diff + float((out - nearest(*args)).square().sum()), ref + float(out.square().sum()))
-    return [dict(name=names[id(m)] or type(m).__name__, theta=float(m.theta.detach()),
+    return [dict(name=name or type(m).__name__, theta=float(m.theta.detach()),
                  error=(errors[id(m)][0] / max(errors[id(m)][1], 1e-300)) ** 0.5 if id(m) in errors else float("nan"))
-            for m in model.modules() if isinstance(m, RelaxedModule)]
+            for name, m in layers]
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ from .build import _load_data, augment_batch, build_model
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import AMP_DTYPES, EXTRA_TESTS, NonFiniteLossError, TrainConfig, _fail, validate
 from ..progress import progress
-from .report import _write_metrics, plot_forecast, plot_history
+from .report import _write_metrics, plot_forecast, plot_history, run_kind
 from .task import CLASSIFICATION, Task, final_equivariance_error, persistence_rmse, task_of
 
 @torch.no_grad()
@@ -286,6 +286,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
     dual = theta if isinstance(theta, DualTheta) else None
     # elastic: the final model is the relaxed one (its "_projected" scores are the model's own, no projection)
     keeps_relaxation = getattr(dual, "keeps_relaxation", False)
+    projects = relaxed and not keeps_relaxation
     params = [p for p in model.parameters() if p.requires_grad]
     # the relaxation's own parameters in a group of their own: --relax-lr theta scales their lr by θ; learnt θ_ℓ in
     # a third, at --theta-lr and without weight decay (the constraint, not the decay, is what pulls θ_ℓ to 0)
@@ -370,7 +371,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
         lr = opt.param_groups[0]["lr"]
         sched.step()
         # the current model (θ as it is now) and its projection (θ := 0, W_r dropped) on every split
-        projected = project(copy.deepcopy(model), cfg.projection) if relaxed and not keeps_relaxation else model
+        projected = project(copy.deepcopy(model), cfg.projection) if projects else model
         scores = {}
         for name, split in (("val", val_set), ("test", test_set), *extra_tests.items()):
             if split is None:
@@ -413,8 +414,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
                            layer_equivariance_errors=layer_equivariance_errors(model, task.inputs(probe_x)))
         dual.finish()
     if finished:
-        final = (project(copy.deepcopy(model), cfg.projection) if relaxed and not keeps_relaxation
-                 else copy.deepcopy(model)).eval()
+        final = (project(copy.deepcopy(model), cfg.projection) if projects else copy.deepcopy(model)).eval()
         n_layers = sum(1 for _ in relaxed_layers(model))
         summary.update(
             **{f"{name}_{metric}_projected": evaluate(final, split.x, split.y, cfg.eval_batch_size, device, task)
@@ -434,10 +434,9 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
             torch.save(dict(model=final.state_dict(), config=dataclasses.asdict(cfg),
                             class_names=train_set.class_names), summary["model_file"])
             if task.kind == "forecast":
-                kind = "plain" if cfg.plain else "relaxed, kept" if keeps_relaxation else "relaxed → projected"
                 summary["forecast_plot"] = plot_forecast(final, test_set.x[:1].to(device), test_set.y[:1].to(device),
                                                          os.path.join(run_dir, "forecast.png"),
-                                                         f"{cfg.model} ({kind}), test-future window 0")
+                                                         f"{cfg.model} ({run_kind(summary)}), test-future window 0")
     if rank == 0:
         summary["plot"] = os.path.join(run_dir, "training.png")
         with open(os.path.join(run_dir, "summary.json"), "w") as f:
