@@ -4,6 +4,16 @@
 //   R_LD = Σ_k ⟨C_kᵀ C_k, G⟩ − 2 (A_k,out b_r)ᵀ C_k s + N ‖A_k,out b_r‖²
 //   R_N  = ⟨W_rᵀ W_r, G⟩ + 2 b_rᵀ W_r s + N ‖b_r‖²
 //
+// Evaluated without the C_k G products (three D_out·D_in² GEMMs): expanding ‖C_k‖²_G with A skew gives
+//
+//   Σ_k ⟨C_k G, C_k⟩ = ⟨W H, W⟩ − 2 ⟨W G, V⟩ + ⟨Cas_out W G, W⟩,   H = Σ_k A_k G A_kᵀ,  V = Σ_k A_k,out W A_k,inᵀ
+//
+// where H and V are formed by structure (O(D²·(2l+1)) per generator) and Cas = Σ_k A_kᵀ A_k is l(l+1) on an
+// irrep block of degree l (the Casimir of the standard generators `irrep_generators`, which callers pass).
+// The gradient 2 (W H − Σ_k A_k,out (W G) A_k,inᵀ − V G + Cas W G) needs V G as well: its two cross terms
+// are adjoints of each other and agree only when G commutes with the generators, so three products
+// W·[G | H] and V·G stand where C_k G and W G were four (and R_N reuses W G).
+//
 // or, given the N input rows X themselves (cheaper when N < D_in), the same sums taken over the rows:
 // Σ_k ‖C_k Xᵀ − A_k b_r 1ᵀ‖² and ‖W_r Xᵀ + b_r 1ᵀ‖². The generators act by structure: per irrep block
 // (mul, l) one small matmul with that degree's [3, 2l+1, 2l+1] generators, never a dense [D, D] A_k.
@@ -73,6 +83,30 @@ at::Tensor lie_derivative(const at::Tensor& W, at::IntArrayRef irreps_in, at::In
          apply_generators(W.transpose(-1, -2), irreps_out, generators, per_k).transpose(-1, -2);
 }
 
+// Σ_k A_k,left X A_k,rightᵀ for X [..., P, Q]: A_left acts on the P index, A_right on the Q index.
+at::Tensor generator_sandwich(const at::Tensor& X, at::IntArrayRef irreps_left, at::IntArrayRef irreps_right,
+                              at::TensorList generators) {
+  const auto right = apply_generators(X, irreps_right, generators, false);  // entry k: X A_k,rightᵀ
+  // entry k: A_k,right Xᵀ A_k,leftᵀ, the transpose of the wanted A_k,left X A_k,rightᵀ
+  return apply_generators(right.transpose(-1, -2), irreps_left, generators, true).sum(0).transpose(-1, -2);
+}
+
+// Cas x with Cas = Σ_k A_kᵀ A_k = l(l+1) on a degree-l block, acting along dim of x (a scale per block:
+// no host-to-device copy of a table, so the op stays free of syncs on CUDA).
+at::Tensor casimir_times(const at::Tensor& x, at::IntArrayRef irreps, int64_t dim) {
+  std::vector<at::Tensor> parts;
+  int64_t start = 0;
+  bool one_degree = true;
+  for (size_t i = 0; i + 1 < irreps.size(); i += 2) one_degree = one_degree && irreps[i + 1] == irreps[1];
+  if (one_degree) return x * static_cast<double>(irreps[1] * (irreps[1] + 1));
+  for (size_t i = 0; i + 1 < irreps.size(); i += 2) {
+    const int64_t l = irreps[i + 1], width = irreps[i] * (2 * l + 1);
+    parts.push_back(x.narrow(dim, start, width) * static_cast<double>(l * (l + 1)));
+    start += width;
+  }
+  return at::cat(parts, dim);
+}
+
 void check_args(const char* op, const at::Tensor& W, const std::optional<at::Tensor>& b,
                        const at::Tensor& G, const at::Tensor& s, const std::optional<at::Tensor>& rows,
                        int64_t n, at::IntArrayRef irreps_in, at::IntArrayRef irreps_out,
@@ -117,12 +151,12 @@ void check_args(const char* op, const at::Tensor& W, const std::optional<at::Ten
 }
 
 // R_LD, R_N and their gradients w.r.t. W_r and b_r for unit upstream gradients, per layer. The gradients
-// are products the values need anyway (C_k G and W G, or Z_k = C_k Xᵀ − A_k b 1ᵀ over rows), so the forward
-// returns them and the backward only scales them by the upstream [L] gradients (recomputing them there
-// cost as much as the forward again: D_out·D_in² per product):
-//   dR_LD/dW = Σ_k (P_k A_k,inᵀ − A_k,outᵀ P_k),  P_k = 2 (C_k G − A_k b sᵀ)   (rows: 2 Z_k X)
-//   dR_N/dW  = 2 (W G + b sᵀ)                                                  (rows: 2 (W Xᵀ + b 1ᵀ) X)
-//   dR_LD/db = −2 Σ_k A_kᵀ (C_k s − n A_k b),  dR_N/db = 2 (W s + n b)           (rows: the row sums of Z)
+// come from the products the values need anyway (W·[G | H] and V·G, or Z_k = C_k Xᵀ − A_k b 1ᵀ over rows), so
+// the forward returns them and the backward only scales them by the upstream [L] gradients (recomputing
+// them there cost as much as the forward again: D_out·D_in² per product):
+//   dR_LD/dW = 2 (U − Σ_k (A_k b)(A_k s)ᵀ + (Cas b) sᵀ), U as below   (rows: Σ_k (P_k A_k,inᵀ − A_k,outᵀ P_k), P_k = 2 Z_k X)
+//   dR_N/dW  = 2 (W G + b sᵀ)                                         (rows: 2 (W Xᵀ + b 1ᵀ) X)
+//   dR_LD/db = 2 (Cas W s + n Cas b − V s),  dR_N/db = 2 (W s + n b)  (rows: the row sums of Z)
 // grad_b_* are [0] without b_r.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
     const at::Tensor& W_r, const std::optional<at::Tensor>& b_r, const at::Tensor& G, const at::Tensor& s,
@@ -131,14 +165,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_args("relaxation_regularizer", W_r, b_r, G, s, rows, n, irreps_in, irreps_out, generators);
   const auto dt = G.scalar_type();
   const auto W = W_r.to(dt);
-  const auto C = lie_derivative(W, irreps_in, irreps_out, generators, false);  // [3, L, D_out, D_in]
   std::optional<at::Tensor> b, Ab;
   if (b_r.has_value()) {
     b = b_r->to(dt);
     Ab = apply_generators(*b, irreps_out, generators, false);  // [3, L, D_out]
   }
-  at::Tensor r_ld, r_n, P, Pn, lie_sum, out_sum;  // P, Pn: halves of dR/dC, dR/dW; *_sum: the bias gradients' vectors
+  at::Tensor r_ld, r_n, grad_W_ld, grad_W_n, grad_b_ld, grad_b_n;
   if (rows.has_value()) {
+    const auto C = lie_derivative(W, irreps_in, irreps_out, generators, false);  // [3, L, D_out, D_in]
     const auto X = rows->to(dt);
     const auto Xt = X.transpose(-1, -2);  // [L, D_in, n]
     auto Z = at::matmul(C, Xt), Zn = at::matmul(W, Xt);  // [3, L, D_out, n], [L, D_out, n]
@@ -148,36 +182,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     }
     r_ld = Z.square().sum({0, 2, 3});
     r_n = Zn.square().sum({1, 2});
-    P = at::matmul(Z, X);
-    Pn = at::matmul(Zn, X);
+    const auto P = at::matmul(Z, X), Pn = at::matmul(Zn, X);  // halves of dR/dC, dR/dW
+    // dC = dW A_in − A_out dW, so dW = Σ_k P_k A_inᵀ − A_outᵀ P_k = −Σ_k (P_k A_in − A_out P_k) (A skew)
+    grad_W_ld = -2 * lie_derivative(P, irreps_in, irreps_out, generators, true).sum(0);
+    grad_W_n = 2 * Pn;
     if (b.has_value()) {
-      lie_sum = Z.sum(-1);
-      out_sum = Zn.sum(-1);
+      grad_b_ld = 2 * apply_generators(Z.sum(-1), irreps_out, generators, true).sum(0);
+      grad_b_n = 2 * Zn.sum(-1);
     }
   } else {
-    P = at::matmul(C, G);
-    Pn = at::matmul(W, G);
-    r_ld = (P * C).sum({0, 2, 3});
-    r_n = (Pn * W).sum({1, 2});
+    // the two-product form of the file comment; s rides along as one more column of the products
+    const int64_t d_in = G.size(-1);
+    const auto V = generator_sandwich(W, irreps_out, irreps_in, generators);  // [L, D_out, D_in]
+    const auto H = generator_sandwich(G, irreps_in, irreps_in, generators);  // [L, D_in, D_in]
+    const auto s_col = s.unsqueeze(-1);
+    const auto WGH = at::matmul(W, b.has_value() ? at::cat({G, H, s_col}, -1) : at::cat({G, H}, -1));
+    const auto VG = at::matmul(V, b.has_value() ? at::cat({G, s_col}, -1) : G);
+    const auto WG = WGH.narrow(-1, 0, d_in), WH = WGH.narrow(-1, d_in, d_in);
+    // U = W H − Σ_k A_k,out (W G) A_k,inᵀ − V G + Cas W G = ½ dR_LD/dW without the bias, and R_LD = ⟨U, W⟩
+    auto U = WH - VG.narrow(-1, 0, d_in) - generator_sandwich(WG, irreps_out, irreps_in, generators) +
+             casimir_times(WG, irreps_out, -2);
+    r_ld = (U * W).sum({1, 2});
+    r_n = (WG * W).sum({1, 2});
+    auto Un = WG;
     if (b.has_value()) {
-      const auto Cs = at::matmul(C, s.unsqueeze(-1)).squeeze(-1);  // [3, L, D_out]
-      const auto Ws = at::matmul(W, s.unsqueeze(-1)).squeeze(-1);
-      r_ld = r_ld - 2 * (*Ab * Cs).sum({0, 2}) + static_cast<double>(n) * Ab->square().sum({0, 2});
-      r_n = r_n + 2 * (*b * Ws).sum(-1) + static_cast<double>(n) * b->square().sum(-1);
-      P = P - Ab->unsqueeze(-1) * s.unsqueeze(0).unsqueeze(-2);
-      Pn = Pn + b->unsqueeze(-1) * s.unsqueeze(-2);
-      lie_sum = Cs - static_cast<double>(n) * *Ab;
-      out_sum = Ws + static_cast<double>(n) * *b;
+      const auto Ws = WGH.select(-1, 2 * d_in), Vs = VG.select(-1, d_in);  // [L, D_out]
+      const auto cas_b = casimir_times(*b, irreps_out, -1);
+      const auto As = apply_generators(s, irreps_in, generators, false);  // [3, L, D_in]
+      const double nd = static_cast<double>(n);
+      // −2 Σ_k (A_k b)ᵀ C_k s = −2 bᵀ V s + 2 (Cas b)ᵀ W s, and N Σ_k ‖A_k b‖² = N bᵀ Cas b
+      r_ld = r_ld + (*b * (-2 * Vs + nd * cas_b)).sum(-1) + 2 * (cas_b * Ws).sum(-1);
+      r_n = r_n + 2 * (*b * Ws).sum(-1) + nd * b->square().sum(-1);
+      U = U - at::matmul(Ab->unsqueeze(-1), As.unsqueeze(-2)).sum(0) + cas_b.unsqueeze(-1) * s.unsqueeze(-2);
+      Un = Un + b->unsqueeze(-1) * s.unsqueeze(-2);
+      grad_b_ld = 2 * (casimir_times(Ws, irreps_out, -1) + nd * cas_b - Vs);
+      grad_b_n = 2 * (Ws + nd * *b);
     }
+    grad_W_ld = 2 * U;
+    grad_W_n = 2 * Un;
   }
-  // dC = dW A_in − A_out dW, so dW = Σ_k P_k A_inᵀ − A_outᵀ P_k = −Σ_k (P_k A_in − A_out P_k) (A skew)
-  auto grad_W_ld = -2 * lie_derivative(P, irreps_in, irreps_out, generators, true).sum(0);
-  auto grad_W_n = 2 * Pn;
-  at::Tensor grad_b_ld, grad_b_n;
-  if (b.has_value()) {
-    grad_b_ld = 2 * apply_generators(lie_sum, irreps_out, generators, true).sum(0);
-    grad_b_n = 2 * out_sum;
-  } else {
+  if (!b.has_value()) {
     grad_b_ld = at::empty({0}, G.options());
     grad_b_n = at::empty({0}, G.options());
   }

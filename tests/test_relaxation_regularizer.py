@@ -13,12 +13,14 @@ from relaxeq_fast.regularizer import (_flat_irreps, _generator_list, relaxation_
                                       relaxation_regularizers)
 from relaxeq_fast.vn import model_regularizers, set_theta
 
-from testing import DEVICES, WRITABLE_LAYOUTS, RecordOps, assert_close_scaled, contiguous64, layouts, with_layout
+from testing import (DEVICES, WRITABLE_LAYOUTS, RecordOps, assert_close_scaled, contiguous64, jvp_lie_derivative_norm2,
+                     layouts, relaxed_layer, rep_features, with_layout)
 
 pytestmark = pytest.mark.skipif(not _ops.EXTENSION_LOADED, reason="the native extension is not built")
 
-REP_PAIRS = [(VN(4), VN(3)), (Irreps("2x0+1x1+1x2"), Irreps("1x0+2x1+1x3")), (Irreps("1x0"), Irreps("2x0"))]
-IDS = ["vn", "irreps_l0-3", "scalars"]
+REP_PAIRS = [(VN(4), VN(3)), (Irreps("2x0+1x1+1x2"), Irreps("1x0+2x1+1x3")), (Irreps("1x0"), Irreps("2x0")),
+             (Irreps("1x0e+1x0o+1x1o+1x2e+1x3o"), Irreps("2x0e+1x1e+1x3o"))]
+IDS = ["vn", "irreps_l0-3", "scalars", "o3_parity"]
 # float64: the op and the dense reference differ only by summation order. float32: G and the products are
 # float32 (the statistics' dtype), ~1e-6 of the largest term.
 RTOL = {torch.float64: 1e-10, torch.float32: 2e-5}
@@ -277,3 +279,31 @@ def test_reference_function_is_the_algebra_the_op_implements():
         e_ld, e_n = dense_ref(W.detach(), b.detach(), X, rin, rout)
         assert_close_scaled(r_ld, e_ld, 1e-10, "ref R_LD")
         assert_close_scaled(r_n, e_n, 1e-10, "ref R_N")
+
+
+# The closed form the op evaluates (W·[G | H] and V·G, csrc/relaxation_regularizer.cpp) against the Lie
+# derivative's definition by forward-mode AD, for the layer's own relaxation weights (full, or the complement
+# W_r − P_eq W_r), with O(3) parities and l up to 3; its gradient against reverse mode through that jvp.
+JVP_PAIRS = [(VN(4), VN(6)), (Irreps("2x0+1x1+1x2+1x3"), Irreps("1x0+2x1+1x2+2x3")),
+             (Irreps("2x0e+1x0o+2x1o+1x1e+1x2e+1x3o"), Irreps("1x0e+1x0o+1x1o+2x1e+1x2o+2x3o"))]
+
+
+@pytest.mark.parametrize("relax_space", ["full", "complement"])
+@pytest.mark.parametrize("rin,rout", JVP_PAIRS, ids=["vn", "irreps_l0-3", "o3_parity"])
+def test_closed_form_and_its_gradient_equal_the_jvp_definition(rin, rout, relax_space):
+    layer = relaxed_layer(rin, rout, relax_space=relax_space)
+    x = rep_features(rin, 50)
+    layer.train()
+    with use_backend("native"):
+        layer(x)
+        r_ld = layer.regularizers().lie_derivative
+    with use_backend("reference"):
+        jvp_total = jvp_lie_derivative_norm2(layer, x, rin, rout)
+    theta = float(layer.theta)
+    assert jvp_total.item() > 1e-3, "test must exercise a non-equivariant branch"
+    assert_close_scaled(theta ** 2 * r_ld, jvp_total, 1e-10, "θ² R_LD vs jvp")
+    params = (layer.weight_relax, layer.bias_relax)
+    got = torch.autograd.grad(theta ** 2 * r_ld, params)
+    want = torch.autograd.grad(jvp_total, params)
+    for name, g, w in zip(("dW_r", "db_r"), got, want):
+        assert_close_scaled(g, w, 1e-10, name)

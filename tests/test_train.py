@@ -559,9 +559,12 @@ def test_paper_relaxed_maps(tmp_path):
         std = [m for m in model.modules() if isinstance(m, VNStdFeature)]
         return len(rel), sum(d.bias_relax is None for d in dirs), len(dirs), isinstance(std[0].vn_lin, RelaxedLinear)
 
-    n_all, nobias_all, n_dirs, std_all = count(VNPointNet(num_classes=5, k=4, relaxed=True, width=0.1))
+    n_all, nobias_all, n_dirs, std_all = count(VNPointNet(num_classes=5, k=4, relaxed=True, width=0.1,
+                                                          relaxed_maps="all"))
     n_paper, nobias_paper, n_dirs_paper, std_paper = count(
         VNPointNet(num_classes=5, k=4, relaxed=True, width=0.1, relaxed_maps="paper"))
+    assert count(VNPointNet(num_classes=5, k=4, relaxed=True, width=0.1)) == (n_paper, nobias_paper, n_dirs_paper,
+                                                                               std_paper), "the default is 'paper'"
     assert std_all and not std_paper and n_paper == n_all - 1
     assert nobias_all == 0 and nobias_paper == n_dirs_paper == n_dirs > 0
     with pytest.raises(ValueError, match="relaxed_maps must be one of"):

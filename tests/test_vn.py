@@ -351,8 +351,12 @@ def test_relax_is_exact_and_projection_loads_into_plain_class(pointnet_pair):
 
 def test_pointnet_relaxed_flag_and_training_step():
     torch.manual_seed(0)
+    # the default is the paper's relaxed maps (as relaxeq-train): every VN map but VNStdFeature's last
+    every_map = VNPointNet(num_classes=4, k=5, relaxed=True, relaxed_maps="all")
+    assert len(list(relaxed_layers(every_map))) == 23
     model = VNPointNet(num_classes=4, k=5, relaxed=True, relax_kwargs={"theta": 1.0})
-    assert len(list(relaxed_layers(model))) == 23
+    assert len(list(relaxed_layers(model))) == 22
+    assert not isinstance(model.std_feature.vn_lin, RelaxedLinear)
     x, labels = torch.randn(4, 16, 3), torch.tensor([0, 1, 2, 3])
     loss = torch.nn.functional.nll_loss(model(x), labels)
     from relaxeq_fast import combine_regularizers

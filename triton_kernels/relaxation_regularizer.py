@@ -6,16 +6,21 @@ The algebra is the native op's (csrc/relaxation_regularizer.cpp, DESIGN §1), fo
     C_k  = W A_k,in − A_k,out W
     R_LD = Σ_k ⟨C_k G, C_k⟩ − 2 (A_k b)·(C_k s) + n ‖A_k b‖²     R_N = ⟨W G, W⟩ + 2 b·(W s) + n ‖b‖²
 
-or over the rows X: Σ_k ‖C_k Xᵀ − A_k b 1ᵀ‖², ‖W Xᵀ + b 1ᵀ‖². Two kernels do the work:
+evaluated in the native op's form without the C_k G products: with H = Σ_k A_k G A_kᵀ, V = Σ_k A_k,out W A_k,inᵀ
+and Cas = l(l+1) per irrep block, Σ_k ⟨C_k G, C_k⟩ = ⟨U, W⟩ with U = W H − Σ_k A_k,out (W G) A_k,inᵀ − V G + Cas W G
+(= ½ its gradient); or over the rows X: Σ_k ‖C_k Xᵀ − A_k b 1ᵀ‖², ‖W Xᵀ + b 1ᵀ‖². Three kernels do the work:
 
 * ``_lie_kernel``: Y_k = X B_k,in − B_k,out X by structure (B = A, or Aᵀ for the backward's adjoint),
   from per-index tables of the irreps (start of each index's (2l+1)-block, its place in it, its l) and the
   generators padded to 7 × 7: each entry reads at most 2 × 7 entries of X, never a dense [D, D] generator.
-  With SUM_K the three k are summed in the program (the backward's Σ_k).
-* ``_bmm_kernel``: batched X_j @ Y_(j mod L) with tl.dot, optionally stored, optionally reduced in the
-  same program against a third matrix (Σ_i (X G)_oi Q_oi: the quadratic forms ⟨C G, C⟩, ⟨W G, W⟩) or as
-  a sum of squares after subtracting a per-row vector (the rows path). Per-row partial sums are written
-  out and summed by the host: no atomics, so the op is deterministic.
+  With SUM_K the three k are summed in the program (the backward's Σ_k). The rows path's C_k.
+* ``_sandwich_kernel``: Σ_k A_k,left X A_k,rightᵀ by the same tables (at most 7 × 7 entries of X per entry):
+  V, H and the cross term of U.
+* ``_bmm_kernel``: batched X_j @ Y_j with tl.dot, optionally stored, optionally reduced in the
+  same program against a third matrix (Σ_i (X G)_oi Q_oi: the quadratic forms ⟨W G, W⟩, ⟨W H, W⟩, ⟨V G, W⟩ of
+  the three products W·G, W·H, V·G, one launch) or as a sum of squares after subtracting a per-row vector (the
+  rows path). Per-row partial sums are written out and summed by the host: no atomics, so the op is
+  deterministic.
 
 The forward also returns the per-layer gradients for unit upstream gradients (they are the products the
 values need anyway), so the backward only scales them. Vectors (C s, A b and the bias terms) are a few small
@@ -49,6 +54,13 @@ GEN = 7  # generators padded to 7 × 7: l ≤ 3
 
 
 @triton.jit
+def _layout(base, place, degree, idx, ok):
+    """(start of the block, place in it, l) of the irreps indices idx, from _layout_tables."""
+    return (tl.load(base + idx, mask=ok, other=0), tl.load(place + idx, mask=ok, other=0),
+            tl.load(degree + idx, mask=ok, other=0))
+
+
+@triton.jit
 def _lie_kernel(X, Y, GENS, base_in, m_in, l_in, base_out, m_out, l_out, O, I, L,
                 sx_k, sx_l, sx_o, sx_i,
                 NL: tl.constexpr, DMAX: tl.constexpr, SUM_K: tl.constexpr, DT: tl.constexpr,
@@ -58,13 +70,9 @@ def _lie_kernel(X, Y, GENS, base_in, m_in, l_in, base_out, m_out, l_out, O, I, L
     i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     r_ok, i_ok = r < L * O, i < I
     lay, o = r // O, r % O
-    b_i = tl.load(base_in + i, mask=i_ok, other=0)
-    p_i = tl.load(m_in + i, mask=i_ok, other=0)
-    g_i = tl.load(l_in + i, mask=i_ok, other=0)
+    b_i, p_i, g_i = _layout(base_in, m_in, l_in, i, i_ok)
     d_i = 2 * g_i + 1
-    b_o = tl.load(base_out + o, mask=r_ok, other=0)
-    p_o = tl.load(m_out + o, mask=r_ok, other=0)
-    g_o = tl.load(l_out + o, mask=r_ok, other=0)
+    b_o, p_o, g_o = _layout(base_out, m_out, l_out, o, r_ok)
     d_o = 2 * g_o + 1
     ok = r_ok[:, None] & i_ok[None, :]
     total = tl.zeros((BLOCK_R, BLOCK_I), dtype=DT)
@@ -90,6 +98,33 @@ def _lie_kernel(X, Y, GENS, base_in, m_in, l_in, base_out, m_out, l_out, O, I, L
             tl.store(Y + (k * L * O + r[:, None]) * I + i[None, :], acc, mask=ok)
     if SUM_K:
         tl.store(Y + r[:, None] * I + i[None, :], total, mask=ok)
+
+
+@triton.jit
+def _sandwich_kernel(X, Y, GENS, base_p, m_p, l_p, base_q, m_q, l_q, P, Q, L, sx_l, sx_p, sx_q,
+                     NL: tl.constexpr, DMAX: tl.constexpr, DT: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_Q: tl.constexpr):
+    # Y[l, p, q] = Σ_k Σ_a Σ_c gen_k,l(p)[place(p), a] · X[l, block(p) + a, block(q) + c] · gen_k,l(q)[place(q), c]
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    q = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    r_ok, q_ok = r < L * P, q < Q
+    lay, p = r // P, r % P
+    b_p, w_p, g_p = _layout(base_p, m_p, l_p, p, r_ok)
+    b_q, w_q, g_q = _layout(base_q, m_q, l_q, q, q_ok)
+    acc = tl.zeros((BLOCK_R, BLOCK_Q), dtype=DT)
+    for a in tl.static_range(DMAX):
+        ok_a = r_ok & (a < 2 * g_p + 1)
+        for c in tl.static_range(DMAX):
+            ok_c = q_ok & (c < 2 * g_q + 1)
+            x = tl.load(X + lay[:, None] * sx_l + (b_p + a)[:, None] * sx_p + (b_q + c)[None, :] * sx_q,
+                        mask=ok_a[:, None] & ok_c[None, :], other=0.0).to(DT)
+            coef = tl.zeros((BLOCK_R, BLOCK_Q), dtype=DT)
+            for k in tl.static_range(3):
+                left = tl.load(GENS + ((k * NL + g_p) * GEN + w_p) * GEN + a, mask=ok_a, other=0.0).to(DT)
+                right = tl.load(GENS + ((k * NL + g_q) * GEN + w_q) * GEN + c, mask=ok_c, other=0.0).to(DT)
+                coef += left[:, None] * right[None, :]
+            acc += coef * x
+    tl.store(Y + r[:, None] * Q + q[None, :], acc, mask=r_ok[:, None] & q_ok[None, :])
 
 
 @triton.jit
@@ -182,6 +217,31 @@ def _lie(X: torch.Tensor, irreps_in, irreps_out, gens: torch.Tensor, per_k: bool
     return out
 
 
+def _sandwich(X: torch.Tensor, irreps_p, irreps_q, gens: torch.Tensor) -> torch.Tensor:
+    """X [L, P, Q] → Σ_k A_k,p X A_k,qᵀ [L, P, Q]: A_p acts on the P index (irreps_p), A_q on the Q index."""
+    L, P, Q = X.shape
+    out = X.new_empty((L, P, Q))
+    if X.numel() == 0:
+        return out.zero_()
+    t_p, t_q = _layout_tables(tuple(irreps_p), X.device), _layout_tables(tuple(irreps_q), X.device)
+    d_max = 2 * max(list(irreps_p[1::2]) + list(irreps_q[1::2])) + 1
+    cap_r, cap_q = (32, 32) if X.device.type == "cuda" else (256, 64)  # interpreter: few, large programs
+    block_r = min(cap_r, triton.next_power_of_2(L * P))
+    block_q = min(cap_q, triton.next_power_of_2(Q))
+    _sandwich_kernel[(triton.cdiv(L * P, block_r), triton.cdiv(Q, block_q))](
+        X, out, gens, *t_p, *t_q, P, Q, L, *X.stride(),
+        NL=gens.shape[1], DMAX=d_max, DT=_dot_dtype(X), BLOCK_R=block_r, BLOCK_Q=block_q)
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _casimir(irreps: Tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """[D]: l(l+1) at every index of a degree-l block, Σ_k A_kᵀ A_k of the standard generators (cached, so
+    the host-to-device copy happens once per irreps)."""
+    values = [float(l * (l + 1)) for mul, l in zip(irreps[::2], irreps[1::2]) for _ in range(mul * (2 * l + 1))]
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
 def _bmm(A: torch.Tensor, B: torch.Tensor, store: bool = True, reduce: int = 0, Q: Optional[torch.Tensor] = None,
          vec: Optional[torch.Tensor] = None):
     """A [J, M, K] (any strides), B [L, K, N] with J a multiple of L → (A_j @ B_(j mod L) [J, M, N] or None,
@@ -226,21 +286,22 @@ def relaxation_regularizer_triton(W_r: torch.Tensor, b_r: Optional[torch.Tensor]
     unit gradients the backward scales (see the native op): dR_LD/dW, dR_N/dW [L, D_out, D_in], dR_LD/db,
     dR_N/db [L, D_out] ([0] without b_r).
 
-    dR_LD/dW = Σ_k (P_k A_inᵀ − A_outᵀ P_k), P_k = 2 (C_k G − A_k b sᵀ); dR_N/dW = 2 (W G + b sᵀ) (over rows:
-    2 Z_k X, 2 Z_n X); dR_LD/db = −2 Σ_k A_kᵀ (C_k s − n A_k b), dR_N/db = 2 (W s + n b)."""
+    dR_LD/dW = 2 (U − Σ_k (A_k b)(A_k s)ᵀ + (Cas b) sᵀ), dR_N/dW = 2 (W G + b sᵀ), dR_LD/db = 2 (Cas W s + n Cas b
+    − V s), dR_N/db = 2 (W s + n b); over the rows: dR_LD/dW = Σ_k (P_k A_inᵀ − A_outᵀ P_k) with P_k = 2 Z_k X,
+    dR_N/dW = 2 Z_n X, and the row sums of Z_k, Z_n for the bias."""
     opname = "relaxation_regularizer (triton)"
     _ops.check_relaxation_regularizer_args(W_r, b_r, G, s, rows, n, irreps_in, irreps_out, generators, op=opname)
     check_device(G, opname, _bmm_kernel, "relaxeq_fast.triton_kernels.relaxation_regularizer")
     dt = G.dtype
     W = W_r.detach().to(dt)
     L = W.shape[0]
-    gens, gens_t = _gen_table(generators, transpose=False), _gen_table(generators, transpose=True)
-    C = _lie(W, irreps_in, irreps_out, gens, per_k=False, sum_k=False)  # [3, L, O, I]
-    Cj = C.view(3 * L, *W.shape[1:])
+    gens = _gen_table(generators, transpose=False)
     b = None if b_r is None else b_r.detach().to(dt)
     Ab = None if b is None else _apply_to_vectors(b, irreps_out, gens)  # [3, L, O]
     lie_sum = out_sum = None
     if rows is not None:
+        gens_t = _gen_table(generators, transpose=True)
+        Cj = _lie(W, irreps_in, irreps_out, gens, per_k=False, sum_k=False).view(3 * L, *W.shape[1:])  # C_k
         X = rows.detach().to(dt)
         Z, _ = _bmm(Cj, X.transpose(-1, -2))  # [3L, O, n]
         Zn, _ = _bmm(W, X.transpose(-1, -2))  # [L, O, n]
@@ -252,28 +313,39 @@ def relaxation_regularizer_triton(W_r: torch.Tensor, b_r: Optional[torch.Tensor]
         P, _ = _bmm(Z, X)
         Pn, _ = _bmm(Zn, X)
         P = P.view(3, L, *W.shape[1:])
-    else:
-        # the products, and the quadratic forms ⟨C G, C⟩, ⟨W G, W⟩ reduced in the same programs
-        P, red_ld = _bmm(Cj, G, store=True, reduce=1, Q=Cj)
-        Pn, red_n = _bmm(W, G, store=True, reduce=1, Q=W)
-        P = P.view(3, L, *W.shape[1:])
-        r_ld, r_n = red_ld.view(3, L, -1).sum((0, 2)), red_n.sum(-1)
+        grad_W_ld = 2 * _lie(P, irreps_in, irreps_out, gens_t, per_k=True, sum_k=True)  # Σ_k P_k A_inᵀ − A_outᵀ P_k
+        grad_W_n = 2 * Pn
         if b is not None:
-            Cs = (C @ s.unsqueeze(-1)).squeeze(-1)  # [3, L, O]
-            Ws = (W @ s.unsqueeze(-1)).squeeze(-1)
-            r_ld = r_ld - 2 * (Ab * Cs).sum((0, 2)) + n * Ab.square().sum((0, 2))
+            # −2 Σ_k A_kᵀ lie_sum_k: the per-k adjoint action on vectors, summed
+            grad_b_ld = -2 * _apply_to_vectors(lie_sum, irreps_out, gens_t, per_k=True, sum_k=True)
+            grad_b_n = 2 * out_sum
+    else:
+        V = _sandwich(W, irreps_out, irreps_in, gens)  # [L, O, I]
+        H = _sandwich(G, irreps_in, irreps_in, gens)  # [L, I, I]
+        # W·G, W·H, V·G in one launch, each reduced against W in the same programs: ⟨W G, W⟩ = R_N without the
+        # bias, ⟨W H, W⟩ and ⟨V G, W⟩ (= ⟨W G, V⟩, G symmetric)
+        prods, red = _bmm(torch.cat([W, W, V]), torch.cat([G, H, G]), store=True, reduce=1, Q=torch.cat([W, W, W]))
+        WG, WH, VG = prods.split(L)
+        r_n, wh_w, vg_w = red.view(3, L, -1).sum(-1)
+        cas_out = _casimir(tuple(irreps_out), W.device, dt)
+        T = cas_out[:, None] * WG - _sandwich(WG, irreps_out, irreps_in, gens)
+        U = WH - VG + T  # ½ dR_LD/dW without the bias; R_LD = ⟨U, W⟩
+        r_ld = wh_w - vg_w + (T * W).sum((1, 2))
+        Un = WG
+        if b is not None:
+            Ws, Vs = (W @ s.unsqueeze(-1)).squeeze(-1), (V @ s.unsqueeze(-1)).squeeze(-1)  # [L, O]
+            cas_b = cas_out * b
+            As = _apply_to_vectors(s, irreps_in, gens)  # [3, L, I]
+            # −2 Σ_k (A_k b)ᵀ C_k s = −2 bᵀ V s + 2 (Cas b)ᵀ W s;  n Σ_k ‖A_k b‖² = n bᵀ Cas b
+            r_ld = r_ld + (b * (n * cas_b - 2 * Vs)).sum(-1) + 2 * (cas_b * Ws).sum(-1)
             r_n = r_n + 2 * (b * Ws).sum(-1) + n * b.square().sum(-1)
-            P = P - Ab.unsqueeze(-1) * s.unsqueeze(-2)
-            Pn = Pn + b.unsqueeze(-1) * s.unsqueeze(-2)
-            lie_sum, out_sum = Cs - n * Ab, Ws + n * b
-    grad_W_ld = 2 * _lie(P, irreps_in, irreps_out, gens_t, per_k=True, sum_k=True)  # Σ_k P_k A_inᵀ − A_outᵀ P_k
-    grad_W_n = 2 * Pn
+            U = U - torch.einsum("klo,kli->loi", Ab, As) + cas_b.unsqueeze(-1) * s.unsqueeze(-2)
+            Un = Un + b.unsqueeze(-1) * s.unsqueeze(-2)
+            grad_b_ld = 2 * (cas_out * Ws + n * cas_b - Vs)
+            grad_b_n = 2 * (Ws + n * b)
+        grad_W_ld, grad_W_n = 2 * U, 2 * Un
     if b is None:
         grad_b_ld, grad_b_n = W.new_empty((0,)), W.new_empty((0,))
-    else:
-        # −2 Σ_k A_kᵀ lie_sum_k: the per-k adjoint action on vectors, summed
-        grad_b_ld = -2 * _apply_to_vectors(lie_sum, irreps_out, gens_t, per_k=True, sum_k=True)
-        grad_b_n = 2 * out_sum
     return r_ld, r_n, grad_W_ld, grad_W_n, grad_b_ld, grad_b_n
 
 

@@ -26,11 +26,12 @@ class VNDGCNN(nn.Module):
             relax_init, backend, ...) go in ``relax_kwargs``.
         dropout: dropout probability in the MLP head.
         width: every VN channel count scaled by this (1 = published; smaller for quick CPU runs).
-        relaxed_maps: "all" (every VN map) or "paper" (as the public code; module docstring).
+        relaxed_maps: "paper" (the default: as the public code and relaxeq-train; module docstring) or "all"
+            (every VN map).
     """
 
     def __init__(self, num_classes: int = 40, k: int = 20, relaxed: bool = False, dropout: float = 0.5,
-                 relax_kwargs: dict | None = None, width: float = 1.0, relaxed_maps: str = "all"):
+                 relax_kwargs: dict | None = None, width: float = 1.0, relaxed_maps: str = "paper"):
         super().__init__()
         _check_width(width)
         self.k, self.num_classes = k, num_classes

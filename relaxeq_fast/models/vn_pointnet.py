@@ -2,11 +2,11 @@
 
 The published architecture with channel widths divided by 3, k = 20 nearest neighbours, mean pooling,
 the VN STN on the 64/3-channel features, and rotation-invariant heads (VNStdFeature,
-pooling over points, MLP). ``relaxed=True`` relaxes every VN map (``relaxed_maps="all"``: every
-VNLinearLeakyReLU's maps, every VNLinear, the maps inside VNStdFeature and the STN — not pooling, not
-the invariant MLP head), or what the paper's public code relaxes (``relaxed_maps="paper"``: the same
-except VNStdFeature's last map, which stays equivariant, and the direction maps, relaxed without a
-relaxation bias).
+pooling over points, MLP). ``relaxed=True`` relaxes what the paper's public code relaxes (the default
+``relaxed_maps="paper"``: every VNLinearLeakyReLU's maps, every VNLinear, the maps inside VNStdFeature and
+the STN — not pooling, not the invariant MLP head — except VNStdFeature's last map, which stays
+equivariant, and with the direction maps relaxed without a relaxation bias), or every VN map
+(``relaxed_maps="all"``: the worst setting measured, README "Does relaxation help?", and slower).
 """
 from __future__ import annotations
 
@@ -56,7 +56,8 @@ class VNPointNet(nn.Module):
         k: neighbours for the first edge features (k ≤ P required).
         relaxed: build relaxed (see the module docstring); kwargs for RelaxedLinear (theta,
             relax_init, backend, ...) go in ``relax_kwargs``.
-        relaxed_maps: "all" (every VN map) or "paper" (as the public code; module docstring).
+        relaxed_maps: "paper" (the default: as the public code and relaxeq-train; module docstring) or "all"
+            (every VN map).
         feature_transform: use the VN STN (the published model does).
         dropout: dropout probability in the MLP head.
         width: every VN channel count scaled by this (1 = published; smaller for quick CPU runs).
@@ -64,7 +65,7 @@ class VNPointNet(nn.Module):
 
     def __init__(self, num_classes: int = 40, k: int = 20, relaxed: bool = False, feature_transform: bool = True,
                  dropout: float = 0.4, relax_kwargs: dict | None = None, width: float = 1.0,
-                 relaxed_maps: str = "all"):
+                 relaxed_maps: str = "paper"):
         super().__init__()
         _check_width(width)
         self.k, self.num_classes = k, num_classes
