@@ -115,6 +115,17 @@ TORCH_LIBRARY(relaxeq, m) {
   m.def(
       "relaxation_regularizer_backward(Tensor grad_ld, Tensor grad_n, Tensor W_r, Tensor grad_W_ld,"
       " Tensor grad_W_n, Tensor grad_b_ld, Tensor grad_b_n, bool[2] output_mask) -> (Tensor dW_r, Tensor db_r)");
+  // A relaxed steerable conv's effective kernel and defect (csrc/relaxed_conv_params.cpp): M = kernel + θ weight_relax
+  // and D(weight_relax) from the defect matrices A_out [O, O], A_in [I, I], S [k², k²] (rotation_step: C_N's
+  // A_out (S B) A_inᵀ − B; else SO(2)'s A_out B − B A_in + S B); D is [0] unless need_defect.
+  m.def(
+      "relaxed_conv_params(Tensor kernel, Tensor weight_relax, Tensor theta, Tensor defect_out, Tensor defect_in,"
+      " Tensor defect_spatial, bool rotation_step, bool need_defect) -> (Tensor M, Tensor D)");
+  // dB = θ dM + Dᵀ(dD), dθ = ⟨dM, weight_relax⟩ (grad_D [0]: D unused); the kernel's gradient is dM itself.
+  m.def(
+      "relaxed_conv_params_backward(Tensor grad_M, Tensor grad_D, Tensor weight_relax, Tensor theta,"
+      " Tensor defect_out, Tensor defect_in, Tensor defect_spatial, bool rotation_step, bool[2] output_mask)"
+      " -> (Tensor grad_weight_relax, Tensor grad_theta)");
   m.def("build_info() -> str", &relaxeq::build_info);
   // The widest layer the CUDA relaxed_linear sends to its tiled kernel (wider: cuBLAS). value >= 0 sets it and
   // returns the previous one; -1 reads it. Starts from RELAXEQ_CUDA_FUSED_MAX_DIM (default 128).

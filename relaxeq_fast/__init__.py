@@ -8,7 +8,7 @@
 The public API, all importable from ``relaxeq_fast`` (see ``__all__``):
 
 - functional ops (:mod:`relaxeq_fast.functional`): ``relaxed_linear``, ``relaxed_params``, ``vn_leaky_relu``,
-  ``vn_batch_norm``, ``relaxed_conv2d``, ``InputStats``;
+  ``vn_batch_norm``, ``relaxed_conv2d``, ``relaxed_conv_params``, ``InputStats``;
 - layers (:mod:`relaxeq_fast.nn`): ``EquivariantLinear``, ``RelaxedLinear``, ``RelaxedModule``,
   ``RELAX_SPACES`` (the relaxation's space: "full" or "complement"), ``PROJECTION_MODES`` ("drop", "nearest");
 - whole-model helpers (:mod:`relaxeq_fast.vn`): ``relax``, ``project``, ``swap``, ``set_theta``,
@@ -25,7 +25,8 @@ The public API, all importable from ``relaxeq_fast`` (see ``__all__``):
 """
 from . import _ops
 from .backend import BACKENDS, get_backend, resolve_backend, triton_available, triton_interpreter, use_backend
-from .functional import InputStats, relaxed_conv2d, relaxed_linear, relaxed_params, vn_batch_norm, vn_leaky_relu
+from .functional import (InputStats, relaxed_conv2d, relaxed_conv_params, relaxed_linear, relaxed_params, vn_batch_norm,
+                         vn_leaky_relu)
 from .reference import relaxed_linear_backward_ref, relaxed_linear_ref
 from .regularizer import (REDUCTIONS, RegularizerTerms, combine_regularizers, lie_derivative_matrices,
                           relaxation_regularizers)
@@ -53,7 +54,8 @@ def build_info() -> dict:
 
 __all__ = [
     # functional ops (relaxeq_fast.functional)
-    "InputStats", "relaxed_conv2d", "relaxed_linear", "relaxed_params", "vn_batch_norm", "vn_leaky_relu",
+    "InputStats", "relaxed_conv2d", "relaxed_conv_params", "relaxed_linear", "relaxed_params", "vn_batch_norm",
+    "vn_leaky_relu",
     # layers (relaxeq_fast.nn)
     "EquivariantLinear", "RelaxedLinear", "RelaxedModule", "RELAX_SPACES", "PROJECTION_MODES",
     # whole-model helpers (relaxeq_fast.vn)

@@ -8,9 +8,10 @@ import torch
 
 from . import _ops
 from .backend import resolve_backend, runs_native_composite
-from .reference import relaxed_linear_ref, relaxed_params_ref, stats_dtype
+from .reference import relaxed_conv_params_ref, relaxed_linear_ref, relaxed_params_ref, stats_dtype
 
-__all__ = ["InputStats", "relaxed_conv2d", "relaxed_linear", "relaxed_params", "vn_batch_norm", "vn_leaky_relu"]
+__all__ = ["InputStats", "relaxed_conv2d", "relaxed_conv_params", "relaxed_linear", "relaxed_params", "vn_batch_norm",
+           "vn_leaky_relu"]
 
 
 class InputStats(NamedTuple):
@@ -92,6 +93,42 @@ def relaxed_params(weight: torch.Tensor, weight_relax: torch.Tensor, bias: Optio
         M, c = relaxed_params_ref(weight, weight_relax, bias, bias_relax, theta)
     return M, (None if bias is None and bias_relax is None else c)
 
+
+
+def relaxed_conv_params(kernel: torch.Tensor, weight_relax: torch.Tensor, theta: torch.Tensor,
+                        defect_out: torch.Tensor, defect_in: torch.Tensor, defect_spatial: torch.Tensor,
+                        rotation_step: bool, need_defect: bool = True, *, backend: Optional[str] = None):
+    """A relaxed steerable conv's effective kernel ``M = kernel + θ weight_relax`` and the equivariance defect
+    ``D(weight_relax)`` of its relaxation kernel, in one op (``relaxeq::relaxed_conv_params``, written once in
+    ATen calls) instead of the mul / add / flatten / matmul / einsum chain and its backward, per layer and step.
+
+    Args:
+        kernel: [O, I, k, k] the equivariant kernel K_eq (expanded from the steerable basis).
+        weight_relax: [O, I, k, k] the free relaxation kernel B.
+        theta: 0-d tensor (a buffer, or a trainable parameter: it then gets dθ = ⟨dM, B⟩), in B's dtype and device.
+        defect_out, defect_in, defect_spatial: A_out [O, O], A_in [I, I], S [k², k²] from
+            :func:`relaxeq_fast.steerable.defect_matrices`, in B's dtype and device.
+        rotation_step: True for C_N (D(B) = A_out (S B) A_inᵀ − B, the rotation by 2π/N), False for SO(2)
+            (D(B) = A_out B − B A_in + S B, the infinitesimal rotation).
+        need_defect: False skips D (evaluation, or a layer that does not track its defect).
+        backend: "native" and "triton" (where the extension has kernels for the device) run the op;
+            "reference" runs :func:`relaxeq_fast.reference.relaxed_conv_params_ref`; None: the current default.
+
+    Returns:
+        M: [O, I, k, k]; D: [O, I, k, k], or None without need_defect.
+    """
+    if isinstance(weight_relax, torch.Tensor):
+        kernel, weight_relax, theta, defect_out, defect_in, defect_spatial = _ops.autocast_inputs(
+            _ops.AUTOCAST_FP32, weight_relax.device.type, kernel, weight_relax, theta, defect_out, defect_in,
+            defect_spatial)
+    _ops.check_relaxed_conv_params_args(kernel, weight_relax, theta, defect_out, defect_in, defect_spatial)
+    if runs_native_composite(weight_relax.device, backend):
+        M, D = torch.ops.relaxeq.relaxed_conv_params(kernel, weight_relax, theta, defect_out, defect_in, defect_spatial,
+                                                     bool(rotation_step), bool(need_defect))
+    else:
+        M, D = relaxed_conv_params_ref(kernel, weight_relax, theta, defect_out, defect_in, defect_spatial,
+                                       bool(rotation_step), bool(need_defect))
+    return M, (D if need_defect else None)
 
 def _check_vn_features(t, name, op):
     if not isinstance(t, torch.Tensor):

@@ -9,7 +9,8 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["relaxed_conv2d_ref", "relaxed_linear_ref", "relaxed_linear_backward_ref", "relaxed_params_ref", "stats_dtype",
+__all__ = ["relaxed_conv2d_ref", "relaxed_conv_defect_ref", "relaxed_conv_params_ref", "relaxed_linear_ref",
+           "relaxed_linear_backward_ref", "relaxed_params_ref", "stats_dtype",
            "vn_batch_norm_ref", "vn_leaky_relu_ref"]
 
 
@@ -63,6 +64,33 @@ def relaxed_params_ref(weight: torch.Tensor, weight_relax: torch.Tensor, bias: O
     if bias_relax is not None:
         c = c + theta * bias_relax
     return M, c
+
+
+def relaxed_conv_defect_ref(B: torch.Tensor, defect_out: torch.Tensor, defect_in: torch.Tensor,
+                            defect_spatial: torch.Tensor, rotation_step: bool) -> torch.Tensor:
+    """The equivariance defect D(B) of kernels B [..., O, I, k, k] (same shape), S acting on the k² pixels:
+    C_N (rotation_step): A_out (S B) A_inᵀ − B;   SO(2): A_out B − B A_in + S B.
+    defect_out: A_out [O, O], defect_in: A_in [I, I], defect_spatial: S [k², k²] (steerable.defect_matrices)."""
+    k = B.shape[-1]
+    SB = (B.flatten(-2) @ defect_spatial.T).unflatten(-1, (k, k))
+    if not rotation_step:
+        return (torch.einsum("op,...pihw->...oihw", defect_out, B)
+                - torch.einsum("...oqhw,qi->...oihw", B, defect_in) + SB)
+    return torch.einsum("op,...pqhw,iq->...oihw", defect_out, SB, defect_in) - B
+
+
+def relaxed_conv_params_ref(kernel: torch.Tensor, weight_relax: torch.Tensor, theta: torch.Tensor,
+                            defect_out: torch.Tensor, defect_in: torch.Tensor, defect_spatial: torch.Tensor,
+                            rotation_step: bool, need_defect: bool = True):
+    """M = kernel + θ weight_relax and D(weight_relax) (:func:`relaxed_conv_defect_ref`; an empty [0] tensor
+    unless need_defect): the reference of ``relaxeq::relaxed_conv_params``.
+
+    kernel, weight_relax: [O, I, k, k]; θ: 0-d → M: [O, I, k, k], D: [O, I, k, k] or [0].
+    """
+    M = kernel + theta * weight_relax
+    if not need_defect:
+        return M, weight_relax.new_empty((0,))
+    return M, relaxed_conv_defect_ref(weight_relax, defect_out, defect_in, defect_spatial, rotation_step)
 
 
 def vn_leaky_relu_ref(x: torch.Tensor, d: torch.Tensor, negative_slope: float, eps: float) -> torch.Tensor:

@@ -9,8 +9,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..functional import relaxed_conv2d
+from ..functional import relaxed_conv2d, relaxed_conv_params
 from ..nn import PROJECTION_MODES, RELAX_SPACES, RelaxedModule, check_choice
+from ..reference import relaxed_conv_defect_ref
 from ..regularizer import RegularizerTerms
 from .basis import _block_layout, _check_k, _grid_points, _jmax, _polar, _psi
 from .fields import FieldType, _DT, _check_field_input, _check_types, _field_lie, _rot2
@@ -270,11 +271,7 @@ def apply_defect(B: torch.Tensor, A_out: torch.Tensor, A_in: torch.Tensor, S: to
                  group: Optional[int]) -> torch.Tensor:
     """D(B) for B [O, I, k, k] (or [..., O, I, k, k]) from :func:`defect_matrices` (in B's dtype):
     C_N: A_out (S B) A_inᵀ − B;   SO(2): A_out B − B A_in + S B   (S acting on the pixels)."""
-    k = B.shape[-1]
-    SB = (B.flatten(-2) @ S.T).unflatten(-1, (k, k))
-    if group is None:
-        return (torch.einsum("op,...pihw->...oihw", A_out, B) - torch.einsum("...oqhw,qi->...oihw", B, A_in) + SB)
-    return torch.einsum("op,...pqhw,iq->...oihw", A_out, SB, A_in) - B
+    return relaxed_conv_defect_ref(B, A_out, A_in, S, rotation_step=group is not None)
 
 
 def kernel_defect(B: torch.Tensor, in_type: FieldType, out_type: FieldType) -> torch.Tensor:
@@ -381,9 +378,13 @@ class RelaxedR2Conv(R2Conv, RelaxedModule):
             kernel, b = self.expand(self.weight - self.theta * shift.view(-1, *[1] * (self.weight.dim() - 1)))
         else:
             kernel, b = self._kernel()
-        M = kernel + self.theta * self.weight_relax
-        if self.training and self.track_defect:
-            y, r = relaxed_conv2d(x, M, b, self.defect(), self.padding, backend=self.backend)
+        track = self.training and self.track_defect
+        # K_eq + θB and D(B) in one op (one backward op): the relaxed step's extra dispatches, not its FLOPs
+        M, D = relaxed_conv_params(kernel, self.weight_relax, self.theta, self.defect_out, self.defect_in,
+                                   self.defect_spatial, self.in_type.group is not None, need_defect=track,
+                                   backend=self.backend)
+        if track:
+            y, r = relaxed_conv2d(x, M, b, D, self.padding, backend=self.backend)
             self.last_defect = (r, y.shape[0] * y.shape[2] * y.shape[3])
             return y
         return relaxed_conv2d(x, M, b, padding=self.padding, backend=self.backend)
