@@ -6,7 +6,8 @@ torch.optim.Adam(fused=True) step (as relaxeq-train) ("full" mode; "forward" = f
 "backward" = backward + Adam step, after an untimed forward + loss).
 float32, torch.set_num_threads(2); --device cuda runs the same on a GPU (CUDA-event timing).
 
-Models (relaxeq_fast.models): VNPointNet(num_classes=40, k=20) on points [24, P, 3];
+Models (relaxeq_fast.models): VNPointNet(num_classes=40, k=20) on points [24, P, 3] (relaxed: the paper's relaxed
+maps, the models' default; --relaxed-maps all relaxes every VN map);
 VNDGCNN(num_classes=40, k=20) on [32, P, 3]; SteerableCNN(num_classes=10, group=8) on [64, 1, 28, 28].
 
 Providers:
@@ -86,7 +87,10 @@ COMPILE_TIME_TARGET = 2.0
 
 def step_target(device: str) -> float:
     return STEP_TARGETS["cuda" if str(device).startswith("cuda") else "cpu"]
+
+
 PAPER_MODELS = ("VN-PointNet", "VN-DGCNN")  # relaxed-paper exists for the VN models only
+RELAXED_MAPS = "paper"  # which maps the relaxed VN models relax (--relaxed-maps)
 
 # (model, batch, points, width); points is ignored for the CNN (28 × 28 images)
 MODELS = {
@@ -119,6 +123,8 @@ class Step:
         self.relaxed = provider != "plain"
         self.backend = "reference" if provider == "relaxed-reference" else None
         torch.manual_seed(seed)  # same weights for relaxed-fused, relaxed-reference and relaxed-paper
+        if self.relaxed and model in PAPER_MODELS:  # the VN models: which maps are relaxed
+            kwargs["relaxed_maps"] = RELAXED_MAPS
         self.model = cls(relaxed=self.relaxed, width=width, **kwargs).to(device=self.device, dtype=dtype).train()
         self.paper_layers = to_paper_style(self.model) if provider == "relaxed-paper" else None
         g = torch.Generator().manual_seed(seed + 1)
@@ -584,6 +590,8 @@ def main(argv=None) -> int:
                         help="also time backward + optimiser step alone (forward + loss run untimed first)")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats for the VN models (default 5)")
     parser.add_argument("--cnn-repeats", type=int, default=None, help="interleaved repeats for the CNN (default 15)")
+    parser.add_argument("--relaxed-maps", default="paper", choices=("paper", "all"),
+                        help="which maps the relaxed VN models relax (default: paper, the models' default)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--compile", action="store_true",
@@ -593,6 +601,8 @@ def main(argv=None) -> int:
                         help="only: torch.profiler of one step per model and provider (op table, op and kernel counts)")
     parser.add_argument("--out-dir", default=str(RESULTS_DIR))
     args = parser.parse_args(argv)
+    global RELAXED_MAPS
+    RELAXED_MAPS = args.relaxed_maps
     device = resolve_device(args.device)
     models = args.models.split(",")
     for m in models:
@@ -623,7 +633,8 @@ def main(argv=None) -> int:
             sweep_rows.append(measure("VN-PointNet", p, w, ("relaxed-fused", "plain"), 3, 1, False, device))
     meta["wall_s"] = time.perf_counter() - start
     name = ("train_step" + ("_full" if args.full else "") + (f"_P{args.points}" if args.points else "")
-            + (f"_k{args.k}" if args.k else "") + result_suffix(device, args.quick))
+            + (f"_k{args.k}" if args.k else "") + ("_maps-all" if args.relaxed_maps == "all" else "")
+            + result_suffix(device, args.quick))
     results = {"meta": meta, "verification": verify, "rows": rows, "sweep_rows": sweep_rows,
                "targets": [t for r in rows + sweep_rows for t in row_targets(r)]}
     out = Path(args.out_dir)
