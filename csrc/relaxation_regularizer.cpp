@@ -57,18 +57,24 @@ at::Tensor apply_generators(const at::Tensor& x, at::IntArrayRef irreps, at::Ten
     block_shape.push_back(width);
     if (l == 0) {
       parts.push_back(at::zeros(block_shape, x.options()));
-    } else {
-      std::vector<int64_t> rows_shape(per_k ? std::vector<int64_t>{3} : std::vector<int64_t>{1});
+    } else if (per_k) {
+      // x[k]'s blocks [3, ..., mul, d] against A_kᵀ broadcast over the rest: batches of [mul, d] × [d, d]
+      std::vector<int64_t> rows_shape{3};
       rows_shape.insert(rows_shape.end(), lead.begin(), lead.end());
       rows_shape.push_back(mul);
       rows_shape.push_back(d);
-      auto xb = x.narrow(-1, start, width).reshape(rows_shape);  // [3 or 1, ..., mul, d]
       std::vector<int64_t> gen_shape(rows_shape.size(), 1);
       gen_shape[0] = 3;
       gen_shape[gen_shape.size() - 2] = d;
       gen_shape.back() = d;
-      auto At = generators[l].transpose(1, 2).reshape(gen_shape);  // [3, 1, ..., d, d]
-      parts.push_back(at::matmul(xb, At).reshape(block_shape));
+      const auto At = generators[l].transpose(1, 2).reshape(gen_shape);  // [3, 1, ..., d, d]
+      parts.push_back(at::matmul(x.narrow(-1, start, width).reshape(rows_shape), At).reshape(block_shape));
+    } else {
+      // one GEMM of the rows [rows, d] with [A_1ᵀ | A_2ᵀ | A_3ᵀ] [d, 3d], then k moved to the front: a broadcast
+      // matmul against the [3, d, d] stack would first copy x three times and run thousands of d × d products
+      const auto rows = x.narrow(-1, start, width).reshape({-1, d});
+      const auto stacked = generators[l].permute({2, 0, 1}).reshape({d, 3 * d});  // [a, (k, b)] = A_k[b, a]
+      parts.push_back(at::mm(rows, stacked).view({-1, mul, 3, d}).permute({2, 0, 1, 3}).reshape(block_shape));
     }
     start += width;
   }

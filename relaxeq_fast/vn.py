@@ -338,10 +338,12 @@ def set_theta(model: nn.Module, value: float) -> None:
 def model_regularizers(model: nn.Module, data_free: bool = False) -> list[RegularizerTerms]:
     """The regulariser terms of the model's relaxed layers, from the statistics of the last training forward.
 
-    RelaxedLinear layers that share irreps, dtype, device, bias and row count N (the two maps of a
+    RelaxedLinear layers that share irreps, dtype, device and row count N (the two maps of a
     VNLinearLeakyReLU, repeated blocks) are evaluated together in one batched call and come back as one
     entry holding their sums, so the list can be shorter than the number of layers; the sums the losses use
-    (:func:`combine_regularizers`, every reduction) are those of the per-layer terms.
+    (:func:`combine_regularizers`, every reduction) are those of the per-layer terms. A layer without a
+    relaxation bias joins a group whose other layers have one with a zero bias (its terms are unchanged):
+    the paper's direction maps have none, and would otherwise double the calls.
     """
     layers = list(relaxed_layers(model))
     if data_free:
@@ -351,8 +353,7 @@ def model_regularizers(model: nn.Module, data_free: bool = False) -> list[Regula
         # exact class: a subclass may compute its terms differently
         if type(m) is RelaxedLinear and m.last_stats is not None:
             G = m.last_stats.G
-            key = (repr(m.irreps_in), repr(m.irreps_out), G.dtype, G.device, m.bias_relax is not None,
-                   m.last_stats.n, m.backend)
+            key = (repr(m.irreps_in), repr(m.irreps_out), G.dtype, G.device, m.last_stats.n, m.backend)
             groups.setdefault(key, []).append(m)
         else:
             terms.append(m.regularizers())
@@ -362,6 +363,9 @@ def model_regularizers(model: nn.Module, data_free: bool = False) -> list[Regula
             continue
         rows = [m.last_rows for m in group]
         W_rs, b_rs = zip(*(m.relaxation_weights() for m in group))
+        if any(b is None for b in b_rs) and not all(b is None for b in b_rs):
+            zero = next(b for b in b_rs if b is not None).detach().new_zeros(())
+            b_rs = [zero.expand(W.shape[0]) if b is None else b for b, W in zip(b_rs, W_rs)]
         terms.append(grouped_relaxation_regularizers(
             list(W_rs), list(b_rs), group[0].irreps_in,
             group[0].irreps_out, [m.last_stats for m in group],

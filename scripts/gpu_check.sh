@@ -3,7 +3,8 @@
 # build the extension for the visible GPU, run the CUDA and Triton tests natively (no interpreter), then the
 # benchmarks on the GPU. Everything lands in $OUT (default gpu_out/): log.txt and results.tar.gz (JSON,
 # markdown, PNG), the tarball refreshed after every stage so a stage cut short still leaves the earlier ones.
-#   OUT=gpu_out  PYTHON=python3  BUILD_TIMEOUT=240  TILE_TIMEOUT=120  TEST_TIMEOUT=150  BENCH_SCALE=1 (0 = quick benchmarks)
+#   OUT=gpu_out  PYTHON=python3  BUILD_TIMEOUT=240  TILE_TIMEOUT=120  TEST_TIMEOUT=150  TRAIN_TIMEOUT=90
+#   BENCH_SCALE=1 (0 = quick benchmarks)
 #   PROFILE=1 (0 skips the torch.profiler stage)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -45,6 +46,17 @@ grep -E "FAILED|ERROR" "$WORK/tests_gpu.log" | head -40
 tail -15 "$WORK/tests_gpu.log"
 pack
 
+stage "trainer on the GPU (issue 29): complement, learnt θ, fp16 autocast with the grad scaler, CUDA graphs"
+TRAIN="--dataset shapes --model vn_pointnet --num-points 64 --k 8 --width 0.25 --n-train 96 --n-test 32 --epochs 2"
+for run in "complement|--relax-space complement" "dual|--theta-schedule dual" "amp_fp16|--amp fp16" \
+           "compiled|--compile"; do
+  name="${run%%|*}"; flags="${run#*|}"
+  timeout "${TRAIN_TIMEOUT:-90}" "$PY" -m relaxeq_fast.train $TRAIN $flags --device cuda --no-progress \
+    --run-dir "$WORK/runs/$name" > "$WORK/train_$name.log" 2>&1
+  echo "$name: exit $? $(tail -1 "$WORK/train_$name.log")"
+done
+pack
+
 Q=""; [ "${BENCH_SCALE:-1}" = 0 ] && Q="--quick"
 R="$WORK/results"
 stage "relaxed_linear op alone: tiled kernel vs cuBLAS vs Triton"
@@ -52,6 +64,10 @@ timeout 60 "$PY" benchmarks/bench_relaxed_linear.py --device cuda --op-routes --
 pack
 stage "train step at the paper's sizes on the GPU"
 timeout 100 "$PY" benchmarks/bench_train_step.py --device cuda --full --forward --backward --out-dir "$R" $Q | tail -40
+pack
+stage "train step at P = 1024, width 1 (issue 29's GPU sizes: P = 300 above)"
+timeout 100 "$PY" benchmarks/bench_train_step.py --device cuda --full --points 1024 --models VN-PointNet --no-memory \
+  --out-dir "$R" $Q | tail -12
 pack
 stage "train step compiled (CUDA graphs) beside eager, VN-PointNet at the paper's size (issue 12's GPU targets)"
 timeout 150 "$PY" benchmarks/bench_train_step.py --device cuda --full --models VN-PointNet --compile --no-memory \

@@ -204,6 +204,40 @@ def test_model_regularizers_groups_layers_and_keeps_the_sums():
         assert_close_scaled(got, want, 1e-12, reduction)
 
 
+def test_layers_with_and_without_a_relaxation_bias_share_a_group():
+    """The paper's direction maps have no relaxation bias: they join their feature map's group with a zero bias
+    (one call, not two), and the sums, and the gradients of every W_r and b_r, equal the per-layer ones."""
+    from relaxeq_fast.vn import VNLinearLeakyReLU, model_regularizers, relax, relaxed_layers
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(VNLinearLeakyReLU(4, 4), VNLinearLeakyReLU(4, 4)).double()
+    relax(net, relax_init="default", theta=0.5)
+    for block in net:  # as relaxed_maps="paper": the direction map relaxed without a bias
+        block.map_to_dir = RelaxedLinear.from_plain(block.map_to_dir.project(), relax_init="default", theta=0.5,
+                                                    relax_bias=False)
+    with torch.no_grad():
+        for m in relaxed_layers(net):
+            if m.bias_relax is not None:
+                m.bias_relax.normal_()
+    net.train()
+    net(torch.randn(2, 9, 4, 3, dtype=torch.float64))
+    layers = list(relaxed_layers(net))
+    assert sum(m.bias_relax is None for m in layers) == 2
+    grads = {}
+    for how in ("per_layer", "grouped"):
+        net.zero_grad(set_to_none=True)
+        terms = [m.regularizers() for m in layers] if how == "per_layer" else model_regularizers(net)
+        if how == "grouped":
+            assert len(terms) == 1
+        loss = combine_regularizers(terms, 1.0, 0.1, "paper")
+        loss.backward()
+        grads[how] = (loss.detach(), [p.grad.clone() for p in net.parameters() if p.grad is not None])
+    assert_close_scaled(grads["grouped"][0], grads["per_layer"][0], 1e-12, "loss")
+    assert len(grads["grouped"][1]) == len(grads["per_layer"][1]) == 6  # 4 W_r, 2 b_r
+    for got, want in zip(grads["grouped"][1], grads["per_layer"][1]):
+        assert_close_scaled(got, want, 1e-12, "grad")
+
+
 @pytest.mark.parametrize("rin,rout", REP_PAIRS, ids=IDS)
 def test_row_path_equals_closed_form(rin, rout):
     """With fewer rows than D_in the layer keeps its input rows and sums over them directly: the same R_LD,
