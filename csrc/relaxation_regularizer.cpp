@@ -13,6 +13,8 @@
 // The gradient 2 (W H − Σ_k A_k,out (W G) A_k,inᵀ − V G + Cas W G) needs V G as well: its two cross terms
 // are adjoints of each other and agree only when G commutes with the generators, so three products
 // W·[G | H] and V·G stand where C_k G and W G were four (and R_N reuses W G).
+// On VN features (every block l = 1) the sandwiches Σ_k A_k Y A_kᵀ are tr(Y) I − Yᵀ per 3 × 3 block: one pass over
+// G and W, where applying the generators block by block costs more than the products (benchmarks/README.md).
 //
 // or, given the N input rows X themselves (cheaper when N < D_in), the same sums taken over the rows:
 // Σ_k ‖C_k Xᵀ − A_k b_r 1ᵀ‖² and ‖W_r Xᵀ + b_r 1ᵀ‖². The generators act by structure: per irrep block
@@ -89,9 +91,30 @@ at::Tensor lie_derivative(const at::Tensor& W, at::IntArrayRef irreps_in, at::In
          apply_generators(W.transpose(-1, -2), irreps_out, generators, per_k).transpose(-1, -2);
 }
 
+bool only_vectors(at::IntArrayRef irreps) {
+  for (size_t i = 0; i + 1 < irreps.size(); i += 2)
+    if (irreps[i + 1] != 1) return false;
+  return true;
+}
+
 // Σ_k A_k,left X A_k,rightᵀ for X [..., P, Q]: A_left acts on the P index, A_right on the Q index.
 at::Tensor generator_sandwich(const at::Tensor& X, at::IntArrayRef irreps_left, at::IntArrayRef irreps_right,
                               at::TensorList generators) {
+  if (only_vectors(irreps_left) && only_vectors(irreps_right)) {
+    // l = 1 on both sides (VN features): Σ_k A_k Y A_kᵀ = tr(Y) I − Yᵀ on every 3 × 3 block Y (the standard
+    // generators), one pass instead of the generic route's three-fold intermediates
+    const int64_t P = X.size(-2), Q = X.size(-1);
+    std::vector<int64_t> blocks(X.sizes().begin(), X.sizes().end() - 2);
+    const std::vector<int64_t> lead = blocks;
+    blocks.insert(blocks.end(), {P / 3, 3, Q / 3, 3});
+    const auto Xb = X.reshape(blocks);
+    const int64_t r = Xb.dim();
+    auto out = Xb.transpose(r - 3, r - 1).neg();  // −Yᵀ per block, a fresh tensor
+    out.diagonal(0, r - 3, r - 1).add_(Xb.diagonal(0, r - 3, r - 1).sum(-1, true));  // + tr(Y) I
+    auto out_shape = lead;
+    out_shape.insert(out_shape.end(), {P, Q});
+    return out.reshape(out_shape);
+  }
   const auto right = apply_generators(X, irreps_right, generators, false);  // entry k: X A_k,rightᵀ
   // entry k: A_k,right Xᵀ A_k,leftᵀ, the transpose of the wanted A_k,left X A_k,rightᵀ
   return apply_generators(right.transpose(-1, -2), irreps_left, generators, true).sum(0).transpose(-1, -2);
