@@ -82,7 +82,9 @@ def test_regulariser_vanishes_for_an_equivariant_relaxation():
             layer.vector_map.bias_relax.zero_()
     model.train()(loc, vel, q)
     terms = model_regularizers(model)
-    assert terms and all(t.lie_derivative.abs() < 1e-20 for t in terms)  # same-shape layers: one grouped term
+    # same-shape layers: one grouped term. Zero up to the rounding of the closed form's cancelling terms
+    # (⟨W H, W⟩ − 2⟨W G, V⟩ + ⟨Cas W G, W⟩, each of the size of R_N): float64, relative to R_N
+    assert terms and all(t.lie_derivative.abs() < 1e-12 * t.projection for t in terms)
     _randomise_relaxation(model)
     model(loc, vel, q)
     assert all(t.lie_derivative > 1e-3 for t in model_regularizers(model))
