@@ -122,6 +122,7 @@ def register_autocast(qualname: str, policy: str):
         op.py_impl(key)(autocast_kernel)
         lib.impl(name, lambda _keyset, *args, _kernel=autocast_kernel: _kernel(*args), key_name, with_keyset=True)
 
+
 def _check_matches_x(t, name, x, op):
     if t.dtype != x.dtype:
         raise TypeError(f"{op}: {name} must have the dtype of x ({x.dtype}), got {t.dtype}")
@@ -684,7 +685,6 @@ def make_relaxed_params_backward(backward_op):
     return backward
 
 
-
 # ---------------------------------------------------------------------------------------------
 # relaxed_conv_params: kernel, weight_relax [O, I, k, k], theta 0-d, defect_out [O, O], defect_in [I, I],
 # defect_spatial [k², k²] -> M [O, I, k, k], D [O, I, k, k] ([0] unless need_defect)
@@ -773,6 +773,7 @@ if EXTENSION_LOADED:
             _make_backward(lambda *a, _op=getattr(torch.ops.relaxeq, f"{_name}_backward"): _op(*a)),
             setup_context=_setup)
         register_autocast(f"relaxeq::{_name}", AUTOCAST_FP32)
+
 
 @functools.cache  # the loaded build does not change within a process
 def native_build_info() -> dict:

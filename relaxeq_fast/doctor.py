@@ -126,6 +126,27 @@ def _auto_resolution(device_type: str) -> dict:
     return out
 
 
+# the libraries whose models relaxeq_fast.interop converts: (import name, what the package uses it for)
+INTEROP_LIBRARIES = (("e3nn", "o3.Linear swap, SEGNN"), ("e2cnn", "R2Conv relax / project"),
+                     ("escnn", "R2Conv relax / project"))
+
+
+def _interop() -> dict:
+    """{library: version, or "not importable: <why>"} for each interop library (imported here, warnings muted)."""
+    import importlib
+    import warnings
+    out = {}
+    for name, _use in INTEROP_LIBRARIES:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                importlib.import_module(name)
+            out[name] = _version(name) or "installed"
+        except Exception as e:  # an optional library that fails to import for any reason is reported, not fatal
+            out[name] = f"not importable: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+    return out
+
+
 def report() -> dict:
     """Versions and facts of this installation (queries the GPU, if any)."""
     import relaxeq_fast
@@ -151,6 +172,7 @@ def report() -> dict:
                          "built_for_torch": built_for() if callable(built_for) else None},
         "build_info": build,
         "auto_backend": {dt: _auto_resolution(dt) for dt in device_types},
+        "interop": _interop(),
     }
 
 
@@ -525,7 +547,7 @@ def format_report(info: dict) -> str:
         ("relaxeq_fast", f"{ext['version']} ({ext['path']})"),
         ("extension", extension),
         ("build", built),
-    ]
+    ] + [(f"{name} ({use})", info.get("interop", {}).get(name, "?")) for name, use in INTEROP_LIBRARIES]
     width = max(len(k) for k, _ in facts)
     lines = ["relaxeq_fast doctor", ""] + [f"  {k.ljust(width)}  {v}" for k, v in facts]
     device_types = list(info["auto_backend"])

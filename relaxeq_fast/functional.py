@@ -94,7 +94,6 @@ def relaxed_params(weight: torch.Tensor, weight_relax: torch.Tensor, bias: Optio
     return M, (None if bias is None and bias_relax is None else c)
 
 
-
 def relaxed_conv_params(kernel: torch.Tensor, weight_relax: torch.Tensor, theta: torch.Tensor,
                         defect_out: torch.Tensor, defect_in: torch.Tensor, defect_spatial: torch.Tensor,
                         rotation_step: bool, need_defect: bool = True, *, backend: Optional[str] = None):
@@ -129,6 +128,7 @@ def relaxed_conv_params(kernel: torch.Tensor, weight_relax: torch.Tensor, theta:
         M, D = relaxed_conv_params_ref(kernel, weight_relax, theta, defect_out, defect_in, defect_spatial,
                                        bool(rotation_step), bool(need_defect))
     return M, (D if need_defect else None)
+
 
 def _check_vn_features(t, name, op):
     if not isinstance(t, torch.Tensor):

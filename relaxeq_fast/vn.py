@@ -295,11 +295,13 @@ def _relaxed_twins():
 
 
 def relax(model: nn.Module, **relaxed_kwargs) -> nn.Module:
-    """Every EquivariantLinear (→ RelaxedLinear) and steerable R2Conv (→ RelaxedR2Conv; RSteerConv →
-    RelaxedRSteerConv) in ``model`` (not under a module with ``relaxable = False``, such as VNMaxPool) is
-    relaxed with the same weights; outputs unchanged at θ = 0 and at the default zero relaxation init. ``relaxed_kwargs``
-    go to every relaxed layer (theta, relax_init, relax_space and backend are common to both). Modifies and
-    returns ``model``."""
+    """Every EquivariantLinear (→ RelaxedLinear), steerable R2Conv (→ RelaxedR2Conv; RSteerConv →
+    RelaxedRSteerConv) and escnn / e2cnn ``R2Conv`` (→ its relaxed twin, :mod:`relaxeq_fast.interop.escnn`) in
+    ``model`` (not under a module with ``relaxable = False``, such as VNMaxPool) is relaxed with the same weights;
+    outputs unchanged at θ = 0 and at the default zero relaxation init. ``relaxed_kwargs`` go to every relaxed
+    layer (theta, relax_init, relax_space, track_defect and backend are common to all). Modifies and returns
+    ``model``."""
+    from .interop import relax_module
     twins = _relaxed_twins()
 
     def convert(m):
@@ -308,7 +310,7 @@ def relax(model: nn.Module, **relaxed_kwargs) -> nn.Module:
         for plain, relaxed in twins:
             if isinstance(m, plain):
                 return relaxed.from_plain(m, **relaxed_kwargs)
-        return None
+        return relax_module(m, **relaxed_kwargs)  # other libraries' layers (escnn / e2cnn R2Conv)
     return _convert_modules(model, convert)
 
 

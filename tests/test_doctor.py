@@ -56,6 +56,26 @@ def test_json_has_the_facts_and_one_row_per_op_and_backend(capsys):
         assert 0 <= r["max_err"] <= r["tol"] and r["seconds"] >= 0, r
 
 
+def test_interop_libraries_are_reported_as_they_import(monkeypatch):
+    """Each interop library: its version where it imports, "not importable: <why>" where it does not."""
+    import importlib
+    import importlib.util
+    info = doctor._interop()
+    assert [name for name, _ in doctor.INTEROP_LIBRARIES] == list(info)
+    for name in info:
+        if importlib.util.find_spec(name) is None:
+            assert info[name].startswith("not importable: ModuleNotFoundError"), info
+    real = importlib.import_module
+
+    def broken(name, *a, **k):
+        if name == "escnn":
+            raise ImportError("numpy.core.multiarray failed to import")
+        return real(name, *a, **k)
+    monkeypatch.setattr(importlib, "import_module", broken)
+    assert doctor._interop()["escnn"] == "not importable: ImportError: numpy.core.multiarray failed to import"
+    assert "escnn (R2Conv relax / project)" in doctor.format_report({**doctor.report(), "interop": doctor._interop()})
+
+
 @needs_extension
 def test_cpu_self_check_is_fast():
     rows = doctor.self_check(["cpu"], time_budget_s=None)

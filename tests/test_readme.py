@@ -135,6 +135,8 @@ def test_readme_python_block_runs_as_written(index, tmp_path):
     block = BLOCKS[index]
     if "e3nn" in block:
         pytest.importorskip("e3nn", reason="this README block uses e3nn (pip install 'relaxeq_fast[e3nn]')")
+    if "escnn" in block:
+        pytest.importorskip("escnn", reason="this README block uses escnn (bash scripts/install_escnn.sh)")
     proc = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, cwd=tmp_path, timeout=600,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, f"README.md python block {index + 1} failed:\n{block}\n{proc.stderr[-3000:]}"

@@ -23,7 +23,8 @@ def repo(tmp_path):
         shutil.copy(os.path.join(ROOT, name), tmp_path / name)
     shutil.copytree(os.path.join(ROOT, "csrc"), tmp_path / "csrc")
     (tmp_path / "scripts").mkdir()
-    shutil.copy(os.path.join(ROOT, "scripts", "setup.sh"), tmp_path / "scripts" / "setup.sh")
+    for script in ("setup.sh", "install_escnn.sh"):
+        shutil.copy(os.path.join(ROOT, "scripts", script), tmp_path / "scripts" / script)
     (tmp_path / "venv" / "bin").mkdir(parents=True)
     # a wrapper, not a symlink: a symlinked venv python finds no pyvenv.cfg and loses the venv's packages
     wrapper = tmp_path / "venv" / "bin" / "python"

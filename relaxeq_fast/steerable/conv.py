@@ -16,7 +16,7 @@ from ..regularizer import RegularizerTerms
 from .basis import _block_layout, _check_k, _grid_points, _jmax, _polar, _psi
 from .fields import FieldType, _DT, _check_field_input, _check_types, _field_lie, _rot2
 
-__all__ = ["R2Conv", "RelaxedR2Conv", "apply_defect", "defect_matrices", "kernel_defect",
+__all__ = ["R2Conv", "RelaxedR2Conv", "RelaxedKernel", "apply_defect", "defect_matrices", "kernel_defect",
            "spatial_rotation_generator", "spatial_rotation_operator"]
 
 
@@ -216,11 +216,15 @@ def _rbf(k: int, points: torch.Tensor, d_t: bool = False) -> torch.Tensor:
     return cross * phi / _RBF_SIGMA ** 2
 
 
-def _hybrid(k: int, smooth_at: torch.Tensor, rbf_at: torch.Tensor) -> torch.Tensor:
-    """Operator [k², k²]: smooth part through ``smooth_at`` [k², n_f], residual through ``rbf_at`` [k², k²]."""
+def _hybrid(k: int, smooth_at: torch.Tensor, rbf_at: torch.Tensor, family: Optional[torch.Tensor] = None,
+            rtol: Optional[float] = None) -> torch.Tensor:
+    """Operator [k², k²]: the smooth part through ``smooth_at`` [k², n_f] (the family's transformed values), the
+    residual through ``rbf_at`` [k², k²]. ``family`` [k², n_f]: the smooth family on the grid (default
+    :func:`_smooth_family`; the escnn / e2cnn interop passes the library's own kernel slices), ``rtol`` the
+    singular-value cut of its pseudo-inverse."""
     grid = _grid_points(k)
-    E = _smooth_family(k, grid)
-    E_pinv = torch.linalg.pinv(E)
+    E = _smooth_family(k, grid) if family is None else family
+    E_pinv = torch.linalg.pinv(E, rtol=rtol) if rtol is not None else torch.linalg.pinv(E)
     residual = torch.eye(k * k, dtype=_DT) - E @ E_pinv
     return smooth_at @ E_pinv + rbf_at @ torch.linalg.solve(_rbf(k, grid), residual)
 
@@ -287,7 +291,41 @@ def kernel_defect(B: torch.Tensor, in_type: FieldType, out_type: FieldType) -> t
     return apply_defect(B, *(m.to(B.device, B.dtype) for m in mats), in_type.group)
 
 
-class RelaxedR2Conv(R2Conv, RelaxedModule):
+class RelaxedKernel(RelaxedModule):
+    """The regularisers of a relaxed convolution with kernel K_eq + θB (mixin): :class:`RelaxedR2Conv` and the
+    relaxed escnn / e2cnn convolutions (:mod:`relaxeq_fast.interop.escnn`) share them. The layer provides
+    ``relaxation_kernel()`` (B as the forward applies it), ``defect()`` (D(B), differentiable), ``track_defect``
+    and ``last_defect`` ((r, rows) of its last training forward, or None)."""
+
+    last_defect: Optional[Tuple[torch.Tensor, int]] = None
+    track_defect = True
+
+    def __getstate__(self):
+        # the last defect is part of this step's autograd graph: not copied (deepcopy, pickle)
+        return {**super().__getstate__(), "last_defect": None}
+
+    def regularizers(self, mode: Optional[str] = None, data_free: bool = False) -> RegularizerTerms:
+        """(R_LD, R_N, n) as :class:`RelaxedR2Conv`'s docstring defines them. ``data_free=True`` means mode
+        "weight"; mode None: "data" when the layer tracks the defect in its training forwards (``track_defect``),
+        else "weight"."""
+        if mode is None:
+            mode = "data" if self.track_defect else "weight"
+        if mode not in ("data", "weight"):
+            raise ValueError(f"mode must be 'data' or 'weight', got {mode!r}")
+        B = self.relaxation_kernel()
+        B = B.to(torch.promote_types(B.dtype, torch.float32))
+        r_n = (B * B).sum()
+        if data_free or mode == "weight":
+            Dw = self.defect()
+            return RegularizerTerms((Dw * Dw).sum().to(B.dtype), r_n, 1)
+        if self.last_defect is None:
+            raise RuntimeError("no data-mode defect: run a forward pass in training mode with track_defect=True "
+                               "first, or use mode='weight'")
+        r, rows = self.last_defect
+        return RegularizerTerms(r, r_n.to(r.dtype), rows)
+
+
+class RelaxedR2Conv(R2Conv, RelaxedKernel):
     """Steerable convolution plus a relaxation branch: kernel ``K_eq + θ B`` with B a free kernel.
 
     ``y = conv2d(x, K_eq + θ B, b_eq)`` — one convolution. θ is a buffer (``set_theta``); at θ = 0 the
@@ -345,10 +383,6 @@ class RelaxedR2Conv(R2Conv, RelaxedModule):
         A_out, A_in, S = defect_matrices(self.in_type, self.out_type, self.kernel_size)
         return {**super()._float64_constants(), "defect_out": A_out, "defect_in": A_in, "defect_spatial": S}
 
-    def __getstate__(self):
-        # the last defect is part of this step's autograd graph: not copied (deepcopy, pickle)
-        return {**super().__getstate__(), "last_defect": None}
-
     def reset_relaxation(self):
         """Re-initialise B = ``weight_relax`` [out_dim, in_dim, k, k] per ``relax_init`` ("zeros" or "default")."""
         if self.relax_init == "zeros":
@@ -388,25 +422,6 @@ class RelaxedR2Conv(R2Conv, RelaxedModule):
             self.last_defect = (r, y.shape[0] * y.shape[2] * y.shape[3])
             return y
         return relaxed_conv2d(x, M, b, padding=self.padding, backend=self.backend)
-
-    def regularizers(self, mode: Optional[str] = None, data_free: bool = False) -> RegularizerTerms:
-        """(R_LD, R_N, n); see the class docstring. ``data_free=True`` means mode "weight"; mode None: "data"
-        when the layer tracks the defect in its training forwards (``track_defect``), else "weight"."""
-        if mode is None:
-            mode = "data" if self.track_defect else "weight"
-        if mode not in ("data", "weight"):
-            raise ValueError(f"mode must be 'data' or 'weight', got {mode!r}")
-        B = self.relaxation_kernel()
-        B = B.to(torch.promote_types(B.dtype, torch.float32))
-        r_n = (B * B).sum()
-        if data_free or mode == "weight":
-            Dw = self.defect()
-            return RegularizerTerms((Dw * Dw).sum().to(B.dtype), r_n, 1)
-        if self.last_defect is None:
-            raise RuntimeError("no data-mode defect: run a forward pass in training mode with track_defect=True "
-                               "first, or use mode='weight'")
-        r, rows = self.last_defect
-        return RegularizerTerms(r, r_n.to(r.dtype), rows)
 
     @classmethod
     def from_plain(cls, layer: R2Conv, **kwargs) -> "RelaxedR2Conv":
