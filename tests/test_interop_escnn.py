@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from relaxeq_fast.interop.escnn import _element, _expand, _kernel_samples, basis_coefficients, is_library_r2conv
-from relaxeq_fast.relaxation import DualTheta, relaxation_report
+from relaxeq_fast.relaxation import DualTheta, ThetaScheduler, make_schedule, relaxation_report
 from relaxeq_fast.vn import model_regularizers, project, relax, set_theta
 from testing import RecordOps
 
@@ -462,7 +462,7 @@ def test_strided_and_padded_layers(lib, float64):
 
 @pytest.mark.parametrize("lib", LIBS)
 def test_training_tools_work_unchanged(lib, float64):
-    """set_theta, model_regularizers, relaxation_report, DualTheta (θ_ℓ learnt: dθ flows through the fused op), a
+    """set_theta, ThetaScheduler, model_regularizers and every reduction, relaxation_report, DualTheta (θ_ℓ learnt: dθ flows through the fused op), a
     few optimiser steps that lower the loss, the state_dict, deepcopy and (where the library's models pickle) pickle."""
     from relaxeq_fast import combine_regularizers
     model, t0, _ = _model(lib, "C4", "regular")
@@ -474,9 +474,20 @@ def test_training_tools_work_unchanged(lib, float64):
     relaxed = relax(model, relax_init="default")
     report = relaxation_report(relaxed)
     assert len(report) == 3 and all(r["relative_size"] > 0 and 0 <= r["equivariant_share"] <= 1 for r in report)
+    scheduler = ThetaScheduler(relaxed, make_schedule("triangle", total=4))
+    thetas = []
+    for _ in range(4):
+        scheduler.step()
+        thetas.append(sorted({float(m.theta) for m in _relaxed_convs(relaxed)}))
+    assert thetas[-1] == [0.0] and all(len(t) == 1 for t in thetas) and max(t[0] for t in thetas) > 0
+    x_geo, _ = _input(lib, t0)
+    relaxed.train()
+    relaxed(x_geo)
+    terms = model_regularizers(relaxed)
+    for reduction in ("paper", "sum", "mean", "layer_mean"):
+        assert torch.isfinite(combine_regularizers(terms, lambda_ld=1.0, lambda_n=1.0, reduction=reduction))
     dual = DualTheta(relaxed, theta_init=0.5)
     opt = torch.optim.Adam(list(relaxed.parameters()), lr=1e-2)
-    x_geo, _ = _input(lib, t0)
     target = torch.randn(2, t0.size, 9, 9, generator=torch.Generator().manual_seed(7))
     losses = []
     for _ in range(5):
