@@ -163,10 +163,10 @@ def _extensions():
 
 
 _EXTRAS = {"train": ["matplotlib"], "data": ["h5py"], "e3nn": ["e3nn>=0.5"], "flow": ["phiflow>=3.4,<4"],
-           "e2cnn": ["e2cnn==0.2.3"],
+           "e2cnn": ["e2cnn==0.2.3"], "se3t": ["se3-transformer-pytorch==0.9.0"],
            "bench": ["matplotlib", "pytest", "pytest-benchmark"],
            "test": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib", "h5py", "e3nn>=0.5", "phiflow>=3.4,<4",
-                    "e2cnn==0.2.3"]}
+                    "e2cnn==0.2.3", "se3-transformer-pytorch==0.9.0"]}
 _EXTRAS["all"] = sorted({req for reqs in _EXTRAS.values() for req in reqs})
 
 setup(

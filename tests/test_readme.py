@@ -135,6 +135,9 @@ def test_readme_python_block_runs_as_written(index, tmp_path):
     block = BLOCKS[index]
     if "e3nn" in block:
         pytest.importorskip("e3nn", reason="this README block uses e3nn (pip install 'relaxeq_fast[e3nn]')")
+    if "se3_transformer_pytorch" in block:
+        pytest.importorskip("se3_transformer_pytorch",
+                            reason="this README block uses se3-transformer-pytorch (pip install 'relaxeq_fast[se3t]')")
     if "escnn" in block:
         pytest.importorskip("escnn", reason="this README block uses escnn (bash scripts/install_escnn.sh)")
     proc = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, cwd=tmp_path, timeout=600,
