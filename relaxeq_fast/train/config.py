@@ -22,7 +22,7 @@ THETA_SCHEDULES = tuple(sorted(SCHEDULES)) + LEARNT_THETA
 
 POINT_MODELS = ("vn_pointnet", "vn_dgcnn")
 IMAGE_MODELS = ("steerable_cnn",)
-GRAPH_MODELS = ("egnn", "segnn")  # N-body regressors: (positions, velocities, charges) → positions
+GRAPH_MODELS = ("egnn", "segnn", "se3_transformer")  # N-body regressors: (positions, velocities, charges) → positions
 FLOW_MODELS = ("cnn", "equiv", "rsteer")  # velocity-field forecasters (smoke plumes)
 MODELS = POINT_MODELS + IMAGE_MODELS + GRAPH_MODELS + FLOW_MODELS
 IMAGE_DATASETS = ("rotmnist",)
