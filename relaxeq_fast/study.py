@@ -1,6 +1,7 @@
 """relaxeq-study: a grid of ordinary relaxeq-train runs — seeds × learning rates × {relaxed, plain} ×
 optional ablation axes — run resumably, several at once, and aggregated into study.csv, study.md and
-study.png.
+study.png. Axes over the training-set size or the depth (``--axis n_train=96,192,480``, ``--axis layers=4,8,16``)
+also get curves: study.md tabulates, and study_<axis>.png plots, the metric and the train–test gap against them.
 
     relaxeq-study --out studies/pointnet --seeds 0,1,2 --lrs 3e-4,1e-3,3e-3 --jobs 2 -- \\
         --model vn_pointnet --dataset shapes --num-points 128 --k 10 --width 0.25 --epochs 30 --val-fraction 0.1
@@ -47,6 +48,9 @@ RELAXATION_AXES = ("theta_schedule", "theta_unit", "theta_max", "lambda_ld", "la
 NOT_AXES = ("seed", "lr", "plain", "run_dir", "runs_root", "progress", "threads", "device", "data_root")
 # ignored when checking that an existing run directory holds the intended run
 RUN_CONTROL = ("run_dir", "runs_root", "progress", "threads")
+# axes of sizes and depths: study.md tabulates, and study_<axis>.png plots, the metric and the train–test gap
+# against their values (one line per method and setting, mean ± std over seeds)
+CURVE_AXES = ("n_train", "layers")
 
 
 def study_fields(metric: str = "acc") -> tuple[str, ...]:
@@ -270,8 +274,8 @@ def aggregate(rows: list[dict]) -> list[dict]:
     """Per (method, lr, axes): runs, mean ± std (finished runs) of the final and of the best-epoch projected
     test metric (accuracy, MSE or RMSE; for the smoke forecasts also of the test-domain split: keys
     ``test_domain_final_mean`` ...), of the final projected validation metric (what settings are chosen on), of
-    the training metric and the projection error at mid-training; failure rate (diverged or failed, over all
-    runs)."""
+    the training metric and the projection error at mid-training, of the final training metric and of the
+    train–test gap (train − test accuracy; test − train MSE); failure rate (diverged or failed, over all runs)."""
     m = study_metric(rows)
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -283,6 +287,11 @@ def aggregate(rows: list[dict]) -> list[dict]:
         best = mean_std([r.get(f"best_test_{m}_projected") for r in done])
         val = mean_std([r.get(f"val_{m}_projected") for r in done])
         mid = mean_std([r.get(f"mid_train_{m}") for r in done])
+        train = mean_std([r.get(f"final_train_{m}") for r in done])
+        # train–test gap, positive when the model fits its training data better than it generalises
+        sign = 1 if m == "acc" else -1
+        gap = mean_std([sign * (r[f"final_train_{m}"] - r[f"test_{m}_projected"]) for r in done
+                        if r.get(f"final_train_{m}") is not None and r.get(f"test_{m}_projected") is not None])
         proj = mean_std([r.get("mid_projection_error") for r in done])
         extra = {}
         for t in EXTRA_TESTS.get(m, ()):
@@ -292,6 +301,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
         out.append(dict(method=method, lr=lr, axes=axes, runs=len(rs), finished=len(done), **extra,
                         final_mean=final[0], final_std=final[1], best_mean=best[0], best_std=best[1],
                         val_mean=val[0], val_std=val[1], mid_train_mean=mid[0], mid_train_std=mid[1],
+                        final_train_mean=train[0], final_train_std=train[1], gap_mean=gap[0], gap_std=gap[1],
                         mid_projection_error_mean=proj[0], mid_projection_error_std=proj[1],
                         failure_rate=sum(bool(r["failed"]) for r in rs) / len(rs),
                         seeds=sorted(r["seed"] for r in rs)))
@@ -342,10 +352,92 @@ def write_outputs(out_dir: str, rows: list[dict], title: str) -> tuple[str, str,
                      f"{_fmt(g['mid_train_mean'], g['mid_train_std'], m)} | "
                      f"{_fmt_error(g['mid_projection_error_mean'], g['mid_projection_error_std'], g['method'])} | "
                      f"{g['failure_rate']:.0%} |")
+    for axis in curve_axes(groups):
+        lines += ["", *_curve_lines(groups, axis, m)]
+        _plot_curve(out_dir, groups, axis, m, title)
     md_path = os.path.join(out_dir, "study.md")
     with open(md_path, "w") as f:
         f.write("\n".join(lines) + "\n")
     return csv_path, md_path, _plot(out_dir, rows, groups, title)
+
+
+def _axes_dict(axes: str) -> dict:
+    return dict(kv.split("=", 1) for kv in axes.split(";") if kv)
+
+
+def curve_axes(groups: list[dict]) -> list[str]:
+    """The size / depth axes (CURVE_AXES) the groups vary over."""
+    present = {k for g in groups for k in _axes_dict(g["axes"])}
+    return [a for a in CURVE_AXES if a in present]
+
+
+def curves(groups: list[dict], axis: str) -> dict:
+    """{(method, lr, the other axes): {axis value (int): group}}: one curve per method and setting."""
+    out: dict = {}
+    for g in groups:
+        axes = _axes_dict(g["axes"])
+        if axis not in axes:
+            continue
+        value = int(axes.pop(axis))
+        out.setdefault((g["method"], g["lr"], ";".join(f"{k}={v}" for k, v in axes.items())), {})[value] = g
+    return out
+
+
+def _curve_lines(groups: list[dict], axis: str, m: str) -> list[str]:
+    """study.md's two tables against ``axis``: the final projected test metric, and the train–test gap."""
+    lines = []
+    by_curve = curves(groups, axis)
+    values = sorted({v for c in by_curve.values() for v in c})
+    head = "| method | lr | other axes | " + " | ".join(f"{axis} = {v}" for v in values) + " |"
+    rule = "|---|---|---|" + "---|" * len(values)
+    for what, key, fmt in ((f"final projected test {m}", "final", lambda a, b: _fmt(a, b, m)),
+                           ("train–test gap (" + ("train − test accuracy" if m == "acc" else f"test − train {m}")
+                            + ")", "gap", lambda a, b: "—" if math.isnan(a) else f"{a:+.3g} ± {b:.2g}")):
+        lines += [f"## {what} against {axis}", "", head, rule]
+        for (method, lr, rest), c in sorted(by_curve.items(), key=lambda kv: (kv[0][2], kv[0][0] != "relaxed")):
+            cells = [fmt(c[v][f"{key}_mean"], c[v][f"{key}_std"]) if v in c else "—" for v in values]
+            lines.append(f"| {method} | {lr:g} | {rest or '—'} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def _plot_curve(out_dir: str, groups: list[dict], axis: str, m: str, title: str) -> Optional[str]:
+    """study_<axis>.png: the final projected test metric and the train–test gap against the axis values, one
+    line per method and setting with its ± std band."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    name = METRIC_NAMES[m]
+    for (method, lr, rest), c in sorted(curves(groups, axis).items(), key=lambda kv: str(kv[0])):
+        xs = sorted(c)
+        label = f"{method} lr {lr:g}" + (f" {rest}" if rest else "")
+        for a, key in ((a1, "final"), (a2, "gap")):
+            mean = [c[x][f"{key}_mean"] for x in xs]
+            std = [c[x][f"{key}_std"] for x in xs]
+            line, = a.plot(xs, mean, "o-" if method == "relaxed" else "s--", label=label)
+            a.fill_between(xs, [u - s for u, s in zip(mean, std)], [u + s for u, s in zip(mean, std)], alpha=0.15,
+                           color=line.get_color())
+    a1.set(xlabel=axis, ylabel=f"projected test {name} (last epoch)", title=f"{name} against {axis}")
+    a2.set(xlabel=axis, ylabel="train − test" if m == "acc" else "test − train",
+           title="train–test gap (mean ± std over seeds)")
+    if axis == "n_train":
+        a1.set_xscale("log"), a2.set_xscale("log")
+    if m != "acc":
+        a1.set_yscale("log")
+    for a in (a1, a2):
+        a.grid(alpha=0.3)
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize=7)
+    fig.suptitle(textwrap.fill(title, 120), fontsize=10)
+    fig.tight_layout()
+    path = os.path.join(out_dir, f"study_{axis}.png")
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
 
 
 def _plot(out_dir: str, rows: list[dict], groups: list[dict], title: str) -> Optional[str]:
@@ -440,12 +532,17 @@ def run_study(argv=None) -> dict:
     if not isinstance(a.jobs, int) or a.jobs < 1:
         raise StudyError(f"--jobs must be >= 1, got {a.jobs}")
     runs = make_grid(seeds, lrs, methods, parse_axes(a.axis))
-    try:  # the training arguments are checked once, before anything runs
+    try:  # every run's training arguments are checked before anything runs (axes: sizes, depths)
         from .train.cli import require_for
         from .train.config import validate
         first = parse_args(runs[0].argv(common, "x", 1))[0].resolved()
-        validate(first)
         require_for(first)
+        for r in runs:
+            try:
+                validate(parse_args(r.argv(common, "x", 1))[0].resolved())
+            except ConfigError as e:
+                where = f"{r.name}: " if r.axes else ""
+                raise ConfigError(f"{where}{e}") from None
     except ConfigError as e:
         raise StudyError(f"training arguments: {e}") from None
     except MissingDependency as e:

@@ -177,3 +177,79 @@ def test_run_directory_with_another_config_is_refused(tmp_path, capsys):
                  "--", *TRAIN])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "holds a different run (lambda_n: 0.5 there, 0.01 wanted)" in err[0], err
+
+
+def _curve_row(method, seed, n_train, test, train, status="finished"):
+    return dict(method=method, lr=1e-3, seed=seed, axes=f"n_train={n_train}", status=status, failed=False,
+                test_acc_projected=test, final_train_acc=train, best_test_acc_projected=None,
+                val_acc_projected=None, mid_train_acc=None)
+
+
+def test_size_axis_is_crossed_with_both_methods_and_its_runs_are_distinct():
+    runs = S.make_grid([0, 1], [1e-3], ["relaxed", "plain"], S.parse_axes(["n_train=96,192,480", "layers=4,8"]))
+    assert len(runs) == 2 * 2 * 3 * 2 and len({r.name for r in runs}) == len(runs)
+    assert {dict(r.axes)["n_train"] for r in runs if r.method == "plain"} == {"96", "192", "480"}
+    argv = runs[0].argv([], "d", 1)
+    assert argv[argv.index("--n-train") + 1] == "96" and argv[argv.index("--layers") + 1] == "4"
+
+
+def test_curves_aggregate_per_axis_value_as_the_statistics_module(tmp_path):
+    """Per method and n_train value: the final test accuracy and the train–test gap as statistics.mean / stdev
+    of the runs; study.md's curve tables hold them; study_n_train.png is written."""
+    data = {("relaxed", 96): [(0.5, 0.9), (0.6, 0.8), (0.4, 0.95)], ("relaxed", 480): [(0.7, 0.75), (0.72, 0.8)],
+            ("plain", 96): [(0.55, 0.99), (0.45, 0.97)], ("plain", 480): [(0.8, 0.82), (0.78, 0.9), (0.75, 0.8)]}
+    rows = [_curve_row(m, seed, n, test, train) for (m, n), runs in data.items() for seed, (test, train) in enumerate(runs)]
+    rows.append(_curve_row("plain", 9, 480, None, None, status="diverged"))
+    groups = S.aggregate(rows)
+    assert S.curve_axes(groups) == ["n_train"]
+    by_curve = S.curves(groups, "n_train")
+    assert set(by_curve) == {("relaxed", 1e-3, ""), ("plain", 1e-3, "")}
+    for (method, n), runs in data.items():
+        g = by_curve[(method, 1e-3, "")][n]
+        tests, gaps = [t for t, _ in runs], [tr - t for t, tr in runs]
+        assert g["final_mean"] == pytest.approx(statistics.mean(tests))
+        assert g["final_std"] == pytest.approx(statistics.stdev(tests))
+        assert g["gap_mean"] == pytest.approx(statistics.mean(gaps))
+        assert g["gap_std"] == pytest.approx(statistics.stdev(gaps))
+    assert by_curve[("plain", 1e-3, "")][480]["runs"] == 4 and by_curve[("plain", 1e-3, "")][480]["finished"] == 3
+    _, md_path, _ = S.write_outputs(str(tmp_path), rows, "curves")
+    md = open(md_path).read()
+    assert "## final projected test acc against n_train" in md and "## train–test gap" in md
+    relaxed_line = next(l for l in md.splitlines() if l.startswith("| relaxed | 0.001 | — | 0.500"))
+    assert f"{statistics.mean([0.7, 0.72]):.3f} ± {statistics.stdev([0.7, 0.72]):.3f}" in relaxed_line
+    if __import__("importlib").util.find_spec("matplotlib"):
+        assert os.path.isfile(os.path.join(str(tmp_path), "study_n_train.png"))
+
+
+def test_a_size_axis_study_runs_resumes_and_skips(tmp_path, capsys):
+    """Two n_train values end to end: distinct run directories, a second invocation finds both done."""
+    out = str(tmp_path)
+    grid = ["--out", out, "--seeds", "0", "--methods", "relaxed", "--axis", "n_train=32,48", "--no-progress"]
+    train = [a for a in TRAIN if a not in ()]
+    train[train.index("--n-train") + 1:train.index("--n-train") + 2] = []
+    train.remove("--n-train")
+    train[train.index("--epochs") + 1] = "1"
+    assert S.main(grid + ["--", *train]) == 0
+    names = sorted(os.listdir(os.path.join(out, "runs")))
+    assert len(names) == 2 and all(S.run_state(os.path.join(out, "runs", n)) == "finished" for n in names)
+    for n, size in zip(names, ("32", "48")):
+        with open(os.path.join(out, "runs", n, "config.json")) as f:
+            assert json.load(f)["n_train"] == int(size)
+    capsys.readouterr()
+    assert S.main(grid + ["--", *train]) == 0
+    assert "2 runs, 2 already done" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("axis, train, cause", [
+    ("n_train=100,5000", ["--model", "egnn", "--dataset", "nbody"],
+     "n_train=5000: --n-train 5000 is larger than the nbody training set (3000 samples)"),
+    ("n_train=160,32", ["--batch-size", "40"], "n_train=32: --n-train 32 leaves 32 training samples after the "
+     "validation split, fewer than one batch (--batch-size 40)"),
+    ("layers=4,0", ["--model", "egnn", "--dataset", "nbody"], "--layers must be a positive integer, got 0"),
+    ("layers=2", [], "--layers 2: --model vn_pointnet has no depth setting"),
+])
+def test_sizes_and_depths_that_cannot_run_are_refused_naming_the_value(axis, train, cause, tmp_path, capsys):
+    rc = S.main(["--out", str(tmp_path), "--no-progress", "--seeds", "0", "--axis", axis, "--", *train])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and cause in err[0], err
+    assert not os.path.isdir(os.path.join(str(tmp_path), "runs"))

@@ -300,6 +300,7 @@ class RelaxedKernel(RelaxedModule):
     last_defect: Optional[Tuple[torch.Tensor, int]] = None
     track_defect = True
 
+    # (a subclass lists this mixin before its nn.Module base, so that this __getstate__ comes before Module's)
     def __getstate__(self):
         # the last defect is part of this step's autograd graph: not copied (deepcopy, pickle)
         return {**super().__getstate__(), "last_defect": None}
@@ -325,7 +326,7 @@ class RelaxedKernel(RelaxedModule):
         return RegularizerTerms(r, r_n.to(r.dtype), rows)
 
 
-class RelaxedR2Conv(R2Conv, RelaxedKernel):
+class RelaxedR2Conv(RelaxedKernel, R2Conv):
     """Steerable convolution plus a relaxation branch: kernel ``K_eq + θ B`` with B a free kernel.
 
     ``y = conv2d(x, K_eq + θ B, b_eq)`` — one convolution. θ is a buffer (``set_theta``); at θ = 0 the

@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import FLOW_MODELS, GRAPH_MODELS, IMAGE_MODELS, ConfigError, TrainConfig, _augmentations, _fail
+from .config import (DEPTH_MODELS, FLOW_MODELS, GRAPH_MODELS, IMAGE_MODELS, ConfigError, TrainConfig, _augmentations,
+                     _fail)
 
 
 def augment_batch(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, gen: torch.Generator):
@@ -69,11 +70,12 @@ def _rotate_images(x: torch.Tensor, rotation: str, gen: torch.Generator) -> torc
     return x if rotation == "aligned" else augment.random_rotate_images(x, generator=gen)
 
 
-# the published N-body models' hidden width (EGNN's 64 features, SEGNN's 64 weight-balanced) and depth
-GRAPH_HIDDEN, GRAPH_LAYERS = 64, 4
-# the SE(3)-Transformer's at width 1: 16 channels per degree, 2 heads, 2 attention blocks (its pairwise kernels
-# cost ~100× an EGNN layer's on the CPU: a size a CPU run can afford, not the published 4 × 64)
-SE3T_HIDDEN, SE3T_LAYERS, SE3T_HEADS = 16, 2, 2
+# the published N-body models' hidden width (EGNN's 64 features, SEGNN's 64 weight-balanced); their depth (4, and
+# the SE(3)-Transformer's 2) is config.DEPTH_MODELS, --layers changes it
+GRAPH_HIDDEN = 64
+# the SE(3)-Transformer's at width 1: 16 channels per degree, 2 heads (its pairwise kernels cost ~100× an EGNN
+# layer's on the CPU: a size a CPU run can afford, not the published one)
+SE3T_HIDDEN, SE3T_HEADS = 16, 2
 
 
 def build_model(cfg: TrainConfig, num_classes: int = 0) -> nn.Module:
@@ -97,13 +99,14 @@ def build_model(cfg: TrainConfig, num_classes: int = 0) -> nn.Module:
     if cfg.model in GRAPH_MODELS:
         from .. import models
         hidden = max(1, round(GRAPH_HIDDEN * cfg.width))
+        layers = cfg.layers or DEPTH_MODELS[cfg.model]
         if cfg.model == "egnn":
-            return models.EGNN(hidden=hidden, n_layers=GRAPH_LAYERS, relaxed=not cfg.plain, **relax_kwargs)
+            return models.EGNN(hidden=hidden, n_layers=layers, relaxed=not cfg.plain, **relax_kwargs)
         if cfg.model == "se3_transformer":
             per_head = max(1, round(SE3T_HIDDEN / SE3T_HEADS * cfg.width))
-            return models.SE3TransformerNBody(hidden=SE3T_HEADS * per_head, n_layers=SE3T_LAYERS, heads=SE3T_HEADS,
+            return models.SE3TransformerNBody(hidden=SE3T_HEADS * per_head, n_layers=layers, heads=SE3T_HEADS,
                                               relaxed=not cfg.plain, **relax_kwargs)
-        return models.SEGNN(hidden_features=hidden, n_layers=GRAPH_LAYERS, relaxed=not cfg.plain, **relax_kwargs)
+        return models.SEGNN(hidden_features=hidden, n_layers=layers, relaxed=not cfg.plain, **relax_kwargs)
     if cfg.model == "steerable_cnn":
         return SteerableCNN(num_classes=num_classes, group=cfg.group, relaxed=not cfg.plain, width=cfg.width,
                             dropout=cfg.dropout, relax_kwargs=conv_relax_kwargs)

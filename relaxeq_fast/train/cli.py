@@ -93,7 +93,10 @@ def _parser() -> argparse.ArgumentParser:
     opt(g, "--rsteer-alpha", "rsteer: weight of the penalty on its coefficients' differences between "
         "neighbouring kernel positions", type=float, default=d.rsteer_alpha)
     paper(g, "--dropout", "dropout in the classifier head", type=float)
-    opt(g, "--n-train", "training samples", type=int, default=None, default_text="the dataset's")
+    opt(g, "--n-train", "training samples (nbody: systems); at most the training set, at least one batch after the "
+        "validation split", type=int, default=None, default_text="the dataset's")
+    opt(g, "--layers", "depth: egnn / segnn message-passing layers, se3_transformer attention blocks", type=int,
+        default=None, default_text="egnn, segnn: 4; se3_transformer: 2")
     opt(g, "--n-test", "test samples (nbody: also the validation systems)", type=int, default=None,
         default_text="the dataset's")
     paper(g, "--augment", f"before the rotation: comma list of {list(AUGMENTATIONS)} or 'none', applied in that "

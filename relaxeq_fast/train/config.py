@@ -125,6 +125,7 @@ class TrainConfig:
     dropout: Optional[float] = None
     n_train: Optional[int] = None
     n_test: Optional[int] = None
+    layers: Optional[int] = None  # depth: egnn / segnn message-passing layers, se3_transformer blocks (None: default)
     augment: Optional[str] = None
     augment_rotated: Optional[str] = None
     label_smoothing: Optional[float] = None
@@ -192,6 +193,46 @@ def _check_choice(cfg: TrainConfig, field: str, choices):
     check_choice(getattr(cfg, field), choices, "--" + field.replace("_", "-"), ConfigError)
 
 
+# models with a depth setting (--layers) and their default depth
+DEPTH_MODELS = {"egnn": 4, "segnn": 4, "se3_transformer": 2}
+
+
+def training_set_size(cfg: TrainConfig) -> Optional[int]:
+    """The number of training samples the dataset has, where that is known without reading it (N-body's
+    simulated split, RotMNIST-5k's 5000 digits less the test set), else None."""
+    if cfg.dataset == "nbody":
+        from ..data import nbody
+        return nbody.SIZES["train"]
+    if cfg.dataset == "rotmnist" and not cfg.data_root:
+        return 5000 - (1000 if cfg.n_test is None else cfg.n_test)
+    return None
+
+
+def _validate_size_and_depth(cfg: TrainConfig) -> None:
+    """--n-train: a positive int, at most the training set, leaving at least one batch after the validation split;
+    --layers: a positive int, for a model that has a depth setting."""
+    if cfg.n_train is not None:
+        n = cfg.n_train
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            _fail(f"--n-train must be a positive integer, got {n!r}")
+        size = training_set_size(cfg)
+        if size is not None and n > size:
+            _fail(f"--n-train {n} is larger than the {cfg.dataset} training set ({size} samples)")
+        if cfg.dataset == "shapes":  # whole classes: the procedural set rounds to a multiple of its classes
+            from ..data.shapes import SHAPE_CLASSES
+            n = max(1, round(n / len(SHAPE_CLASSES))) * len(SHAPE_CLASSES)
+        kept = n - round(cfg.val_fraction * n)
+        if kept < cfg.batch_size:
+            _fail(f"--n-train {cfg.n_train} leaves {kept} training samples after the validation split, fewer than one "
+                  f"batch (--batch-size {cfg.batch_size})")
+    if cfg.layers is not None:
+        if isinstance(cfg.layers, bool) or not isinstance(cfg.layers, int) or cfg.layers < 1:
+            _fail(f"--layers must be a positive integer, got {cfg.layers!r}")
+        if cfg.model not in DEPTH_MODELS:
+            _fail(f"--layers {cfg.layers}: --model {cfg.model} has no depth setting (--layers sets the message-passing "
+                  f"layers or blocks of {', '.join(DEPTH_MODELS)})")
+
+
 def validate(cfg: TrainConfig, world: int = 1) -> None:
     """One-line ConfigError for anything that cannot work, before any data or model is built."""
     from ..data import DATASETS as CLASSIFICATION_DATASETS
@@ -248,6 +289,7 @@ def validate(cfg: TrainConfig, world: int = 1) -> None:
               "batch norm needs at least 2")
     if not cfg.width > 0:
         _fail(f"--width must be positive, got {cfg.width}")
+    _validate_size_and_depth(cfg)
     if not 0 <= cfg.dropout < 1:
         _fail(f"--dropout must be in [0, 1), got {cfg.dropout}")
     for name in ("label_smoothing", "val_fraction"):
