@@ -27,6 +27,16 @@ def check_choice(value, choices, name: str, error: type = ValueError):
     return value
 
 
+def reload_float64_buffers(module: nn.Module, constants: dict) -> None:
+    """Set each non-persistent buffer ``name`` of ``module`` from its float64 original ``constants[name]``, in the
+    buffer's current dtype and device (a buffer that is None stays None). Called after ``_apply``: ``.double()`` of
+    a float32 layer then holds the exact float64 constants, not float32-rounded ones."""
+    for name, t in constants.items():
+        old = getattr(module, name)
+        if old is not None:
+            setattr(module, name, t.to(old.device, old.dtype).clone())
+
+
 def intertwiner_coefficients(W: torch.Tensor, layout) -> list[torch.Tensor]:
     """The orthogonal (Frobenius) projection of W [..., D_out, D_in] onto the equivariant maps of ``layout``
     (:meth:`Irreps.equivariant_layout`), as the channel mixings [..., out_mul, in_mul] per layout entry.

@@ -47,9 +47,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..functional import relaxed_conv2d, relaxed_conv_params
-from ..nn import PROJECTION_MODES, check_choice
+from ..nn import PROJECTION_MODES, check_choice, reload_float64_buffers
 from ..steerable.basis import _grid_points
 from ..steerable.conv import RelaxedKernel, _hybrid, _rbf, apply_defect
+from ..steerable.fields import _rot2
 
 __all__ = ["LIBRARIES", "library_of", "is_library_r2conv", "relax_module", "convert_module", "to_package_conv",
            "library_defect", "basis_coefficients"]
@@ -209,8 +210,7 @@ def library_defect(conv) -> tuple:
                                      "is not a grid axis): not supported")
                 # K(R_g⁻¹ p) = ρ_out(g)⁻¹ K(p) ρ_in(g) on equivariant kernels
                 Y = torch.einsum("op,dpikl,iq->doqkl", torch.linalg.inv(A_out), Ks, A_in)
-                pts = grid @ torch.tensor([[math.cos(-angle), -math.sin(-angle)],
-                                           [math.sin(-angle), math.cos(-angle)]], dtype=_DT).T
+                pts = grid @ _rot2(-angle).T  # R_g⁻¹ p, as spatial_rotation_operator
                 S = _hybrid(k, Y.reshape(-1, k * k).T, _rbf(k, pts), family=X, rtol=_FAMILY_RTOL)
         entry = (A_out, A_in, S, kind == "step")
         D = apply_defect(Ks, A_out, A_in, S, 1 if kind == "step" else None)
@@ -290,9 +290,7 @@ class _RelaxedLibraryConv(RelaxedKernel):
 
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
-        for name, t in self._defect_constants.items():  # from float64, not from a rounded copy
-            old = getattr(self, name)
-            setattr(self, name, t.to(old.device, old.dtype).clone())
+        reload_float64_buffers(self, self._defect_constants)
         return out
 
     def reset_relaxation(self):

@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..nn import PROJECTION_MODES, RelaxedLinear, check_choice
+from ..nn import PROJECTION_MODES, RelaxedLinear, check_choice, reload_float64_buffers
 from ..reps import MAX_L, Irreps, random_rotation
 
 __all__ = ["LIBRARY", "is_linear_se3", "library_basis", "RelaxedLinearSE3", "relax_module"]
@@ -90,10 +90,10 @@ class RelaxedLinearSE3(RelaxedLinear):
     def __init__(self, degrees, library_class: type, **relaxed_kwargs):
         """``degrees``: [(degree key as the library's dict has it, c_in, c_out)] in the library layer's order."""
         self.degrees = tuple((str(k), int(c_in), int(c_out)) for k, c_in, c_out in degrees)
-        order = sorted(self.degrees, key=lambda t: int(t[0]))
-        super().__init__(Irreps([(c_in, int(k)) for k, c_in, _ in order]),
-                         Irreps([(c_out, int(k)) for k, _, c_out in order]), bias=False, **relaxed_kwargs)
-        self._order = tuple(k for k, _, _ in order)
+        self._sorted = tuple(sorted(self.degrees, key=lambda t: int(t[0])))  # the flattened layout's order
+        super().__init__(Irreps([(c_in, int(k)) for k, c_in, _ in self._sorted]),
+                         Irreps([(c_out, int(k)) for k, _, c_out in self._sorted]), bias=False, **relaxed_kwargs)
+        self._order = tuple(k for k, _, _ in self._sorted)
         self.library_class = library_class
         # a basis change only where the library's differs from ours (measured: nowhere up to degree 3 today)
         self._bases = {k: library_basis(int(k)) for k in self._order
@@ -104,9 +104,7 @@ class RelaxedLinearSE3(RelaxedLinear):
 
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
-        for k, T in self._bases.items():  # from float64, not from a rounded copy
-            old = getattr(self, f"basis_{k}")
-            setattr(self, f"basis_{k}", T.to(old.device, old.dtype).clone())
+        reload_float64_buffers(self, {f"basis_{k}": T for k, T in self._bases.items()})
         return out
 
     def forward(self, x: dict) -> dict:  # type: ignore[override]
@@ -123,7 +121,7 @@ class RelaxedLinearSE3(RelaxedLinear):
             parts.append(t.reshape(*t.shape[:-2], -1))
         y = super().forward(torch.cat(parts, -1) if len(parts) > 1 else parts[0])
         out, start = {}, 0
-        for (k, _c_in, c_out) in sorted(self.degrees, key=lambda t: int(t[0])):
+        for (k, _c_in, c_out) in self._sorted:
             width = c_out * (2 * int(k) + 1)
             t = y[..., start:start + width].reshape(*y.shape[:-1], c_out, 2 * int(k) + 1)
             out[k] = t @ getattr(self, f"basis_{k}").T if k in self._bases else t

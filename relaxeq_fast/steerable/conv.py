@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..functional import relaxed_conv2d, relaxed_conv_params
-from ..nn import PROJECTION_MODES, RELAX_SPACES, RelaxedModule, check_choice
+from ..nn import PROJECTION_MODES, RELAX_SPACES, RelaxedModule, check_choice, reload_float64_buffers
 from ..reference import relaxed_conv_defect_ref
 from ..regularizer import RegularizerTerms
 from .basis import _block_layout, _check_k, _grid_points, _jmax, _polar, _psi
@@ -86,17 +86,10 @@ class R2Conv(nn.Module):
                         f"block_in_{i}": in_ch})
         return out
 
-    def _load_constants(self):
-        # Rebuilt from float64 on every dtype/device change: ``.double()`` of a float32 layer gets the
-        # exact float64 basis, not a float32-rounded one (the C_N defect is exact only on the former).
-        for name, t in self._constants.items():
-            old = getattr(self, name)
-            if old is not None:
-                setattr(self, name, t.to(old.device, old.dtype).clone())
-
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
-        self._load_constants()
+        # the exact float64 basis after .double(), not a float32-rounded one (the C_N defect is exact only on it)
+        reload_float64_buffers(self, self._constants)
         self._cache = None
         return out
 
