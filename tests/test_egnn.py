@@ -26,15 +26,16 @@ def _randomise_relaxation(model, std=0.3):
 
 
 def test_layer_is_the_egnn_vel_update():
-    """The plain layer against the EGNN-vel equations written out with its sub-networks (not its forward): the
-    first of two layers updates x, v and h; the last one x and v only (its h reaches no output)."""
+    """The plain layers against the EGNN-vel equations (eq. 7 of Satorras et al.) written out with their
+    sub-networks (not their forward): every layer scales the *input* velocities (not the previous layer's v); the
+    first two of three layers update x and h, the last one x only (its h reaches no output)."""
     torch.manual_seed(0)
-    model = EGNN(hidden=8, n_layers=2).to(DT)
+    model = EGNN(hidden=8, n_layers=3).to(DT)
     loc, vel, q = nbody_inputs()
     h = model.embedding(vel.norm(dim=-1, keepdim=True))
     B, n = loc.shape[:2]
     for layer in model.layers:
-        x_new, v_new, h_new = torch.empty_like(loc), torch.empty_like(vel), torch.empty_like(h)
+        x_new, h_new = torch.empty_like(loc), torch.empty_like(h)
         for b in range(B):
             for i in range(n):
                 agg, msum = torch.zeros(3, dtype=DT), torch.zeros(8, dtype=DT)
@@ -45,12 +46,11 @@ def test_layer_is_the_egnn_vel_update():
                     m = layer.edge_mlp(torch.cat([h[b, i], h[b, j], d.square().sum()[None], q[b, i] * q[b, j]]))
                     agg = agg + d * layer.coord_mlp(m)
                     msum = msum + m
-                v_new[b, i] = layer.vel_mlp(h[b, i]) * vel[b, i] + agg / (n - 1)
-                x_new[b, i] = loc[b, i] + v_new[b, i]
+                x_new[b, i] = loc[b, i] + layer.vel_mlp(h[b, i]) * vel[b, i] + agg / (n - 1)
                 h_new[b, i] = h[b, i] + layer.node_mlp(torch.cat([h[b, i], msum])) if layer.node_mlp is not None \
                     else h[b, i]
-        loc, vel, h = x_new, v_new, h_new
-    assert model.layers[0].node_mlp is not None and model.layers[1].node_mlp is None
+        loc, h = x_new, h_new
+    assert model.layers[1].node_mlp is not None and model.layers[2].node_mlp is None
     assert (model(*nbody_inputs()) - loc).abs().max() < 1e-12
 
 

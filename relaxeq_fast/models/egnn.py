@@ -1,16 +1,20 @@
 """A relaxed E(n)-equivariant graph network for N-body dynamics (Satorras et al. 2021, the velocity variant).
 
-Per layer, on a fully connected system of n particles (positions x_i, velocities v_i, node features h_i,
-edge attributes a_ij = q_i q_j):
+Per layer, on a fully connected system of n particles (positions x_i, the *input* velocities v_i — the same in
+every layer, as EGNN-vel's eq. 7 and code —, node features h_i, edge attributes a_ij = q_i q_j):
 
     m_ij = φ_e(h_i, h_j, |x_i − x_j|², a_ij)
     agg_i = 1/(n − 1) Σ_j (x_i − x_j) φ_x(m_ij)                   (a translation-invariant vector)
-    v_i ← Lin([agg_i, φ_v(h_i) v_i])                               (the vector channels: VN(2) → VN(1))
-    x_i ← x_i + v_i,   h_i ← h_i + φ_h(h_i, Σ_j m_ij)                 (h: not in the last layer, which no output reads)
+    u_i = Lin([agg_i, φ_v(h_i) v_i])                               (the vector channels: VN(2) → VN(1))
+    x_i ← x_i + u_i,   h_i ← h_i + φ_h(h_i, Σ_j m_ij)                 (h: not in the last layer, which no output reads)
+
+(Before commit 'EGNN-vel reads the input velocities', each layer read the previous layer's u_i instead: a
+product of φ_v over the layers, which made 16-layer models diverge.)
 
 ``Lin`` is an :class:`~relaxeq_fast.nn.EquivariantLinear` ``VN(2) → VN(1)`` with weights (1, 1) at
-initialisation — then the layer is exactly EGNN's ``v_i ← φ_v(h_i) v_i + agg_i`` — and, with ``relaxed=True``,
-a :class:`~relaxeq_fast.nn.RelaxedLinear` that adds θ (W_r [agg_i; φ_v(h_i) v_i] + b_r), W_r [3, 6], b_r [3]:
+initialisation — then the layer is exactly EGNN's ``x_i ← x_i + φ_v(h_i) v_i + agg_i`` — and, with
+``relaxed=True``, a :class:`~relaxeq_fast.nn.RelaxedLinear` that adds θ (W_r [agg_i; φ_v(h_i) v_i] + b_r),
+W_r [3, 6], b_r [3]:
 the relaxation acts on the vector channels of the velocity update (rotations are broken, translations are
 not: every relaxed input is a difference or a velocity). Its regulariser is the closed-form R_LD, R_N of any
 relaxed VN layer (:func:`relaxeq_fast.vn.model_regularizers`); :func:`relaxeq_fast.vn.project` gives the
@@ -33,8 +37,8 @@ def _mlp(d_in: int, hidden: int, d_out: int, last_act: bool = True) -> nn.Sequen
 
 
 class EGNNLayer(nn.Module):
-    """One EGNN-vel layer (see the module docstring). h [B, n, H], x, v [B, n, 3], edge_attr [B, n, n, 1]
-    → (h, x, v) of the same shapes. update_nodes=False: h is returned as it came (the last layer's h update
+    """One EGNN-vel layer (see the module docstring). h [B, n, H], x, v [B, n, 3] (v: the model's input
+    velocities), edge_attr [B, n, n, 1] → (h, x, u): updated h and x, and the step u = x_new − x, same shapes. update_nodes=False: h is returned as it came (the last layer's h update
     reaches no output, and DDP refuses parameters that get no gradient)."""
 
     def __init__(self, hidden: int, relaxed: bool = False, update_nodes: bool = True, **relax_kwargs):
@@ -52,7 +56,7 @@ class EGNNLayer(nn.Module):
             self.vector_map.weights[0].fill_(1.0)  # exactly EGNN's v ← φ_v(h) v + agg
 
     def forward(self, h: torch.Tensor, x: torch.Tensor, v: torch.Tensor, edge_attr: torch.Tensor):
-        """h [B, n, H], x, v [B, n, 3], edge_attr [B, n, n, 1] → updated (h, x, v), same shapes."""
+        """h [B, n, H], x, v [B, n, 3], edge_attr [B, n, n, 1] → (updated h, updated x, the step u), same shapes."""
         n = x.shape[-2]
         diff = x[..., :, None, :] - x[..., None, :, :]  # [B, n, n, 3]: x_i − x_j
         radial = diff.square().sum(-1, keepdim=True)
@@ -62,11 +66,11 @@ class EGNNLayer(nn.Module):
         m = self.edge_mlp(pair) * not_self
         agg = (diff * self.coord_mlp(m)).sum(-2) / max(n - 1, 1)
         vectors = torch.stack([agg, self.vel_mlp(h) * v], -2)  # [B, n, 2, 3]: VN(2) channels
-        v = self.vector_map(vectors)[..., 0, :]
-        x = x + v
+        step = self.vector_map(vectors)[..., 0, :]
+        x = x + step
         if self.node_mlp is not None:
             h = h + self.node_mlp(torch.cat([h, m.sum(-2)], -1))
-        return h, x, v
+        return h, x, step
 
 
 class EGNN(nn.Module):
@@ -92,7 +96,7 @@ class EGNN(nn.Module):
                              f"{list(loc.shape)}, {list(vel.shape)}, {list(charges.shape)}")
         h = self.embedding(vel.norm(dim=-1, keepdim=True))
         edge_attr = charges[..., :, None, :] * charges[..., None, :, :]
-        x, v = loc, vel
-        for layer in self.layers:
-            h, x, v = layer(h, x, v, edge_attr)
+        x = loc
+        for layer in self.layers:  # every layer reads the input velocities, as EGNN-vel (eq. 7 of the paper)
+            h, x, _ = layer(h, x, vel, edge_attr)
         return x
