@@ -25,12 +25,14 @@ def _randomise_relaxation(model, std=0.3):
 
 
 
-def test_layer_is_the_egnn_vel_update():
+@pytest.mark.parametrize("norm_diff", [False, True])
+def test_layer_is_the_egnn_vel_update(norm_diff):
     """The plain layers against the EGNN-vel equations (eq. 7 of Satorras et al.) written out with their
     sub-networks (not their forward): every layer scales the *input* velocities (not the previous layer's v); the
-    first two of three layers update x and h, the last one x only (its h reaches no output)."""
+    first two of three layers update x and h, the last one x only (its h reaches no output); norm_diff divides
+    x_i − x_j by |x_i − x_j| + 1 in the coordinate update only."""
     torch.manual_seed(0)
-    model = EGNN(hidden=8, n_layers=3).to(DT)
+    model = EGNN(hidden=8, n_layers=3, norm_diff=norm_diff).to(DT)
     loc, vel, q = nbody_inputs()
     h = model.embedding(vel.norm(dim=-1, keepdim=True))
     B, n = loc.shape[:2]
@@ -44,7 +46,7 @@ def test_layer_is_the_egnn_vel_update():
                         continue
                     d = loc[b, i] - loc[b, j]
                     m = layer.edge_mlp(torch.cat([h[b, i], h[b, j], d.square().sum()[None], q[b, i] * q[b, j]]))
-                    agg = agg + d * layer.coord_mlp(m)
+                    agg = agg + (d / (d.norm() + 1) if norm_diff else d) * layer.coord_mlp(m)
                     msum = msum + m
                 x_new[b, i] = loc[b, i] + layer.vel_mlp(h[b, i]) * vel[b, i] + agg / (n - 1)
                 h_new[b, i] = h[b, i] + layer.node_mlp(torch.cat([h[b, i], msum])) if layer.node_mlp is not None \
@@ -52,12 +54,18 @@ def test_layer_is_the_egnn_vel_update():
         loc, h = x_new, h_new
     assert model.layers[1].node_mlp is not None and model.layers[2].node_mlp is None
     assert (model(*nbody_inputs()) - loc).abs().max() < 1e-12
+    x0, v0, q0 = nbody_inputs()
+    x0.requires_grad_()
+    model(x0, v0, q0).square().sum().backward()  # norm_diff: |x_i − x_i| = 0 must not give a nan gradient
+    assert torch.isfinite(x0.grad).all() and all(torch.isfinite(p.grad).all() for p in model.parameters()
+                                                 if p.grad is not None)
 
 
+@pytest.mark.parametrize("norm_diff", [False, True])
 @pytest.mark.parametrize("relaxed", [False, True])
-def test_e3_equivariant_at_theta_zero_and_after_projection(relaxed):
+def test_e3_equivariant_at_theta_zero_and_after_projection(relaxed, norm_diff):
     torch.manual_seed(1)
-    model = EGNN(hidden=16, n_layers=3, relaxed=relaxed).to(DT)
+    model = EGNN(hidden=16, n_layers=3, relaxed=relaxed, norm_diff=norm_diff).to(DT)
     _randomise_relaxation(model)
     loc, vel, q = nbody_inputs()
     if relaxed:

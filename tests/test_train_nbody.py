@@ -140,11 +140,21 @@ def test_nbody_equivariance_error_sees_a_broken_model():
     (["--model", "vn_pointnet", "--dataset", "nbody"], "do not go together"),
     (["--model", "egnn", "--dataset", "nbody", "--val-fraction", "0.1"], "own validation split"),
     (["--model", "egnn", "--dataset", "nbody", "--augment", "jitter"], "apply to point clouds"),
+    (["--model", "segnn", "--dataset", "nbody", "--norm-diff"], "--norm-diff is an egnn setting"),
 ])
 def test_config_errors_name_the_argument(argv, message):
     cfg, _, _ = T.parse_args(argv + ["--no-progress"])
     with pytest.raises(T.ConfigError, match=message):
         T.validate(cfg.resolved())
+
+
+@pytest.mark.parametrize("flag", [[], ["--norm-diff"]])
+def test_norm_diff_and_layers_reach_every_egnn_layer(flag):
+    cfg, _, _ = T.parse_args(["--model", "egnn", "--dataset", "nbody", "--layers", "3", "--no-progress", *flag])
+    cfg = cfg.resolved()
+    T.validate(cfg)
+    model = build.build_model(cfg)
+    assert len(model.layers) == 3 and all(layer.norm_diff == bool(flag) for layer in model.layers)
 
 
 def test_segnn_runs_through_the_trainer(small_task, tmp_path):

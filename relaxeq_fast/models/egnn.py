@@ -4,9 +4,13 @@ Per layer, on a fully connected system of n particles (positions x_i, the *input
 every layer, as EGNN-vel's eq. 7 and code —, node features h_i, edge attributes a_ij = q_i q_j):
 
     m_ij = φ_e(h_i, h_j, |x_i − x_j|², a_ij)
-    agg_i = 1/(n − 1) Σ_j (x_i − x_j) φ_x(m_ij)                   (a translation-invariant vector)
+    agg_i = 1/(n − 1) Σ_j d_ij φ_x(m_ij)                           (a translation-invariant vector)
     u_i = Lin([agg_i, φ_v(h_i) v_i])                               (the vector channels: VN(2) → VN(1))
     x_i ← x_i + u_i,   h_i ← h_i + φ_h(h_i, Σ_j m_ij)                 (h: not in the last layer, which no output reads)
+
+with d_ij = x_i − x_j, or with ``norm_diff=True`` d_ij = (x_i − x_j) / (|x_i − x_j| + 1) (EGNN-vel's own
+``norm_diff`` option): each pair then moves x_i by at most |φ_x|, which keeps deep models finite on the rare
+systems whose coordinates a layer throws far out (16 layers, issue 32).
 
 (Before commit 'EGNN-vel reads the input velocities', each layer read the previous layer's u_i instead: a
 product of φ_v over the layers, which made 16-layer models diverge.)
@@ -38,11 +42,14 @@ def _mlp(d_in: int, hidden: int, d_out: int, last_act: bool = True) -> nn.Sequen
 
 class EGNNLayer(nn.Module):
     """One EGNN-vel layer (see the module docstring). h [B, n, H], x, v [B, n, 3] (v: the model's input
-    velocities), edge_attr [B, n, n, 1] → (h, x, u): updated h and x, and the step u = x_new − x, same shapes. update_nodes=False: h is returned as it came (the last layer's h update
-    reaches no output, and DDP refuses parameters that get no gradient)."""
+    velocities), edge_attr [B, n, n, 1] → (h, x, u): updated h and x, and the step u = x_new − x, same shapes.
+    update_nodes=False: h is returned as it came (the last layer's h update reaches no output, and DDP refuses
+    parameters that get no gradient). norm_diff: d_ij = (x_i − x_j) / (|x_i − x_j| + 1) in the coordinate update."""
 
-    def __init__(self, hidden: int, relaxed: bool = False, update_nodes: bool = True, **relax_kwargs):
+    def __init__(self, hidden: int, relaxed: bool = False, update_nodes: bool = True, norm_diff: bool = False,
+                 **relax_kwargs):
         super().__init__()
+        self.norm_diff = norm_diff
         self.edge_mlp = _mlp(2 * hidden + 2, hidden, hidden)
         self.coord_mlp = _mlp(hidden, hidden, 1, last_act=False)
         self.vel_mlp = _mlp(hidden, hidden, 1, last_act=False)
@@ -64,6 +71,8 @@ class EGNNLayer(nn.Module):
                           radial, edge_attr], -1)
         not_self = 1.0 - torch.eye(n, dtype=x.dtype, device=x.device)[..., None]  # no message i → i
         m = self.edge_mlp(pair) * not_self
+        if self.norm_diff:  # the eps keeps the gradient finite where x_i − x_i = 0
+            diff = diff / ((radial + 1e-12).sqrt() + 1.0)
         agg = (diff * self.coord_mlp(m)).sum(-2) / max(n - 1, 1)
         vectors = torch.stack([agg, self.vel_mlp(h) * v], -2)  # [B, n, 2, 3]: VN(2) channels
         step = self.vector_map(vectors)[..., 0, :]
@@ -78,16 +87,18 @@ class EGNN(nn.Module):
 
     Node features start from the speeds |v_i|, edge attributes are q_i q_j; ``n_layers`` layers of width
     ``hidden`` (the EGNN paper: 4 × 64). ``relaxed=True`` relaxes every layer's vector map (module docstring);
-    relax_kwargs go to :class:`~relaxeq_fast.nn.RelaxedLinear` (theta, relax_init, ...).
+    ``norm_diff=True`` normalises the coordinate differences in every layer (module docstring); relax_kwargs go to
+    :class:`~relaxeq_fast.nn.RelaxedLinear` (theta, relax_init, ...).
     """
 
-    def __init__(self, hidden: int = 64, n_layers: int = 4, relaxed: bool = False, **relax_kwargs):
+    def __init__(self, hidden: int = 64, n_layers: int = 4, relaxed: bool = False, norm_diff: bool = False,
+                 **relax_kwargs):
         super().__init__()
         if not isinstance(hidden, int) or hidden < 1 or not isinstance(n_layers, int) or n_layers < 1:
             raise ValueError(f"EGNN: hidden and n_layers must be positive ints, got {hidden!r}, {n_layers!r}")
         self.embedding = nn.Linear(1, hidden)
-        self.layers = nn.ModuleList([EGNNLayer(hidden, relaxed, update_nodes=i < n_layers - 1, **relax_kwargs)
-                                     for i in range(n_layers)])
+        self.layers = nn.ModuleList([EGNNLayer(hidden, relaxed, update_nodes=i < n_layers - 1, norm_diff=norm_diff,
+                                               **relax_kwargs) for i in range(n_layers)])
 
     def forward(self, loc: torch.Tensor, vel: torch.Tensor, charges: torch.Tensor) -> torch.Tensor:
         """loc, vel [B, n, 3], charges [B, n, 1] → predicted positions [B, n, 3]."""

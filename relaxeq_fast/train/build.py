@@ -101,7 +101,8 @@ def build_model(cfg: TrainConfig, num_classes: int = 0) -> nn.Module:
         hidden = max(1, round(GRAPH_HIDDEN * cfg.width))
         layers = cfg.layers or DEPTH_MODELS[cfg.model]
         if cfg.model == "egnn":
-            return models.EGNN(hidden=hidden, n_layers=layers, relaxed=not cfg.plain, **relax_kwargs)
+            return models.EGNN(hidden=hidden, n_layers=layers, relaxed=not cfg.plain, norm_diff=cfg.norm_diff,
+                               **relax_kwargs)
         if cfg.model == "se3_transformer":
             per_head = max(1, round(SE3T_HIDDEN / SE3T_HEADS * cfg.width))
             return models.SE3TransformerNBody(hidden=SE3T_HEADS * per_head, n_layers=layers, heads=SE3T_HEADS,

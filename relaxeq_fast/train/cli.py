@@ -97,6 +97,8 @@ def _parser() -> argparse.ArgumentParser:
         "validation split", type=int, default=None, default_text="the dataset's")
     opt(g, "--layers", "depth: egnn / segnn message-passing layers, se3_transformer attention blocks", type=int,
         default=None, default_text="egnn, segnn: 4; se3_transformer: 2")
+    opt(g, "--norm-diff", "egnn: divide each coordinate difference x_i − x_j by |x_i − x_j| + 1 in the coordinate "
+        "update (EGNN-vel's norm_diff option; keeps deep models finite)", action="store_true")
     opt(g, "--n-test", "test samples (nbody: also the validation systems)", type=int, default=None,
         default_text="the dataset's")
     paper(g, "--augment", f"before the rotation: comma list of {list(AUGMENTATIONS)} or 'none', applied in that "

@@ -126,6 +126,7 @@ class TrainConfig:
     n_train: Optional[int] = None
     n_test: Optional[int] = None
     layers: Optional[int] = None  # depth: egnn / segnn message-passing layers, se3_transformer blocks (None: default)
+    norm_diff: bool = False  # egnn: normalised coordinate differences (EGNN-vel's norm_diff option)
     augment: Optional[str] = None
     augment_rotated: Optional[str] = None
     label_smoothing: Optional[float] = None
@@ -231,6 +232,11 @@ def _validate_size_and_depth(cfg: TrainConfig) -> None:
         if cfg.model not in DEPTH_MODELS:
             _fail(f"--layers {cfg.layers}: --model {cfg.model} has no depth setting (--layers sets the message-passing "
                   f"layers or blocks of {', '.join(DEPTH_MODELS)})")
+    if cfg.norm_diff is not False:
+        if cfg.norm_diff is not True:
+            _fail(f"--norm-diff must be a bool, got {cfg.norm_diff!r}")
+        if cfg.model != "egnn":
+            _fail(f"--norm-diff is an egnn setting (its normalised coordinate differences), not one of --model {cfg.model}")
 
 
 def validate(cfg: TrainConfig, world: int = 1) -> None:
