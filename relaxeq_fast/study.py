@@ -281,7 +281,8 @@ def aggregate(rows: list[dict]) -> list[dict]:
     for r in rows:
         groups.setdefault((r["method"], r["lr"], r["axes"]), []).append(r)
     out = []
-    for (method, lr, axes), rs in sorted(groups.items(), key=lambda kv: (kv[0][2], kv[0][0] != "relaxed", kv[0][1])):
+    for (method, lr, axes), rs in sorted(groups.items(),
+                                         key=lambda kv: (_axes_order(kv[0][2]), kv[0][0] != "relaxed", kv[0][1])):
         done = [r for r in rs if r["status"] == "finished"]
         final = mean_std([r[f"test_{m}_projected"] for r in done])
         best = mean_std([r.get(f"best_test_{m}_projected") for r in done])
@@ -306,6 +307,18 @@ def aggregate(rows: list[dict]) -> list[dict]:
                         failure_rate=sum(bool(r["failed"]) for r in rs) / len(rs),
                         seeds=sorted(r["seed"] for r in rs)))
     return out
+
+
+def _axes_order(axes: str) -> list[tuple]:
+    """Sort key of an axes string: numeric values by value (n_train=96 before n_train=480), others by name."""
+    key = []
+    for kv in axes.split(";"):
+        name, _, value = kv.partition("=")
+        try:
+            key.append((name, 0, float(value), ""))
+        except ValueError:
+            key.append((name, 1, 0.0, value))
+    return key
 
 
 def _fmt(m: float, s: float, metric: str = "acc") -> str:

@@ -201,6 +201,7 @@ def test_curves_aggregate_per_axis_value_as_the_statistics_module(tmp_path):
     rows = [_curve_row(m, seed, n, test, train) for (m, n), runs in data.items() for seed, (test, train) in enumerate(runs)]
     rows.append(_curve_row("plain", 9, 480, None, None, status="diverged"))
     groups = S.aggregate(rows)
+    assert [g["axes"] for g in groups] == ["n_train=96"] * 2 + ["n_train=480"] * 2  # by value, not as strings
     assert S.curve_axes(groups) == ["n_train"]
     by_curve = S.curves(groups, "n_train")
     assert set(by_curve) == {("relaxed", 1e-3, ""), ("plain", 1e-3, "")}
