@@ -312,6 +312,21 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(full_run, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("every, drawn_at", [(1e9, [1, 3]), (0.0, [1, 2, 3])])
+def test_training_plot_is_throttled_and_ends_at_the_last_epoch(every, drawn_at, tmp_path, monkeypatch):
+    """training.png is drawn after the first epoch, then at most every PLOT_EVERY_S, and after the last one."""
+    drawn, real = [], loop.plot_history
+
+    def spy(history, *args, **kwargs):
+        drawn.append(len(history))
+        return real(history, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "PLOT_EVERY_S", every)
+    monkeypatch.setattr(loop, "plot_history", spy)
+    _run(TINY + ["--run-dir", str(tmp_path / "run")])
+    assert drawn == drawn_at
+
+
 def test_non_finite_loss_stops_without_touching_the_checkpoint(tmp_path, monkeypatch, capsys):
     run_dir = str(tmp_path / "nan")
     _run(TINY + ["--run-dir", run_dir, "--stop-after", "1"])
@@ -327,9 +342,13 @@ def test_non_finite_loss_stops_without_touching_the_checkpoint(tmp_path, monkeyp
         return loss * float("nan") if calls["n"] == 2 else loss
 
     monkeypatch.setattr(torch.nn.functional, "cross_entropy", poisoned)
+    drawn, real_plot = [], loop.plot_history
+    monkeypatch.setattr(loop, "plot_history", lambda history, *a, **k: (drawn.append(len(history)),
+                                                                         real_plot(history, *a, **k)))
     rc = T.main(["--resume", run_dir, "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1 and "non-finite loss at epoch 2, step 2" in err[0]
+    assert drawn == [1]  # training.png ends where the checkpoint does
     with open(ckpt, "rb") as f:
         assert hashlib.sha256(f.read()).hexdigest() == before
     assert len(_metrics(run_dir)) == 1

@@ -48,6 +48,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 
 
 PROGRESS_EVERY = 10  # steps between reads of the running numbers for the progress bar
+PLOT_EVERY_S = 30.0  # training.png: redrawn at most this often (and after the last epoch)
 
 
 def forward_loss(net: nn.Module, model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
@@ -339,6 +340,18 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
     probe_x = test_set.x[:cfg.eval_batch_size].to(device)  # for the projection error and the final check
     show = cfg.progress and rank == 0
     epochs_run = 0
+    plot_path = os.path.join(run_dir, "training.png")
+    plot_title = (f"{cfg.model} on {cfg.dataset} ({'plain' if cfg.plain else 'relaxed'}), "
+                  f"train {cfg.train_rotation} / test {cfg.test_rotation}")
+    plotted_at, plotted_epochs = -math.inf, None
+
+    def read_tally(tally, epoch):
+        try:
+            return tally.read(epoch, ckpt_path)
+        except NonFiniteLossError:  # training.png ends where the checkpoint does
+            if rank == 0 and history and plotted_epochs != len(history):
+                plot_history(history, plot_path, plot_title, metric)
+            raise
     for epoch in range(start_epoch, cfg.epochs):
         if stop_after is not None and epochs_run >= stop_after:
             break
@@ -361,11 +374,11 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
             if theta is not None and cfg.theta_unit == "step":
                 theta.step()
             if show and ((step + 1) % PROGRESS_EVERY == 0 or step + 1 == steps_per_epoch):
-                m = tally.read(epoch, ckpt_path)  # the only host reads of the step's numbers
+                m = read_tally(tally, epoch)  # the only host reads of the step's numbers
                 bar.set_postfix(loss=f"{m['train_loss']:.3g}", **{metric: f"{m[f'train_{metric}']:.3g}"},
                                 θ=f"{theta.theta if theta else 0:.3f}", R_LD=f"{m['r_ld']:.2e}",
                                 R_N=f"{m['r_n']:.2e}", refresh=False)
-        means = tally.read(epoch, ckpt_path)
+        means = read_tally(tally, epoch)
         if theta is not None and cfg.theta_unit == "epoch":
             theta.step()
         lr = opt.param_groups[0]["lr"]
@@ -395,9 +408,11 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
             save_checkpoint(ckpt_path, model, opt, sched, theta, data_gen, aug_gen, scaler, history=history,
                             epoch=epoch + 1, step=global_step, config=dataclasses.asdict(cfg))
             _write_metrics(os.path.join(run_dir, "metrics.csv"), history, metric)
-            plot_history(history, os.path.join(run_dir, "training.png"),
-                         f"{cfg.model} on {cfg.dataset} ({'plain' if cfg.plain else 'relaxed'}), "
-                         f"train {cfg.train_rotation} / test {cfg.test_rotation}", metric)
+            # a redraw costs ~1 s, as much as a small epoch: at most every PLOT_EVERY_S, and after the last epoch
+            last = epoch + 1 == cfg.epochs or (stop_after is not None and epochs_run >= stop_after)
+            if last or time.perf_counter() - plotted_at >= PLOT_EVERY_S:
+                plot_history(history, plot_path, plot_title, metric)
+                plotted_at, plotted_epochs = time.perf_counter(), len(history)
 
     finished = len(history) == cfg.epochs
     summary = dict(run_dir=run_dir, epochs_done=len(history), finished=finished, relaxed=relaxed,
