@@ -146,7 +146,7 @@ MUTATIONS = [
              "            p = self.batchnorm(p)\n        return F.vn_leaky_relu(p, d, self.negative_slope)",
              ("tests/test_vn.py -k independent",), "VNLinearLeakyReLU drops its eps"),
     Mutation("equivariant_bias_flipped", "relaxeq_fast/nn.py",
-             "                parts.append(self.bias[k:k + m])", "                parts.append(self.bias[k:k + m].flip(0))",
+             "                parts.append(bias[k:k + m])", "                parts.append(bias[k:k + m].flip(0))",
              ("tests/test_nn.py -k independent",), "scalar biases in the wrong slots (still equivariant)"),
     Mutation("field_bn_not_recentred", "relaxeq_fast/steerable/norm.py",
              "                mean, var, n = self.stats_reducer(mean, var, n)\n"
@@ -248,6 +248,23 @@ MUTATIONS = [
              'nearest = mod.project("nearest").eval()', 'nearest = mod.project("drop").eval()',
              ("tests/test_dual_theta.py -k independent_reference",),
              "the per-layer error counts the relaxation's equivariant part too"),
+    # ---- issue 32: EGNN depth, study curves, the trainer's plot ----
+    Mutation("egnn_chained_velocity", "relaxeq_fast/models/egnn.py",
+             "h, x, _ = layer(h, x, vel, edge_attr)", "h, x, vel = layer(h, x, vel, edge_attr)",
+             ("tests/test_egnn.py -k egnn_vel_update",), "each layer reads the previous layer's step, not the input v"),
+    Mutation("egnn_norm_diff_ignored", "relaxeq_fast/models/egnn.py",
+             "        if self.norm_diff:", "        if False:",
+             ("tests/test_egnn.py -k egnn_vel_update",), "norm_diff=True leaves the differences unnormalised"),
+    Mutation("study_axes_sorted_as_strings", "relaxeq_fast/study.py",
+             "key=lambda kv: (_axes_order(kv[0][2]),", "key=lambda kv: (kv[0][2],",
+             ("tests/test_study.py -k curves_aggregate",), "n_train=480 tabulated before n_train=96"),
+    Mutation("training_plot_every_epoch", "relaxeq_fast/train/loop.py",
+             "if last or time.perf_counter() - plotted_at >= PLOT_EVERY_S:", "if True:",
+             ("tests/test_train.py -k throttled",), "training.png redrawn after every epoch"),
+    Mutation("training_plot_stale_after_divergence", "relaxeq_fast/train/loop.py",
+             "            if rank == 0 and history and plotted_epochs != len(history):\n"
+             "                plot_history(history, plot_path, plot_title, metric)\n",
+             "", ("tests/test_train.py -k non_finite",), "a diverged run's plot misses its last finite epochs"),
 ]
 
 
