@@ -232,11 +232,6 @@ def _validate_size_and_depth(cfg: TrainConfig) -> None:
         if cfg.model not in DEPTH_MODELS:
             _fail(f"--layers {cfg.layers}: --model {cfg.model} has no depth setting (--layers sets the message-passing "
                   f"layers or blocks of {', '.join(DEPTH_MODELS)})")
-    if cfg.norm_diff is not False:
-        if cfg.norm_diff is not True:
-            _fail(f"--norm-diff must be a bool, got {cfg.norm_diff!r}")
-        if cfg.model != "egnn":
-            _fail(f"--norm-diff is an egnn setting (its normalised coordinate differences), not one of --model {cfg.model}")
 
 
 def validate(cfg: TrainConfig, world: int = 1) -> None:
@@ -273,6 +268,11 @@ def validate(cfg: TrainConfig, world: int = 1) -> None:
                 _fail(f"{flag} takes a comma list of {list(AUGMENTATIONS)} or 'none', got {a!r}")
     if (images or flows) and (isinstance(cfg.group, bool) or not isinstance(cfg.group, int) or cfg.group < 1 + flows):
         _fail(f"--group must be an int N >= {1 + flows} (C_N), got {cfg.group!r}")
+    if cfg.norm_diff is not False:
+        if cfg.norm_diff is not True:
+            _fail(f"--norm-diff must be a bool, got {cfg.norm_diff!r}")
+        if cfg.model != "egnn":
+            _fail(f"--norm-diff is an egnn setting (its normalised coordinate differences), not one of --model {cfg.model}")
     if cfg.dataset == "modelnet40":
         if not cfg.data_root:
             _fail("--dataset modelnet40 needs --data-root (a modelnet40_ply_hdf5_2048 or "

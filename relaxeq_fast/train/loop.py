@@ -343,13 +343,13 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
     plot_path = os.path.join(run_dir, "training.png")
     plot_title = (f"{cfg.model} on {cfg.dataset} ({'plain' if cfg.plain else 'relaxed'}), "
                   f"train {cfg.train_rotation} / test {cfg.test_rotation}")
-    plotted_at, plotted_epochs = -math.inf, None
+    plotted_at = -math.inf
 
     def read_tally(tally, epoch):
         try:
             return tally.read(epoch, ckpt_path)
         except NonFiniteLossError:  # training.png ends where the checkpoint does
-            if rank == 0 and history and plotted_epochs != len(history):
+            if rank == 0 and history:
                 plot_history(history, plot_path, plot_title, metric)
             raise
     for epoch in range(start_epoch, cfg.epochs):
@@ -412,7 +412,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, stop_after: Optional[i
             last = epoch + 1 == cfg.epochs or (stop_after is not None and epochs_run >= stop_after)
             if last or time.perf_counter() - plotted_at >= PLOT_EVERY_S:
                 plot_history(history, plot_path, plot_title, metric)
-                plotted_at, plotted_epochs = time.perf_counter(), len(history)
+                plotted_at = time.perf_counter()
 
     finished = len(history) == cfg.epochs
     summary = dict(run_dir=run_dir, epochs_done=len(history), finished=finished, relaxed=relaxed,
