@@ -1,6 +1,7 @@
 // The one place the relaxeq schemas are defined. Backends add kernels with
 // TORCH_LIBRARY_IMPL(relaxeq, <Backend>, m) in their own files; autograd and
-// fake (meta) implementations are registered from Python (relaxeq_fast/_ops.py).
+// fake (meta) implementations are registered from Python (relaxeq_fast/_ops/<op>.py; the native ops'
+// registrations run in relaxeq_fast/_ops/__init__.py).
 #include <Python.h>
 #include <torch/library.h>
 

@@ -1,6 +1,6 @@
 // Shared ATen glue for the Vector-Neuron batch norm ops (vn_norm_stats, vn_batch_norm_apply and
 // its backward): argument checks used by every backend, so a bad call fails with the same
-// message whichever kernel it would reach. Mirrors relaxeq_fast/_ops.py::check_vn_* .
+// message whichever kernel it would reach. Mirrors relaxeq_fast/_ops/vn_batch_norm.py::check_vn_* .
 #pragma once
 
 #include <ATen/core/Tensor.h>

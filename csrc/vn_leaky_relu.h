@@ -1,6 +1,6 @@
 // Shared ATen glue for vn_leaky_relu: argument checks used by every backend, so a
 // bad call fails with the same message whichever kernel it would reach (the Python
-// twin, relaxeq_fast/_ops.py::check_vn_leaky_relu_args, guards the Triton op and the
+// twin, relaxeq_fast/_ops/vn_leaky_relu.py::check_vn_leaky_relu_args, guards the Triton op and the
 // fake kernels).
 #pragma once
 

@@ -73,6 +73,20 @@ def test_every_optional_module_has_its_extra_in_setup_py():
         assert any(req.split(">")[0].split("=")[0] == dist for req in extras[extra]), (module, extra)
 
 
+def test_setup_py_lists_every_package_directory():
+    """A non-editable install ships only setup.py's ``packages``: every directory with an __init__.py under
+    relaxeq_fast/ (and triton_kernels/, installed as relaxeq_fast.triton_kernels) must be listed."""
+    setup_call = next(node for node in ast.walk(ast.parse(open(os.path.join(ROOT, "setup.py")).read()))
+                      if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "setup")
+    listed = next(ast.literal_eval(k.value) for k in setup_call.keywords if k.arg == "packages")
+    on_disk = {"relaxeq_fast.triton_kernels"}
+    for dirpath, _dirs, files in os.walk(os.path.join(ROOT, "relaxeq_fast")):
+        if "__init__.py" in files and "__pycache__" not in dirpath:
+            on_disk.add(os.path.relpath(dirpath, ROOT).replace(os.sep, "."))
+    assert "relaxeq_fast._ops" in on_disk  # the walk sees subpackages
+    assert sorted(listed) == sorted(on_disk)
+
+
 def test_torch_mismatch_names_both_versions():
     assert _ops.torch_mismatch(None, "2.14.1") is None  # a build that did not record its torch
     assert _ops.torch_mismatch("2.14.1", "2.14.1") is None

@@ -75,7 +75,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> relaxed_conv2d_cpu(const at::Tens
                                                                   int64_t padding, bool need_S) {
   const char* op = "relaxed_conv2d";
   check_relaxed_conv2d_args(x_in, M_in, c_in, D_in, padding);
-  // Autograd is registered above this kernel (relaxeq_fast/_ops.py); detached views keep the
+  // Autograd is registered above this kernel (relaxeq_fast/_ops/relaxed_conv2d.py); detached views keep the
   // worker threads' ATen calls out of it.
   const auto x = x_in.detach(), M = M_in.detach();
   const auto c = detached(c_in), D = detached(D_in);

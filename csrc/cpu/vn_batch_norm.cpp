@@ -175,7 +175,7 @@ ChannelParams<T> channel_params(const at::Tensor& mean, const at::Tensor& invstd
 std::tuple<at::Tensor, at::Tensor> vn_norm_stats_cpu(const at::Tensor& x_in, double norm_eps) {
   check_vn_norm_stats_args(x_in);
   check_cpu(x_in, "vn_norm_stats", "x");
-  // Autograd is registered above this kernel (relaxeq_fast/_ops.py); detached so the worker
+  // Autograd is registered above this kernel (relaxeq_fast/_ops/vn_batch_norm.py); detached so the worker
   // threads never see autograd state.
   const auto x = x_in.detach().contiguous();
   const int64_t N = x.size(0), C = x.size(1);

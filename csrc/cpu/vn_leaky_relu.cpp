@@ -121,7 +121,7 @@ void check_cpu(const at::Tensor& t, const char* op, const char* name) {
 
 at::Tensor vn_leaky_relu_cpu(const at::Tensor& x_in, const at::Tensor& d_in, double negative_slope, double eps) {
   check_vn_leaky_relu_args(x_in, d_in, negative_slope, eps);
-  // Autograd is registered above this kernel (relaxeq_fast/_ops.py); detached contiguous
+  // Autograd is registered above this kernel (relaxeq_fast/_ops/vn_leaky_relu.py); detached contiguous
   // copies-or-views are what the raw-pointer loops index.
   const auto x = x_in.detach().contiguous(), d = d_in.detach().contiguous();
   check_cpu(x, "vn_leaky_relu", "x");

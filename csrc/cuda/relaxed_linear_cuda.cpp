@@ -62,7 +62,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> relaxed_linear_cuda(const at::Ten
                                                                    const std::optional<at::Tensor>& c_in,
                                                                    bool stats) {
   check_relaxed_linear_args(x_in, M_in, c_in);
-  // Autograd is registered above this kernel (relaxeq_fast/_ops.py).
+  // Autograd is registered above this kernel (relaxeq_fast/_ops/relaxed_linear.py).
   const auto x = x_in.detach(), M = M_in.detach();
   const std::optional<at::Tensor> c = c_in.has_value() ? std::optional<at::Tensor>(c_in->detach()) : std::nullopt;
   check_cuda(x, "relaxed_linear", "x", x);

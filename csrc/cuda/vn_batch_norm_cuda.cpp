@@ -53,7 +53,7 @@ std::tuple<at::Tensor, at::Tensor> vn_norm_stats_cuda(const at::Tensor& x_in, do
   check_cuda(x_in, op, "x", x_in);
   check_dtype(x_in, op);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  // Autograd is registered above this kernel (relaxeq_fast/_ops.py).
+  // Autograd is registered above this kernel (relaxeq_fast/_ops/vn_batch_norm.py).
   const auto x = x_in.detach().contiguous();
   const int64_t n = x.size(0), c = x.size(1);
   const auto sopt = x.options().dtype(stats_dtype(x.scalar_type()));

@@ -57,7 +57,7 @@ at::Tensor vn_leaky_relu_cuda(const at::Tensor& x_in, const at::Tensor& d_in, do
   check_cuda(d_in, "vn_leaky_relu", "d", x_in);
   check_dtype(x_in, "vn_leaky_relu");
   const c10::cuda::CUDAGuard guard(x_in.device());
-  // Autograd is registered above this kernel (relaxeq_fast/_ops.py). The kernels index
+  // Autograd is registered above this kernel (relaxeq_fast/_ops/vn_leaky_relu.py). The kernels index
   // contiguous [N, C, 3] buffers: contiguous() is a no-op for the usual layout.
   const auto x = x_in.detach().contiguous(), d = d_in.detach().contiguous();
   auto out = at::empty(x.sizes(), x.options());
