@@ -161,10 +161,10 @@ MUTATIONS = [
              "        gate = (torch.relu(norm + b) / norm)", "        gate = (torch.relu(norm - b) / norm)",
              ("tests/test_steerable_relaxed.py -k field_nonlinearity",), "FieldNonLinearity's bias sign flipped"),
     # ---- the study runner (tests/test_study.py) ----
-    Mutation("study_population_std", "relaxeq_fast/study.py",
+    Mutation("study_population_std", "relaxeq_fast/study/report.py",
              "sum((v - m) ** 2 for v in values) / (len(values) - 1)", "sum((v - m) ** 2 for v in values) / len(values)",
              ("tests/test_study.py -k by_hand",), "population instead of sample standard deviation"),
-    Mutation("study_diverged_not_failed", "relaxeq_fast/study.py",
+    Mutation("study_diverged_not_failed", "relaxeq_fast/study/grid.py",
              'return {**row, "failed": state == "diverged"}', 'return {**row, "failed": False}',
              ("tests/test_study.py -k diverged",), "a diverged run does not count as failed"),
     # ---- issue 16: P_eq, the complement, nearest projection, layer_mean (tests/test_relax_space.py) ----
@@ -255,7 +255,7 @@ MUTATIONS = [
     Mutation("egnn_norm_diff_ignored", "relaxeq_fast/models/egnn.py",
              "        if self.norm_diff:", "        if False:",
              ("tests/test_egnn.py -k egnn_vel_update",), "norm_diff=True leaves the differences unnormalised"),
-    Mutation("study_axes_sorted_as_strings", "relaxeq_fast/study.py",
+    Mutation("study_axes_sorted_as_strings", "relaxeq_fast/study/report.py",
              "key=lambda kv: (_axes_order(kv[0][2]),", "key=lambda kv: (kv[0][2],",
              ("tests/test_study.py -k curves_aggregate",), "n_train=480 tabulated before n_train=96"),
     Mutation("training_plot_every_epoch", "relaxeq_fast/train/loop.py",

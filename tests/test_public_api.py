@@ -223,7 +223,7 @@ def test_train_help_states_every_default_once(monkeypatch, capsys):
 
 def test_study_help_states_every_default_once(monkeypatch, capsys):
     from relaxeq_fast import study
-    parser = study._parser()
+    parser = study.cli._parser()
     entries = _render_help(monkeypatch, capsys, lambda argv: parser.parse_args(argv))
     stated = _check_help(entries, parser._actions)
     for action in parser._actions:

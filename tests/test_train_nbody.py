@@ -226,7 +226,7 @@ def test_study_of_nbody_runs_aggregates_mse(subprocess_cache, tmp_path):
                 assert s["test_mse_static"] == pytest.approx(static, rel=1e-6)
                 assert s["test_mse_projected"] < static and r["failed"] == "False"
                 finals.append(s["test_mse_projected"])
-        group = next(g for g in S.aggregate([S._read_run(S.Run(method, 3e-3, seed, ()),
+        group = next(g for g in S.aggregate([S.grid._read_run(S.Run(method, 3e-3, seed, ()),
                                                           os.path.join(out, "runs", S.Run(method, 3e-3, seed, ()).name))
                                              for seed in (0, 1)]))
         assert group["final_mean"] == pytest.approx(statistics.mean(finals), rel=1e-12)

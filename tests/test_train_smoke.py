@@ -144,7 +144,7 @@ def test_study_of_smoke_runs_aggregates_both_test_splits(smoke_cache, tmp_path):
     for r in rows:
         with open(os.path.join(r["run_dir"], "summary.json")) as f:
             summaries.append(json.load(f))
-    group = S.aggregate([S._read_run(S.Run("relaxed", 1e-3, seed, ()),
+    group = S.aggregate([S.grid._read_run(S.Run("relaxed", 1e-3, seed, ()),
                                      os.path.join(out, "runs", S.Run("relaxed", 1e-3, seed, ()).name)) for seed in (0, 1)])[0]
     for key, field in (("final", "test_rmse_projected"), ("test_domain_final", "test_domain_rmse_projected"),
                        ("test_domain_best", "best_test_domain_rmse_projected")):
