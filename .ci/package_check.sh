@@ -33,8 +33,8 @@ wheel="$(ls "$tmp"/wheel/*.whl)"
 python - "$wheel" <<'PY'
 import os, sys, zipfile
 names = zipfile.ZipFile(sys.argv[1]).namelist()
-for want in ("relaxeq_fast/_build.py", "relaxeq_fast/doctor.py", "relaxeq_fast/triton_kernels/relaxed_linear.py",
-             "relaxeq_fast/train/task.py"):
+for want in ("relaxeq_fast/_build.py", "relaxeq_fast/doctor/self_check.py", "relaxeq_fast/triton_kernels/relaxed_linear.py",
+             "relaxeq_fast/train/task.py", "relaxeq_fast/_ops/relaxed_linear.py", "relaxeq_fast/study/report.py"):
     assert want in names, f"the wheel lacks {want}"
 assert any(n.startswith("relaxeq_fast/_C") and n.endswith(".so") for n in names), "the wheel lacks the extension"
 entry = next(n for n in names if n.endswith("entry_points.txt"))

@@ -60,7 +60,7 @@ def test_interop_libraries_are_reported_as_they_import(monkeypatch):
     """Each interop library: its version where it imports, "not importable: <why>" where it does not."""
     import importlib
     import importlib.util
-    info = doctor._interop()
+    info = doctor.facts._interop()
     assert [name for name, _ in doctor.INTEROP_LIBRARIES] == list(info)
     for name in info:
         if importlib.util.find_spec(name) is None:
@@ -72,8 +72,8 @@ def test_interop_libraries_are_reported_as_they_import(monkeypatch):
             raise ImportError("numpy.core.multiarray failed to import")
         return real(name, *a, **k)
     monkeypatch.setattr(importlib, "import_module", broken)
-    assert doctor._interop()["escnn"] == "not importable: ImportError: numpy.core.multiarray failed to import"
-    assert "escnn (R2Conv relax / project)" in doctor.format_report({**doctor.report(), "interop": doctor._interop()})
+    assert doctor.facts._interop()["escnn"] == "not importable: ImportError: numpy.core.multiarray failed to import"
+    assert "escnn (R2Conv relax / project)" in doctor.format_report({**doctor.report(), "interop": doctor.facts._interop()})
 
 
 @needs_extension
