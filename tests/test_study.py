@@ -218,6 +218,9 @@ def test_curves_aggregate_per_axis_value_as_the_statistics_module(tmp_path):
     assert "## final projected test acc against n_train" in md and "## train–test gap" in md
     relaxed_line = next(l for l in md.splitlines() if l.startswith("| relaxed | 0.001 | — | 0.500"))
     assert f"{statistics.mean([0.7, 0.72]):.3f} ± {statistics.stdev([0.7, 0.72]):.3f}" in relaxed_line
+    gap_line = [l for l in md.splitlines() if l.startswith("| relaxed | 0.001 | — |")][1]
+    gaps_96 = [0.9 - 0.5, 0.8 - 0.6, 0.95 - 0.4]  # one format per column: 3 decimals, sign always shown
+    assert gap_line.split(" | ")[3] == f"+{statistics.mean(gaps_96):.3f} ± {statistics.stdev(gaps_96):.3f}"
     if __import__("importlib").util.find_spec("matplotlib"):
         assert os.path.isfile(os.path.join(str(tmp_path), "study_n_train.png"))
 

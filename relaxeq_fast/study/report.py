@@ -89,6 +89,14 @@ def _fmt(m: float, s: float, metric: str = "acc") -> str:
     return f"{format_metric(metric, m)} ± " + (f"{s:.3f}" if metric == "acc" else f"{s:.1e}")
 
 
+def _fmt_gap(m: float, s: float, metric: str) -> str:
+    """A signed gap in one fixed format per metric, so that a column's cells line up (3 decimals of accuracy,
+    MSEs in scientific notation)."""
+    if math.isnan(m):
+        return "—"
+    return f"{m:+.3f} ± {s:.3f}" if metric == "acc" else f"{m:+.2e} ± {s:.1e}"
+
+
 def _fmt_error(m: float, s: float, method: str) -> str:
     return "—" if math.isnan(m) or method == "plain" else f"{m:.2g} ± {s:.1g}"
 
@@ -167,7 +175,7 @@ def _curve_lines(groups: list[dict], axis: str, m: str) -> list[str]:
     rule = "|---|---|---|" + "---|" * len(values)
     for what, key, fmt in ((f"final projected test {m}", "final", lambda a, b: _fmt(a, b, m)),
                            ("train–test gap (" + ("train − test accuracy" if m == "acc" else f"test − train {m}")
-                            + ")", "gap", lambda a, b: "—" if math.isnan(a) else f"{a:+.3g} ± {b:.2g}")):
+                            + ")", "gap", lambda a, b: _fmt_gap(a, b, m))):
         lines += [f"## {what} against {axis}", "", head, rule]
         for (method, lr, rest), c in sorted(by_curve.items(), key=lambda kv: (kv[0][2], kv[0][0] != "relaxed")):
             cells = [fmt(c[v][f"{key}_mean"], c[v][f"{key}_std"]) if v in c else "—" for v in values]
