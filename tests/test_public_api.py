@@ -6,6 +6,7 @@ import argparse
 import importlib
 import inspect
 import re
+from pathlib import Path
 
 import pytest
 
@@ -242,3 +243,28 @@ def test_bench_help_states_every_default_once(monkeypatch, capsys):
         assert help_text, f"{inv}: no help text"
         assert "(default: None)" not in help_text, inv
         assert help_text.count("(default:") == 1, f"{inv}: {help_text}"
+
+
+def test_every_ops_name_the_code_uses_is_reexported():
+    """relaxeq_fast._ops re-exports its op modules' ``__all__``: a name the code reads as ``_ops.<name>`` but no
+    module exports fails only on the path that reads it (the Triton registrations run on first use), so every
+    such read in the package, the Triton kernels, the tests, benchmarks and scripts is checked here."""
+    from relaxeq_fast import _ops
+    root = Path(__file__).resolve().parents[1]
+    used = set()
+    for folder in ("relaxeq_fast", "triton_kernels", "tests", "benchmarks", "scripts"):
+        for path in (root / folder).rglob("*.py"):
+            used |= set(re.findall(r"\b_ops\.([A-Za-z]\w*)", path.read_text()))
+    assert len(used) > 20, f"the scan found too few _ops reads to mean anything: {sorted(used)}"
+    missing = sorted(n for n in used if not hasattr(_ops, n))
+    assert not missing, f"read as relaxeq_fast._ops.<name> but not there: {missing}"
+    assert len(set(_ops.__all__)) == len(_ops.__all__), "relaxeq_fast._ops.__all__ has duplicates"
+    not_in_all = sorted(n for n in used if n not in _ops.__all__ and not inspect.ismodule(getattr(_ops, n)))
+    assert not not_in_all, f"read as relaxeq_fast._ops.<name> but not in its __all__: {not_in_all}"
+
+
+def test_op_registration_pairs_a_backward_op_with_its_fake():
+    from relaxeq_fast._ops import AUTOCAST_FP32, register_op_formulas
+    with pytest.raises(ValueError, match="relaxeq::nothing: backward_qualname and backward_fake go together"):
+        register_op_formulas("relaxeq::nothing", fake=None, backward=None, setup_context=None,
+                             autocast=AUTOCAST_FP32, backward_qualname="relaxeq::nothing_backward")

@@ -63,66 +63,42 @@ def warn_missing_extension_once():
 
 
 # after the extension: the op modules need nothing from it, the registrations below do
-from .autocast import AUTOCAST_LOWER, AUTOCAST_FP32, autocast_inputs, register_autocast
-from .checks import check_matches_x
-from .relaxed_linear import (check_relaxed_linear_args, check_relaxed_linear_backward_args, make_backward,
-                             register_relaxed_linear_op)
-from .relaxed_conv2d import (check_relaxed_conv2d_args, conv2d_out_shape, check_relaxed_conv2d_backward_args,
-                             make_relaxed_conv2d_backward, register_relaxed_conv2d_op)
-from .vn_leaky_relu import (check_vn_leaky_relu_args, check_vn_leaky_relu_backward_args, make_vn_leaky_relu_backward,
-                            register_vn_leaky_relu_op)
-from .vn_batch_norm import (check_vn_features, check_vn_batch_norm_apply_args, check_vn_batch_norm_apply_backward_args,
-                            vn_norm_stats_backward_formula, make_vn_batch_norm_apply_backward,
-                            register_vn_batch_norm_ops)
-from .relaxation_regularizer import (check_relaxation_regularizer_args, make_relaxation_regularizer_backward,
-                                     register_relaxation_regularizer_op)
-from .relaxed_params import (check_relaxed_params_args, make_relaxed_params_backward, _relaxed_params_fake,
-                             _relaxed_params_backward_fake, _relaxed_params_setup_context)
-from .relaxed_conv_params import (check_relaxed_conv_params_args, make_relaxed_conv_params_backward,
-                                  _relaxed_conv_params_fake, _relaxed_conv_params_backward_fake,
-                                  _relaxed_conv_params_setup_context)
+from . import (autocast, checks, registration, relaxed_linear, relaxed_conv2d, vn_leaky_relu, vn_batch_norm,
+               relaxation_regularizer, relaxed_params, relaxed_conv_params)
 
-
-# re-exported: the functional layer, backend, doctor, the Triton ops and the tests use _ops.<name>
-__all__ = [
-    "AUTOCAST_LOWER", "AUTOCAST_FP32", "autocast_inputs", "register_autocast", "check_matches_x",
-    "check_relaxed_linear_args", "check_relaxed_linear_backward_args", "make_backward", "register_relaxed_linear_op",
-    "check_relaxed_conv2d_args", "conv2d_out_shape", "check_relaxed_conv2d_backward_args",
-    "make_relaxed_conv2d_backward", "register_relaxed_conv2d_op", "check_vn_leaky_relu_args",
-    "check_vn_leaky_relu_backward_args", "make_vn_leaky_relu_backward", "register_vn_leaky_relu_op",
-    "check_vn_features", "check_vn_batch_norm_apply_args", "check_vn_batch_norm_apply_backward_args",
-    "vn_norm_stats_backward_formula", "make_vn_batch_norm_apply_backward", "register_vn_batch_norm_ops",
-    "check_relaxation_regularizer_args", "make_relaxation_regularizer_backward",
-    "register_relaxation_regularizer_op", "check_relaxed_params_args", "make_relaxed_params_backward",
-    "check_relaxed_conv_params_args", "make_relaxed_conv_params_backward", "EXTENSION_LOADED", "EXTENSION_ERROR",
-    "REINSTALL_HINT", "built_for_torch", "torch_mismatch", "warn_missing_extension_once", "native_build_info",
-]
+# re-exported (each module's __all__): the functional layer, backend, doctor, the Triton ops and the tests use
+# _ops.<name>
+_REEXPORTED_MODULES = (autocast, checks, registration, relaxed_linear, relaxed_conv2d, vn_leaky_relu, vn_batch_norm,
+                       relaxation_regularizer, relaxed_params, relaxed_conv_params)
+for _module in _REEXPORTED_MODULES:
+    globals().update({_name: getattr(_module, _name) for _name in _module.__all__})
+__all__ = [_name for _module in _REEXPORTED_MODULES for _name in _module.__all__] + [
+    "EXTENSION_LOADED", "EXTENSION_ERROR", "REINSTALL_HINT", "built_for_torch", "torch_mismatch",
+    "warn_missing_extension_once", "native_build_info"]
 
 if EXTENSION_LOADED:
-    register_relaxed_linear_op("relaxeq::relaxed_linear", "relaxeq::relaxed_linear_backward",
-                               lambda *a: torch.ops.relaxeq.relaxed_linear_backward(*a))
-    register_vn_leaky_relu_op("relaxeq::vn_leaky_relu", "relaxeq::vn_leaky_relu_backward",
-                              lambda *a: torch.ops.relaxeq.vn_leaky_relu_backward(*a))
-    register_relaxed_conv2d_op("relaxeq::relaxed_conv2d", "relaxeq::relaxed_conv2d_backward",
-                               lambda *a: torch.ops.relaxeq.relaxed_conv2d_backward(*a))
-    register_vn_batch_norm_ops("relaxeq::vn_norm_stats", "relaxeq::vn_batch_norm_apply",
-                               "relaxeq::vn_batch_norm_apply_backward",
-                               lambda *a: torch.ops.relaxeq.vn_batch_norm_apply_backward(*a))
-    register_relaxation_regularizer_op("relaxeq::relaxation_regularizer", "relaxeq::relaxation_regularizer_backward",
-                                       lambda *a: torch.ops.relaxeq.relaxation_regularizer_backward(*a))
-    for _name, _fake, _backward_fake, _make_backward, _setup in (
-            ("relaxed_params", _relaxed_params_fake, _relaxed_params_backward_fake, make_relaxed_params_backward,
-             _relaxed_params_setup_context),
-            ("relaxed_conv_params", _relaxed_conv_params_fake, _relaxed_conv_params_backward_fake,
-             make_relaxed_conv_params_backward, _relaxed_conv_params_setup_context)):
-        # the parameter-algebra ops (written once in ATen calls, CPU and CUDA): fake, autograd, autocast
-        torch.library.register_fake(f"relaxeq::{_name}")(_fake)
-        torch.library.register_fake(f"relaxeq::{_name}_backward")(_backward_fake)
-        torch.library.register_autograd(
-            f"relaxeq::{_name}",
-            _make_backward(lambda *a, _op=getattr(torch.ops.relaxeq, f"{_name}_backward"): _op(*a)),
-            setup_context=_setup)
-        register_autocast(f"relaxeq::{_name}", AUTOCAST_FP32)
+    def _native(name):
+        # looked up at call time, as torch.ops resolves overloads lazily
+        return lambda *a: getattr(torch.ops.relaxeq, name)(*a)
+
+    relaxed_linear.register_relaxed_linear_op("relaxeq::relaxed_linear", "relaxeq::relaxed_linear_backward",
+                                              _native("relaxed_linear_backward"))
+    vn_leaky_relu.register_vn_leaky_relu_op("relaxeq::vn_leaky_relu", "relaxeq::vn_leaky_relu_backward",
+                                            _native("vn_leaky_relu_backward"))
+    relaxed_conv2d.register_relaxed_conv2d_op("relaxeq::relaxed_conv2d", "relaxeq::relaxed_conv2d_backward",
+                                              _native("relaxed_conv2d_backward"))
+    vn_batch_norm.register_vn_batch_norm_ops("relaxeq::vn_norm_stats", "relaxeq::vn_batch_norm_apply",
+                                             "relaxeq::vn_batch_norm_apply_backward",
+                                             _native("vn_batch_norm_apply_backward"))
+    relaxation_regularizer.register_relaxation_regularizer_op(
+        "relaxeq::relaxation_regularizer", "relaxeq::relaxation_regularizer_backward",
+        _native("relaxation_regularizer_backward"))
+    # the parameter-algebra ops (written once in ATen calls, CPU and CUDA)
+    relaxed_params.register_relaxed_params_op("relaxeq::relaxed_params", "relaxeq::relaxed_params_backward",
+                                              _native("relaxed_params_backward"))
+    relaxed_conv_params.register_relaxed_conv_params_op(
+        "relaxeq::relaxed_conv_params", "relaxeq::relaxed_conv_params_backward",
+        _native("relaxed_conv_params_backward"))
 
 
 @functools.cache  # the loaded build does not change within a process

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+__all__ = ["AUTOCAST_LOWER", "AUTOCAST_FP32", "autocast_inputs", "register_autocast"]
+
 
 # Autocast (torch.autocast): PyTorch's lists decide, per op, the dtype its inputs are cast to.
 # relaxed_linear / relaxed_conv2d are "lower precision" ops like F.linear / F.conv2d: x, M, c, D go to the

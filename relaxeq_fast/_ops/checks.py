@@ -1,6 +1,8 @@
 """A tensor argument against x (one dtype, one device): shared by every op's argument checks."""
 from __future__ import annotations
 
+__all__ = ["check_matches_x"]
+
 
 def check_matches_x(t, name, x, op):
     if t.dtype != x.dtype:

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import torch
 
-from .autocast import AUTOCAST_FP32, register_autocast
+from .autocast import AUTOCAST_FP32
+from .registration import register_op_formulas
+
+__all__ = ["check_relaxation_regularizer_args", "make_relaxation_regularizer_backward", "register_relaxation_regularizer_op"]
 
 
 def check_relaxation_regularizer_args(W_r, b_r, G, s, rows, n, irreps_in, irreps_out, generators,
@@ -82,8 +85,7 @@ def make_relaxation_regularizer_backward(backward_op):
 
 def register_relaxation_regularizer_op(qualname: str, backward_qualname: str, backward_op):
     """Fake kernels and autograd for one backend's relaxation_regularizer (native or Triton)."""
-    torch.library.register_fake(qualname)(_relaxation_regularizer_fake)
-    torch.library.register_fake(backward_qualname)(_relaxation_regularizer_backward_fake)
-    torch.library.register_autograd(qualname, make_relaxation_regularizer_backward(backward_op),
-                                    setup_context=_relaxation_regularizer_setup_context)
-    register_autocast(qualname, AUTOCAST_FP32)
+    register_op_formulas(qualname, fake=_relaxation_regularizer_fake,
+                         backward=make_relaxation_regularizer_backward(backward_op),
+                         setup_context=_relaxation_regularizer_setup_context, autocast=AUTOCAST_FP32,
+                         backward_qualname=backward_qualname, backward_fake=_relaxation_regularizer_backward_fake)

@@ -7,6 +7,11 @@ from __future__ import annotations
 
 import torch
 
+from .autocast import AUTOCAST_FP32
+from .registration import register_op_formulas
+
+__all__ = ["check_relaxed_conv_params_args", "make_relaxed_conv_params_backward", "register_relaxed_conv_params_op"]
+
 
 def check_relaxed_conv_params_args(kernel, weight_relax, theta, defect_out, defect_in, defect_spatial,
                                    op="relaxed_conv_params") -> None:
@@ -66,3 +71,10 @@ def make_relaxed_conv_params_backward(backward_op):
         return ((grad_M if ctx.needs_input_grad[0] else None), grad_B if mask[0] else None,
                 grad_theta if mask[1] else None, None, None, None, None, None)
     return backward
+
+
+def register_relaxed_conv_params_op(qualname: str, backward_qualname: str, backward_op):
+    """Fake kernels, autograd and autocast of relaxed_conv_params (written once in ATen calls, CPU and CUDA)."""
+    register_op_formulas(qualname, fake=_relaxed_conv_params_fake, backward=make_relaxed_conv_params_backward(backward_op),
+                         setup_context=_relaxed_conv_params_setup_context, autocast=AUTOCAST_FP32,
+                         backward_qualname=backward_qualname, backward_fake=_relaxed_conv_params_backward_fake)

@@ -4,8 +4,11 @@ from __future__ import annotations
 import torch
 
 from ..reference import stats_dtype
-from .autocast import AUTOCAST_LOWER, register_autocast
+from .autocast import AUTOCAST_LOWER
+from .registration import register_op_formulas
 from .checks import check_matches_x
+
+__all__ = ["check_relaxed_linear_args", "check_relaxed_linear_backward_args", "make_backward", "register_relaxed_linear_op"]
 
 
 def check_relaxed_linear_args(x, M, c, op="relaxed_linear"):
@@ -79,7 +82,6 @@ def make_backward(backward_op):
 
 
 def register_relaxed_linear_op(qualname: str, backward_qualname: str, backward_op):
-    torch.library.register_fake(qualname)(_relaxed_linear_fake)
-    torch.library.register_fake(backward_qualname)(_relaxed_linear_backward_fake)
-    torch.library.register_autograd(qualname, make_backward(backward_op), setup_context=_setup_context)
-    register_autocast(qualname, AUTOCAST_LOWER)
+    register_op_formulas(qualname, fake=_relaxed_linear_fake, backward=make_backward(backward_op),
+                         setup_context=_setup_context, autocast=AUTOCAST_LOWER,
+                         backward_qualname=backward_qualname, backward_fake=_relaxed_linear_backward_fake)

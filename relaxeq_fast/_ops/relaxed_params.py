@@ -7,6 +7,11 @@ from __future__ import annotations
 
 import torch
 
+from .autocast import AUTOCAST_FP32
+from .registration import register_op_formulas
+
+__all__ = ["check_relaxed_params_args", "make_relaxed_params_backward", "register_relaxed_params_op"]
+
 
 def check_relaxed_params_args(weight, weight_relax, bias, bias_relax, theta, op="relaxed_params") -> int:
     """Argument checks of the fake kernel and the functional wrapper (mirror csrc/relaxed_params.cpp);
@@ -71,3 +76,10 @@ def make_relaxed_params_backward(backward_op):
         grads = backward_op(grad_M, grad_c, weight, weight_relax, bias_relax, theta, mask)
         return tuple(g if m else None for g, m in zip(grads, mask))
     return backward
+
+
+def register_relaxed_params_op(qualname: str, backward_qualname: str, backward_op):
+    """Fake kernels, autograd and autocast of relaxed_params (written once in ATen calls, CPU and CUDA)."""
+    register_op_formulas(qualname, fake=_relaxed_params_fake, backward=make_relaxed_params_backward(backward_op),
+                         setup_context=_relaxed_params_setup_context, autocast=AUTOCAST_FP32,
+                         backward_qualname=backward_qualname, backward_fake=_relaxed_params_backward_fake)

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import torch
 
-from .autocast import AUTOCAST_FP32, register_autocast
+from .autocast import AUTOCAST_FP32
+from .registration import register_op_formulas
 from .checks import check_matches_x
+
+__all__ = ["check_vn_leaky_relu_args", "check_vn_leaky_relu_backward_args", "make_vn_leaky_relu_backward", "register_vn_leaky_relu_op"]
 
 
 def check_vn_leaky_relu_args(x, d, negative_slope, eps, op="vn_leaky_relu"):
@@ -71,8 +74,6 @@ def make_vn_leaky_relu_backward(backward_op):
 
 
 def register_vn_leaky_relu_op(qualname: str, backward_qualname: str, backward_op):
-    torch.library.register_fake(qualname)(_vn_leaky_relu_fake)
-    torch.library.register_fake(backward_qualname)(_vn_leaky_relu_backward_fake)
-    torch.library.register_autograd(qualname, make_vn_leaky_relu_backward(backward_op),
-                                    setup_context=_vn_leaky_relu_setup_context)
-    register_autocast(qualname, AUTOCAST_FP32)
+    register_op_formulas(qualname, fake=_vn_leaky_relu_fake, backward=make_vn_leaky_relu_backward(backward_op),
+                         setup_context=_vn_leaky_relu_setup_context, autocast=AUTOCAST_FP32,
+                         backward_qualname=backward_qualname, backward_fake=_vn_leaky_relu_backward_fake)
