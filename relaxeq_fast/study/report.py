@@ -83,18 +83,16 @@ def _axes_order(axes: str) -> list[tuple]:
     return key
 
 
-def _fmt(m: float, s: float, metric: str = "acc") -> str:
+def _fmt(m: float, s: float, metric: str = "acc", signed: bool = False) -> str:
+    """``mean ± std`` of a metric; ``signed``: a gap, in one fixed format per metric so that a column's cells line
+    up (3 decimals of accuracy, MSEs in scientific notation)."""
     if math.isnan(m):
         return "—"
-    return f"{format_metric(metric, m)} ± " + (f"{s:.3f}" if metric == "acc" else f"{s:.1e}")
-
-
-def _fmt_gap(m: float, s: float, metric: str) -> str:
-    """A signed gap in one fixed format per metric, so that a column's cells line up (3 decimals of accuracy,
-    MSEs in scientific notation)."""
-    if math.isnan(m):
-        return "—"
-    return f"{m:+.3f} ± {s:.3f}" if metric == "acc" else f"{m:+.2e} ± {s:.1e}"
+    if signed:
+        value = f"{m:+.3f}" if metric == "acc" else f"{m:+.2e}"
+    else:
+        value = format_metric(metric, m)
+    return f"{value} ± " + (f"{s:.3f}" if metric == "acc" else f"{s:.1e}")
 
 
 def _fmt_error(m: float, s: float, method: str) -> str:
@@ -175,7 +173,7 @@ def _curve_lines(groups: list[dict], axis: str, m: str) -> list[str]:
     rule = "|---|---|---|" + "---|" * len(values)
     for what, key, fmt in ((f"final projected test {m}", "final", lambda a, b: _fmt(a, b, m)),
                            ("train–test gap (" + ("train − test accuracy" if m == "acc" else f"test − train {m}")
-                            + ")", "gap", lambda a, b: _fmt_gap(a, b, m))):
+                            + ")", "gap", lambda a, b: _fmt(a, b, m, signed=True))):
         lines += [f"## {what} against {axis}", "", head, rule]
         for (method, lr, rest), c in sorted(by_curve.items(), key=lambda kv: (kv[0][2], kv[0][0] != "relaxed")):
             cells = [fmt(c[v][f"{key}_mean"], c[v][f"{key}_std"]) if v in c else "—" for v in values]
