@@ -10,7 +10,7 @@ Models (relaxeq_fast.models): VNPointNet(num_classes=40, k=20) on points [24, P,
 maps, the models' default; --relaxed-maps all relaxes every VN map);
 VNDGCNN(num_classes=40, k=20) on [32, P, 3]; SteerableCNN(num_classes=10, group=8) on [64, 1, 28, 28].
 
-Providers:
+Providers (the models, their inputs and the providers: train_step_problem.py, one Step each):
   relaxed-fused      relaxed=True, default backend (native C++ / CUDA kernels)
   relaxed-reference  the same model (same weights) under relaxeq_fast.use_backend("reference"), pure PyTorch
   relaxed-paper      VN models only: the same relaxed model (same weights) with every RelaxedLinear run the way
@@ -51,19 +51,16 @@ import gc
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
-import torch.nn.functional as F
 
-from relaxeq_fast import combine_regularizers, use_backend
-from relaxeq_fast.backend import fill_caches_before_compile
-from relaxeq_fast.models import SteerableCNN, VNDGCNN, VNPointNet
-from relaxeq_fast.vn import model_regularizers
-
-from paper_style import paper_regularizers, to_paper_style
-from relaxeq_fast.bench import (describe_machine, machine_info, median_iqr_ms, peak_memory_mib, resolve_device,
-                                result_suffix, synchronize, target, time_round_robin, verdict, write_json)
+from relaxeq_fast.bench import (describe_machine, machine_info, median_iqr_ms, resolve_device, result_suffix,
+                                synchronize, target, time_round_robin, verdict, write_json)
+# the workload, its providers and the relaxed-paper check (benchmarks/ is on sys.path: the script's folder, and
+# pytest's rootdir-relative import of bench_*.py)
+from train_step_problem import (DTYPE, LAMBDA_LD, LAMBDA_N, LR, MODELS, PAPER_MODELS, PROVIDERS, Step,
+                                format_verify, providers_for, top_level_ops, verify_paper)
 
 try:
     import pytest
@@ -72,11 +69,7 @@ except ImportError:  # pragma: no cover
 
 THREADS = 2
 torch.set_num_threads(THREADS)
-DTYPE = torch.float32
-LAMBDA_LD, LAMBDA_N, LR = 1e-2, 1e-3, 1e-3
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-PROVIDERS = ("relaxed-fused", "relaxed-reference", "relaxed-paper", "plain")
-MODES = ("full", "forward", "backward")
 STEP_TARGETS = {"cpu": 1.25, "cuda": 2.0}  # eager, issue 12
 OPS_TARGET, MEMORY_TARGET, REF_CONTEXT, PAPER_TARGET = 1.5, 1.5, 2.0, 5.0
 # --compile (issue 12): compiled fused / compiled plain on CPU; on CUDA compiled fused / eager plain and
@@ -89,225 +82,6 @@ def step_target(device: str) -> float:
     return STEP_TARGETS["cuda" if str(device).startswith("cuda") else "cpu"]
 
 
-PAPER_MODELS = ("VN-PointNet", "VN-DGCNN")  # relaxed-paper exists for the VN models only
-RELAXED_MAPS = "paper"  # which maps the relaxed VN models relax (--relaxed-maps)
-
-# (model, batch, points, width); points is ignored for the CNN (28 × 28 images)
-MODELS = {
-    "VN-PointNet": (VNPointNet, 24, dict(num_classes=40, k=20)),
-    "VN-DGCNN": (VNDGCNN, 32, dict(num_classes=40, k=20)),
-    "SteerableCNN": (SteerableCNN, 64, dict(num_classes=10, group=8)),
-}
-
-
-def providers_for(model: str, providers=PROVIDERS) -> tuple:
-    return tuple(p for p in providers if p != "relaxed-paper" or model in PAPER_MODELS)
-
-
-class Step:
-    """One provider on one model configuration; ``run(mode)`` is one training step ("full") or its forward
-    and loss only ("forward": autograd recording on, no backward, no optimiser)."""
-
-    def __init__(self, model: str, provider: str, points: int = 300, width: float = 0.25,
-                 batch: Optional[int] = None, k: Optional[int] = None, seed: int = 0, dtype=None,
-                 device: torch.device = torch.device("cpu"), compile_mode: Optional[str] = None):
-        if provider == "relaxed-paper" and model not in PAPER_MODELS:
-            raise ValueError(f"relaxed-paper is implemented for {', '.join(PAPER_MODELS)} only, not {model}")
-        dtype = dtype or DTYPE
-        cls, default_batch, kwargs = MODELS[model]
-        kwargs = dict(kwargs)
-        if k is not None and "k" in kwargs:
-            kwargs["k"] = k
-        batch = batch or default_batch
-        self.device = torch.device(device)
-        self.relaxed = provider != "plain"
-        self.backend = "reference" if provider == "relaxed-reference" else None
-        torch.manual_seed(seed)  # same weights for relaxed-fused, relaxed-reference and relaxed-paper
-        if self.relaxed and model in PAPER_MODELS:  # the VN models: which maps are relaxed
-            kwargs["relaxed_maps"] = RELAXED_MAPS
-        self.model = cls(relaxed=self.relaxed, width=width, **kwargs).to(device=self.device, dtype=dtype).train()
-        self.paper_layers = to_paper_style(self.model) if provider == "relaxed-paper" else None
-        g = torch.Generator().manual_seed(seed + 1)
-        if model == "SteerableCNN":
-            x = torch.randn(batch, 1, 28, 28, generator=g, dtype=dtype)
-        else:
-            x = torch.randn(batch, points, 3, generator=g, dtype=dtype)
-        self.x = x.to(self.device)
-        self.y = torch.randint(0, kwargs["num_classes"], (batch,), generator=g).to(self.device)
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=LR, fused=True)  # as relaxeq-train
-        self.compiled = compile_mode is not None
-        if self.compiled:
-            fill_caches_before_compile(self.device, self.backend)
-            # one shared code object for every Step: callers reset dynamo between models (recompile limit)
-            self.loss = torch.compile(self.loss, mode=compile_mode, dynamic=False)
-
-    def loss(self) -> torch.Tensor:
-        loss = F.cross_entropy(self.model(self.x), self.y)
-        if self.paper_layers is not None:
-            loss = loss + combine_regularizers(paper_regularizers(self.paper_layers), LAMBDA_LD, LAMBDA_N)
-        elif self.relaxed:
-            loss = loss + combine_regularizers(model_regularizers(self.model), LAMBDA_LD, LAMBDA_N)
-        return loss
-
-    def _run(self, mode: str) -> None:
-        if mode == "forward":
-            self.loss()
-            return
-        self.opt.zero_grad(set_to_none=True)
-        self.loss().backward()
-        self.opt.step()
-
-    def run(self, mode: str = "full") -> None:
-        if mode not in ("full", "forward"):
-            raise ValueError(f"mode must be 'full' or 'forward' (see timed() for 'backward'), got {mode!r}")
-        if self.backend is None:
-            self._run(mode)
-        else:
-            with use_backend(self.backend):
-                self._run(mode)
-
-    def _graph(self) -> torch.Tensor:
-        self.opt.zero_grad(set_to_none=True)
-        if self.backend is None:
-            return self.loss()
-        with use_backend(self.backend):
-            return self.loss()
-
-    def _backward(self, loss: torch.Tensor) -> None:
-        if self.backend is None:
-            loss.backward()
-        else:
-            with use_backend(self.backend):
-                loss.backward()
-        self.opt.step()
-
-    def timed(self, mode: str):
-        """What the timer calls: ``run(mode)``, or for "backward" the pair (untimed forward + loss, timed
-        backward + optimiser step)."""
-        if mode == "backward":
-            return (self._graph, self._backward)
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        return lambda: self.run(mode)
-
-    def ops_per_step(self) -> int:
-        """Ops dispatched by one warm full step (see the module docstring)."""
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        class Count(TorchDispatchMode):
-            n = 0
-
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                self.n += 1
-                return func(*args, **(kwargs or {}))
-
-        self.run()
-        with Count() as count:
-            self.run()
-        return count.n
-
-    def host_ops_per_step(self) -> int:
-        """Top-level aten / relaxeq ops in torch.profiler's record of one warm full step (for compiled steps;
-        see the module docstring)."""
-        from torch.profiler import ProfilerActivity, profile
-        self.run()
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            self.run()
-        return top_level_ops(prof.events())
-
-    def compile_seconds(self) -> float:
-        """The first step's wall time, with inductor's caches empty (trace + compile of the forward and, at the
-        first backward, the backward), minus a warm step's."""
-        from torch._inductor.utils import fresh_cache
-        with fresh_cache():
-            synchronize(self.device)
-            t0 = time.perf_counter()
-            self.run()
-            synchronize(self.device)
-            first = time.perf_counter() - t0
-        self.run()
-        synchronize(self.device)
-        t0 = time.perf_counter()
-        self.run()
-        synchronize(self.device)
-        return first - (time.perf_counter() - t0)
-
-    def peak_mib(self) -> float:
-        """Peak memory of one warm full step above what is live before it; grads are cleared first, so the
-        step's gradient buffers count; Adam's state exists already."""
-        self.run()
-        self.opt.zero_grad(set_to_none=True)
-
-        def step():
-            self.loss().backward()
-            self.opt.step()
-
-        if self.backend is None:
-            return peak_memory_mib(step, self.device)
-        with use_backend(self.backend):
-            return peak_memory_mib(step, self.device)
-
-
-VERIFY = dict(points=32, width=0.125, batch=4, k=8)
-VERIFY_TOL = 1e-8
-
-
-def verify_paper(models=PAPER_MODELS, tol: float = VERIFY_TOL) -> Dict[str, dict]:
-    """relaxed-paper against relaxed-fused in float64 on a tiny input (B = 4, P = 32, k = 8, width 0.125).
-
-    Both models are built with the same seed; the relaxation weights W_r, b_r (zero at init, which would make
-    the regulariser trivially 0) are set to the same random values in both, and dropout draws the same masks
-    (same RNG seed before each forward). Returns, per model, the loss, the relative loss error and the largest
-    relative gradient error over all parameters (‖g_paper − g_fused‖ / ‖g_fused‖, by parameter name).
-    Raises AssertionError if either exceeds ``tol``: both compute the same math.
-    """
-    out = {}
-    for model in models:
-        steps = {p: Step(model, p, dtype=torch.float64, **VERIFY) for p in ("relaxed-fused", "relaxed-paper")}
-        g = torch.Generator().manual_seed(123)
-        relax_params = [n for n, _ in steps["relaxed-fused"].model.named_parameters() if "relax" in n]
-        with torch.no_grad():
-            for n in relax_params:
-                v = 0.1 * torch.randn(dict(steps["relaxed-fused"].model.named_parameters())[n].shape, generator=g,
-                                      dtype=torch.float64)
-                for st in steps.values():
-                    dict(st.model.named_parameters())[n].copy_(v)
-        losses, grads = {}, {}
-        for name, st in steps.items():
-            torch.manual_seed(7)
-            st.model.zero_grad(set_to_none=True)
-            loss = st.loss()
-            loss.backward()
-            losses[name] = loss.detach()
-            grads[name] = {n: p.grad for n, p in st.model.named_parameters() if p.grad is not None}
-        ref, pap = grads["relaxed-fused"], grads["relaxed-paper"]
-        assert set(ref) == set(pap), f"{model}: parameters with gradients differ"
-        loss_err = float((losses["relaxed-paper"] - losses["relaxed-fused"]).abs() / losses["relaxed-fused"].abs())
-        total = torch.sqrt(sum(gr.square().sum() for gr in ref.values()))
-        # a bias right before a BatchNorm has gradient 0 up to rounding (~1e-16): a relative error is meaningless
-        # there, so per-parameter errors are taken over gradients above 1e-10 of the total gradient norm
-        live = [n for n in ref if ref[n].norm() > 1e-10 * total]
-        rel = {n: float((pap[n] - ref[n]).norm() / ref[n].norm()) for n in live}
-        total_err = float(torch.sqrt(sum((pap[n] - ref[n]).square().sum() for n in ref)) / total)
-        out[model] = dict(loss=float(losses["relaxed-fused"]), loss_rel_err=loss_err, grad_rel_err=max(rel.values()),
-                          total_grad_rel_err=total_err, relax_grad_rel_err=max(rel[n] for n in relax_params if n in rel),
-                          n_params=len(ref), n_zero=len(ref) - len(live),
-                          n_relaxed=len(steps["relaxed-paper"].paper_layers))
-        grad_err = max(out[model]["grad_rel_err"], total_err)
-        assert loss_err <= tol and grad_err <= tol, f"{model}: relaxed-paper differs from relaxed-fused: {out[model]}"
-    return out
-
-
-def format_verify(res: Dict[str, dict]) -> str:
-    parts = [f"{m}: loss {r['loss']:.6f}, relative loss error {r['loss_rel_err']:.1e}, relative error of the whole "
-             f"gradient {r['total_grad_rel_err']:.1e}, largest per-parameter relative gradient error "
-             f"{r['grad_rel_err']:.1e} ({r['relax_grad_rel_err']:.1e} on W_r, b_r; {r['n_params']} parameters, "
-             f"{r['n_zero']} with gradient 0 up to rounding left out; {r['n_relaxed']} relaxed layers)"
-             for m, r in res.items()]
-    return (f"- relaxed-paper vs relaxed-fused, float64, B={VERIFY['batch']}, P={VERIFY['points']}, k={VERIFY['k']}, "
-            f"width {VERIFY['width']:g}, random W_r, b_r (tolerance {VERIFY_TOL:g} relative): " + "; ".join(parts) + " — PASS")
-
-
 def compile_mode_for(device: torch.device) -> str:
     """What relaxeq-train --compile picks: CUDA graphs on CUDA."""
     return "reduce-overhead" if device.type == "cuda" else "default"
@@ -317,9 +91,11 @@ COMPILED = "+compile"  # suffix of a compiled provider's key in the round robin
 
 
 def measure(model: str, points: int, width: float, providers, repeats: int, warmup: int, memory: bool,
-            device: torch.device, modes=("full",), compiled: bool = False, k: Optional[int] = None) -> dict:
+            device: torch.device, modes=("full",), compiled: bool = False, k: Optional[int] = None,
+            relaxed_maps: str = "paper") -> dict:
     providers = providers_for(model, providers)
-    impls = {p: Step(model, p, points=points, width=width, device=device, k=k) for p in providers}
+    impls = {p: Step(model, p, points=points, width=width, device=device, k=k, relaxed_maps=relaxed_maps)
+             for p in providers}
     t0 = time.perf_counter()
     row = {"model": model, "points": None if model == "SteerableCNN" else points, "width": width,
            "batch": MODELS[model][1], "repeats": repeats, "device": str(device),
@@ -329,7 +105,7 @@ def measure(model: str, points: int, width: float, providers, repeats: int, warm
         torch._dynamo.reset()  # Step.loss's code object is shared by every Step: start each model afresh
         for p in providers:  # one at a time, so each compile has the machine to itself
             compiled_impls[p] = Step(model, p, points=points, width=width, device=device, k=k,
-                                     compile_mode=compile_mode_for(device))
+                                     compile_mode=compile_mode_for(device), relaxed_maps=relaxed_maps)
         row["compile_s"] = {p: c.compile_seconds() for p, c in compiled_impls.items()}
     for mode in modes:
         fns = {p: i.timed(mode) for p, i in impls.items()}
@@ -486,7 +262,7 @@ def plot(rows: List[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(rows) + 2), 4.8))
     bw = 0.8 / len(series)
     colors = ["tab:blue", "tab:orange", "tab:green", "tab:red"]
-    for j, (name, fn, target) in enumerate(series):
+    for j, (name, fn, goal) in enumerate(series):
         for i, r in enumerate(rows):
             v = fn(r)
             if v is None:
@@ -494,7 +270,7 @@ def plot(rows: List[dict], path: Path) -> None:
             x = i + (j - (len(series) - 1) / 2) * bw
             ax.bar(x, v, bw, color=colors[j])
             ax.text(x, v, f"{v:.2f}", ha="center", va="bottom", fontsize=7)
-        ax.axhline(target, color=colors[j], ls="--", lw=0.8)
+        ax.axhline(goal, color=colors[j], ls="--", lw=0.8)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors]
     ax.legend(handles, [f"{s[0]} (dashed: {s[2]:g})" for s in series], fontsize=8, loc="upper left")
     ax.set_xticks(range(len(rows)))
@@ -507,21 +283,13 @@ def plot(rows: List[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _is_op(e) -> bool:
-    return e.name.startswith(("aten::", "relaxeq::"))
-
-
-def top_level_ops(events) -> int:
-    """Profiler op events whose parent is not an op: the ops the host dispatched itself."""
-    return sum(1 for e in events if _is_op(e) and (e.cpu_parent is None or not _is_op(e.cpu_parent)))
-
-
-def profile_step(model: str, provider: str, points: int, width: float, device: torch.device, top: int = 20) -> str:
+def profile_step(model: str, provider: str, points: int, width: float, device: torch.device, top: int = 20,
+                 relaxed_maps: str = "paper") -> str:
     """torch.profiler of one warm full step: the op table (by self CPU time, or by self GPU time on CUDA) and
     a headline: wall time under the profiler, top-level ops dispatched, kernels launched, GPU busy time."""
     from torch.profiler import ProfilerActivity, profile
 
-    impl = Step(model, provider, points=points, width=width, device=device)
+    impl = Step(model, provider, points=points, width=width, device=device, relaxed_maps=relaxed_maps)
     for _ in range(3):
         impl.run()
     synchronize(device)
@@ -601,8 +369,6 @@ def main(argv=None) -> int:
                         help="only: torch.profiler of one step per model and provider (op table, op and kernel counts)")
     parser.add_argument("--out-dir", default=str(RESULTS_DIR))
     args = parser.parse_args(argv)
-    global RELAXED_MAPS
-    RELAXED_MAPS = args.relaxed_maps
     device = resolve_device(args.device)
     models = args.models.split(",")
     for m in models:
@@ -615,7 +381,7 @@ def main(argv=None) -> int:
     if args.profile:
         for m in models:
             for p in providers_for(m):
-                print(profile_step(m, p, points, width, device), flush=True)
+                print(profile_step(m, p, points, width, device, relaxed_maps=args.relaxed_maps), flush=True)
         return 0
     start = time.perf_counter()
     meta = machine_info(device, DTYPE, loss=f"cross_entropy + combine_regularizers(model_regularizers(model), "
@@ -625,12 +391,14 @@ def main(argv=None) -> int:
     print(table_header(str(device)), flush=True)
     modes = ("full",) + (("forward",) if args.forward else ()) + (("backward",) if args.backward else ())
     rows = [measure(m, points, width, PROVIDERS, cnn_reps if m == "SteerableCNN" else reps, args.warmup,
-                    not args.no_memory, device, modes, compiled=args.compile, k=args.k) for m in models]
+                    not args.no_memory, device, modes, compiled=args.compile, k=args.k,
+                    relaxed_maps=args.relaxed_maps) for m in models]
     sweep_rows = []
     if args.sweep:
         print("\nsweep (VN-PointNet, relaxed-fused vs plain):", flush=True)
         for p, w in ((1024, width), (2048, width), (300, 2 * width), (1024, 2 * width)):
-            sweep_rows.append(measure("VN-PointNet", p, w, ("relaxed-fused", "plain"), 3, 1, False, device))
+            sweep_rows.append(measure("VN-PointNet", p, w, ("relaxed-fused", "plain"), 3, 1, False, device,
+                                      relaxed_maps=args.relaxed_maps))
     meta["wall_s"] = time.perf_counter() - start
     name = ("train_step" + ("_full" if args.full else "") + (f"_P{args.points}" if args.points else "")
             + (f"_k{args.k}" if args.k else "") + ("_maps-all" if args.relaxed_maps == "all" else "")
