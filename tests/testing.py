@@ -1,5 +1,6 @@
 """Shared test helpers: devices, tolerances, comparisons against float64 references, the Triton set-up."""
 import contextlib
+import math
 import os
 
 import pytest
@@ -75,6 +76,17 @@ def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, rtol: floa
     print(f"{name}: max abs err {err.max().item():.3e}, mean {err.mean().item():.3e}, scale {scale:.3e}, "
           f"rtol {rtol:.1e}")
     assert err.max().item() <= rtol * scale, f"{name}: max abs err {err.max().item():.3e} > {rtol:.1e} * {scale:.3e}"
+
+
+def binomial_tol(p: float, n: int, sigmas: float = 5.0) -> float:
+    """Tolerance on an observed fraction of n Bernoulli(p) draws."""
+    return sigmas * math.sqrt(p * (1 - p) / n)
+
+
+def assert_fraction(observed: float, expected: float, n: int, name: str, extra: float = 0.0):
+    tol = binomial_tol(expected, n) + extra
+    print(f"{name}: observed {observed:.4f}, expected {expected:.4f}, tol {tol:.4f}")
+    assert abs(observed - expected) <= tol, f"{name}: observed {observed:.4f}, expected {expected:.4f} ± {tol:.4f}"
 
 
 # Memory layouts for the property tests (hypothesis) of the ops' non-contiguous inputs. with_layout(t, layout,
