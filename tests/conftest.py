@@ -40,3 +40,13 @@ def smoke_cache(tmp_path_factory):
     cache = str(tmp_path_factory.mktemp("smoke_cache"))
     load_smoke("tiny", cache_dir=cache, progress=False)
     return cache
+
+
+@pytest.fixture(scope="session")
+def full_run(tmp_path_factory):
+    """testing.TINY + FULL run once per session (test_train.py and test_train_checkpoint.py read it; the resume
+    test compares an interrupted run against it): its run directory and summary."""
+    from testing import FULL, TINY, train_run as _run
+    run_dir = str(tmp_path_factory.mktemp("full") / "run")
+    summary = _run(TINY + FULL + ["--run-dir", run_dir])
+    return run_dir, summary

@@ -31,7 +31,8 @@ class Mutation:
 
 
 MUTATIONS = [
-    # ---- the trainer's θ wiring and resume (tests/test_train.py) ----
+    # ---- the trainer's θ wiring, resume and configuration (tests/test_train.py, test_train_checkpoint.py,
+    #      test_train_config.py) ----
     Mutation("theta_steps_twice", "relaxeq_fast/train/loop.py",
              'if theta is not None and cfg.theta_unit == "step":\n                theta.step()',
              'if theta is not None and cfg.theta_unit == "step":\n                theta.step()\n                theta.step()',
@@ -48,10 +49,11 @@ MUTATIONS = [
              ("tests/test_train.py -k theta_used",), "--theta-scaled-lambda has no effect"),
     Mutation("lr_schedule_not_restored", "relaxeq_fast/train/checkpoint.py",
              'lr_schedule.load_state_dict(ck["lr_schedule"])', "pass",
-             ("tests/test_train.py -k resume_reproduces",), "resume keeps a fresh lr schedule (no-op load_state_dict)"),
+             ("tests/test_train_checkpoint.py -k resume_reproduces",),
+             "resume keeps a fresh lr schedule (no-op load_state_dict)"),
     Mutation("validate_after_device", "relaxeq_fast/train/loop.py",
              "    validate(cfg, D.world_size() if D.is_distributed() else int(os.environ.get(\"WORLD_SIZE\", \"1\")))\n",
-             "", ("tests/test_train.py -k bad_configuration",), "a config is used before it is validated"),
+             "", ("tests/test_train_config.py -k bad_configuration",), "a config is used before it is validated"),
     Mutation("relax_lr_not_scaled", "relaxeq_fast/train/loop.py",
              'relax_group["lr"] = scheduled_lr * theta_value', 'relax_group["lr"] = scheduled_lr',
              ("tests/test_train.py -k relax_lr",), "--relax-lr theta leaves the relaxation's lr unscaled"),
@@ -61,10 +63,10 @@ MUTATIONS = [
              ("tests/test_train.py -k relax_lr",), "--relax-lr theta leaks θ into the lr schedule"),
     Mutation("non_finite_guard_off", "relaxeq_fast/train/loop.py",
              "        if bad != self.NEVER:\n", "        if False:\n",
-             ("tests/test_train.py -k non_finite",), "a non-finite loss is never reported"),
+             ("tests/test_train_checkpoint.py -k non_finite",), "a non-finite loss is never reported"),
     Mutation("non_finite_step_misnamed", "relaxeq_fast/train/loop.py",
              "torch.full_like(self.first_bad, step)", "torch.full_like(self.first_bad, step + 1)",
-             ("tests/test_train.py -k non_finite",), "the guard names the wrong step"),
+             ("tests/test_train_checkpoint.py -k non_finite",), "the guard names the wrong step"),
     Mutation("host_read_in_step", "relaxeq_fast/train/loop.py",
              "        r_ld = sum(t.lie_derivative.detach() for t in terms)\n",
              "        r_ld = sum(t.lie_derivative.detach() for t in terms)\n        r_ld.item()\n",
@@ -77,13 +79,14 @@ MUTATIONS = [
              ("tests/test_setup_script.py",), "a changed .cpp does not rebuild"),
     Mutation("resume_settings_ignored", "relaxeq_fast/train/loop.py",
              "        if differ:\n", "        if False:\n",
-             ("tests/test_train.py -k other_settings",), "settings given with --resume silently ignored"),
+             ("tests/test_train_checkpoint.py -k other_settings",), "settings given with --resume silently ignored"),
     Mutation("checkpoint_tmp_left_behind", "relaxeq_fast/train/checkpoint.py",
              "        if os.path.exists(tmp):\n            os.remove(tmp)\n", "",
-             ("tests/test_train.py -k failed_checkpoint",), "a failed write leaves its temporary file"),
+             ("tests/test_train_checkpoint.py -k failed_checkpoint",), "a failed write leaves its temporary file"),
     Mutation("checkpoint_shape_unchecked", "relaxeq_fast/train/checkpoint.py",
              "        if not isinstance(ck, dict) or not keys <= set(ck):\n", "        if False:\n",
-             ("tests/test_train.py -k broken_checkpoint",), "a file that is not a checkpoint crashes with a KeyError"),
+             ("tests/test_train_checkpoint.py -k broken_checkpoint",),
+             "a file that is not a checkpoint crashes with a KeyError"),
     Mutation("backend_resolved_every_call", "relaxeq_fast/backend.py",
              "    hit = _resolved.get((device_type, name))\n", "    hit = None\n",
              ("tests/test_nn.py -k repeated",), "every op call resolves its backend again"),
@@ -260,11 +263,11 @@ MUTATIONS = [
              ("tests/test_study.py -k curves_aggregate",), "n_train=480 tabulated before n_train=96"),
     Mutation("training_plot_every_epoch", "relaxeq_fast/train/loop.py",
              "if last or time.perf_counter() - plotted_at >= PLOT_EVERY_S:", "if True:",
-             ("tests/test_train.py -k throttled",), "training.png redrawn after every epoch"),
+             ("tests/test_train_checkpoint.py -k throttled",), "training.png redrawn after every epoch"),
     Mutation("training_plot_stale_after_divergence", "relaxeq_fast/train/loop.py",
              "            if rank == 0 and history:\n"
              "                plot_history(history, plot_path, plot_title, metric)\n",
-             "", ("tests/test_train.py -k non_finite",), "a diverged run's plot misses its last finite epochs"),
+             "", ("tests/test_train_checkpoint.py -k non_finite",), "a diverged run's plot misses its last finite epochs"),
 ]
 
 
@@ -321,7 +324,7 @@ def main(argv=None) -> int:
             if rc:
                 print(f"baseline fails: {sel}", file=sys.stderr)
                 return 2
-    print(f"| mutation | file | tests | result | s |\n|---|---|---|---|---|")
+    print("| mutation | file | tests | result | s |\n|---|---|---|---|---|")
     missed = 0
     for m in chosen:
         caught, seconds = apply_and_test(m)

@@ -4,7 +4,7 @@ whole batch (float64): all_reduce_moments, SyncBatchNorm1d and all_reduce_input_
 The batch is split unevenly (4 + 6 rows) so a helper that averaged per-rank moments with equal weights
 fails. Each rank writes what it computed; the assertions run here, against references computed on the
 whole batch in this process. The trainer-level check (a torchrun run against one process, and a resume
-under torchrun) is in test_train.py.
+under torchrun) is in test_train_distributed.py.
 """
 import os
 

@@ -1,10 +1,13 @@
-"""The training CLI: run outputs, exact resume, non-finite loss handling, config errors, torchrun DDP."""
+"""relaxeq-train end to end: a run's outputs and that it ends projected, what every training step uses (the lr and
+θ schedules, --relax-lr theta, label smoothing, gradient clipping, --amp) and that it reads nothing back to the host,
+progress in a log file, projected accuracy per epoch and the validation-selected best epoch, the projection modes,
+complement relaxation, the validation split, the paper's relaxed maps, the relaxation report script, compare_runs,
+and a steerable CNN on RotMNIST. Checkpoints and resume: test_train_checkpoint.py; configuration errors and
+--print-config: test_train_config.py; torchrun: test_train_distributed.py."""
 import dataclasses
-import hashlib
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 import traceback
@@ -17,24 +20,7 @@ from relaxeq_fast import train as T
 from relaxeq_fast.train import loop
 from relaxeq_fast.relaxation import make_schedule
 from relaxeq_fast.vn import relaxed_layers
-from testing import run_metrics as _metrics, torchrun_train, train_run as _run
-
-# tiny but complete: every layer of VN-PointNet runs, θ goes through its schedule to 0
-TINY = ["--dataset", "shapes", "--n-train", "64", "--n-test", "28", "--num-points", "32", "--k", "6",
-        "--width", "0.2", "--batch-size", "16", "--epochs", "3", "--no-progress", "--threads", "1"]
-
-
-# cosine lr: a different lr every epoch, so a resume that lost the lr schedule's state shows; θ from
-# the first step (the paper's per-epoch triangle holds θ = 0 through a 3-epoch run's first epoch)
-FULL = ["--augment", "scale,shift,jitter", "--lr-schedule", "cosine", "--theta-schedule", "hold_linear",
-        "--theta-unit", "step"]
-
-
-@pytest.fixture(scope="module")
-def full_run(tmp_path_factory):
-    run_dir = str(tmp_path_factory.mktemp("full") / "run")
-    summary = _run(TINY + FULL + ["--run-dir", run_dir])
-    return run_dir, summary
+from testing import FULL, TINY, run_metrics as _metrics, train_run as _run
 
 
 def test_run_writes_everything_and_ends_projected(full_run):
@@ -208,16 +194,6 @@ def test_amp_step_runs_the_relaxed_maps_in_bfloat16_without_host_reads():
     assert losses["bf16"] != losses[None]  # non-vacuous: the bf16 step did compute something else
 
 
-def test_amp_run_trains_and_resumes(tmp_path):
-    run = str(tmp_path / "amp")
-    _run(TINY + ["--amp", "--epochs", "2", "--stop-after", "1", "--run-dir", run])
-    _run(["--resume", run, "--no-progress"])
-    rows = _metrics(run)
-    assert len(rows) == 2 and all(math.isfinite(float(r["train_loss"])) for r in rows)
-    with open(os.path.join(run, "config.json")) as f:
-        assert json.load(f)["amp"] == "bf16"
-
-
 def test_progress_in_a_log_file_is_lines_not_bar_frames(tmp_path, capsys):
     """stderr not a terminal (pytest captures it): no carriage-return frames, one line per epoch."""
     with_progress = [a for a in TINY if a != "--no-progress"]
@@ -226,258 +202,6 @@ def test_progress_in_a_log_file_is_lines_not_bar_frames(tmp_path, capsys):
     assert "\r" not in err
     lines = [line for line in err.splitlines() if line.strip()]
     assert [line.split(":")[0].strip() for line in lines] == ["epoch 1", "epoch 2"], lines
-
-
-def _tree_digest(run_dir):
-    out = {}
-    for name in sorted(os.listdir(run_dir)):
-        with open(os.path.join(run_dir, name), "rb") as f:
-            out[name] = hashlib.sha256(f.read()).hexdigest()
-    return out
-
-
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "not_a_checkpoint"])
-def test_broken_checkpoint_is_one_line_and_leaves_the_run_alone(damage, tmp_path, capsys):
-    run_dir = str(tmp_path / "run")
-    _run(TINY + ["--epochs", "2", "--n-train", "32", "--run-dir", run_dir, "--stop-after", "1"])
-    ckpt = os.path.join(run_dir, "checkpoint.pt")
-    with open(ckpt, "rb") as f:
-        data = f.read()
-    if damage == "truncated":
-        data = data[:len(data) // 2]
-    elif damage == "garbage":
-        data = b"\x00not a zip file" * 100
-    else:
-        buf = __import__("io").BytesIO()
-        torch.save({"model": {}}, buf)
-        data = buf.getvalue()
-    with open(ckpt, "wb") as f:
-        f.write(data)
-    before = _tree_digest(run_dir)
-    rc = T.main(["--resume", run_dir, "--no-progress"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1, err
-    assert err[0].startswith("relaxeq-train: error:") and f"{ckpt} cannot be read" in err[0], err[0]
-    assert _tree_digest(run_dir) == before
-
-
-def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    from relaxeq_fast.train import checkpoint
-    path = str(tmp_path / "checkpoint.pt")
-    checkpoint.atomic_save({"epoch": 1}, path)
-
-    def dies_half_way(obj, f):
-        with open(f, "wb") as out:
-            out.write(b"PK\x03\x04 half a zip")
-        raise KeyboardInterrupt  # a kill during the write
-
-    monkeypatch.setattr(checkpoint.torch, "save", dies_half_way)
-    with pytest.raises(KeyboardInterrupt):
-        checkpoint.atomic_save({"epoch": 2}, path)
-    assert torch.load(path, weights_only=False) == {"epoch": 1}
-    assert os.listdir(tmp_path) == ["checkpoint.pt"]  # no temporary left behind
-
-
-def test_resume_with_other_settings_names_them(tmp_path, capsys):
-    run_dir = str(tmp_path / "run")
-    _run(TINY + ["--epochs", "2", "--n-train", "32", "--run-dir", run_dir, "--stop-after", "1"])
-    rc = T.main(["--resume", run_dir, "--no-progress", "--lr", "0.5", "--lambda-n", "0.25"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1, err
-    assert "lambda_n: 0.01 there, 0.25 asked" in err[0] and "lr: 0.001 there, 0.5 asked" in err[0], err[0]
-    # the same values as the run's are no conflict
-    assert T.main(["--resume", run_dir, "--no-progress", "--epochs", "2", "--width", "0.2"]) == 0
-
-
-def test_projected_model_loads_into_the_plain_class(full_run):
-    run_dir, summary = full_run
-    saved = torch.load(os.path.join(run_dir, "model_projected.pt"), weights_only=False)
-    cfg = T.TrainConfig(**{**saved["config"], "plain": True})
-    plain = T.build_model(cfg, num_classes=len(saved["class_names"]))
-    plain.load_state_dict(saved["model"], strict=True)
-
-
-def test_resume_reproduces_the_uninterrupted_run_exactly(full_run, tmp_path):
-    run_dir, _ = full_run
-    split_dir = str(tmp_path / "split")
-    argv = TINY + FULL + ["--run-dir", split_dir]
-    first = _run(argv + ["--stop-after", "1"])
-    assert not first["finished"] and len(_metrics(split_dir)) == 1
-    second = _run(["--resume", split_dir, "--no-progress", "--stop-after", "1"])
-    assert second["epochs_done"] == 2
-    _run(["--resume", split_dir, "--no-progress"])
-    assert _metrics(split_dir) == _metrics(run_dir)
-    a = torch.load(os.path.join(run_dir, "model_projected.pt"), weights_only=False)["model"]
-    b = torch.load(os.path.join(split_dir, "model_projected.pt"), weights_only=False)["model"]
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-@pytest.mark.parametrize("every, drawn_at", [(1e9, [1, 3]), (0.0, [1, 2, 3])])
-def test_training_plot_is_throttled_and_ends_at_the_last_epoch(every, drawn_at, tmp_path, monkeypatch):
-    """training.png is drawn after the first epoch, then at most every PLOT_EVERY_S, and after the last one."""
-    drawn, real = [], loop.plot_history
-
-    def spy(history, *args, **kwargs):
-        drawn.append(len(history))
-        return real(history, *args, **kwargs)
-
-    monkeypatch.setattr(loop, "PLOT_EVERY_S", every)
-    monkeypatch.setattr(loop, "plot_history", spy)
-    _run(TINY + ["--run-dir", str(tmp_path / "run")])
-    assert drawn == drawn_at
-
-
-def test_non_finite_loss_stops_without_touching_the_checkpoint(tmp_path, monkeypatch, capsys):
-    run_dir = str(tmp_path / "nan")
-    _run(TINY + ["--run-dir", run_dir, "--stop-after", "1"])
-    ckpt = os.path.join(run_dir, "checkpoint.pt")
-    with open(ckpt, "rb") as f:
-        before = hashlib.sha256(f.read()).hexdigest()
-    real = torch.nn.functional.cross_entropy
-    calls = {"n": 0}
-
-    def poisoned(out, y, **kwargs):
-        calls["n"] += 1
-        loss = real(out, y, **kwargs)
-        return loss * float("nan") if calls["n"] == 2 else loss
-
-    monkeypatch.setattr(torch.nn.functional, "cross_entropy", poisoned)
-    drawn, real_plot = [], loop.plot_history
-    monkeypatch.setattr(loop, "plot_history", lambda history, *a, **k: (drawn.append(len(history)),
-                                                                         real_plot(history, *a, **k)))
-    rc = T.main(["--resume", run_dir, "--no-progress"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 1 and len(err) == 1 and "non-finite loss at epoch 2, step 2" in err[0]
-    assert drawn == [1]  # training.png ends where the checkpoint does
-    with open(ckpt, "rb") as f:
-        assert hashlib.sha256(f.read()).hexdigest() == before
-    assert len(_metrics(run_dir)) == 1
-
-
-@pytest.mark.parametrize("extra, cause", [
-    (["--model", "resnet"], "--model must be one of"),
-    (["--dataset", "modelnet40"], "needs --data-root"),
-    (["--dataset", "modelnet40", "--data-root", "/no/such/dir"], "/no/such/dir does not exist"),
-    (["--batch-size", "100"], "--n-train 64 leaves 64 training samples after the validation split, fewer than one batch"),
-    (["--k", "40"], "--k 40 neighbours needs at least as many points"),
-    (["--train-rotation", "x"], "--train-rotation must be one of"),
-    (["--theta-schedule", "linear"], "--theta-schedule must be one of"),
-    (["--augment", "flip"], "--augment takes"),
-    (["--lr", "nan"], "--lr must be a finite number"),
-    (["--batch-size", "1"], "batch norm needs at least 2"),
-    (["--dataset", "rotmnist"], "rotmnist is an image dataset"),
-    (["--model", "steerable_cnn"], "takes images; shapes is a point-cloud dataset"),
-    (["--model", "steerable_cnn", "--dataset", "rotmnist", "--augment", "jitter"], "applies to point clouds"),
-    (["--backend", "cudnn"], "--backend must be one of"),
-    (["--dtype", "float16"], "--dtype must be"),
-    (["--resume", "/no/such/run"], "--resume /no/such/run: no config.json there"),
-    (["--dataset", "imagenet"], "--dataset must be one of"),
-    (["--model", "steerable_cnn", "--dataset", "rotmnist", "--group", "0"], "--group must be an int N >= 1"),
-    (["--test-rotation", "y"], "--test-rotation must be one of"),
-    (["--epochs", "0"], "--epochs must be a positive integer, got 0"),
-    (["--num-points", "0"], "--num-points must be a positive integer, got 0"),
-    (["--k", "0"], "--k must be a positive integer, got 0"),
-    (["--width", "0"], "--width must be positive, got 0.0"),
-    (["--dropout", "1"], "--dropout must be in [0, 1), got 1.0"),
-    (["--dropout", "-0.1"], "--dropout must be in [0, 1), got -0.1"),
-    (["--optimizer", "lbfgs"], "--optimizer must be 'adam' or 'sgd', got 'lbfgs'"),
-    (["--lr-schedule", "exp"], "--lr-schedule must be 'step', 'cosine' or 'none', got 'exp'"),
-    (["--lr", "0"], "--lr must be a finite number > 0, got 0.0"),
-    (["--weight-decay", "-1"], "--weight-decay must be a finite number >= 0, got -1.0"),
-    (["--lambda-ld", "inf"], "--lambda-ld must be a finite number >= 0, got inf"),
-    (["--lambda-n=-1e-3"], "--lambda-n must be a finite number >= 0"),
-    (["--theta-max", "nan"], "--theta-max must be a finite number >= 0, got nan"),
-    (["--theta-unit", "batch"], "--theta-unit must be 'step' or 'epoch', got 'batch'"),
-    (["--reduction", "max"], "--reduction must be one of"),
-    (["--relax-init", "ones"], "--relax-init must be 'zeros' or 'default', got 'ones'"),
-    (["--relax-space", "half"], "--relax-space must be one of ['full', 'complement'], got 'half'"),
-    (["--projection", "closest"], "--projection must be one of ['drop', 'nearest'], got 'closest'"),
-    (["--device", "tpu"], "--device must be 'cpu' or 'cuda[:i]', got 'tpu'"),
-    (["--clip-grad-norm", "0"], "--clip-grad-norm must be a finite number > 0, got 0.0"),
-    (["--threads", "0"], "--threads must be >= 1, got 0"),
-    (["--n-train", "0"], "--n-train must be a positive integer, got 0"),
-    (["--augment-rotated", "flip"], "--augment-rotated takes"),
-    (["--label-smoothing", "1"], "--label-smoothing must be in [0, 1), got 1.0"),
-    (["--val-fraction", "-0.5"], "--val-fraction must be in [0, 1), got -0.5"),
-    (["--val-fraction", "0.9"], "--n-train 64 leaves 6 training samples after the validation split, fewer than one "
-                                "batch (--batch-size 16)"),
-    (["--relaxed-maps", "most"], "--relaxed-maps must be one of"),
-    (["--relax-lr", "half"], "--relax-lr must be 'same' or 'theta', got 'half'"),
-    (["--amp", "fp8"], "--amp must be one of ['bf16', 'fp16'], got 'fp8'"),
-    (["--amp", "fp16"], "--amp fp16 needs --device cuda"),
-    (["--amp", "--dtype", "float64"], "--amp needs --dtype float32"),
-])
-def test_bad_configuration_is_one_line_naming_the_cause(extra, cause, tmp_path, capsys):
-    rc = T.main(TINY + ["--run-dir", str(tmp_path / "bad")] + extra)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1, err
-    assert err[0].startswith("relaxeq-train: error:") and cause in err[0], err[0]
-
-
-@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
-def test_cuda_device_without_a_gpu_is_a_config_error(device, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same answer on a GPU machine
-    rc = T.main(TINY + ["--run-dir", str(tmp_path / "bad"), "--device", device])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and err == [f"relaxeq-train: error: --device {device}: torch sees no CUDA GPU on this machine"]
-
-
-@pytest.mark.parametrize("batch, world, cause", [
-    (15, 2, "--batch-size 15 (global) must divide evenly over 2 processes"),
-    (6, 4, "--batch-size 6 (global) must divide evenly over 4 processes"),
-    (4, 4, "--batch-size 4 gives 1 sample(s) per process; batch norm needs at least 2"),
-])
-def test_batch_that_does_not_split_over_ranks_is_a_config_error(batch, world, cause):
-    cfg = T.TrainConfig(batch_size=batch).resolved()
-    with pytest.raises(T.ConfigError, match=re.escape(cause)):
-        T.validate(cfg, world)
-    T.validate(T.TrainConfig(batch_size=2 * world).resolved(), world)  # and the smallest that works passes
-
-
-def test_resume_into_a_directory_without_a_checkpoint(tmp_path, capsys):
-    run_dir = tmp_path / "no_ckpt"
-    run_dir.mkdir()
-    cfg, _, _ = T.parse_args(TINY + ["--run-dir", str(run_dir)])
-    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
-    rc = T.main(["--resume", str(run_dir), "--no-progress"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and err == [f"relaxeq-train: error: --resume {run_dir}: no checkpoint.pt there"]
-
-
-# The public code's setups (github StefanosPert/Equivariant_Optimization_CR, PCClassification/), written
-# out here from that code and the paper, not from our defaults.
-PUBLIC_CODE = {
-    "vn_pointnet": dict(optimizer="adam", lr=1e-3, weight_decay=1e-4, lr_schedule="step", lr_step=20, lr_gamma=0.7,
-                        batch_size=24, num_points=300, dropout=0.4, theta_schedule="triangle", theta_unit="epoch",
-                        lambda_ld=0.01, lambda_n=0.01, reduction="paper", theta_scaled_lambda=False,
-                        relax_init="zeros", relaxed_maps="paper", augment="scale,shift",
-                        augment_rotated="dropout,scale,shift", label_smoothing=0.0),
-    "vn_dgcnn": dict(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4, lr_schedule="cosine", batch_size=32,
-                     num_points=300, dropout=0.5, theta_schedule="triangle", theta_unit="epoch", lambda_ld=5e-4,
-                     lambda_n=5e-4, reduction="paper", theta_scaled_lambda=True, relax_init="default",
-                     relaxed_maps="paper", augment="scale,shift", augment_rotated="dropout,scale,shift",
-                     label_smoothing=0.2),
-}
-
-
-@pytest.mark.parametrize("model", sorted(PUBLIC_CODE))
-def test_print_config_is_the_public_codes_setup(model, capsys):
-    assert T.main(["--model", model, "--print-config", "--dataset", "modelnet40", "--data-root", "."]) == 0
-    printed = json.loads(capsys.readouterr().out)
-    assert {k: printed[k] for k in PUBLIC_CODE[model]} == PUBLIC_CODE[model]
-    # every value can still be set on the command line
-    assert T.main(["--model", model, "--print-config", "--theta-schedule", "cosine", "--lambda-n", "0.5",
-                   "--no-theta-scaled-lambda", "--relaxed-maps", "all", "--augment-rotated", "none"]) == 0
-    printed = json.loads(capsys.readouterr().out)
-    # the embedded shapes differ by axis ratios: the anisotropic loader scale would change their class
-    assert (printed["augment"], printed["augment_rotated"]) == ("none", "none")
-    assert (printed["theta_schedule"], printed["lambda_n"], printed["theta_scaled_lambda"], printed["relaxed_maps"],
-            printed["augment_rotated"]) == ("cosine", 0.5, False, "all", "none")
-
-
-def test_print_config_refuses_a_bad_config(capsys):
-    assert T.main(["--print-config", "--relaxed-maps", "some"]) == 2
-    assert "--relaxed-maps must be one of" in capsys.readouterr().err
 
 
 def test_projected_accuracy_every_epoch_and_best_epoch_on_validation(tmp_path):
@@ -602,72 +326,6 @@ def test_label_smoothing_reaches_the_loss(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.nn.functional, "cross_entropy", spy)
     _run(TINY + ["--epochs", "1", "--n-train", "32", "--label-smoothing", "0.3", "--run-dir", str(tmp_path / "ls")])
     assert seen and set(seen) == {0.3}
-
-
-def test_paper_setups_fill_only_what_is_unset():
-    cfg = T.TrainConfig(model="vn_dgcnn", lr=0.05).resolved()
-    assert (cfg.optimizer, cfg.lr, cfg.lr_schedule, cfg.batch_size, cfg.momentum) == ("sgd", 0.05, "cosine", 32, 0.9)
-    cfg = T.TrainConfig(model="vn_pointnet").resolved()
-    assert (cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.lr_step, cfg.lr_gamma, cfg.batch_size, cfg.num_points) == \
-        ("adam", 1e-3, 1e-4, 20, 0.7, 24, 300)
-
-
-def _single_vs_torchrun(args, tmp_path, resume_under_torchrun=False):
-    """Run ``args`` in one process and under torchrun with 2 gloo ranks; compare metrics and weights.
-    resume_under_torchrun: the torchrun run stops after its first epoch and is resumed by a second torchrun."""
-    single = str(tmp_path / "single")
-    _run(args + ["--run-dir", single])
-    last = {flag: int(args[len(args) - 1 - args[::-1].index(flag) + 1]) for flag in ("--n-train", "--n-test")}
-    n_train, n_test = last["--n-train"], last["--n-test"]
-    ddp = str(tmp_path / "ddp")
-    if resume_under_torchrun:
-        torchrun_train(args + ["--run-dir", ddp, "--stop-after", "1"])
-        assert len(_metrics(ddp)) == 1
-        torchrun_train(["--resume", ddp, "--no-progress"])
-    else:
-        torchrun_train(args + ["--run-dir", ddp])
-    a, b = _metrics(single), _metrics(ddp)
-    assert len(a) == len(b) == 2
-    for ra, rb in zip(a, b):
-        for key in ("theta", "lr", "step", "epoch"):
-            assert float(ra[key]) == pytest.approx(float(rb[key]), abs=1e-12), key
-        # accuracies are argmaxes of logits that agree to ~1e-9: a near-tie may flip one sample (seen once
-        # in ~10 runs of the steerable case); more than one sample is a real difference
-        for key, n in (("train_acc", n_train), ("test_acc", n_test)):
-            assert abs(float(ra[key]) - float(rb[key])) <= 1 / n + 1e-12, key
-        for key in ("train_loss", "reg_loss", "r_ld", "r_n", "projection_error"):
-            assert float(rb[key]) == pytest.approx(float(ra[key]), rel=1e-6, abs=1e-12), key
-    ma = torch.load(os.path.join(single, "checkpoint.pt"), weights_only=False)["model"]
-    mb = torch.load(os.path.join(ddp, "checkpoint.pt"), weights_only=False)["model"]
-    assert ma.keys() == mb.keys()
-    for k in ma:
-        if ma[k].is_floating_point():
-            # absolute floor: a bias in front of a batch norm has a true gradient of 0 and holds
-            # rounding noise only (exactly 0 in one run, ~1e-12 in the other)
-            torch.testing.assert_close(mb[k], ma[k], rtol=1e-4, atol=1e-8 + 1e-4 * ma[k].abs().max().item(),
-                                       msg=lambda m, k=k: f"{k}: {m}")
-
-
-def test_torchrun_two_processes_match_one_process(tmp_path):
-    """2 gloo ranks, each on half of every global batch, against one process on the whole batch.
-
-    float64, two optimisation steps (one per epoch, so the per-epoch machinery runs twice). Per-rank
-    partial sums change the rounding only (gradients agree to ~1e-9), but this small batch-normed net
-    amplifies any rounding difference ~1e3× per Adam step — one process with 1 vs 2 threads drifts the
-    same way — so the comparison is kept to two steps, where we measured ≤ 3e-6.
-    """
-    _single_vs_torchrun(TINY + ["--n-train", "16", "--epochs", "2", "--dtype", "float64",
-                                "--dropout", "0",  # dropout masks are drawn per rank
-                                "--augment", "shift,jitter"], tmp_path)
-
-
-def test_torchrun_steerable_cnn_resumed_matches_one_process(tmp_path):
-    """The image path under DDP: field batch norm moments and the conv defect r all-reduced; the
-    torchrun run is interrupted after epoch 1 and resumed under torchrun (cosine lr: its state matters)."""
-    _single_vs_torchrun(["--model", "steerable_cnn", "--dataset", "rotmnist", "--group", "4", "--width", "0.25",
-                         "--n-train", "16", "--n-test", "24", "--batch-size", "16", "--epochs", "2",
-                         "--dtype", "float64", "--dropout", "0", "--no-progress", "--threads", "1"], tmp_path,
-                        resume_under_torchrun=True)
 
 
 def test_compare_runs_tabulates_and_plots(full_run, tmp_path):

@@ -11,7 +11,7 @@ from relaxeq_fast import train as T
 from relaxeq_fast.train import loop
 from relaxeq_fast.vn import relaxed_layers
 
-from test_train import FULL, TINY, _metrics, _run
+from testing import FULL, TINY, run_metrics as _metrics, train_run as _run
 
 
 def _setup(model):

@@ -324,3 +324,18 @@ def run_metrics(run_dir):
     for r in rows:
         r.pop("epoch_seconds")
     return rows
+
+
+# relaxeq-train's VN-PointNet argv on the procedural shapes, shared by test_train.py, test_train_checkpoint.py,
+# test_train_config.py, test_train_distributed.py and test_train_compile.py (the full_run fixture in conftest.py
+# runs TINY + FULL once per session)
+
+# tiny but complete: every layer of VN-PointNet runs, θ goes through its schedule to 0
+TINY = ["--dataset", "shapes", "--n-train", "64", "--n-test", "28", "--num-points", "32", "--k", "6",
+        "--width", "0.2", "--batch-size", "16", "--epochs", "3", "--no-progress", "--threads", "1"]
+
+
+# cosine lr: a different lr every epoch, so a resume that lost the lr schedule's state shows; θ from
+# the first step (the paper's per-epoch triangle holds θ = 0 through a 3-epoch run's first epoch)
+FULL = ["--augment", "scale,shift,jitter", "--lr-schedule", "cosine", "--theta-schedule", "hold_linear",
+        "--theta-unit", "step"]
