@@ -1,6 +1,6 @@
 """The READMEs cannot go stale: every Python block of README.md runs as written (each in a fresh interpreter), every
-command shown (code blocks and inline) names flags its script has, and every link stays inside the repository
-and points at a file that exists."""
+command shown (code blocks and inline) names flags its script has, every link stays inside the repository
+and points at a file that exists, and every test file or test a README names exists."""
 import os
 import re
 import shlex
@@ -121,6 +121,28 @@ def test_links_stay_in_the_repository_and_exist(doc):
         path = os.path.normpath(os.path.join(base, target.split("#", 1)[0]))
         assert path.startswith(ROOT + os.sep), f"{doc} links outside the repository: {target}"
         assert os.path.exists(path), f"{doc} links to a missing file: {target}"
+
+
+
+def _named_tests(text):
+    """(file, test) for each `test_x.py::name` in ``text``; a bare `::name` continues the file named last."""
+    refs, current = [], None
+    for file, name in re.findall(r"`(?:tests/)?(test_\w+\.py)?::(\w+)", text):
+        current = file or current
+        refs.append((current, name))
+    return refs
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_tests_named_exist(doc):
+    """A test file or `file::test` a README names must exist: a split or a rename would leave a dead pointer."""
+    text = _read(doc)
+    files = set(re.findall(r"`(?:tests/)?(test_\w+\.py)[`:]", text))
+    missing = sorted(f for f in files if not os.path.exists(os.path.join(ROOT, "tests", f)))
+    assert not missing, f"{doc} names test files that do not exist: {missing}"
+    dead = [f"{f}::{t}" for f, t in _named_tests(text)
+            if f is None or not re.search(rf"^(async )?def {t}\(", _read(os.path.join("tests", f)), re.M)]
+    assert not dead, f"{doc} names tests that do not exist: {dead}"
 
 
 BLOCKS = _python_blocks(_read("README.md"))
