@@ -145,6 +145,16 @@ def test_tests_named_exist(doc):
     assert not dead, f"{doc} names tests that do not exist: {dead}"
 
 
+
+def test_every_test_file_is_in_the_tests_readme():
+    """tests/README.md's "What each file proves" has a row for every test file (a new or split file included)."""
+    text = _read("tests/README.md")
+    table = text[text.index("## What each file proves"):]
+    listed = set(re.findall(r"`(test_\w+\.py)`", table[:table.index("\n## ", 1)]))
+    files = {f for f in os.listdir(os.path.join(ROOT, "tests")) if re.fullmatch(r"test_\w+\.py", f)}
+    assert files - listed == set(), f"tests/README.md's table lacks {sorted(files - listed)}"
+
+
 BLOCKS = _python_blocks(_read("README.md"))
 
 
