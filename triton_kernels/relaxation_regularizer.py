@@ -379,8 +379,7 @@ def _define_ops():
     torch.library.custom_op(FORWARD_NAME, relaxation_regularizer_triton, mutates_args=(), schema=_FORWARD_SCHEMA)
     torch.library.custom_op(BACKWARD_NAME, relaxation_regularizer_backward_triton, mutates_args=(),
                             schema=_BACKWARD_SCHEMA)
-    _ops.register_relaxation_regularizer_op(
-        FORWARD_NAME, BACKWARD_NAME, lambda *a: torch.ops.relaxeq.relaxation_regularizer_backward_triton(*a))
+    _ops.register_relaxation_regularizer_op(FORWARD_NAME, BACKWARD_NAME)
 
 
 _registration = OpsRegistration(FORWARD_NAME, _define_ops)

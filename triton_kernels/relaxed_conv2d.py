@@ -217,8 +217,7 @@ def _define_ops():
                             schema=_BACKWARD_SCHEMA)
     # Fake and autograd formulas shared with the native op; the backward goes through the
     # dispatcher so torch.compile sees the op, not the Python body.
-    _ops.register_relaxed_conv2d_op(FORWARD_NAME, BACKWARD_NAME,
-                                    lambda *a: torch.ops.relaxeq.relaxed_conv2d_backward_triton(*a))
+    _ops.register_relaxed_conv2d_op(FORWARD_NAME, BACKWARD_NAME)
 
 
 _registration = OpsRegistration(FORWARD_NAME, _define_ops)

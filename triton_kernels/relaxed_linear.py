@@ -283,8 +283,7 @@ def _define_ops():
     # For custom_op-defined ops the helper's register_fake/register_autograd calls go to
     # the CustomOpDef, which had neither yet: nothing is registered twice. The backward
     # goes through the dispatcher so torch.compile sees the op, not the Python body.
-    _ops.register_relaxed_linear_op(FORWARD_NAME, BACKWARD_NAME,
-                                    lambda *a: torch.ops.relaxeq.relaxed_linear_backward_triton(*a))
+    _ops.register_relaxed_linear_op(FORWARD_NAME, BACKWARD_NAME)
 
 
 _registration = OpsRegistration(FORWARD_NAME, _define_ops)

@@ -305,9 +305,7 @@ def _define_ops():
     torch.library.custom_op(BACKWARD_NAME, vn_batch_norm_apply_backward_triton, mutates_args=(),
                             schema=_BACKWARD_SCHEMA)
     # The backward goes through the dispatcher so torch.compile sees the op.
-    _ops.register_vn_batch_norm_ops(
-        STATS_NAME, APPLY_NAME, BACKWARD_NAME,
-        lambda *a: torch.ops.relaxeq.vn_batch_norm_apply_backward_triton(*a))
+    _ops.register_vn_batch_norm_ops(STATS_NAME, APPLY_NAME, BACKWARD_NAME)
 
 
 _registration = OpsRegistration(APPLY_NAME, _define_ops)

@@ -234,8 +234,7 @@ def _define_ops():
     torch.library.custom_op(BACKWARD_NAME, vn_leaky_relu_backward_triton, mutates_args=(),
                             schema=_BACKWARD_SCHEMA)
     # The backward goes through the dispatcher so torch.compile sees the op, not the Python body.
-    _ops.register_vn_leaky_relu_op(FORWARD_NAME, BACKWARD_NAME,
-                                   lambda *a: torch.ops.relaxeq.vn_leaky_relu_backward_triton(*a))
+    _ops.register_vn_leaky_relu_op(FORWARD_NAME, BACKWARD_NAME)
 
 
 _registration = OpsRegistration(FORWARD_NAME, _define_ops)

@@ -77,28 +77,17 @@ __all__ = [_name for _module in _REEXPORTED_MODULES for _name in _module.__all__
     "warn_missing_extension_once", "native_build_info"]
 
 if EXTENSION_LOADED:
-    def _native(name):
-        # looked up at call time, as torch.ops resolves overloads lazily
-        return lambda *a: getattr(torch.ops.relaxeq, name)(*a)
-
-    relaxed_linear.register_relaxed_linear_op("relaxeq::relaxed_linear", "relaxeq::relaxed_linear_backward",
-                                              _native("relaxed_linear_backward"))
-    vn_leaky_relu.register_vn_leaky_relu_op("relaxeq::vn_leaky_relu", "relaxeq::vn_leaky_relu_backward",
-                                            _native("vn_leaky_relu_backward"))
-    relaxed_conv2d.register_relaxed_conv2d_op("relaxeq::relaxed_conv2d", "relaxeq::relaxed_conv2d_backward",
-                                              _native("relaxed_conv2d_backward"))
+    relaxed_linear.register_relaxed_linear_op("relaxeq::relaxed_linear", "relaxeq::relaxed_linear_backward")
+    vn_leaky_relu.register_vn_leaky_relu_op("relaxeq::vn_leaky_relu", "relaxeq::vn_leaky_relu_backward")
+    relaxed_conv2d.register_relaxed_conv2d_op("relaxeq::relaxed_conv2d", "relaxeq::relaxed_conv2d_backward")
     vn_batch_norm.register_vn_batch_norm_ops("relaxeq::vn_norm_stats", "relaxeq::vn_batch_norm_apply",
-                                             "relaxeq::vn_batch_norm_apply_backward",
-                                             _native("vn_batch_norm_apply_backward"))
-    relaxation_regularizer.register_relaxation_regularizer_op(
-        "relaxeq::relaxation_regularizer", "relaxeq::relaxation_regularizer_backward",
-        _native("relaxation_regularizer_backward"))
+                                             "relaxeq::vn_batch_norm_apply_backward")
+    relaxation_regularizer.register_relaxation_regularizer_op("relaxeq::relaxation_regularizer",
+                                                              "relaxeq::relaxation_regularizer_backward")
     # the parameter-algebra ops (written once in ATen calls, CPU and CUDA)
-    relaxed_params.register_relaxed_params_op("relaxeq::relaxed_params", "relaxeq::relaxed_params_backward",
-                                              _native("relaxed_params_backward"))
-    relaxed_conv_params.register_relaxed_conv_params_op(
-        "relaxeq::relaxed_conv_params", "relaxeq::relaxed_conv_params_backward",
-        _native("relaxed_conv_params_backward"))
+    relaxed_params.register_relaxed_params_op("relaxeq::relaxed_params", "relaxeq::relaxed_params_backward")
+    relaxed_conv_params.register_relaxed_conv_params_op("relaxeq::relaxed_conv_params",
+                                                        "relaxeq::relaxed_conv_params_backward")
 
 
 @functools.cache  # the loaded build does not change within a process

@@ -5,7 +5,7 @@ import torch
 
 from .autocast import register_autocast
 
-__all__ = ["register_op_formulas"]
+__all__ = ["register_op_formulas", "dispatcher_op"]
 
 
 def register_op_formulas(qualname: str, *, fake, backward, setup_context, autocast: str,
@@ -21,3 +21,10 @@ def register_op_formulas(qualname: str, *, fake, backward, setup_context, autoca
         torch.library.register_fake(backward_qualname)(backward_fake)
     torch.library.register_autograd(qualname, backward, setup_context=setup_context)
     register_autocast(qualname, autocast)
+
+
+def dispatcher_op(qualname: str):
+    """A call of the op ``qualname`` through the dispatcher, looked up at call time: an autograd formula calls its
+    fused backward op this way, so torch.compile sees the op rather than its Python body."""
+    namespace, name = qualname.split("::")
+    return lambda *args: getattr(getattr(torch.ops, namespace), name)(*args)

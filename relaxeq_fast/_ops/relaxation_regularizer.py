@@ -8,9 +8,10 @@ from __future__ import annotations
 import torch
 
 from .autocast import AUTOCAST_FP32
-from .registration import register_op_formulas
+from .registration import dispatcher_op, register_op_formulas
 
-__all__ = ["check_relaxation_regularizer_args", "make_relaxation_regularizer_backward", "register_relaxation_regularizer_op"]
+__all__ = ["check_relaxation_regularizer_args", "make_relaxation_regularizer_backward",
+           "register_relaxation_regularizer_op"]
 
 
 def check_relaxation_regularizer_args(W_r, b_r, G, s, rows, n, irreps_in, irreps_out, generators,
@@ -83,9 +84,9 @@ def make_relaxation_regularizer_backward(backward_op):
     return backward
 
 
-def register_relaxation_regularizer_op(qualname: str, backward_qualname: str, backward_op):
+def register_relaxation_regularizer_op(qualname: str, backward_qualname: str):
     """Fake kernels and autograd for one backend's relaxation_regularizer (native or Triton)."""
     register_op_formulas(qualname, fake=_relaxation_regularizer_fake,
-                         backward=make_relaxation_regularizer_backward(backward_op),
+                         backward=make_relaxation_regularizer_backward(dispatcher_op(backward_qualname)),
                          setup_context=_relaxation_regularizer_setup_context, autocast=AUTOCAST_FP32,
                          backward_qualname=backward_qualname, backward_fake=_relaxation_regularizer_backward_fake)

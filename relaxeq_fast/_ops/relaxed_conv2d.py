@@ -9,10 +9,11 @@ import torch
 
 from ..reference import stats_dtype
 from .autocast import AUTOCAST_LOWER
-from .registration import register_op_formulas
+from .registration import dispatcher_op, register_op_formulas
 from .checks import check_matches_x
 
-__all__ = ["check_relaxed_conv2d_args", "conv2d_out_shape", "check_relaxed_conv2d_backward_args", "make_relaxed_conv2d_backward", "register_relaxed_conv2d_op"]
+__all__ = ["check_relaxed_conv2d_args", "conv2d_out_shape", "check_relaxed_conv2d_backward_args",
+           "make_relaxed_conv2d_backward", "register_relaxed_conv2d_op"]
 
 
 def check_relaxed_conv2d_args(x, M, c, D, padding, op="relaxed_conv2d"):
@@ -119,7 +120,8 @@ def make_relaxed_conv2d_backward(backward_op):
     return backward
 
 
-def register_relaxed_conv2d_op(qualname: str, backward_qualname: str, backward_op):
-    register_op_formulas(qualname, fake=_relaxed_conv2d_fake, backward=make_relaxed_conv2d_backward(backward_op),
+def register_relaxed_conv2d_op(qualname: str, backward_qualname: str):
+    register_op_formulas(qualname, fake=_relaxed_conv2d_fake,
+                         backward=make_relaxed_conv2d_backward(dispatcher_op(backward_qualname)),
                          setup_context=_relaxed_conv2d_setup_context, autocast=AUTOCAST_LOWER,
                          backward_qualname=backward_qualname, backward_fake=_relaxed_conv2d_backward_fake)

@@ -5,10 +5,11 @@ import torch
 
 from ..reference import stats_dtype
 from .autocast import AUTOCAST_LOWER
-from .registration import register_op_formulas
+from .registration import dispatcher_op, register_op_formulas
 from .checks import check_matches_x
 
-__all__ = ["check_relaxed_linear_args", "check_relaxed_linear_backward_args", "make_backward", "register_relaxed_linear_op"]
+__all__ = ["check_relaxed_linear_args", "check_relaxed_linear_backward_args", "make_backward",
+           "register_relaxed_linear_op"]
 
 
 def check_relaxed_linear_args(x, M, c, op="relaxed_linear"):
@@ -81,7 +82,7 @@ def make_backward(backward_op):
     return backward
 
 
-def register_relaxed_linear_op(qualname: str, backward_qualname: str, backward_op):
-    register_op_formulas(qualname, fake=_relaxed_linear_fake, backward=make_backward(backward_op),
+def register_relaxed_linear_op(qualname: str, backward_qualname: str):
+    register_op_formulas(qualname, fake=_relaxed_linear_fake, backward=make_backward(dispatcher_op(backward_qualname)),
                          setup_context=_setup_context, autocast=AUTOCAST_LOWER,
                          backward_qualname=backward_qualname, backward_fake=_relaxed_linear_backward_fake)

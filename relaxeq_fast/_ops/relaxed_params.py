@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from .autocast import AUTOCAST_FP32
-from .registration import register_op_formulas
+from .registration import dispatcher_op, register_op_formulas
 
 __all__ = ["check_relaxed_params_args", "make_relaxed_params_backward", "register_relaxed_params_op"]
 
@@ -78,8 +78,9 @@ def make_relaxed_params_backward(backward_op):
     return backward
 
 
-def register_relaxed_params_op(qualname: str, backward_qualname: str, backward_op):
+def register_relaxed_params_op(qualname: str, backward_qualname: str):
     """Fake kernels, autograd and autocast of relaxed_params (written once in ATen calls, CPU and CUDA)."""
-    register_op_formulas(qualname, fake=_relaxed_params_fake, backward=make_relaxed_params_backward(backward_op),
+    register_op_formulas(qualname, fake=_relaxed_params_fake,
+                         backward=make_relaxed_params_backward(dispatcher_op(backward_qualname)),
                          setup_context=_relaxed_params_setup_context, autocast=AUTOCAST_FP32,
                          backward_qualname=backward_qualname, backward_fake=_relaxed_params_backward_fake)

@@ -9,10 +9,11 @@ import torch
 
 from ..reference import stats_dtype
 from .autocast import AUTOCAST_FP32
-from .registration import register_op_formulas
+from .registration import dispatcher_op, register_op_formulas
 from .checks import check_matches_x
 
-__all__ = ["check_vn_features", "check_vn_batch_norm_apply_args", "check_vn_batch_norm_apply_backward_args", "vn_norm_stats_backward_formula", "make_vn_batch_norm_apply_backward", "register_vn_batch_norm_ops"]
+__all__ = ["check_vn_features", "check_vn_batch_norm_apply_args", "check_vn_batch_norm_apply_backward_args",
+           "vn_norm_stats_backward_formula", "make_vn_batch_norm_apply_backward", "register_vn_batch_norm_ops"]
 
 
 def check_vn_features(x, op):
@@ -137,12 +138,12 @@ def make_vn_batch_norm_apply_backward(backward_op):
     return backward
 
 
-def register_vn_batch_norm_ops(stats_qualname: str, apply_qualname: str, backward_qualname: str, backward_op):
+def register_vn_batch_norm_ops(stats_qualname: str, apply_qualname: str, backward_qualname: str):
     """Fake kernels and autograd for one backend's three vn_batch_norm ops (native or Triton)."""
     # the statistics' backward is a closed formula (no fused op of its own)
     register_op_formulas(stats_qualname, fake=_vn_norm_stats_fake, backward=_vn_norm_stats_backward,
                          setup_context=_vn_norm_stats_setup_context, autocast=AUTOCAST_FP32)
     register_op_formulas(apply_qualname, fake=_vn_batch_norm_apply_fake,
-                         backward=make_vn_batch_norm_apply_backward(backward_op),
+                         backward=make_vn_batch_norm_apply_backward(dispatcher_op(backward_qualname)),
                          setup_context=_vn_apply_setup_context, autocast=AUTOCAST_FP32,
                          backward_qualname=backward_qualname, backward_fake=_vn_batch_norm_apply_backward_fake)

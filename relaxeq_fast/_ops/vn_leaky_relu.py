@@ -7,10 +7,11 @@ from __future__ import annotations
 import torch
 
 from .autocast import AUTOCAST_FP32
-from .registration import register_op_formulas
+from .registration import dispatcher_op, register_op_formulas
 from .checks import check_matches_x
 
-__all__ = ["check_vn_leaky_relu_args", "check_vn_leaky_relu_backward_args", "make_vn_leaky_relu_backward", "register_vn_leaky_relu_op"]
+__all__ = ["check_vn_leaky_relu_args", "check_vn_leaky_relu_backward_args", "make_vn_leaky_relu_backward",
+           "register_vn_leaky_relu_op"]
 
 
 def check_vn_leaky_relu_args(x, d, negative_slope, eps, op="vn_leaky_relu"):
@@ -73,7 +74,8 @@ def make_vn_leaky_relu_backward(backward_op):
     return backward
 
 
-def register_vn_leaky_relu_op(qualname: str, backward_qualname: str, backward_op):
-    register_op_formulas(qualname, fake=_vn_leaky_relu_fake, backward=make_vn_leaky_relu_backward(backward_op),
+def register_vn_leaky_relu_op(qualname: str, backward_qualname: str):
+    register_op_formulas(qualname, fake=_vn_leaky_relu_fake,
+                         backward=make_vn_leaky_relu_backward(dispatcher_op(backward_qualname)),
                          setup_context=_vn_leaky_relu_setup_context, autocast=AUTOCAST_FP32,
                          backward_qualname=backward_qualname, backward_fake=_vn_leaky_relu_backward_fake)
