@@ -4,15 +4,10 @@ names exist, and tests/README.md's table records each with the same file and tes
 files that are gone. The mutations themselves run outside pytest (`python tests/mutations.py`)."""
 import os
 import re
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-from mutations import MUTATIONS  # noqa: E402  (tests/ is not a package)
-
-sys.path.pop(0)
+from mutations import MUTATIONS, ROOT
 
 
 def _read(path):

@@ -123,7 +123,6 @@ def test_links_stay_in_the_repository_and_exist(doc):
         assert os.path.exists(path), f"{doc} links to a missing file: {target}"
 
 
-
 def _named_tests(text):
     """(file, test) for each `test_x.py::name` in ``text``; a bare `::name` continues the file named last."""
     refs, current = [], None
@@ -143,7 +142,6 @@ def test_tests_named_exist(doc):
     dead = [f"{f}::{t}" for f, t in _named_tests(text)
             if f is None or not re.search(rf"^(async )?def {t}\(", _read(os.path.join("tests", f)), re.M)]
     assert not dead, f"{doc} names tests that do not exist: {dead}"
-
 
 
 def test_every_test_file_is_in_the_tests_readme():
