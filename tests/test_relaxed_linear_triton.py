@@ -310,3 +310,17 @@ def test_bad_input_backward():
         bop(torch.zeros(4, 2, device=DEVICE), x, M, [True, True, True])
     with pytest.raises((TypeError, RuntimeError), match="dy must have the dtype of x"):
         bop(torch.zeros(4, 3, dtype=torch.float64, device=DEVICE), x, M, [True, True, True])
+
+
+def test_reloaded_module_reuses_its_defined_ops():
+    # The dispatcher outlives the module: a reload must not define the ops again (a second definition
+    # raises) and its getters must return the ops already defined, which still compute the same.
+    import importlib
+    x, M, c = _inputs(7, 5, 3, torch.float64, True)
+    before_ops = (triton_rl.op(), triton_rl.backward_op())
+    before = triton_rl.op()(x, M, c, True)
+    module = importlib.reload(triton_rl)
+    assert (module.op(), module.backward_op()) == before_ops
+    assert module.op.__doc__ == "``torch.ops.relaxeq.relaxed_linear_triton`` (registered on first call)."
+    for got, want in zip(module.op()(x, M, c, True), before):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

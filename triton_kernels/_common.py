@@ -77,22 +77,39 @@ def program_slots(device: torch.device) -> int:
 
 
 class OpsRegistration:
-    """Defines a file's custom ops on first use, once per process.
+    """A file's custom ops, defined together on first use, once per process.
 
-    ``define`` creates the ops (torch.library.custom_op ...) and registers their fake and autograd
-    formulas. A reloaded module finds ``probe_qualname`` already defined — the dispatcher outlives the
-    module — and skips it, since defining an op twice raises and the existing definition is equivalent.
+    ``ops`` are ``(qualname, python body, schema)`` triples, made with ``torch.library.custom_op``;
+    ``register_formulas(*qualnames)`` then registers their fake and autograd formulas (shared with the
+    native ops in ``relaxeq_fast._ops``). A reloaded module finds its first op already defined — the
+    dispatcher outlives the module — and skips the definitions, since defining an op twice raises and
+    the existing definition is equivalent.
     """
 
-    def __init__(self, probe_qualname: str, define: Callable[[], None]):
-        self._probe, self._define = probe_qualname, define
+    def __init__(self, ops, register_formulas: Callable[..., None]):
+        self._ops, self._register_formulas = tuple(ops), register_formulas
         self._lock, self._done = threading.Lock(), False
 
     def ensure(self) -> None:
         with self._lock:
             if self._done:
                 return
-            ns, name = self._probe.split("::")
+            ns, name = self._ops[0][0].split("::")
             if not hasattr(getattr(torch.ops, ns), name):
-                self._define()
+                for qualname, body, schema in self._ops:
+                    torch.library.custom_op(qualname, body, mutates_args=(), schema=schema)
+                # register_fake / register_autograd go to each new CustomOpDef, which has neither yet;
+                # the fused backward is called through the dispatcher, so torch.compile sees the op
+                self._register_formulas(*(qualname for qualname, _, _ in self._ops))
             self._done = True
+
+    def getter(self, qualname: str) -> Callable[[], object]:
+        """A function returning ``torch.ops.<qualname>``, after defining this file's ops if not yet done."""
+        ns, name = qualname.split("::")
+
+        def get():
+            self.ensure()
+            return getattr(getattr(torch.ops, ns), name)
+        get.__name__ = get.__qualname__ = name
+        get.__doc__ = f"``torch.ops.{ns}.{name}`` (registered on first call)."
+        return get

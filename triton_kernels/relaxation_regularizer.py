@@ -375,23 +375,9 @@ def relaxation_regularizer_backward_triton(grad_ld: torch.Tensor, grad_n: torch.
     return dW, db
 
 
-def _define_ops():
-    torch.library.custom_op(FORWARD_NAME, relaxation_regularizer_triton, mutates_args=(), schema=_FORWARD_SCHEMA)
-    torch.library.custom_op(BACKWARD_NAME, relaxation_regularizer_backward_triton, mutates_args=(),
-                            schema=_BACKWARD_SCHEMA)
-    _ops.register_relaxation_regularizer_op(FORWARD_NAME, BACKWARD_NAME)
-
-
-_registration = OpsRegistration(FORWARD_NAME, _define_ops)
-
-
-def op():
-    """``torch.ops.relaxeq.relaxation_regularizer_triton`` (registered on first call)."""
-    _registration.ensure()
-    return torch.ops.relaxeq.relaxation_regularizer_triton
-
-
-def backward_op():
-    """``torch.ops.relaxeq.relaxation_regularizer_backward_triton`` (registered on first call)."""
-    _registration.ensure()
-    return torch.ops.relaxeq.relaxation_regularizer_backward_triton
+_registration = OpsRegistration(
+    [(FORWARD_NAME, relaxation_regularizer_triton, _FORWARD_SCHEMA),
+     (BACKWARD_NAME, relaxation_regularizer_backward_triton, _BACKWARD_SCHEMA)],
+    _ops.register_relaxation_regularizer_op)
+op = _registration.getter(FORWARD_NAME)
+backward_op = _registration.getter(BACKWARD_NAME)

@@ -211,25 +211,9 @@ def relaxed_conv2d_backward_triton(dy: torch.Tensor, x: torch.Tensor, M: torch.T
     return tuple(outs)
 
 
-def _define_ops():
-    torch.library.custom_op(FORWARD_NAME, relaxed_conv2d_triton, mutates_args=(), schema=_FORWARD_SCHEMA)
-    torch.library.custom_op(BACKWARD_NAME, relaxed_conv2d_backward_triton, mutates_args=(),
-                            schema=_BACKWARD_SCHEMA)
-    # Fake and autograd formulas shared with the native op; the backward goes through the
-    # dispatcher so torch.compile sees the op, not the Python body.
-    _ops.register_relaxed_conv2d_op(FORWARD_NAME, BACKWARD_NAME)
-
-
-_registration = OpsRegistration(FORWARD_NAME, _define_ops)
-
-
-def op():
-    """``torch.ops.relaxeq.relaxed_conv2d_triton`` (registered on first call)."""
-    _registration.ensure()
-    return torch.ops.relaxeq.relaxed_conv2d_triton
-
-
-def backward_op():
-    """``torch.ops.relaxeq.relaxed_conv2d_backward_triton`` (registered on first call)."""
-    _registration.ensure()
-    return torch.ops.relaxeq.relaxed_conv2d_backward_triton
+_registration = OpsRegistration(
+    [(FORWARD_NAME, relaxed_conv2d_triton, _FORWARD_SCHEMA),
+     (BACKWARD_NAME, relaxed_conv2d_backward_triton, _BACKWARD_SCHEMA)],
+    _ops.register_relaxed_conv2d_op)
+op = _registration.getter(FORWARD_NAME)
+backward_op = _registration.getter(BACKWARD_NAME)

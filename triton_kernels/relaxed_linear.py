@@ -276,26 +276,9 @@ def relaxed_linear_backward_triton(dy: torch.Tensor, x: torch.Tensor, M: torch.T
     return dx, dM, dc
 
 
-def _define_ops():
-    torch.library.custom_op(FORWARD_NAME, relaxed_linear_triton, mutates_args=(), schema=_FORWARD_SCHEMA)
-    torch.library.custom_op(BACKWARD_NAME, relaxed_linear_backward_triton, mutates_args=(),
-                            schema=_BACKWARD_SCHEMA)
-    # For custom_op-defined ops the helper's register_fake/register_autograd calls go to
-    # the CustomOpDef, which had neither yet: nothing is registered twice. The backward
-    # goes through the dispatcher so torch.compile sees the op, not the Python body.
-    _ops.register_relaxed_linear_op(FORWARD_NAME, BACKWARD_NAME)
-
-
-_registration = OpsRegistration(FORWARD_NAME, _define_ops)
-
-
-def op():
-    """``torch.ops.relaxeq.relaxed_linear_triton`` (registered on first call)."""
-    _registration.ensure()
-    return torch.ops.relaxeq.relaxed_linear_triton
-
-
-def backward_op():
-    """``torch.ops.relaxeq.relaxed_linear_backward_triton`` (registered on first call)."""
-    _registration.ensure()
-    return torch.ops.relaxeq.relaxed_linear_backward_triton
+_registration = OpsRegistration(
+    [(FORWARD_NAME, relaxed_linear_triton, _FORWARD_SCHEMA),
+     (BACKWARD_NAME, relaxed_linear_backward_triton, _BACKWARD_SCHEMA)],
+    _ops.register_relaxed_linear_op)
+op = _registration.getter(FORWARD_NAME)
+backward_op = _registration.getter(BACKWARD_NAME)

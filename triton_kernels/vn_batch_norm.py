@@ -299,31 +299,11 @@ def vn_batch_norm_apply_backward_triton(grad_y: torch.Tensor, x: torch.Tensor, m
     return gx, grad_mean, grad_invstd, grad_weight, grad_bias
 
 
-def _define_ops():
-    torch.library.custom_op(STATS_NAME, vn_norm_stats_triton, mutates_args=(), schema=_STATS_SCHEMA)
-    torch.library.custom_op(APPLY_NAME, vn_batch_norm_apply_triton, mutates_args=(), schema=_APPLY_SCHEMA)
-    torch.library.custom_op(BACKWARD_NAME, vn_batch_norm_apply_backward_triton, mutates_args=(),
-                            schema=_BACKWARD_SCHEMA)
-    # The backward goes through the dispatcher so torch.compile sees the op.
-    _ops.register_vn_batch_norm_ops(STATS_NAME, APPLY_NAME, BACKWARD_NAME)
-
-
-_registration = OpsRegistration(APPLY_NAME, _define_ops)
-
-
-def stats_op():
-    """``torch.ops.relaxeq.vn_norm_stats_triton`` (registered on first call)."""
-    _registration.ensure()
-    return torch.ops.relaxeq.vn_norm_stats_triton
-
-
-def apply_op():
-    """``torch.ops.relaxeq.vn_batch_norm_apply_triton`` (registered on first call)."""
-    _registration.ensure()
-    return torch.ops.relaxeq.vn_batch_norm_apply_triton
-
-
-def backward_op():
-    """``torch.ops.relaxeq.vn_batch_norm_apply_backward_triton`` (registered on first call)."""
-    _registration.ensure()
-    return torch.ops.relaxeq.vn_batch_norm_apply_backward_triton
+_registration = OpsRegistration(
+    [(STATS_NAME, vn_norm_stats_triton, _STATS_SCHEMA),
+     (APPLY_NAME, vn_batch_norm_apply_triton, _APPLY_SCHEMA),
+     (BACKWARD_NAME, vn_batch_norm_apply_backward_triton, _BACKWARD_SCHEMA)],
+    _ops.register_vn_batch_norm_ops)
+stats_op = _registration.getter(STATS_NAME)
+apply_op = _registration.getter(APPLY_NAME)
+backward_op = _registration.getter(BACKWARD_NAME)

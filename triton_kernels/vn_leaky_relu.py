@@ -229,24 +229,9 @@ def vn_leaky_relu_backward_triton(grad_out: torch.Tensor, x: torch.Tensor, d: to
     return gx, gd
 
 
-def _define_ops():
-    torch.library.custom_op(FORWARD_NAME, vn_leaky_relu_triton, mutates_args=(), schema=_FORWARD_SCHEMA)
-    torch.library.custom_op(BACKWARD_NAME, vn_leaky_relu_backward_triton, mutates_args=(),
-                            schema=_BACKWARD_SCHEMA)
-    # The backward goes through the dispatcher so torch.compile sees the op, not the Python body.
-    _ops.register_vn_leaky_relu_op(FORWARD_NAME, BACKWARD_NAME)
-
-
-_registration = OpsRegistration(FORWARD_NAME, _define_ops)
-
-
-def op():
-    """``torch.ops.relaxeq.vn_leaky_relu_triton`` (registered on first call)."""
-    _registration.ensure()
-    return torch.ops.relaxeq.vn_leaky_relu_triton
-
-
-def backward_op():
-    """``torch.ops.relaxeq.vn_leaky_relu_backward_triton`` (registered on first call)."""
-    _registration.ensure()
-    return torch.ops.relaxeq.vn_leaky_relu_backward_triton
+_registration = OpsRegistration(
+    [(FORWARD_NAME, vn_leaky_relu_triton, _FORWARD_SCHEMA),
+     (BACKWARD_NAME, vn_leaky_relu_backward_triton, _BACKWARD_SCHEMA)],
+    _ops.register_vn_leaky_relu_op)
+op = _registration.getter(FORWARD_NAME)
+backward_op = _registration.getter(BACKWARD_NAME)
