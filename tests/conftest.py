@@ -12,6 +12,11 @@ if "TRITON_INTERPRET" not in os.environ:
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
 
+# se3-transformer-pytorch keeps its kernel bases in ~/.cache.equivariant_attention, shared by every process that
+# ever ran it; each basis is an SVD null vector whose sign depends on the process that computed it, so a model's
+# function would depend on that directory's history. Tests compute the bases in their own process (read at import).
+os.environ.setdefault("CLEAR_CACHE", "1")
+
 
 @pytest.fixture(autouse=True)
 def _restore_thread_count():

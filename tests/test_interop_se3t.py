@@ -126,6 +126,8 @@ def test_random_relaxation_breaks_se3_and_projection_restores_it():
         assert sum(type(m).__name__ == "LinearSE3" and type(m).__module__.startswith("se3_transformer_pytorch")
                    for m in projected.modules()) == len(_relaxed(relaxed))
         assert _se3_error(projected) < 10 * baseline
+        # laid out as the library's own parameters, so a matmul sums in the same order (bit-for-bit below)
+        assert all(p.is_contiguous() for p in projected.parameters())
         fresh = _model(seed=9)
         assert set(fresh.state_dict()) == set(projected.state_dict())
         fresh.load_state_dict(projected.state_dict())  # strict
@@ -224,7 +226,8 @@ def test_training_steps_lower_the_loss_and_copy():
     """A few optimiser steps with the regulariser (θ = 1) lower the task loss; deepcopy keeps outputs."""
     from relaxeq_fast import combine_regularizers
     model = relax(_model(), relax_init="default")
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    # 3e-3 overshoots on the third step for one sign of the library's bases (6.46, 5.08, 7.06); 1e-3 falls with either
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     f0, f1, coors = _inputs()
     target = torch.randn(1, 5, 3, generator=torch.Generator().manual_seed(8))
     losses = []

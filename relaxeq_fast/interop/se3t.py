@@ -148,7 +148,9 @@ class RelaxedLinearSE3(RelaxedLinear):
         lib = self.library_class.__new__(self.library_class)
         nn.Module.__init__(lib)
         by_degree = {l: w for w, (l, *_rest) in zip(plain.weights, plain.layout)}
-        lib.weights = nn.ParameterDict({k: nn.Parameter(by_degree[int(k)].T.clone()) for k, _, _ in self.degrees})
+        # contiguous, as the library's own: a transposed copy would give its matmuls another summation order
+        lib.weights = nn.ParameterDict({k: nn.Parameter(by_degree[int(k)].T.clone(memory_format=torch.contiguous_format))
+                                        for k, _, _ in self.degrees})
         return lib.train(self.training)
 
     def extra_repr(self) -> str:
