@@ -242,3 +242,41 @@ def test_training_steps_lower_the_loss_and_copy():
     with torch.no_grad():
         torch.testing.assert_close(_run(clone, f0, f1, coors), _run(model, f0, f1, coors), rtol=0, atol=0)
     assert math.isfinite(losses[-1])
+
+
+def test_nbody_model_refuses_weights_made_under_other_kernel_bases(monkeypatch):
+    """The library's basis Q_J for (J, d_in, d_out) = (1, 1, 1) with the other sign (as a process with another
+    thread count computes and caches it) changes the function of the same weights; SE3TransformerNBody's state_dict
+    records its bases: it loads where they are the same (same outputs) and is refused, naming the basis, where they
+    are not. A checkpoint without the record loads, with a warning."""
+    from relaxeq_fast.models import SE3TransformerNBody
+    from se3_transformer_pytorch import basis as lib_basis
+
+    def build(seed):
+        torch.manual_seed(seed)
+        return SE3TransformerNBody(hidden=4, n_layers=1, heads=1, relaxed=True)
+
+    g = torch.Generator().manual_seed(4)
+    loc, vel, charges = torch.randn(1, 5, 3, generator=g), torch.randn(1, 5, 3, generator=g), torch.randn(
+        1, 5, 1, generator=g)
+    trained = build(0)
+    with torch.no_grad():
+        y = trained(loc, vel, charges)
+        same = build(1)
+        same.load_state_dict(trained.state_dict())
+        torch.testing.assert_close(same(loc, vel, charges), y, rtol=0, atol=0)
+
+    original = lib_basis.basis_transformation_Q_J
+
+    def flipped(J, d_in, d_out, *args, **kwargs):
+        q = original(J, d_in, d_out, *args, **kwargs)
+        return -q if (J, d_in, d_out) == (1, 1, 1) else q
+    monkeypatch.setattr(lib_basis, "basis_transformation_Q_J", flipped)
+    with torch.no_grad():
+        assert float((trained(loc, vel, charges) - y).abs().max()) > 1e-3  # the hazard is real
+    other = build(2)
+    with pytest.raises(RuntimeError, match=r"\(J, d_in, d_out\) = \(1, 1, 1\)\).*CACHE_PATH"):
+        other.load_state_dict(trained.state_dict())
+    old = {k: v for k, v in trained.state_dict().items() if k != "library_bases"}
+    with pytest.warns(RuntimeWarning, match="cannot be checked"):
+        other.load_state_dict(old)

@@ -19,6 +19,13 @@ convolution kernels (``ConvSE3``'s radial networks and bases) stay as they are: 
 
 ``project()`` returns the library's ``LinearSE3`` with its weights ("drop") or the nearest equivariant map
 ("nearest"), whose state_dict loads into the original model.
+
+The library's kernel bases are per machine: each Q_J (:func:`library_kernel_bases`) is an SVD null vector whose
+sign depends on torch's thread count when it is first computed (measured with 0.9.0 on a 2-core x86_64: Q_J for
+(J, d_in, d_out) = (1, 1, 1) has opposite signs with 1 and 2 threads), and the library caches it in
+``~/.cache.equivariant_attention`` (``CACHE_PATH``) for every later process. Weights trained under one sign compute
+another function under the other; :class:`relaxeq_fast.models.SE3TransformerNBody` records its bases in its
+state_dict and refuses a checkpoint made under other ones.
 """
 from __future__ import annotations
 
@@ -31,7 +38,7 @@ import torch.nn as nn
 from ..nn import PROJECTION_MODES, RelaxedLinear, check_choice, reload_float64_buffers
 from ..reps import MAX_L, Irreps, random_rotation
 
-__all__ = ["LIBRARY", "is_linear_se3", "library_basis", "RelaxedLinearSE3", "relax_module"]
+__all__ = ["LIBRARY", "is_linear_se3", "library_basis", "library_kernel_bases", "RelaxedLinearSE3", "relax_module"]
 
 LIBRARY = "se3_transformer_pytorch"
 _DT = torch.float64
@@ -79,6 +86,16 @@ def library_basis(degree: int) -> torch.Tensor:
         raise RuntimeError(f"the library's degree-{degree} features are not an orthogonal change of basis of ours "
                            f"(error {error:.2g}): its conventions changed")
     return T
+
+
+def library_kernel_bases(num_degrees: int) -> tuple[list[tuple[int, int, int]], list[torch.Tensor]]:
+    """The keys (J, d_in, d_out) and matrices Q_J [(2 d_out + 1)(2 d_in + 1), 2J + 1] (float64 copies of the
+    library's float32) of the pairwise-kernel bases an SE3Transformer with ``num_degrees`` uses, in the order its
+    ``get_basis`` builds them, from the library's cache of this machine (computed there first if absent)."""
+    from se3_transformer_pytorch import basis as lib_basis  # looked up per call: the function the library calls
+    keys = [(J, d_in, d_out) for d_in in range(num_degrees) for d_out in range(num_degrees)
+            for J in range(abs(d_in - d_out), d_in + d_out + 1)]
+    return keys, [lib_basis.basis_transformation_Q_J(*key).to(_DT) for key in keys]
 
 
 class RelaxedLinearSE3(RelaxedLinear):

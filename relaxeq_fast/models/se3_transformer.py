@@ -8,8 +8,14 @@ one type-1 vector per particle: the predicted displacement, so the prediction is
 equivariant, and rotation equivariant with the library's model). ``relaxed=True`` relaxes every ``LinearSE3``
 (self-interaction, queries, keys, values, outputs) through :func:`relaxeq_fast.vn.relax`
 (:mod:`relaxeq_fast.interop.se3t`); the pairwise kernels stay exact.
+
+The library's kernel bases are computed once per machine, with a sign that depends on torch's thread count then
+(:mod:`relaxeq_fast.interop.se3t`): the model keeps the ones it was built with in its state_dict
+(``library_bases``) and refuses to load weights made under others, which would compute another function.
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn as nn
@@ -56,6 +62,40 @@ class SE3TransformerNBody(nn.Module):
         if relaxed:
             from ..vn import relax
             relax(self.net, **relax_kwargs)
+        self.num_degrees = num_degrees
+        self.register_buffer("library_bases", torch.cat([q.flatten() for q in self._library_bases()[1]]))
+
+    def _library_bases(self):
+        from ..interop.se3t import library_kernel_bases
+        return library_kernel_bases(self.num_degrees)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "library_bases"
+        saved = state_dict.get(key)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if saved is None:
+            if key in missing_keys:  # a checkpoint from before the bases were recorded: nothing to check against
+                missing_keys.remove(key)
+            warnings.warn("SE3TransformerNBody: the checkpoint does not record the library's kernel bases it was "
+                          "trained with, so they cannot be checked against this machine's", RuntimeWarning)
+            return
+        keys, bases = self._library_bases()
+        if saved.numel() != sum(q.numel() for q in bases):
+            return  # a num_degrees mismatch: the size error above names it
+        # float32 bases, possibly stored at half precision: a sign flip moves entries by ~0.3-1
+        offsets = torch.tensor([0] + [q.numel() for q in bases]).cumsum(0).tolist()
+        differ = [key_ for key_, q, a in zip(keys, bases, offsets)
+                  if not torch.allclose(saved.detach().cpu().to(q.dtype)[a:a + q.numel()], q.flatten(), atol=1e-2)]
+        if differ:
+            names = ", ".join(f"(J, d_in, d_out) = {k}" for k in differ)
+            error_msgs.append(
+                f"{type(self).__name__}: the weights were trained with se3-transformer-pytorch kernel bases that "
+                f"differ from this machine's ({names}): they would compute another function. The library computes "
+                "each basis once per machine, with a sign that depends on torch's thread count, and caches it in "
+                "~/.cache.equivariant_attention (or $CACHE_PATH): load the model where that cache is the training "
+                "machine's (copy its directory, or set CACHE_PATH to a copy before importing the library)")
 
     def forward(self, loc: torch.Tensor, vel: torch.Tensor, charges: torch.Tensor) -> torch.Tensor:
         """loc, vel [B, n, 3], charges [B, n, 1] → predicted positions [B, n, 3]."""
