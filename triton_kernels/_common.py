@@ -10,6 +10,8 @@ from typing import Callable
 
 import torch
 
+from relaxeq_fast._ops import torch_op
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -109,7 +111,7 @@ class OpsRegistration:
 
         def get():
             self.ensure()
-            return getattr(getattr(torch.ops, ns), name)
+            return torch_op(qualname)
         get.__name__ = get.__qualname__ = name
         get.__doc__ = f"``torch.ops.{ns}.{name}`` (registered on first call)."
         return get

@@ -5,7 +5,7 @@ import torch
 
 from .autocast import register_autocast
 
-__all__ = ["register_op_formulas", "dispatcher_op"]
+__all__ = ["register_op_formulas", "torch_op", "dispatcher_op"]
 
 
 def register_op_formulas(qualname: str, *, fake, backward, setup_context, autocast: str,
@@ -23,8 +23,13 @@ def register_op_formulas(qualname: str, *, fake, backward, setup_context, autoca
     register_autocast(qualname, autocast)
 
 
+def torch_op(qualname: str):
+    """``torch.ops.<namespace>.<name>`` for ``qualname`` ("namespace::name")."""
+    namespace, name = qualname.split("::")
+    return getattr(getattr(torch.ops, namespace), name)
+
+
 def dispatcher_op(qualname: str):
     """A call of the op ``qualname`` through the dispatcher, looked up at call time: an autograd formula calls its
     fused backward op this way, so torch.compile sees the op rather than its Python body."""
-    namespace, name = qualname.split("::")
-    return lambda *args: getattr(getattr(torch.ops, namespace), name)(*args)
+    return lambda *args: torch_op(qualname)(*args)

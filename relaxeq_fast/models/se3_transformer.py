@@ -85,9 +85,8 @@ class SE3TransformerNBody(nn.Module):
         if saved.numel() != sum(q.numel() for q in bases):
             return  # a num_degrees mismatch: the size error above names it
         # float32 bases, possibly stored at half precision: a sign flip moves entries by ~0.3-1
-        offsets = torch.tensor([0] + [q.numel() for q in bases]).cumsum(0).tolist()
-        differ = [key_ for key_, q, a in zip(keys, bases, offsets)
-                  if not torch.allclose(saved.detach().cpu().to(q.dtype)[a:a + q.numel()], q.flatten(), atol=1e-2)]
+        saved_bases = saved.detach().cpu().to(torch.float64).split([q.numel() for q in bases])
+        differ = [key_ for key_, q, s in zip(keys, bases, saved_bases) if not torch.allclose(s, q.flatten(), atol=1e-2)]
         if differ:
             names = ", ".join(f"(J, d_in, d_out) = {k}" for k in differ)
             error_msgs.append(
